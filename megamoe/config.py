@@ -1,0 +1,289 @@
+"""Typed run configuration: dataclasses, YAML files, dotted command-line overrides.
+
+A run is described by one `Config`. `load_config("configs/tiny.yaml", ["model.num_layers=4"])`
+merges the YAML file and the overrides onto the dataclass defaults with OmegaConf, which
+rejects unknown keys and values of the wrong type; `validate` then checks what types cannot
+(heads dividing the hidden size, parallel sizes dividing the world size, ...). Both raise
+`ConfigError` with a one-line message naming the key and the fix, before any process group
+exists, so a bad config never costs a cluster allocation.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """The Wan2.x video DiT; field names follow diffusers' `WanTransformer3DModel`."""
+
+    dim: int = 3072
+    """Hidden size of the transformer (num_heads * head_dim)."""
+    num_layers: int = 30
+    """Number of transformer blocks."""
+    num_heads: int = 24
+    """Attention heads per block; must divide `dim`."""
+    ffn_dim: int = 14336
+    """Inner width of the GELU-tanh feed-forward network."""
+    in_channels: int = 48
+    """Channels of the input latent video."""
+    out_channels: int = 48
+    """Channels of the predicted velocity."""
+    text_dim: int = 4096
+    """Width of the text-encoder embeddings (umT5-XXL: 4096)."""
+    freq_dim: int = 256
+    """Width of the sinusoidal timestep embedding."""
+    patch_size: List[int] = field(default_factory=lambda: [1, 2, 2])
+    """Patch size over (frames, height, width) of the latent video."""
+    eps: float = 1e-6
+    """Epsilon of the layer and RMS norms."""
+    cross_attn_norm: bool = True
+    """Apply an affine LayerNorm before cross-attention (Wan: true)."""
+    rope_max_seq_len: int = 1024
+    """Largest patch-grid extent the rotary tables cover, per axis."""
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks are laid out; data parallelism takes whatever the other sizes leave."""
+
+    tensor_parallel_size: int = 1
+    """Ranks that split each layer's weights (Megatron TP); only 1 is implemented yet."""
+    context_parallel_size: int = 1
+    """Ranks that split each sequence (Ulysses CP); only 1 is implemented yet."""
+    expert_parallel_size: int = 1
+    """Ranks that split the experts (EP); only 1 is implemented yet."""
+
+
+@dataclass
+class DataConfig:
+    """Where batches come from."""
+
+    path: Optional[str] = None
+    """Directory or brace pattern of latent WebDataset shards; null = embedded synthetic data."""
+    cache_dir: str = "~/.cache/megamoe"
+    """Where the embedded synthetic dataset is generated (once, deterministically)."""
+    micro_batch_size: int = 4
+    """Samples per rank per forward pass."""
+    seed: int = 1234
+    """Seed of the shard and sample shuffle; same seed, same stream."""
+    synthetic_num_clips: int = 512
+    """Clips in the embedded synthetic dataset."""
+    synthetic_frames: int = 5
+    """Latent frames per synthetic clip."""
+    synthetic_size: int = 16
+    """Latent height and width of a synthetic clip."""
+    text_len: int = 16
+    """Text tokens per caption embedding."""
+
+
+@dataclass
+class DiffusionConfig:
+    """Rectified-flow training objective."""
+
+    timestep_sampling: str = "logit_normal"
+    """How the noise level s in [0, 1] is drawn: 'uniform' or 'logit_normal'."""
+    logit_mean: float = 0.0
+    """Mean of the logit-normal distribution."""
+    logit_std: float = 1.0
+    """Standard deviation of the logit-normal distribution."""
+    shift: float = 1.0
+    """Timestep shift s' = shift*s / (1 + (shift-1)*s); >1 favours noisier steps (Wan: 5)."""
+    text_dropout: float = 0.1
+    """Probability that a sample's text is replaced by the null embedding (for CFG)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW through DeepSpeed, with warmup and cosine decay."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    warmup_steps: int = 100
+    """Linear warmup steps from 0 to the peak."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage for optimizer state: 0, 1 or 2."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 300
+    """Optimizer steps to run."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    precision: str = "fp32"
+    """'fp32' or 'bf16' (bf16 mixed precision with fp32 master weights)."""
+    device: str = "auto"
+    """'auto' (CUDA when present), 'cpu' or 'cuda'."""
+    seed: int = 0
+    """Seed of weights init, noise and timesteps."""
+    ema_decay: float = 0.0
+    """Decay of an exponential moving average of the weights; 0 disables it."""
+    output_dir: str = "outputs/run"
+    """Run directory: checkpoints, tensorboard events, resolved config."""
+    init_from: Optional[str] = None
+    """Diffusers-layout safetensors file or directory to initialise the weights from."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming."""
+
+    every_steps: int = 100
+    """Save every this many steps (and always at the end); 0 = only at the end."""
+    keep_last: int = 3
+    """Number of most recent checkpoints kept; older ones are deleted."""
+    resume: Optional[str] = None
+    """null, 'latest' (newest complete checkpoint in output_dir), or a checkpoint path."""
+
+
+@dataclass
+class LoggingConfig:
+    """Progress output and tensorboard."""
+
+    every_steps: int = 10
+    """Print a progress line and write scalars every this many steps."""
+    tensorboard: bool = True
+    """Write tensorboard event files under output_dir/tensorboard."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def merge_config(base: dict | None = None, overrides: list[str] | None = None) -> Config:
+    """Dataclass defaults <- `base` (a dict, e.g. parsed YAML) <- dotted `overrides`."""
+    schema = OmegaConf.structured(Config)
+    layers = [schema]
+    if base:
+        layers.append(OmegaConf.create(base))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. model.num_layers=4)")
+        key = item.split("=", 1)[0]
+        if OmegaConf.select(schema, key, default="__missing__") == "__missing__":
+            raise ConfigError(f"unknown config key '{key}' in override '{item}'; see README 'Config reference'")
+        layers.append(OmegaConf.from_dotlist([item]))
+    try:
+        merged = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        if "not in" in str(exc) or "Key '" in str(exc):
+            raise ConfigError(f"unknown config key '{key}'; remove it or fix its spelling (see README 'Config reference')") from None
+        raise ConfigError(f"bad value for '{key}': {_first_line(exc)}; fix the type of this value") from None
+    return OmegaConf.to_object(merged)
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (safe loader) and apply dotted overrides; raise ConfigError on any problem."""
+    base = None
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file '{path}' does not exist; pass an existing file to --config (see configs/)")
+        try:
+            with open(path) as f:
+                base = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {_first_line(exc)}") from None
+        if not isinstance(base, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections (model:, train:, ...)")
+    return merge_config(base, overrides)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Checks that types cannot express; raises ConfigError naming the key and the fix."""
+    m, p, o, t, d = cfg.model, cfg.parallel, cfg.optim, cfg.train, cfg.data
+    for name in ("dim", "num_layers", "num_heads", "ffn_dim", "in_channels", "out_channels", "text_dim", "freq_dim"):
+        _check(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
+    _check(m.dim % m.num_heads == 0,
+           f"model.num_heads={m.num_heads} does not divide model.dim={m.dim}; choose heads that divide the hidden size")
+    head_dim = m.dim // m.num_heads
+    _check(head_dim % 2 == 0 and head_dim >= 6,
+           f"head dim model.dim/model.num_heads={head_dim} must be even and >= 6 for 3D RoPE; change model.num_heads")
+    _check(len(m.patch_size) == 3 and all(x > 0 for x in m.patch_size),
+           f"model.patch_size must be three positive ints (frames, height, width), got {m.patch_size}")
+    for name in ("tensor_parallel_size", "context_parallel_size", "expert_parallel_size"):
+        size = getattr(p, name)
+        _check(size >= 1, f"parallel.{name} must be >= 1, got {size}")
+        _check(size == 1, f"parallel.{name}={size} is not supported yet; set it to 1")
+    model_parallel = p.tensor_parallel_size * p.context_parallel_size
+    _check(world_size % model_parallel == 0,
+           f"world size {world_size} is not divisible by tensor x context parallel size {model_parallel}; "
+           f"launch a multiple of {model_parallel} ranks or change parallel.*")
+    _check(d.micro_batch_size >= 1, f"data.micro_batch_size must be >= 1, got {d.micro_batch_size}")
+    _check(d.text_len >= 1, f"data.text_len must be >= 1, got {d.text_len}")
+    if d.path is None:
+        pf, ph, pw = m.patch_size
+        _check(d.synthetic_frames % pf == 0 and d.synthetic_size % ph == 0 and d.synthetic_size % pw == 0,
+               f"synthetic clip {d.synthetic_frames}x{d.synthetic_size}x{d.synthetic_size} is not divisible by "
+               f"model.patch_size={m.patch_size}; change data.synthetic_frames / data.synthetic_size")
+        _check(d.synthetic_num_clips >= world_size * d.micro_batch_size,
+               f"data.synthetic_num_clips={d.synthetic_num_clips} is fewer than one global batch; raise it")
+    _check(cfg.diffusion.timestep_sampling in ("uniform", "logit_normal"),
+           f"diffusion.timestep_sampling must be 'uniform' or 'logit_normal', got '{cfg.diffusion.timestep_sampling}'")
+    _check(cfg.diffusion.shift > 0, f"diffusion.shift must be > 0, got {cfg.diffusion.shift}")
+    _check(0.0 <= cfg.diffusion.text_dropout < 1.0,
+           f"diffusion.text_dropout must be in [0, 1), got {cfg.diffusion.text_dropout}")
+    _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    _check(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    _check(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    _check(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables), got {o.grad_clip}")
+    _check(o.zero_stage in (0, 1, 2),
+           f"optim.zero_stage={o.zero_stage} is not supported; use 0, 1 or 2 (ZeRO-3 does not shard experts correctly)")
+    _check(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
+    _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
+    _check(t.precision in ("fp32", "bf16"), f"train.precision must be 'fp32' or 'bf16', got '{t.precision}'")
+    _check(t.device in ("auto", "cpu", "cuda"), f"train.device must be 'auto', 'cpu' or 'cuda', got '{t.device}'")
+    _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1) (0 disables), got {t.ema_decay}")
+    _check(cfg.checkpoint.every_steps >= 0, f"checkpoint.every_steps must be >= 0, got {cfg.checkpoint.every_steps}")
+    _check(cfg.checkpoint.keep_last >= 1,
+           f"checkpoint.keep_last must be >= 1 (the newest checkpoint is always kept), got {cfg.checkpoint.keep_last}")
+    _check(cfg.logging.every_steps >= 1, f"logging.every_steps must be >= 1, got {cfg.logging.every_steps}")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml_text(text: str) -> Config:
+    return merge_config(yaml.safe_load(text) or {})
