@@ -1,0 +1,91 @@
+"""Loading a checkpoint that does not fit fails with one line naming the key or path and the fix."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from megamoe.config import ModelConfig
+from megamoe.model.dit import WanDiT
+from megamoe.model.weights import WeightsError, diffusers_config, load_diffusers_weights, save_diffusers_weights
+
+CFG = ModelConfig(dim=24, num_layers=2, num_heads=2, ffn_dim=64, in_channels=4, out_channels=4,
+                  text_dim=8, freq_dim=8, rope_max_seq_len=16)
+
+
+def load_error(model, source) -> str:
+    with pytest.raises(WeightsError) as info:
+        load_diffusers_weights(model, source)
+    message = str(info.value)
+    print(message)
+    assert "\n" not in message
+    return message
+
+
+@pytest.fixture
+def state():
+    torch.manual_seed(0)
+    return WanDiT(CFG).state_dict()
+
+
+def test_missing_key(state):
+    del state["blocks.1.attn2.to_k.bias"]
+    assert "blocks.1.attn2.to_k.bias" in load_error(WanDiT(CFG), state)
+
+
+def test_unexpected_key(state):
+    state["blocks.0.attn2.norm_added_k.weight"] = torch.ones(24)
+    assert "blocks.0.attn2.norm_added_k.weight" in load_error(WanDiT(CFG), state)
+
+
+def test_unexpected_prefix_suggests_stripping(state):
+    message = load_error(WanDiT(CFG), {"model." + k: v for k, v in state.items()})
+    assert "model.blocks.0.attn1." in message and "prefix" in message
+
+
+def test_shape_mismatch_names_key_and_field():
+    small = WanDiT(dataclasses.replace(CFG, ffn_dim=32)).state_dict()
+    message = load_error(WanDiT(CFG), small)
+    assert "blocks.0.ffn.net.0.proj.weight of shape (32, 24)" in message
+    assert "expects (64, 24)" in message and "model.ffn_dim=32" in message
+
+
+def test_layer_count_mismatch_names_field():
+    deeper = WanDiT(dataclasses.replace(CFG, num_layers=3)).state_dict()
+    message = load_error(WanDiT(CFG), deeper)
+    assert "blocks.2." in message and "model.num_layers=3" in message
+
+
+def test_config_json_mismatch_names_field(tmp_path):
+    # Same tensor shapes, different head count: only config.json can catch it.
+    save_diffusers_weights(WanDiT(dataclasses.replace(CFG, num_heads=4)), tmp_path)
+    message = load_error(WanDiT(CFG), tmp_path)
+    assert "config.json" in message and "model.num_heads=4" in message
+
+
+def test_nonexistent_path(tmp_path):
+    path = str(tmp_path / "nope.safetensors")
+    assert path in load_error(WanDiT(CFG), path)
+    assert str(tmp_path / "nodir") in load_error(WanDiT(CFG), tmp_path / "nodir")
+
+
+def test_directory_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(diffusers_config(CFG)))
+    assert str(tmp_path) in load_error(WanDiT(CFG), tmp_path)
+
+
+def test_garbage_file(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(os.urandom(4096))
+    assert str(path) in load_error(WanDiT(CFG), path)
+
+
+def test_failed_load_leaves_model_untouched():
+    model = WanDiT(CFG)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = WanDiT(CFG).state_dict()
+    del bad["proj_out.bias"]
+    load_error(model, bad)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
