@@ -241,14 +241,18 @@ def validate(cfg: Config, world_size: int = 1) -> None:
            f"head dim model.dim/model.num_heads={head_dim} must be even and >= 6 for 3D RoPE; change model.num_heads")
     _check(len(m.patch_size) == 3 and all(x > 0 for x in m.patch_size),
            f"model.patch_size must be three positive ints (frames, height, width), got {m.patch_size}")
-    for name in ("tensor_parallel_size", "context_parallel_size", "expert_parallel_size"):
-        size = getattr(p, name)
-        _check(size >= 1, f"parallel.{name} must be >= 1, got {size}")
-        _check(size == 1, f"parallel.{name}={size} is not supported yet; set it to 1")
+    names = ("tensor_parallel_size", "context_parallel_size", "expert_parallel_size")
+    for name in names:
+        _check(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
     model_parallel = p.tensor_parallel_size * p.context_parallel_size
     _check(world_size % model_parallel == 0,
-           f"world size {world_size} is not divisible by tensor x context parallel size {model_parallel}; "
-           f"launch a multiple of {model_parallel} ranks or change parallel.*")
+           f"world size {world_size} is not divisible by parallel.tensor_parallel_size x "
+           f"parallel.context_parallel_size = {model_parallel}; launch a multiple of {model_parallel} ranks or change them")
+    _check(world_size % p.expert_parallel_size == 0,
+           f"world size {world_size} is not divisible by parallel.expert_parallel_size={p.expert_parallel_size}; "
+           f"launch a multiple of {p.expert_parallel_size} ranks or change it")
+    for name in names:
+        _check(getattr(p, name) == 1, f"parallel.{name}={getattr(p, name)} is not supported yet; set it to 1")
     _check(d.micro_batch_size >= 1, f"data.micro_batch_size must be >= 1, got {d.micro_batch_size}")
     _check(d.text_len >= 1, f"data.text_len must be >= 1, got {d.text_len}")
     if d.path is None:

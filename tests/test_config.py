@@ -1,0 +1,70 @@
+"""Bad configs fail before start-up with one line that names the key, and exit code 2."""
+
+import pytest
+
+from launcher.pretrain import main
+from megamoe.config import Config, ConfigError, load_config, merge_config, to_yaml, from_yaml_text, validate
+
+TINY = "configs/tiny.yaml"
+
+
+def test_yaml_and_overrides_merge_onto_defaults():
+    cfg = load_config(TINY, ["model.num_layers=4", "optim.betas=[0.8,0.9]", "data.path=/x"])
+    assert cfg.model.num_layers == 4 and cfg.model.dim == 64  # override and YAML
+    assert cfg.optim.betas == [0.8, 0.9] and cfg.data.path == "/x"
+    assert cfg.train.grad_accum == Config().train.grad_accum  # default kept
+    assert from_yaml_text(to_yaml(cfg)) == cfg
+
+
+def test_every_shipped_config_validates():
+    for path, world in [("configs/tiny.yaml", 2), ("configs/wan2.2_ti2v_5b.yaml", 64)]:
+        validate(load_config(path), world_size=world)
+
+
+@pytest.mark.parametrize("overrides, key_in_message", [
+    (["model.hidden=3"], "model.hidden"),
+    (["modle.dim=3"], "modle.dim"),
+    (["model.dim=wide"], "model.dim"),
+    (["train.steps=1.5"], "train.steps"),
+    (["model.num_heads=5"], "model.num_heads"),
+    (["model.num_heads=32"], "model.num_heads"),  # head dim 2 cannot hold 3D RoPE
+    (["train.precision=fp16"], "train.precision"),
+    (["optim.zero_stage=3"], "optim.zero_stage"),
+    (["diffusion.timestep_sampling=cosine"], "diffusion.timestep_sampling"),
+    (["data.synthetic_size=15"], "data.synthetic_size"),
+    (["parallel.tensor_parallel_size=2"], "parallel.tensor_parallel_size"),
+    (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
+    (["model.num_layers"], "model.num_layers"),
+])
+def test_bad_config_is_one_line_naming_the_key(overrides, key_in_message, capsys, tmp_path):
+    code = main(["--config", TINY, f"train.output_dir={tmp_path}", *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert key_in_message in err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_world_size_not_divisible_by_parallel_sizes(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    code = main(["--config", TINY, "parallel.tensor_parallel_size=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "world size 3 is not divisible" in err and "parallel" in err
+
+
+def test_missing_and_malformed_config_files(tmp_path, capsys):
+    assert main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    assert main(["--config", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just a string\n")
+    assert main(["--config", str(scalar)]) == 2
+    assert "mapping" in capsys.readouterr().err
+
+
+def test_validate_raises_config_error_directly():
+    with pytest.raises(ConfigError, match="model.num_heads=7 does not divide model.dim=64"):
+        validate(merge_config({"model": {"dim": 64, "num_heads": 7}}))
