@@ -1,0 +1,99 @@
+"""Generate clips from a megamoe checkpoint and write them as mp4.
+
+    python launcher/sample.py --checkpoint outputs/tiny/checkpoints/step_00000300 \
+        --caption "a red circle moving right" --out samples.mp4
+
+The prompt is either a caption, embedded with the synthetic dataset's fixed word
+embeddings (for models trained on the embedded default data), or a precomputed text
+embedding [L, text_dim] in a .npy or .safetensors file (key 'text').
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megamoe.config import from_yaml_text
+from megamoe.train.checkpoint import CheckpointError, inspect_checkpoint
+
+
+def load_text_embedding(args, cfg) -> torch.Tensor:
+    if args.text_embedding:
+        path = Path(args.text_embedding)
+        if path.suffix == ".npy":
+            text = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            from safetensors.torch import load_file
+
+            text = load_file(path)["text"]
+    else:
+        from megamoe.data.synthetic import embed_caption
+
+        text = torch.as_tensor(embed_caption(args.caption, cfg.data.text_len, cfg.model.text_dim))
+    if text.dim() != 2 or text.shape[1] != cfg.model.text_dim:
+        raise ValueError(f"text embedding has shape {tuple(text.shape)}, expected [L, {cfg.model.text_dim}]")
+    return text.float()
+
+
+def to_frames(clip: torch.Tensor) -> np.ndarray:
+    """[3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3]."""
+    return ((clip.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory written by launcher/pretrain.py")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--caption", help="caption, embedded like the synthetic dataset's captions")
+    prompt.add_argument("--text-embedding", help=".npy or .safetensors (key 'text') of shape [L, text_dim]")
+    p.add_argument("--out", default="samples.mp4", help="output mp4")
+    p.add_argument("--num-samples", type=int, default=4, help="clips generated side by side")
+    p.add_argument("--frames", type=int, default=None, help="latent frames (default: the training data's)")
+    p.add_argument("--size", type=int, default=None, help="latent height and width (default: the training data's)")
+    p.add_argument("--steps", type=int, default=30, help="Euler steps")
+    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--weights", choices=["auto", "model", "ema"], default="auto", help="which weights (auto: EMA if saved)")
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    from megamoe.data.video_io import write_video
+    from megamoe.diffusion.sampler import euler_sample
+    from megamoe.model.dit import build_model
+    from megamoe.model.weights import load_diffusers_weights
+
+    try:
+        meta = inspect_checkpoint(args.checkpoint)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cfg = from_yaml_text(meta["config"])
+    if cfg.model.out_channels != 3:
+        print(f"error: the model predicts {cfg.model.out_channels}-channel latents; only 3-channel (RGB-like) "
+              f"latents can be written directly until VAE decoding is added", file=sys.stderr)
+        return 2
+    which = args.weights
+    if which == "auto":
+        which = "ema" if (Path(args.checkpoint) / "ema_weights").is_dir() else "model"
+    model = build_model(cfg.model)
+    load_diffusers_weights(model, Path(args.checkpoint) / ("ema_weights" if which == "ema" else "weights"))
+    model.eval()
+
+    text = load_text_embedding(args, cfg).unsqueeze(0).expand(args.num_samples, -1, -1)
+    frames = args.frames or cfg.data.synthetic_frames
+    size = args.size or cfg.data.synthetic_size
+    shape = (args.num_samples, cfg.model.in_channels, frames, size, size)
+    generator = torch.Generator().manual_seed(args.seed)
+    clips = euler_sample(model, shape, text, args.steps, args.guidance, cfg.diffusion.shift, generator)
+    video = np.concatenate([to_frames(c) for c in clips], axis=2)  # side by side
+    write_video(args.out, video, fps=args.fps)
+    print(f"wrote {args.num_samples} clips ({which} weights, {args.steps} steps, guidance {args.guidance}) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""DeepSpeed engine: AdamW, ZeRO optimizer-state sharding, mixed precision, clipping.
+
+megamoe hands DeepSpeed a plain module and its data-parallel groups (through the
+megatron-core adapter) and lets it own the optimizer step: gradient all-reduce or
+reduce-scatter, ZeRO-1/2 partitioning of fp32 master weights and Adam moments, bf16
+mixed precision, gradient accumulation and global-norm clipping. Torch's AdamW is used
+(`torch_adam`) because DeepSpeed's fused CPU Adam needs a compiled extension.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from megamoe.config import Config
+from megamoe.parallel.topology import DeepSpeedMPU
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    o, t = cfg.optim, cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
+                       "torch_adam": True, "adam_w_mode": True},
+        },
+        "zero_optimization": {"stage": o.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "gradient_clipping": o.grad_clip,
+        "steps_per_print": 10**12,  # megamoe prints its own progress line
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup from 0, then cosine decay to `min_ratio` at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_engine(model: torch.nn.Module, cfg: Config):
+    """Wrap `model` in a DeepSpeed engine; returns the engine (its `.module` is `model`)."""
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+    def schedule(optimizer):
+        o = cfg.optim
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, o.warmup_steps, cfg.train.steps, o.min_lr_ratio))
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        lr_scheduler=schedule,
+        mpu=DeepSpeedMPU(),
+        config=deepspeed_config(cfg),
+    )
+    return engine
+
+
+class EMA:
+    """Exponential moving average of the weights, kept in fp32 on every rank.
+
+    Under ZeRO-1/2 every rank holds the full (replicated) weights after a step, so every
+    rank can update its copy without communication; rank 0 saves it.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, param in model.named_parameters():
+            self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, tensor in state.items():
+            self.shadow[name].copy_(tensor)

@@ -1,0 +1,65 @@
+"""What rank 0 tells the user: a progress line, tensorboard scalars, and metrics.jsonl.
+
+The same scalars go to all three, so a test (or a notebook) can read the JSON lines or the
+tensorboard events and see what the console showed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+from pathlib import Path
+
+
+class RunLogger:
+    def __init__(self, output_dir: str, total_steps: int, tensorboard: bool, enabled: bool):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.writer = None
+        self.metrics_file = None
+        if not enabled:
+            return
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.metrics_file = open(out / "metrics.jsonl", "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+        self._last_time = time.perf_counter()
+        self._last_step = None
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+    def log_step(self, step: int, scalars: dict[str, float], samples_per_step: int) -> None:
+        """Record `scalars` for the (1-based) completed step and print the progress line."""
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        steps_done = step - self._last_step if self._last_step is not None else None
+        scalars = dict(scalars)
+        if steps_done:
+            seconds_per_step = (now - self._last_time) / steps_done
+            scalars["samples_per_s"] = samples_per_step / seconds_per_step
+            eta = str(timedelta(seconds=int(seconds_per_step * (self.total_steps - step))))
+        else:
+            eta = "?"
+        self._last_time, self._last_step = now, step
+        self.metrics_file.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.metrics_file.flush()
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(f"train/{name}", value, step)
+            self.writer.flush()
+        speed = f"{scalars['samples_per_s']:.1f}" if "samples_per_s" in scalars else "-"
+        print(f"step {step}/{self.total_steps} | loss {scalars['loss']:.4f} | lr {scalars['lr']:.2e} | "
+              f"grad_norm {scalars['grad_norm']:.3f} | {speed} samples/s | eta {eta}", flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.metrics_file is not None:
+            self.metrics_file.close()

@@ -1,0 +1,116 @@
+"""The training loop: one step reads top to bottom.
+
+batch (latents, text) -> noise level, noise, text dropout -> model -> velocity loss ->
+DeepSpeed backward/step -> EMA -> metrics -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megamoe.config import Config
+from megamoe.data.stream import LatentShardStream, resolve_shards
+from megamoe.data.synthetic import ensure_synthetic_dataset
+from megamoe.device import rng_states, set_rng_states
+from megamoe.diffusion.flow import flow_matching_loss
+from megamoe.model.dit import build_model
+from megamoe.model.weights import load_diffusers_weights, write_diffusers_weights
+from megamoe.parallel.topology import Topology
+from megamoe.train.checkpoint import load_checkpoint, save_checkpoint
+from megamoe.train.engine import EMA, build_engine
+from megamoe.train.logging import RunLogger
+
+
+def step_generator(seed: int, dp_rank: int, step: int) -> torch.Generator:
+    """The RNG of one step on one data-parallel rank, a pure function of its coordinates.
+
+    Noise, noise levels and text dropout of step k never depend on what ran before, so a
+    resumed run draws exactly what the uninterrupted run drew. Keyed by data-parallel rank
+    (not global rank) so that ranks sharing a batch in a model-parallel group agree.
+    """
+    state = np.random.SeedSequence([seed, dp_rank, step]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def build_data_stream(cfg: Config, topology: Topology) -> LatentShardStream:
+    if cfg.data.path is None:
+        # Every rank may generate concurrently: generation is atomic and deterministic.
+        path = ensure_synthetic_dataset(cfg.data, cfg.model)
+    else:
+        path = cfg.data.path
+    shards = resolve_shards(path)
+    return LatentShardStream(shards, cfg.data.micro_batch_size, topology.dp_rank, topology.dp_size, cfg.data.seed)
+
+
+def mean_over_data_parallel(value: torch.Tensor) -> float:
+    value = value.detach().float().clone()
+    dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+    return value.item() / parallel_state.get_data_parallel_world_size()
+
+
+def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
+    """Run (or continue) training; returns the logged scalars of rank 0 (empty elsewhere)."""
+    log = RunLogger(cfg.train.output_dir, cfg.train.steps, cfg.logging.tensorboard, enabled=topology.is_main)
+
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    model = build_model(cfg.model).to(topology.device)
+    if cfg.train.init_from:
+        load_diffusers_weights(model, cfg.train.init_from)
+    log.info(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+             f"{topology.world_size} rank(s), data-parallel {topology.dp_size}, device {topology.device.type}")
+    engine = build_engine(model, cfg)
+    ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    stream = build_data_stream(cfg, topology)
+
+    start_step = 0
+    if resume_from is not None:
+        rank_state = load_checkpoint(engine, resume_from, topology, ema)
+        start_step = rank_state["step"]
+        stream.load_state_dict(rank_state["data"])
+        set_rng_states(rank_state["rng"], topology.device)
+        log.info(f"resumed from {resume_from} at step {start_step}")
+
+    def export(state_dict, directory):
+        write_diffusers_weights(state_dict, cfg.model, directory)
+
+    def checkpoint(step):
+        state = {"step": step, "data": stream.state_dict(), "rng": rng_states(topology.device)}
+        path = save_checkpoint(engine, cfg, step, state, topology, export, ema)
+        log.info(f"saved checkpoint {path}")
+
+    samples_per_step = cfg.data.micro_batch_size * cfg.train.grad_accum * topology.dp_size
+    history = []
+    engine.train()
+    for step in range(start_step, cfg.train.steps):
+        generator = step_generator(cfg.train.seed, topology.dp_rank, step)
+        loss_sum = torch.zeros((), device=topology.device)
+        for _ in range(cfg.train.grad_accum):
+            batch = next(stream)
+            latents = batch["latents"].to(topology.device, non_blocking=True)
+            text = batch["text"].to(topology.device, non_blocking=True)
+            loss = flow_matching_loss(engine, latents, text, cfg.diffusion, generator)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            loss_sum += loss.detach().float()
+        if ema is not None:
+            ema.update(engine.module)
+
+        done = step + 1
+        if done % cfg.logging.every_steps == 0 or done == cfg.train.steps:
+            grad_norm = engine.get_global_grad_norm()
+            scalars = {
+                "loss": mean_over_data_parallel(loss_sum / cfg.train.grad_accum),
+                "lr": engine.get_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            }
+            log.log_step(done, scalars, samples_per_step)
+            history.append({"step": done, **scalars})
+        every = cfg.checkpoint.every_steps
+        if (every and done % every == 0) or done == cfg.train.steps:
+            checkpoint(done)
+    log.close()
+    return history
+

@@ -1,0 +1,108 @@
+"""Checkpoints that cannot be used are refused before start-up, in one line, touching nothing."""
+
+import json
+
+import pytest
+
+from launcher.pretrain import main
+from megamoe.config import load_config, to_yaml
+from megamoe.train.checkpoint import complete_checkpoints, prune_checkpoints
+
+TINY = "configs/tiny.yaml"
+
+
+def fake_checkpoint(root, step, cfg, files=None):
+    """A checkpoint directory as save_checkpoint lays it out (contents are not loaded here)."""
+    path = root / "checkpoints" / f"step_{step:08d}"
+    (path / "deepspeed").mkdir(parents=True)
+    files = files or {"deepspeed/model.pt": b"x" * 10, "rank_00000.pt": b"y" * 5}
+    for rel, data in files.items():
+        (path / rel).write_bytes(data)
+    meta = {"step": step, "world_size": 1, "dp_size": 1, "config": to_yaml(cfg),
+            "files": {rel: len(data) for rel, data in files.items()}}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def run(tmp_path, capsys, *args):
+    code = main(["--config", TINY, f"train.output_dir={tmp_path}", *args])
+    return code, capsys.readouterr().err.strip()
+
+
+def snapshot(root):
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
+    for needle in needles:
+        assert needle in err
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    code, err = run(tmp_path, capsys, "--resume", str(tmp_path / "nowhere"))
+    assert_one_line_error(code, err, "does not exist")
+
+
+def test_latest_without_any_checkpoint(tmp_path, capsys):
+    code, err = run(tmp_path, capsys, "--resume", "latest")
+    assert_one_line_error(code, err, "no complete checkpoint", "drop --resume")
+
+
+def test_incomplete_checkpoint_without_meta(tmp_path, capsys):
+    cfg = load_config(TINY, [f"train.output_dir={tmp_path}"])
+    path = fake_checkpoint(tmp_path, 5, cfg)
+    (path / "meta.json").unlink()
+    code, err = run(tmp_path, capsys, "--resume", str(path))
+    assert_one_line_error(code, err, "incomplete", "meta.json")
+
+
+def test_truncated_file_and_corrupt_meta(tmp_path, capsys):
+    cfg = load_config(TINY, [f"train.output_dir={tmp_path}"])
+    path = fake_checkpoint(tmp_path, 5, cfg)
+    (path / "rank_00000.pt").write_bytes(b"y")
+    before = snapshot(tmp_path)
+    code, err = run(tmp_path, capsys, "--resume", str(path))
+    assert_one_line_error(code, err, "rank_00000.pt", "truncated")
+    (path / "meta.json").write_text("{not json")
+    code, err = run(tmp_path, capsys, "--resume", "latest")
+    assert_one_line_error(code, err, "corrupt meta.json")
+    (path / "meta.json").write_text(json.dumps({"step": 5}))
+    before = snapshot(tmp_path)
+    code, err = run(tmp_path, capsys, "--resume", str(path))
+    assert_one_line_error(code, err, "corrupt meta.json")
+    assert snapshot(tmp_path) == before
+
+
+def test_config_mismatch_names_the_keys(tmp_path, capsys):
+    saved_cfg = load_config(TINY, ["model.dim=128", "model.num_layers=3"])
+    path = fake_checkpoint(tmp_path, 5, saved_cfg)
+    code, err = run(tmp_path, capsys, "--resume", str(path))
+    assert_one_line_error(code, err, "model.dim (checkpoint 128, config 64)", "model.num_layers (checkpoint 3, config 2)")
+
+
+def test_fresh_run_refuses_to_overwrite_existing_checkpoints(tmp_path, capsys):
+    cfg = load_config(TINY, [f"train.output_dir={tmp_path}"])
+    fake_checkpoint(tmp_path, 5, cfg)
+    before = snapshot(tmp_path)
+    code, err = run(tmp_path, capsys)
+    assert_one_line_error(code, err, "already holds checkpoints", "--resume latest")
+    assert snapshot(tmp_path) == before
+
+
+def test_latest_skips_a_save_interrupted_mid_write(tmp_path):
+    cfg = load_config(TINY, [f"train.output_dir={tmp_path}"])
+    fake_checkpoint(tmp_path, 5, cfg)
+    interrupted = tmp_path / "checkpoints" / ".step_00000010.tmp"
+    (interrupted / "deepspeed").mkdir(parents=True)
+    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == ["step_00000005"]
+
+
+def test_pruning_keeps_the_newest(tmp_path):
+    cfg = load_config(TINY)
+    for step in (1, 2, 3, 4):
+        fake_checkpoint(tmp_path, step, cfg)
+    prune_checkpoints(tmp_path / "checkpoints", keep_last=2)
+    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == ["step_00000003", "step_00000004"]
+    prune_checkpoints(tmp_path / "checkpoints", keep_last=0)  # never below one
+    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == ["step_00000004"]
