@@ -66,6 +66,18 @@ def build_engine(model: torch.nn.Module, cfg: Config):
     return engine
 
 
+def resync_lr(engine) -> None:
+    """Set the optimizer's LR from the schedule at the restored step, after a resume.
+
+    The checkpoint stores the LR the old run computed; if the new run changed
+    `train.steps` (to extend training, say) the schedule changed with it, and the first
+    resumed step must already use the new schedule's value.
+    """
+    scheduler = engine.lr_scheduler
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+
+
 class EMA:
     """Exponential moving average of the weights, kept in fp32 on every rank.
 

@@ -20,7 +20,7 @@ from megamoe.model.dit import build_model
 from megamoe.model.weights import load_diffusers_weights, write_diffusers_weights
 from megamoe.parallel.topology import Topology
 from megamoe.train.checkpoint import load_checkpoint, save_checkpoint
-from megamoe.train.engine import EMA, build_engine
+from megamoe.train.engine import EMA, build_engine, resync_lr
 from megamoe.train.logging import RunLogger
 
 
@@ -68,6 +68,7 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
     start_step = 0
     if resume_from is not None:
         rank_state = load_checkpoint(engine, resume_from, topology, ema)
+        resync_lr(engine)
         start_step = rank_state["step"]
         stream.load_state_dict(rank_state["data"])
         set_rng_states(rank_state["rng"], topology.device)

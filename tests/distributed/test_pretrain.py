@@ -69,7 +69,9 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path, data_cache
              "train.ema_decay=0.9", "data.micro_batch_size=4", "optim.warmup_steps=2"]
     full, part = tmp_path / "full", tmp_path / "part"
     torchrun(common(full, data_cache, 7) + extra)
-    torchrun(common(part, data_cache, 3) + extra)  # "interrupted" after the step-3 checkpoint
+    # "Interrupted" after the step-3 checkpoint by ending a shorter run there; the resumed run
+    # must also follow its own LR schedule (train.steps=7) from the first resumed step.
+    torchrun(common(part, data_cache, 3) + extra)
     resumed = torchrun(common(part, data_cache, 7) + extra + ["--resume", "latest"])
     assert "resumed from" in resumed.stdout
 

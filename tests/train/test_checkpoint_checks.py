@@ -75,10 +75,10 @@ def test_truncated_file_and_corrupt_meta(tmp_path, capsys):
 
 
 def test_config_mismatch_names_the_keys(tmp_path, capsys):
-    saved_cfg = load_config(TINY, ["model.dim=128", "model.num_layers=3"])
+    saved_cfg = load_config(TINY, ["model.dim=256", "model.num_layers=3"])
     path = fake_checkpoint(tmp_path, 5, saved_cfg)
     code, err = run(tmp_path, capsys, "--resume", str(path))
-    assert_one_line_error(code, err, "model.dim (checkpoint 128, config 64)", "model.num_layers (checkpoint 3, config 2)")
+    assert_one_line_error(code, err, "model.dim (checkpoint 256, config 128)", "model.num_layers (checkpoint 3, config 4)")
 
 
 def test_fresh_run_refuses_to_overwrite_existing_checkpoints(tmp_path, capsys):
