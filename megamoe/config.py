@@ -24,6 +24,66 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-Experts feed-forward layers; `num_experts: 0` keeps the model dense."""
+
+    num_experts: int = 0
+    """Routed experts per MoE layer; 0 = dense model (no MoE layers)."""
+    layers: str = "all"
+    """Which blocks get an MoE FFN: 'all', 'every_other' (1, 3, 5, ...) or a comma list like '0,4,8'."""
+    top_k: int = 2
+    """Experts per token for token-choice routers (the average for expert choice / Expert Race)."""
+    expert_ffn_dim: Optional[int] = None
+    """Hidden width of one routed expert; null = model.ffn_dim (cloned experts); smaller = fine-grained."""
+    num_shared_experts: int = 0
+    """Always-on shared experts, added to the routed output."""
+    shared_ffn_dim: Optional[int] = None
+    """Hidden width of one shared expert; null = expert_ffn_dim."""
+    num_null_experts: int = 0
+    """Zero-compute null experts (AdaMoE) a token-choice router may pick to use fewer real experts."""
+    router: str = "linear"
+    """Router by name: linear, mlp, cross_attention, expert_choice, expert_race, promoe, sinkhorn."""
+    score_func: str = "softmax"
+    """Token-choice scores: 'softmax' or 'sigmoid'."""
+    renormalize: bool = True
+    """Rescale the selected experts' scores of a token to sum to one."""
+    router_hidden_dim: int = 256
+    """Hidden width of the MLP and cross-attention routers."""
+    bias_balancing: bool = False
+    """Aux-loss-free balancing (DeepSeek): a per-expert selection bias nudged toward balance each step."""
+    bias_update_rate: float = 1e-3
+    """Step size of the aux-loss-free bias update."""
+    expert_choice_scope: str = "sample"
+    """Expert choice picks each expert's tokens per 'sample' or over the whole micro-'batch'."""
+    capacity_factor: float = 1.0
+    """Expert choice: tokens per expert = capacity_factor * tokens * top_k / num_experts."""
+    race_threshold_decay: float = 0.99
+    """Expert Race: EMA decay of the learned score threshold used at inference."""
+    sinkhorn_iterations: int = 3
+    """Sinkhorn router: normalisation rounds before the top-k pick."""
+    num_prototypes_per_expert: int = 1
+    """ProMoE: learnable prototypes per conditional expert."""
+    balance_loss: float = 0.0
+    """Weight of the switch load-balancing loss."""
+    balance_scope: str = "micro_batch"
+    """Balance over the 'micro_batch' or per 'sequence' (sample)."""
+    z_loss: float = 0.0
+    """Weight of the router z-loss (mean squared logsumexp of the logits)."""
+    similarity_loss: float = 0.0
+    """Weight of Race-DiT's router similarity loss (decorrelates experts' routing patterns)."""
+    layer_reg_loss: float = 0.0
+    """Weight of Race-DiT's per-layer regularization (a router-side head predicting the target)."""
+    contrastive_loss: float = 0.0
+    """Weight of ProMoE's routing contrastive loss."""
+    shared_init: str = "noise"
+    """Upcycling: shared experts start at 'zero' (verification: MoE == dense) or tiny 'noise'."""
+    shared_init_std: float = 1e-4
+    """Upcycling: standard deviation of the tiny noise on shared experts."""
+    diagnostics_every: int = 50
+    """Compute routing diagnostics every this many steps; 0 disables them."""
+
+
+@dataclass
 class ModelConfig:
     """The Wan2.x video DiT; field names follow diffusers' `WanTransformer3DModel`."""
 
@@ -51,6 +111,8 @@ class ModelConfig:
     """Apply an affine LayerNorm before cross-attention (Wan: true)."""
     rope_max_seq_len: int = 1024
     """Largest patch-grid extent the rotary tables cover, per axis."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-Experts FFNs (dense when moe.num_experts is 0)."""
 
 
 @dataclass
@@ -155,8 +217,6 @@ class CheckpointConfig:
     """Save every this many steps (and always at the end); 0 = only at the end."""
     keep_last: int = 3
     """Number of most recent checkpoints kept; older ones are deleted."""
-    resume: Optional[str] = None
-    """null, 'latest' (newest complete checkpoint in output_dir), or a checkpoint path."""
 
 
 @dataclass
@@ -241,6 +301,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
            f"head dim model.dim/model.num_heads={head_dim} must be even and >= 6 for 3D RoPE; change model.num_heads")
     _check(len(m.patch_size) == 3 and all(x > 0 for x in m.patch_size),
            f"model.patch_size must be three positive ints (frames, height, width), got {m.patch_size}")
+    _validate_moe(m)
     names = ("tensor_parallel_size", "context_parallel_size", "expert_parallel_size")
     for name in names:
         _check(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
@@ -283,6 +344,46 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(cfg.checkpoint.keep_last >= 1,
            f"checkpoint.keep_last must be >= 1 (the newest checkpoint is always kept), got {cfg.checkpoint.keep_last}")
     _check(cfg.logging.every_steps >= 1, f"logging.every_steps must be >= 1, got {cfg.logging.every_steps}")
+
+
+ROUTER_NAMES = ("linear", "mlp", "cross_attention", "expert_choice", "expert_race", "promoe", "sinkhorn")
+
+
+def _validate_moe(m: ModelConfig) -> None:
+    e = m.moe
+    _check(e.num_experts >= 0, f"model.moe.num_experts must be >= 0 (0 = dense), got {e.num_experts}")
+    if e.num_experts == 0:
+        return
+    _check(e.router in ROUTER_NAMES, f"model.moe.router '{e.router}' is unknown; choose one of {', '.join(ROUTER_NAMES)}")
+    _check(1 <= e.top_k <= e.num_experts + e.num_null_experts,
+           f"model.moe.top_k={e.top_k} must be between 1 and the number of experts "
+           f"({e.num_experts} routed + {e.num_null_experts} null)")
+    _check(e.num_null_experts >= 0 and e.num_shared_experts >= 0,
+           "model.moe.num_null_experts and model.moe.num_shared_experts must be >= 0")
+    if e.layers not in ("all", "every_other"):
+        try:
+            indices = [int(x) for x in e.layers.split(",") if x.strip()]
+        except ValueError:
+            indices = None
+        _check(bool(indices) and all(0 <= i < m.num_layers for i in indices),
+               f"model.moe.layers='{e.layers}' must be 'all', 'every_other' or comma-separated block indices "
+               f"in 0..{m.num_layers - 1}")
+    for name in ("expert_ffn_dim", "shared_ffn_dim"):
+        value = getattr(e, name)
+        _check(value is None or value > 0, f"model.moe.{name} must be positive or null, got {value}")
+    _check(e.score_func in ("softmax", "sigmoid"), f"model.moe.score_func must be 'softmax' or 'sigmoid', got '{e.score_func}'")
+    _check(e.balance_scope in ("micro_batch", "sequence"),
+           f"model.moe.balance_scope must be 'micro_batch' or 'sequence', got '{e.balance_scope}'")
+    _check(e.expert_choice_scope in ("sample", "batch"),
+           f"model.moe.expert_choice_scope must be 'sample' or 'batch', got '{e.expert_choice_scope}'")
+    _check(e.shared_init in ("zero", "noise"), f"model.moe.shared_init must be 'zero' or 'noise', got '{e.shared_init}'")
+    for name in ("balance_loss", "z_loss", "similarity_loss", "layer_reg_loss", "contrastive_loss",
+                 "bias_update_rate", "shared_init_std"):
+        _check(getattr(e, name) >= 0, f"model.moe.{name} must be >= 0, got {getattr(e, name)}")
+    _check(e.capacity_factor > 0, f"model.moe.capacity_factor must be > 0, got {e.capacity_factor}")
+    _check(0 <= e.race_threshold_decay < 1, f"model.moe.race_threshold_decay must be in [0, 1), got {e.race_threshold_decay}")
+    _check(e.sinkhorn_iterations >= 1, f"model.moe.sinkhorn_iterations must be >= 1, got {e.sinkhorn_iterations}")
+    _check(e.diagnostics_every >= 0, f"model.moe.diagnostics_every must be >= 0, got {e.diagnostics_every}")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -10,7 +10,7 @@ TINY = "configs/tiny.yaml"
 
 def test_yaml_and_overrides_merge_onto_defaults():
     cfg = load_config(TINY, ["model.num_layers=4", "optim.betas=[0.8,0.9]", "data.path=/x"])
-    assert cfg.model.num_layers == 4 and cfg.model.dim == 64  # override and YAML
+    assert cfg.model.num_layers == 4 and cfg.model.dim == 128  # override and YAML
     assert cfg.optim.betas == [0.8, 0.9] and cfg.data.path == "/x"
     assert cfg.train.grad_accum == Config().train.grad_accum  # default kept
     assert from_yaml_text(to_yaml(cfg)) == cfg
