@@ -22,6 +22,7 @@ from torch import nn
 from megamoe.config import ModelConfig
 from megamoe.model.attention import WanAttention
 from megamoe.model.rope import WanRotaryEmbedding
+from megamoe.moe.routers.base import RoutingContext
 
 
 class FP32LayerNorm(nn.LayerNorm):
@@ -63,7 +64,8 @@ class FeedForward(nn.Module):
         # Index 1 is diffusers' dropout slot; the Identity keeps keys at net.0.proj / net.2.
         self.net = nn.Sequential(GeluProj(dim, hidden), nn.Identity(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        """`ctx` (the routing context an MoE FFN needs) is ignored, so blocks call any FFN alike."""
         return self.net(x)
 
 
@@ -105,21 +107,29 @@ def _modulate(norm_x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, dt
 
 
 class WanBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__()
+        # Imported here: the MoE layer builds on FeedForward above (a top-level import is circular).
+        from megamoe.moe.layer import MoEFeedForward, moe_layer_indices
+
         dim = cfg.dim
         self.norm1 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.attn1 = WanAttention(dim, cfg.num_heads, cfg.eps)
         self.norm2 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
         self.attn2 = WanAttention(dim, cfg.num_heads, cfg.eps)
         self.norm3 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
-        self.ffn = FeedForward(dim, cfg.ffn_dim)
+        if layer_index in moe_layer_indices(cfg):
+            self.ffn = MoEFeedForward(dim, cfg.ffn_dim, cfg.moe, target_dim=cfg.out_channels * math.prod(cfg.patch_size))
+        else:
+            self.ffn = FeedForward(dim, cfg.ffn_dim)
         # Per-block offset added to the shared time projection: each block gets its own
         # shift/scale/gate while the timestep MLP is shared (Wan's cheap adaLN).
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor, modulation: torch.Tensor, rope) -> torch.Tensor:
-        """x [B, L, dim]; text [B, L_text, dim]; modulation [B, T, 6, dim] with T in {1, L}."""
+    def forward(self, x: torch.Tensor, text: torch.Tensor, modulation: torch.Tensor, rope,
+                ctx: RoutingContext | None = None) -> torch.Tensor:
+        """x [B, L, dim]; text [B, L_text, dim]; modulation [B, T, 6, dim] with T in {1, L};
+        ctx: what an MoE FFN's router may condition on."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
             (self.scale_shift_table[None] + modulation.float()).unbind(2)
         dtype = x.dtype
@@ -129,7 +139,7 @@ class WanBlock(nn.Module):
 
         x = x + self.attn2(self.norm2(x.float()).to(dtype), context=text)
 
-        h = self.ffn(_modulate(self.norm3(x.float()), shift_mlp, scale_mlp, dtype))
+        h = self.ffn(_modulate(self.norm3(x.float()), shift_mlp, scale_mlp, dtype), ctx)
         return (x.float() + h.float() * gate_mlp).to(dtype)
 
 
@@ -146,7 +156,7 @@ class WanDiT(nn.Module):
         self.rope = WanRotaryEmbedding(dim // cfg.num_heads, cfg.rope_max_seq_len)
         self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=self.patch_size, stride=self.patch_size)
         self.condition_embedder = ConditionEmbedder(cfg)
-        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(WanBlock(cfg, i) for i in range(cfg.num_layers))
         self.norm_out = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(self.patch_size))
         # The head is modulated by temb itself (not the 6-way projection): shift, scale.
@@ -169,7 +179,8 @@ class WanDiT(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:  # router gates have none
+                    nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.patch_embedding.weight.view(self.cfg.dim, -1))
         nn.init.zeros_(self.patch_embedding.bias)
         for m in self.condition_embedder.modules():
@@ -189,10 +200,17 @@ class WanDiT(nn.Module):
         if timestep.shape not in ((b, 1), (b, x.shape[1])):
             raise ValueError(f"timestep has shape {tuple(timestep.shape)}; expected [{b}] or [{b}, {x.shape[1]}] "
                              f"(one per sample, or one per token)")
+        # The CFG-null text is the all-zero embedding (text dropout and the sampler use zeros, as
+        # Wan pads with zeros), so an all-zero raw input marks an unconditional sample;
+        # after the text MLP it would no longer be zero.
+        is_null = (text == 0).flatten(1).all(1)
         temb, modulation, text = self.condition_embedder(timestep, text)
+        ctx = RoutingContext(batch_size=b, seq_len=x.shape[1], temb=temb[:, 0] if temb.shape[1] == 1 else temb,
+                             text=text, is_null=is_null,
+                             timestep=timestep[:, 0] if timestep.shape[1] == 1 else timestep)
         rope = self.rope(grid, x.device)
         for block in self.blocks:
-            x = block(x, text, modulation, rope)
+            x = block(x, text, modulation, rope, ctx)
         shift, scale = (self.scale_shift_table[None] + temb[:, :, None]).unbind(2)
         x = _modulate(self.norm_out(x.float()), shift, scale, x.dtype)
         return self._unpatchify(self.proj_out(x), grid)
@@ -205,6 +223,16 @@ class WanDiT(nn.Module):
         if any(n % p for n, p in zip(fhw, self.patch_size)):
             raise ValueError(f"latent size (F, H, W)={tuple(fhw)} is not divisible by model.patch_size="
                              f"{list(self.patch_size)}; crop or pad the latents to a multiple of it")
+        return tuple(n // p for n, p in zip(fhw, self.patch_size))
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, F, H, W] -> [B, L, pt*ph*pw*C] in the token order and patch layout of the output
+        head: the inverse of `_unpatchify` (for losses on per-token predictions of the target)."""
+        (f, h, w), (pt, ph, pw) = self._grid_of(x.shape[2:]), self.patch_size
+        x = x.reshape(x.shape[0], x.shape[1], f, pt, h, ph, w, pw).permute(0, 2, 4, 6, 3, 5, 7, 1)
+        return x.reshape(x.shape[0], f * h * w, -1)
+
+    def _grid_of(self, fhw) -> tuple[int, int, int]:
         return tuple(n // p for n, p in zip(fhw, self.patch_size))
 
     def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:

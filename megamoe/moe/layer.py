@@ -1,0 +1,121 @@
+"""The MoE feed-forward layer that replaces a block's dense FFN, and model-level helpers.
+
+    x [B, L, dim] -> tokens [N, dim] -> router (fp32) -> probs, routing_map [N, E_total]
+      -> drop null-expert columns -> dispatch -> grouped experts -> combine (weighted by probs)
+      -> + shared experts -> [B, L, dim]
+
+The layer never looks at which router it holds: any routing_map is executed exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megamoe.config import MoEConfig, ModelConfig
+from megamoe.model.dit import FeedForward
+from megamoe.moe.dispatch import LocalDispatcher
+from megamoe.moe.experts import GroupedExperts
+from megamoe.moe.losses import LOSS_NAMES
+from megamoe.moe.routers import RoutingContext, build_router  # the package import registers every router
+from megamoe.moe.routers.base import Reduce
+
+
+def moe_layer_indices(cfg: ModelConfig) -> set[int]:
+    """Block indices that get an MoE FFN under `cfg.moe.layers`; empty for a dense model.
+
+    'all', 'every_other' (odd blocks 1, 3, 5, ...: the first block stays dense, as in
+    GShard-style interleaving) or a comma list such as '0,4,8'. The spec is checked even
+    when the model is dense, so a typo fails before it matters.
+    """
+    spec, n = str(cfg.moe.layers).strip(), cfg.num_layers
+    if spec == "all":
+        indices = set(range(n))
+    elif spec == "every_other":
+        indices = set(range(1, n, 2))
+    else:
+        try:
+            indices = {int(part) for part in spec.split(",")}
+        except ValueError:
+            indices = None
+        if not indices or any(not 0 <= i < n for i in indices):
+            raise ValueError(f"model.moe.layers='{cfg.moe.layers}' is not 'all', 'every_other' or a comma list of "
+                             f"block indices in [0, {n}) like '0,4,8'; fix model.moe.layers")
+    return indices if cfg.moe.num_experts > 0 else set()
+
+
+class MoEFeedForward(nn.Module):
+    """Drop-in for `FeedForward`: forward(x [B, L, dim], ctx) -> [B, L, dim].
+
+    After each forward, `aux` holds the router's aux dict (unweighted losses named in
+    LOSS_NAMES, plus statistics) for the training loop; with `record = True`,
+    `last_routing = (probs, routing_map, ctx)` (detached) is kept for diagnostics.
+    """
+
+    def __init__(self, dim: int, ffn_dim: int, cfg: MoEConfig, target_dim: Optional[int] = None):
+        super().__init__()
+        if cfg.num_experts < 1:
+            raise ValueError(f"model.moe.num_experts must be >= 1 for an MoE layer, got {cfg.num_experts}")
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        # target_dim (prod(patch_size) * out_channels) sizes the optional layer-regularization head.
+        self.router = build_router(dim, cfg, layer_reg_out_dim=target_dim)
+        expert_width = cfg.expert_ffn_dim or ffn_dim
+        self.experts = GroupedExperts(cfg.num_experts, dim, expert_width)
+        # One FFN of width n * w computes exactly the sum of n shared experts of width w (their
+        # hidden units concatenated, second linears stacked, biases summed): one GEMM, not n.
+        self.shared: Optional[FeedForward] = None
+        if cfg.num_shared_experts > 0:
+            self.shared = FeedForward(dim, cfg.num_shared_experts * (cfg.shared_ffn_dim or expert_width))
+        self.dispatcher = LocalDispatcher()
+        self.aux: dict[str, torch.Tensor] = {}
+        self.record = False
+        self.last_routing: Optional[tuple] = None
+        self.last_output_norms: Optional[tuple] = None
+
+    def forward(self, x: torch.Tensor, ctx: Optional[RoutingContext] = None) -> torch.Tensor:
+        b, l, d = x.shape
+        if ctx is None:
+            ctx = RoutingContext(batch_size=b, seq_len=l)
+        if ctx.batch_size * ctx.seq_len != b * l:
+            raise ValueError(f"RoutingContext is for {ctx.batch_size} x {ctx.seq_len} tokens, input is {b} x {l}")
+        tokens = x.reshape(b * l, d)
+        routed = self.router(tokens, ctx)
+        self.aux = dict(routed.aux)
+        if self.record:
+            self.last_routing = (routed.probs.detach(), routed.routing_map.detach(), ctx)
+        # Null experts (columns >= num_experts) output zero: dropping them here means they
+        # cost neither dispatch nor compute, and their share of the weight simply vanishes.
+        real = slice(0, self.num_experts)
+        sorted_tokens, tokens_per_expert, state = self.dispatcher.dispatch(tokens, routed.routing_map[:, real])
+        expert_out = self.experts(sorted_tokens, tokens_per_expert)
+        y = self.dispatcher.combine(expert_out, routed.probs[:, real], state)  # fp32 sum
+        if self.shared is not None:
+            shared = self.shared(tokens)
+            if self.record:  # shared-vs-routed balance, for diagnostics
+                self.last_output_norms = (shared.detach().float().norm().item(), y.detach().norm().item())
+            y = y + shared
+        return y.to(x.dtype).view(b, l, d)
+
+
+def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
+    return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+
+
+def collect_aux(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each aux loss summed over the MoE layers of the last forward, e.g. {'balance': ..., 'z': ...};
+    statistics (keys outside LOSS_NAMES) are left out. Weights are the caller's."""
+    totals: dict[str, torch.Tensor] = {}
+    for layer in moe_layers(model):
+        for name, value in layer.aux.items():
+            if name in LOSS_NAMES:
+                totals[name] = totals[name] + value if name in totals else value
+    return totals
+
+
+def routers_after_step(model: nn.Module, reduce: Reduce) -> None:
+    """Once per optimizer step on every rank, after the step: the routers' non-gradient updates."""
+    for layer in moe_layers(model):
+        layer.router.after_step(reduce)

@@ -1,0 +1,117 @@
+"""The one interface every router implements, and the registry that builds them by name.
+
+A router sees the tokens of one MoE layer, flattened to [N, dim] with N = B * L, and the
+block's conditioning, and decides which experts each token visits and with what weight:
+
+    probs        [N, E_total] fp32  combine weight of each (token, expert); zero where not routed
+    routing_map  [N, E_total] bool  which experts each token visits (any number, also zero)
+    aux          dict[str, Tensor]  unweighted auxiliary losses (keys from losses.LOSS_NAMES,
+                                    scalars with gradient) and statistics (detached)
+
+E_total = num_experts + num_null_experts; columns >= num_experts are null experts that
+cost no compute and contribute zero output. The MoE layer, the dispatcher and the experts
+never look at which router produced this: any routing_map is executed exactly (dropless).
+Routing math runs in fp32 whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamoe.config import MoEConfig
+
+
+@dataclass
+class RoutingContext:
+    """What a router may condition on besides the tokens, for one micro-batch."""
+
+    batch_size: int
+    """B: the tokens are [B * L, dim], sample-major."""
+    seq_len: int
+    """L: tokens per sample (local part under context parallelism)."""
+    temb: Optional[torch.Tensor] = None
+    """Timestep embedding [B, dim] or per token [B, L, dim]."""
+    text: Optional[torch.Tensor] = None
+    """Projected text embeddings [B, L_text, dim]."""
+    is_null: Optional[torch.Tensor] = None
+    """bool [B]: the sample's text is the CFG-null (all-zero) embedding."""
+    timestep: Optional[torch.Tensor] = None
+    """Raw timesteps [B] in 0..1000, or [B, L] per token (Wan2.2 TI2V); for load-by-timestep diagnostics."""
+
+
+@dataclass
+class RouterOutput:
+    probs: torch.Tensor
+    routing_map: torch.Tensor
+    aux: dict = field(default_factory=dict)
+
+
+# A function that sums a tensor over the data-parallel ranks (identity in one process).
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Router(nn.Module):
+    """Base class: subclasses implement `route`; `forward` enforces fp32 and output shapes."""
+
+    def __init__(self, dim: int, cfg: MoEConfig, layer_reg_out_dim: Optional[int] = None):
+        super().__init__()
+        self.dim = dim
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        self.num_total = cfg.num_experts + cfg.num_null_experts
+        # What a rebuild (e.g. upcycling's fresh routers) must pass besides (dim, cfg).
+        self.init_kwargs = {"layer_reg_out_dim": layer_reg_out_dim}
+        # Race-DiT's per-layer regularization, for any router: a linear head on the router's
+        # input predicts the diffusion target (patchified velocity, [N, out_dim]) so that
+        # intermediate tokens stay informative; the training loop takes the MSE.
+        self.layer_reg_head: Optional[nn.Linear] = None
+        if cfg.layer_reg_loss > 0:
+            if layer_reg_out_dim is None:
+                raise ValueError("model.moe.layer_reg_loss > 0 needs the target width: build the router with "
+                                 "layer_reg_out_dim=prod(model.patch_size) * model.out_channels")
+            self.layer_reg_head = nn.Linear(dim, layer_reg_out_dim)
+
+    def route(self, tokens: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
+        raise NotImplementedError
+
+    def forward(self, tokens: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            out = self.route(tokens.float(), ctx)
+            if self.layer_reg_head is not None:
+                head = self.layer_reg_head
+                out.aux["layer_reg_prediction"] = F.linear(tokens.float(), head.weight.float(), head.bias.float())
+        n = tokens.shape[0]
+        assert out.probs.shape == (n, self.num_total) and out.probs.dtype == torch.float32, out.probs.shape
+        assert out.routing_map.shape == (n, self.num_total) and out.routing_map.dtype == torch.bool
+        return out
+
+    @torch.no_grad()
+    def after_step(self, reduce: Reduce) -> None:
+        """Called once per optimizer step on every rank: non-gradient state updates
+        (aux-free bias, Expert Race threshold). Statistics gathered during forward must go
+        through `reduce` first so every data-parallel rank applies the same update."""
+
+
+ROUTERS: dict[str, type[Router]] = {}
+
+
+def register_router(name: str):
+    def wrap(cls):
+        if name in ROUTERS:
+            raise ValueError(f"router '{name}' registered twice")
+        ROUTERS[name] = cls
+        cls.name = name
+        return cls
+
+    return wrap
+
+
+def build_router(dim: int, cfg: MoEConfig, **kwargs) -> Router:
+    if cfg.router not in ROUTERS:
+        raise ValueError(f"unknown model.moe.router '{cfg.router}'; choose one of {sorted(ROUTERS)}")
+    return ROUTERS[cfg.router](dim, cfg, **kwargs)

@@ -1,0 +1,189 @@
+"""Token-choice routers: every token picks its top-k of the E_total experts.
+
+The three routers differ only in how they score (`logits`): a linear gate, an MLP gate, or
+a gate on top of a cross-attention from each token to the text tokens and the timestep
+embedding (so the routing can depend on what the sample is about and on the noise level,
+which a per-token linear gate on visual features cannot see). Selection, aux-loss-free
+balancing and the balance / z losses are shared (`TokenChoiceRouter`, `select_top_k`).
+
+All gate maths runs with fp32 copies of the weights (`_linear32`), so a module cast to bf16
+still routes in fp32; keeping fp32 master weights that the optimizer updates is the
+engine's job, not the router's.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamoe.config import MoEConfig
+from megamoe.moe.losses import switch_balance_loss, z_loss
+from megamoe.moe.routers.base import Reduce, Router, RouterOutput, RoutingContext, register_router
+
+
+def _linear32(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x, layer.weight.float(), bias)
+
+
+def select_top_k(logits: torch.Tensor, cfg: MoEConfig, expert_bias: Optional[torch.Tensor] = None):
+    """logits [N, E_total] -> (probs [N, E_total], routing_map [N, E_total] bool, scores [N, E_total]).
+
+    scores = softmax or sigmoid of the logits (`cfg.score_func`); each token selects its
+    `cfg.top_k` highest scores over all E_total experts, null ones included. `expert_bias`
+    (aux-loss-free balancing) shifts the scores for the selection only: the combine weights
+    are the unbiased scores of the selected experts, optionally rescaled to sum to one
+    (`cfg.renormalize`; with top_k=1 and softmax that makes every weight 1, so the gate then
+    learns only from aux losses).
+    """
+    scores = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
+    choice = scores if expert_bias is None else scores + expert_bias
+    picked = choice.topk(cfg.top_k, dim=-1).indices
+    routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, picked, True)
+    probs = scores * routing_map
+    if cfg.renormalize:
+        probs = probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+    return probs, routing_map, scores
+
+
+class TokenChoiceRouter(Router):
+    """Shared part of the token-choice routers; subclasses implement `logits`."""
+
+    def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
+        super().__init__(dim, cfg, **kwargs)
+        if cfg.score_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"model.moe.score_func must be 'softmax' or 'sigmoid', got '{cfg.score_func}'")
+        if not 1 <= cfg.top_k <= self.num_total:
+            raise ValueError(f"model.moe.top_k={cfg.top_k} must be in [1, num_experts + num_null_experts = "
+                             f"{self.num_total}]; lower top_k or add experts")
+        if cfg.bias_balancing:
+            # Persistent: the bias is training state that an exact resume must restore.
+            self.register_buffer("expert_bias", torch.zeros(self.num_total, dtype=torch.float32))
+            # Selections accumulated over the micro-batches of one optimizer step. A plain
+            # attribute rather than a non-persistent buffer: a model built on the meta device and
+            # materialised with `to_empty` would hold garbage there (see model/rope.py).
+            # Activation recomputation would count a micro-batch twice; it is not used yet.
+            self.load_counts: Optional[torch.Tensor] = None
+
+    def logits(self, tokens: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def route(self, tokens: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
+        logits = self.logits(tokens, ctx)
+        bias = self.expert_bias if self.cfg.bias_balancing else None
+        probs, routing_map, scores = select_top_k(logits, self.cfg, bias)
+        if self.cfg.bias_balancing and self.training:
+            with torch.no_grad():
+                counts = routing_map.sum(0)
+                self.load_counts = counts if self.load_counts is None else self.load_counts + counts
+        aux = {}
+        if self.cfg.balance_loss > 0:
+            # Sigmoid scores do not sum to one; normalise them so P_i is a distribution (DeepSeek-V3).
+            dist = scores if self.cfg.score_func == "softmax" else \
+                scores / scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+            aux["balance"] = switch_balance_loss(dist, routing_map, self.num_experts, ctx.batch_size, ctx.seq_len,
+                                                 self.cfg.balance_scope)
+        if self.cfg.z_loss > 0:
+            aux["z"] = z_loss(logits)
+        return RouterOutput(probs, routing_map, aux)
+
+    @torch.no_grad()
+    def after_step(self, reduce: Reduce) -> None:
+        """DeepSeek-V3 aux-loss-free update: bias_i += rate * sign(mean load - load_i).
+
+        Real experts only: null experts cost nothing, and balancing them toward the mean load
+        would pin the share of skipped compute instead of letting tokens choose it (AdaMoE).
+        Every rank calls `reduce` exactly once, also one that saw no tokens, so none hangs.
+        """
+        if not self.cfg.bias_balancing:
+            return
+        counts = self.load_counts if self.load_counts is not None else \
+            torch.zeros(self.num_total, dtype=torch.long, device=self.expert_bias.device)
+        load = reduce(counts.clone())[: self.num_experts].float()
+        self.expert_bias[: self.num_experts] += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+        self.load_counts = None
+
+    def _apply(self, fn, recurse=True):
+        # `module.bfloat16()` (how DeepSpeed makes a bf16 model) would round the bias to bf16,
+        # where the 1e-3 updates vanish next to biases of ~0.1; keep its dtype, follow the device.
+        bias = self._buffers.get("expert_bias")
+        super()._apply(fn, recurse)
+        if bias is not None and self.expert_bias.dtype != bias.dtype:
+            self.expert_bias = bias.to(self.expert_bias.device)
+        return self
+
+
+@register_router("linear")
+class LinearRouter(TokenChoiceRouter):
+    def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
+        super().__init__(dim, cfg, **kwargs)
+        self.gate = nn.Linear(dim, self.num_total, bias=False)
+
+    def logits(self, tokens, ctx):
+        return _linear32(tokens, self.gate)
+
+
+@register_router("mlp")
+class MLPRouter(TokenChoiceRouter):
+    def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
+        super().__init__(dim, cfg, **kwargs)
+        self.gate = nn.Sequential(nn.Linear(dim, cfg.router_hidden_dim), nn.GELU(approximate="tanh"),
+                                  nn.Linear(cfg.router_hidden_dim, self.num_total, bias=False))
+
+    def logits(self, tokens, ctx):
+        return _linear32(F.gelu(_linear32(tokens, self.gate[0]), approximate="tanh"), self.gate[2])
+
+
+@register_router("cross_attention")
+class CrossAttentionRouter(TokenChoiceRouter):
+    """Each token attends to the projected text tokens plus the timestep embedding (one extra
+    key/value, per sample or per token); gate(query + attended) scores the experts.
+
+    Width `router_hidden_dim` in heads of 64 (one head below 64 or when 64 does not divide it).
+    """
+
+    head_dim = 64
+
+    def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
+        super().__init__(dim, cfg, **kwargs)
+        hidden = cfg.router_hidden_dim
+        self.num_heads = hidden // self.head_dim if hidden >= self.head_dim and hidden % self.head_dim == 0 else 1
+        self.query = nn.Linear(dim, hidden)
+        self.key = nn.Linear(dim, hidden)
+        self.value = nn.Linear(dim, hidden)
+        self.gate = nn.Linear(hidden, self.num_total, bias=False)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, S, hidden] -> [B, heads, S, hidden/heads]
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+    def logits(self, tokens, ctx):
+        if ctx is None or (ctx.text is None and ctx.temb is None):
+            raise ValueError("the cross_attention router needs RoutingContext.text or .temb to attend to")
+        b, l = ctx.batch_size, ctx.seq_len
+        q = self._heads(_linear32(tokens, self.query).view(b, l, -1))  # [B, h, L, d]
+        scale = q.shape[-1] ** -0.5
+        scores, values = [], []
+        if ctx.text is not None:
+            text = ctx.text.float()
+            k, v = self._heads(_linear32(text, self.key)), self._heads(_linear32(text, self.value))
+            scores.append(q @ k.transpose(-1, -2) * scale)  # [B, h, L, L_text]
+            values.append(v)
+        if ctx.temb is not None:
+            temb = ctx.temb.float()
+            temb = temb[:, None] if temb.ndim == 2 else temb  # [B, 1 or L, dim]
+            k, v = self._heads(_linear32(temb, self.key)), self._heads(_linear32(temb, self.value))
+            scores.append((q * k).sum(-1, keepdim=True) * scale)  # [B, h, L, 1]: its own key per token
+            values.append(v)
+        attn = torch.cat(scores, -1).softmax(-1)
+        out = torch.zeros_like(q)
+        start = 0
+        if ctx.text is not None:
+            start = values[0].shape[2]
+            out = out + attn[..., :start] @ values[0]
+        if ctx.temb is not None:
+            out = out + attn[..., start:] * values[-1]  # one key: broadcast instead of a matmul
+        h = (q + out).transpose(1, 2).reshape(b * l, -1)
+        return _linear32(h, self.gate)
