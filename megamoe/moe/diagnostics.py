@@ -1,0 +1,323 @@
+"""Live per-layer routing diagnostics for the failure modes of the seed study.
+
+Every `moe.diagnostics_every` steps the loop turns recording on for one forward pass, then
+asks for a report built from what each MoE layer recorded (`layer.last_routing =
+(probs [N, E_total] fp32, routing_map [N, E_total] bool, RoutingContext)`) and from its
+parameters:
+
+    diag = RoutingDiagnostics(model, cfg.model.moe)
+    diag.enable_recording(True); loss = ...forward...; diag.enable_recording(False)
+    diag.snapshot_router_params(); engine.step(); diag.measure_bf16_loss()
+    report = diag.compute(step); write_tensorboard(writer, report, step); report.warnings
+
+Failure modes and how they show (per layer, scalars named `moe/layerNN/<name>`, NN = block index):
+  load imbalance      `max_violation` = max load / mean load - 1 (0 = balanced), `load_entropy`
+                      (entropy of the load over real experts / log E, 1 = balanced)
+  dead experts        `dead_experts` (load 0 this diagnostic), `dead_streak` (most consecutive
+                      diagnostics any expert has been dead); warns after `dead_patience`
+  selective deadlock  `monopoly_share`: fraction of tokens whose top-1 expert is the layer's most
+                      common top-1 expert; warns after `deadlock_patience` diagnostics above
+                      `deadlock_share`
+  homogenization      `expert_similarity`: mean pairwise cosine of the experts' flattened w1
+                      (`expert_similarity_nn`: mean similarity to each expert's nearest other, which
+                      also catches replicated fine-grained slices). Upcycled experts start at 1.0; it
+                      warns only if still above `homogenization_similarity` after
+                      `homogenization_grace_steps` steps
+  soft saturation     `mean_max_prob` (mean over tokens of the largest combine weight),
+                      `token_entropy` (nats, of each token's combine weights normalised to sum 1),
+                      `router_logit_gap`: mean log(p_max / p_min) over the experts a token selected,
+                      i.e. the top-1 minus top-k logit for softmax routers, recovered from probs
+                      alone because routers do not return logits; `router_logit_norm` (mean L2 norm
+                      of the logits per token) only if the router keeps `last_logits` [N, E];
+                      `router_param_norm`
+  bf16 truncation     `bf16_lost_update_frac`: of the router elements an optimizer step changed,
+                      the fraction whose bf16 value did not change (see `track_router_update`)
+  shared vs routed    `shared_routed_norm_ratio` = |shared output| / |routed output|, from
+                      `layer.last_output_norms = (shared_norm, routed_norm)` that the layer stores
+                      when recording (absent -> scalar absent)
+  timestep dependence `t<b>_max_violation` per timestep bucket; per-bucket per-expert loads in
+                      `report.timestep_load` [layers, buckets, experts]
+
+A failure mode warns once when it starts and again only after it has recovered. Counts come
+from the local micro-batch of the last recorded forward; pass `reduce` (sum over data-parallel
+ranks, as in Router.after_step) to diagnose the global batch instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from megamoe.config import MoEConfig
+from megamoe.moe.routers.base import Router
+
+
+@dataclass
+class DiagnosticsThresholds:
+    deadlock_share: float = 0.9
+    """Top-1 monopoly share above which a diagnostic counts towards selective deadlock."""
+    deadlock_patience: int = 3
+    """Consecutive diagnostics above `deadlock_share` before 'selective deadlock' warns."""
+    dead_patience: int = 2
+    """Consecutive diagnostics with zero load before 'dead experts' warns (one micro-batch can miss an expert)."""
+    homogenization_similarity: float = 0.99
+    """Mean pairwise cosine of expert weights above which experts count as homogenized."""
+    homogenization_grace_steps: int = 2000
+    """Steps during which upcycled (identical) experts are expected and do not warn."""
+    timestep_buckets: int = 4
+    """Equal-width buckets over timesteps 0..1000 for load by timestep."""
+
+
+@dataclass
+class DiagnosticsReport:
+    step: int
+    scalars: dict = field(default_factory=dict)
+    """name -> float, e.g. 'moe/layer03/max_violation'."""
+    load_matrix: np.ndarray = None
+    """[MoE layers, real experts] fraction of the layer's expert assignments (rows sum to 1)."""
+    timestep_load: Optional[np.ndarray] = None
+    """[MoE layers, buckets, real experts] the same per timestep bucket (rows of empty buckets are 0)."""
+    layer_names: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+
+    def to_json(self) -> str:
+        def plain(a):
+            return None if a is None else np.asarray(a).tolist()
+        return json.dumps({"step": self.step, "scalars": self.scalars, "layer_names": self.layer_names,
+                           "load_matrix": plain(self.load_matrix), "timestep_load": plain(self.timestep_load),
+                           "warnings": self.warnings})
+
+
+def track_router_update(before: dict, after: dict) -> float:
+    """Fraction of changed elements (fp32 after != before) whose bf16 value did not change: the
+    part of the update that bf16 weights would have lost. 0.0 when nothing changed."""
+    lost, changed = _bf16_counts(before, after)
+    return sum(lost.values()) / max(1, sum(changed.values()))
+
+
+def _bf16_counts(before: dict, after: dict) -> tuple[dict, dict]:
+    lost, changed = {}, {}
+    for name, old in before.items():
+        old, new = old.float(), after[name].float()
+        moved = new != old
+        lost[name] = int((moved & (old.bfloat16() == new.bfloat16())).sum())
+        changed[name] = int(moved.sum())
+    return lost, changed
+
+
+def expert_similarity(w: torch.Tensor, chunk: int = 1 << 16) -> tuple[float, float]:
+    """(mean pairwise cosine, mean nearest-other cosine) of w [E, ...] flattened per expert.
+    The Gram matrix is accumulated over column chunks so no fp32 copy of all experts is made."""
+    flat = w.detach().flatten(1)
+    e = flat.shape[0]
+    if e < 2:
+        return 1.0, 1.0
+    gram = torch.zeros(e, e, dtype=torch.float64, device=flat.device)
+    for part in flat.split(chunk, dim=1):
+        part = part.float()
+        gram += (part @ part.t()).double()
+    norm = gram.diagonal().clamp_min(1e-300).sqrt()
+    cos = gram / norm[:, None] / norm[None, :]
+    eye = torch.eye(e, dtype=torch.bool, device=cos.device)
+    return float(cos[~eye].mean()), float(cos.masked_fill(eye, -2.0).amax(1).mean())
+
+
+def heatmap(values: np.ndarray, vmax: float, cell: int = 8) -> np.ndarray:
+    """[rows, cols] -> uint8 image [rows*cell, cols*cell, 3], viridis-like colours over [0, vmax]."""
+    x = np.clip(np.nan_to_num(values / max(vmax, 1e-12)), 0.0, 1.0)
+    stops = np.linspace(0.0, 1.0, 5)
+    colours = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
+    rgb = np.stack([np.interp(x, stops, colours[:, c]) for c in range(3)], axis=-1)
+    return np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1).round().astype(np.uint8)
+
+
+def write_tensorboard(writer, report: DiagnosticsReport, step: int) -> None:
+    """Scalars, the [layers x experts] load heatmap (mean load 1/E is the middle colour, 2x mean
+    or more the brightest, dead black-purple) under 'moe/load_heatmap', and warnings as text."""
+    for name, value in report.scalars.items():
+        writer.add_scalar(name, value, step)
+    if report.load_matrix is not None and report.load_matrix.size:
+        experts = report.load_matrix.shape[1]
+        writer.add_image("moe/load_heatmap", heatmap(report.load_matrix, 2.0 / experts), step, dataformats="HWC")
+    if report.warnings:
+        writer.add_text("moe/warnings", "  \n".join(report.warnings), step)
+    writer.flush()
+
+
+class RoutingDiagnostics:
+    def __init__(self, model: torch.nn.Module, moe_cfg: MoEConfig, thresholds: DiagnosticsThresholds | None = None,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        # Duck-typed so a DeepSpeed engine or a wrapped model works: an MoE layer has a Router and experts.
+        self.layers = [(name, m) for name, m in model.named_modules()
+                       if isinstance(getattr(m, "router", None), Router) and hasattr(m, "experts")]
+        self.labels = []
+        for i, (name, _) in enumerate(self.layers):
+            found = re.search(r"blocks\.(\d+)\.", name + ".")
+            self.labels.append(f"layer{int(found.group(1)) if found else i:02d}")
+        self.num_experts = moe_cfg.num_experts
+        self.t = thresholds or DiagnosticsThresholds()
+        self.reduce = reduce
+        n = len(self.layers)
+        self.dead_streak = np.zeros((n, self.num_experts), dtype=np.int64)
+        self.deadlock_streak = np.zeros(n, dtype=np.int64)
+        self._active: set[tuple[str, str]] = set()  # (label, failure mode) currently warned about
+        self._snapshot: dict | None = None
+        self._bf16_scalars: dict[str, float] = {}
+
+    def enable_recording(self, flag: bool) -> None:
+        for _, layer in self.layers:
+            layer.record = bool(flag)
+
+    # --- bf16 truncation of router updates -------------------------------------------------
+    def _router_params(self, get_fp32):
+        for (name, layer), label in zip(self.layers, self.labels):
+            for pname, p in layer.router.named_parameters():
+                full = f"{name}.router.{pname}"
+                yield label, full, (get_fp32(full, p) if get_fp32 else p).detach().float().clone()
+
+    def snapshot_router_params(self, get_fp32: Callable | None = None) -> None:
+        """Call before the optimizer step. get_fp32(name, param) -> fp32 master tensor, for engines
+        whose module holds bf16 copies (DeepSpeed bf16: deepspeed.utils.safe_get_full_fp32_param)."""
+        self._snapshot = {full: (label, t) for label, full, t in self._router_params(get_fp32)}
+
+    def measure_bf16_loss(self, get_fp32: Callable | None = None) -> float:
+        """Call after the optimizer step; returns the overall lost fraction and adds per-layer
+        `bf16_lost_update_frac` scalars to the next report."""
+        if self._snapshot is None:
+            raise RuntimeError("call snapshot_router_params() before the optimizer step, then measure_bf16_loss()")
+        after = {full: t for _, full, t in self._router_params(get_fp32)}
+        lost, changed = _bf16_counts({k: v[1] for k, v in self._snapshot.items()}, after)
+        per_layer: dict[str, list[int]] = {}
+        for full, (label, _) in self._snapshot.items():
+            acc = per_layer.setdefault(label, [0, 0])
+            acc[0] += lost[full]
+            acc[1] += changed[full]
+        self._bf16_scalars = {f"moe/{label}/bf16_lost_update_frac": l / max(1, c) for label, (l, c) in per_layer.items()}
+        total = sum(lost.values()) / max(1, sum(changed.values()))
+        self._bf16_scalars["moe/bf16_lost_update_frac"] = total
+        self._snapshot = None
+        return total
+
+    # --- the report -------------------------------------------------------------------------
+    def _counts(self, probs, routing_map, ctx) -> torch.Tensor:
+        """Everything additive over tokens in one float64 vector, so one `reduce` call sums it over ranks."""
+        e, buckets = self.num_experts, self.t.timestep_buckets
+        probs, real = probs.detach().float(), routing_map[:, :e]
+        n = probs.shape[0]
+        load = real.sum(0).double()
+        chosen = real.any(1)
+        top1 = torch.bincount(probs[:, :e].argmax(1)[chosen], minlength=e).double()
+        weights = probs / probs.sum(1, keepdim=True).clamp_min(1e-30)
+        token_entropy = -(weights * weights.clamp_min(1e-30).log()).sum(1)
+        has_weight = probs.sum(1) > 0
+        selected = routing_map & (probs > 0)
+        logp = probs.clamp_min(1e-30).log()
+        gap = logp.masked_fill(~selected, -math.inf).amax(1) - logp.masked_fill(~selected, math.inf).amin(1)
+        multi = selected.sum(1) >= 2
+        by_time = torch.zeros(buckets, e, dtype=torch.float64, device=probs.device)
+        timestep = getattr(ctx, "timestep", None)
+        if timestep is not None and timestep.numel() in (ctx.batch_size, n):  # per sample or per token (Wan2.2 TI2V)
+            t = timestep.reshape(ctx.batch_size, -1).float()
+            t = t.expand(-1, ctx.seq_len) if t.shape[1] == 1 else t
+            bucket = (t.reshape(-1) / 1000.0 * buckets).long().clamp(0, buckets - 1).to(probs.device)
+            by_time.index_add_(0, bucket, real.double())
+        sums = torch.tensor([token_entropy[has_weight].sum(), has_weight.sum(), probs.max(1).values.sum(), n,
+                             gap[multi].sum(), multi.sum(), routing_map[:, e:].sum(), routing_map.sum()],
+                            dtype=torch.float64, device=probs.device)
+        out = torch.cat([load, top1, by_time.flatten(), sums])
+        return self.reduce(out) if self.reduce is not None else out
+
+    def _warn(self, label: str, mode: str, condition: bool, message: str, warnings: list) -> None:
+        if condition and (label, mode) not in self._active:
+            warnings.append(f"moe {label}: {mode}: {message}")
+        (self._active.add if condition else self._active.discard)((label, mode))
+
+    @torch.no_grad()
+    def compute(self, step: int) -> DiagnosticsReport:
+        e, nb, th = self.num_experts, self.t.timestep_buckets, self.t
+        report = DiagnosticsReport(step=step, layer_names=list(self.labels))
+        loads = np.zeros((len(self.layers), e))
+        time_loads = np.zeros((len(self.layers), nb, e))
+        s = report.scalars
+        for i, ((name, layer), label) in enumerate(zip(self.layers, self.labels)):
+            p = f"moe/{label}/"
+            w1 = getattr(layer.experts, "w1", None)
+            if w1 is not None:
+                sim, sim_nn = expert_similarity(w1)
+                s[p + "expert_similarity"], s[p + "expert_similarity_nn"] = sim, sim_nn
+                self._warn(label, "expert homogenization", step >= th.homogenization_grace_steps
+                           and sim > th.homogenization_similarity,
+                           f"mean pairwise cosine of expert weights {sim:.4f} > {th.homogenization_similarity} "
+                           f"at step {step}; experts have not diverged (raise router LR / add shared-expert noise)",
+                           report.warnings)
+            s[p + "router_param_norm"] = float(sum(q.detach().float().pow(2).sum() for q in layer.router.parameters())) ** 0.5
+            norms = getattr(layer, "last_output_norms", None)
+            if norms is not None:
+                s[p + "shared_routed_norm_ratio"] = float(norms[0]) / max(float(norms[1]), 1e-30)
+            logits = getattr(layer.router, "last_logits", None)
+            if logits is not None:
+                s[p + "router_logit_norm"] = float(logits.detach().float().norm(dim=-1).mean())
+
+            recorded = getattr(layer, "last_routing", None)
+            if recorded is None:
+                continue  # not recorded this step: routing scalars are left out, streaks unchanged
+            c = self._counts(*recorded).cpu().numpy()
+            load, top1 = c[:e], c[e:2 * e]
+            by_time = c[2 * e:2 * e + nb * e].reshape(nb, e)
+            ent_sum, ent_n, maxp_sum, n, gap_sum, gap_n, null_assign, all_assign = c[2 * e + nb * e:]
+            layer.last_routing = None  # a later compute must not re-count a stale forward
+
+            total = load.sum()
+            loads[i] = load / total if total > 0 else 0.0
+            frac = loads[i]
+            s[p + "max_violation"] = float(frac.max() * e - 1) if total > 0 else 0.0
+            positive = frac[frac > 0]
+            s[p + "load_entropy"] = float(-(positive * np.log(positive)).sum() / math.log(e)) if e > 1 else 1.0
+            s[p + "token_entropy"] = ent_sum / max(ent_n, 1)
+            s[p + "mean_max_prob"] = maxp_sum / max(n, 1)
+            s[p + "router_logit_gap"] = gap_sum / max(gap_n, 1)
+            if recorded[1].shape[1] > e:  # the router has null experts
+                s[p + "null_share"] = null_assign / max(all_assign, 1)
+            for b in range(nb):
+                rows = by_time[b].sum()
+                if rows > 0:
+                    time_loads[i, b] = by_time[b] / rows
+                    s[p + f"t{b}_max_violation"] = float(time_loads[i, b].max() * e - 1)
+
+            dead = load == 0
+            self.dead_streak[i] = (self.dead_streak[i] + 1) * dead
+            s[p + "dead_experts"] = float(dead.sum())
+            s[p + "dead_streak"] = float(self.dead_streak[i].max(initial=0))
+            stuck = np.flatnonzero(self.dead_streak[i] >= th.dead_patience)
+            self._warn(label, "dead experts", len(stuck) > 0,
+                       f"experts {stuck.tolist()} got no tokens for {th.dead_patience}+ diagnostics in a row at step {step}",
+                       report.warnings)
+
+            monopoly = top1.max() / top1.sum() if top1.sum() > 0 else 0.0
+            leader = int(top1.argmax())
+            self.deadlock_streak[i] = self.deadlock_streak[i] + 1 if monopoly > th.deadlock_share else 0
+            s[p + "monopoly_share"], s[p + "monopoly_expert"] = float(monopoly), float(leader)
+            s[p + "deadlock_streak"] = float(self.deadlock_streak[i])
+            self._warn(label, "selective deadlock", self.deadlock_streak[i] >= th.deadlock_patience,
+                       f"expert {leader} is top-1 for {monopoly:.0%} of tokens for {self.deadlock_streak[i]} "
+                       f"diagnostics in a row at step {step}", report.warnings)
+
+        s.update(self._bf16_scalars)
+        self._bf16_scalars = {}
+        self._summarise(s)
+        report.load_matrix, report.timestep_load = loads, time_loads
+        return report
+
+    def _summarise(self, s: dict) -> None:
+        """Model-wide lines for a dashboard's first glance."""
+        for name, how in (("max_violation", max), ("monopoly_share", max), ("expert_similarity", max),
+                          ("dead_experts", sum), ("mean_max_prob", max)):
+            values = [v for k, v in s.items() if k.endswith("/" + name) and k.count("/") == 2]
+            if values:
+                s[f"moe/{'total' if how is sum else 'max'}_{name}"] = float(how(values))
