@@ -17,7 +17,8 @@ def test_yaml_and_overrides_merge_onto_defaults():
 
 
 def test_every_shipped_config_validates():
-    for path, world in [("configs/tiny.yaml", 2), ("configs/wan2.2_ti2v_5b.yaml", 64)]:
+    for path, world in [("configs/tiny.yaml", 2), ("configs/wan2.2_ti2v_5b.yaml", 64), ("configs/tiny_moe.yaml", 2),
+                        ("configs/wan2.2_ti2v_5b_moe.yaml", 64)]:
         validate(load_config(path), world_size=world)
 
 
@@ -35,6 +36,13 @@ def test_every_shipped_config_validates():
     (["parallel.tensor_parallel_size=2"], "parallel.tensor_parallel_size"),
     (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
     (["model.num_layers"], "model.num_layers"),
+    (["model.moe.num_experts=4", "model.moe.router=topk"], "model.moe.router"),
+    (["model.moe.num_experts=4", "model.moe.top_k=5"], "model.moe.top_k"),
+    (["model.moe.num_experts=4", "model.moe.layers=0,9"], "model.moe.layers"),
+    (["model.moe.num_experts=4", "model.moe.score_func=relu"], "model.moe.score_func"),
+    (["model.moe.num_experts=4", "model.moe.balance_loss=-1"], "model.moe.balance_loss"),
+    (["model.moe.num_experts=4", "model.moe.expert_choice_scope=global"], "model.moe.expert_choice_scope"),
+    (["model.moe.experts=4"], "model.moe.experts"),
 ])
 def test_bad_config_is_one_line_naming_the_key(overrides, key_in_message, capsys, tmp_path):
     code = main(["--config", TINY, f"train.output_dir={tmp_path}", *overrides])

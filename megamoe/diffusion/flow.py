@@ -58,8 +58,9 @@ def drop_text(text: torch.Tensor, prob: float, generator: torch.Generator) -> to
 
 
 def flow_matching_loss(model, x0: torch.Tensor, text: torch.Tensor, cfg: DiffusionConfig,
-                       generator: torch.Generator) -> torch.Tensor:
-    """One Monte-Carlo estimate of the velocity loss for a batch, in fp32.
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Monte-Carlo estimate of the velocity loss for a batch, in fp32; also returns the
+    velocity target (for losses that predict it from inside the network).
 
     All randomness (noise levels, noise, text dropout) comes from `generator`, which the
     training loop seeds from (seed, rank, step): a resumed run draws exactly what the
@@ -74,7 +75,8 @@ def flow_matching_loss(model, x0: torch.Tensor, text: torch.Tensor, cfg: Diffusi
     dtype = next(model.parameters()).dtype
     # The timestep stays fp32: bf16 would round t in [512, 1000] to multiples of 4.
     pred = model(xs.to(dtype), (s * TIMESTEP_SCALE).to(x0.device), text.to(dtype))
-    return torch.mean((pred.float() - velocity_target(x0f, noise)) ** 2)
+    target = velocity_target(x0f, noise)
+    return torch.mean((pred.float() - target) ** 2), target
 
 
 def sampling_schedule(num_steps: int, shift: float) -> list[float]:

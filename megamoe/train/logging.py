@@ -58,6 +58,20 @@ class RunLogger:
         print(f"step {step}/{self.total_steps} | loss {scalars['loss']:.4f} | lr {scalars['lr']:.2e} | "
               f"grad_norm {scalars['grad_norm']:.3f} | {speed} samples/s | eta {eta}", flush=True)
 
+    def log_diagnostics(self, report, step: int) -> None:
+        """Routing diagnostics: tensorboard scalars + load heatmap, diagnostics.jsonl, warnings."""
+        if not self.enabled:
+            return
+        from megamoe.moe.diagnostics import write_tensorboard
+
+        if self.writer is not None:
+            write_tensorboard(self.writer, report, step)
+            self.writer.flush()
+        with open(Path(self.metrics_file.name).with_name("diagnostics.jsonl"), "a") as f:
+            f.write(report.to_json() + "\n")
+        for warning in report.warnings:
+            print(f"warning: step {step}: {warning}", flush=True)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

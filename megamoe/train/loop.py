@@ -15,13 +15,15 @@ from megamoe.config import Config
 from megamoe.data.stream import LatentShardStream, resolve_shards
 from megamoe.data.synthetic import ensure_synthetic_dataset
 from megamoe.device import rng_states, set_rng_states
-from megamoe.diffusion.flow import flow_matching_loss
 from megamoe.model.dit import build_model
 from megamoe.model.weights import load_diffusers_weights, write_diffusers_weights
+from megamoe.moe.diagnostics import RoutingDiagnostics
+from megamoe.moe.layer import moe_layers, routers_after_step
 from megamoe.parallel.topology import Topology
 from megamoe.train.checkpoint import load_checkpoint, save_checkpoint
 from megamoe.train.engine import EMA, build_engine, resync_lr
 from megamoe.train.logging import RunLogger
+from megamoe.train.objective import training_loss
 
 
 def step_generator(seed: int, dp_rank: int, step: int) -> torch.Generator:
@@ -45,10 +47,33 @@ def build_data_stream(cfg: Config, topology: Topology) -> LatentShardStream:
     return LatentShardStream(shards, cfg.data.micro_batch_size, topology.dp_rank, topology.dp_size, cfg.data.seed)
 
 
-def mean_over_data_parallel(value: torch.Tensor) -> float:
-    value = value.detach().float().clone()
+def sum_over_data_parallel(value: torch.Tensor) -> torch.Tensor:
+    value = value.detach().clone()
     dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
-    return value.item() / parallel_state.get_data_parallel_world_size()
+    return value
+
+
+def mean_over_data_parallel(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """One all-reduce for all logged scalars (every rank must have the same keys)."""
+    names = sorted(values)
+    stacked = sum_over_data_parallel(torch.stack([values[n].float() for n in names]))
+    stacked = stacked.cpu() / parallel_state.get_data_parallel_world_size()
+    return {n: v.item() for n, v in zip(names, stacked)}
+
+
+def build_diagnostics(cfg: Config, module) -> RoutingDiagnostics | None:
+    if not moe_layers(module) or cfg.model.moe.diagnostics_every == 0:
+        return None
+    return RoutingDiagnostics(module, cfg.model.moe, reduce=sum_over_data_parallel)
+
+
+def fp32_master_getter(cfg: Config):
+    """Under bf16, router updates must be measured on DeepSpeed's fp32 master copies."""
+    if cfg.train.precision != "bf16":
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return lambda name, param: safe_get_full_fp32_param(param)
 
 
 def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
@@ -83,29 +108,45 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
         log.info(f"saved checkpoint {path}")
 
     samples_per_step = cfg.data.micro_batch_size * cfg.train.grad_accum * topology.dp_size
+    diagnostics = build_diagnostics(cfg, engine.module)
+    master_weights = fp32_master_getter(cfg)
     history = []
     engine.train()
     for step in range(start_step, cfg.train.steps):
+        done = step + 1
         generator = step_generator(cfg.train.seed, topology.dp_rank, step)
-        loss_sum = torch.zeros((), device=topology.device)
-        for _ in range(cfg.train.grad_accum):
+        diagnose = diagnostics is not None and done % cfg.model.moe.diagnostics_every == 0
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(cfg.train.grad_accum):
+            last_micro = micro == cfg.train.grad_accum - 1
             batch = next(stream)
             latents = batch["latents"].to(topology.device, non_blocking=True)
             text = batch["text"].to(topology.device, non_blocking=True)
-            loss = flow_matching_loss(engine, latents, text, cfg.diffusion, generator)
+            if diagnose and last_micro:
+                diagnostics.enable_recording(True)
+            loss, parts = training_loss(engine, engine.module, latents, text, cfg, generator)
+            if diagnose and last_micro:
+                diagnostics.enable_recording(False)
+                diagnostics.snapshot_router_params(master_weights)
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            loss_sum += loss.detach().float()
+            for name, value in {"loss": loss.detach(), **parts}.items():
+                sums[name] = sums[name] + value if name in sums else value.float()
+        routers_after_step(engine.module, sum_over_data_parallel)
         if ema is not None:
             ema.update(engine.module)
+        if diagnose:
+            diagnostics.measure_bf16_loss(master_weights)
+            log.log_diagnostics(diagnostics.compute(done), done)
 
-        done = step + 1
         if done % cfg.logging.every_steps == 0 or done == cfg.train.steps:
+            means = mean_over_data_parallel({k: v / cfg.train.grad_accum for k, v in sums.items()})
             grad_norm = engine.get_global_grad_norm()
             scalars = {
-                "loss": mean_over_data_parallel(loss_sum / cfg.train.grad_accum),
+                "loss": means.pop("loss"),
                 "lr": engine.get_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                **{f"loss_{name}": value for name, value in means.items()},
             }
             log.log_step(done, scalars, samples_per_step)
             history.append({"step": done, **scalars})
