@@ -192,3 +192,31 @@ def test_launcher_writes_weights_and_checks(dense, tmp_path, capsys):
     load_diffusers_weights(fresh, tmp_path / "moe")
     assert main(["--config", str(config), "--dense", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+ROUTER_OPTIONS = {"expert_choice": dict(capacity_factor=1.0), "sinkhorn": dict(sinkhorn_iterations=3),
+                  "promoe": dict(num_prototypes_per_expert=2), "linear": dict(num_null_experts=1)}
+
+
+@pytest.mark.parametrize("router", ["linear", "mlp", "cross_attention", "expert_choice", "expert_race", "promoe",
+                                    "sinkhorn"])
+def test_every_router_scales_the_dense_ffn_by_its_weight_sum(dense, router):
+    """Law 1 for any router: with cloned experts and zero shared experts, a token's MoE output is
+    the dense FFN output times the sum of its (real-expert) combine weights."""
+    from megamoe.moe.routers.base import RoutingContext
+
+    cfg = moe_cfg(router=router, router_hidden_dim=16, **ROUTER_OPTIONS.get(router, {}))
+    moe = upcycle_model(dense, cfg, mode="verify", seed=1)
+    layer, dense_ffn = moe.blocks[0].ffn, dense.blocks[0].ffn
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 16, CFG.dim, generator=g)
+    ctx = RoutingContext(batch_size=2, seq_len=16, temb=torch.randn(2, CFG.dim, generator=g),
+                         text=torch.randn(2, 5, CFG.dim, generator=g), is_null=torch.tensor([False, True]),
+                         timestep=torch.tensor([100.0, 900.0]))
+    layer.train()  # Expert Race selects by its batch top-K in training
+    layer.record = True
+    with torch.no_grad():
+        y, ref = layer(x, ctx), dense_ffn(x)
+    weight_sum = layer.last_routing[0][:, : cfg.moe.num_experts].sum(1).view(2, 16, 1)
+    assert layer.last_routing[1].any(0).sum() >= 2  # tokens really spread over several experts
+    torch.testing.assert_close(y, ref * weight_sum, atol=1e-5, rtol=1e-5)
