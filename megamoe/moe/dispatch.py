@@ -48,12 +48,16 @@ class LocalDispatcher:
         return sorted_tokens, tokens_per_expert, DispatchState(token_index, expert_index, tokens.shape[0])
 
     def combine(self, expert_out: torch.Tensor, probs: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        """Sum of probs[t, e] * expert_out over each token's rows; tokens with no expert get 0.
+        return weighted_unpermute(expert_out, probs, state)
 
-        The sum runs in the promoted dtype of expert_out and probs (fp32 probs: fp32 sum, so
-        bf16 expert outputs are accumulated without further rounding); the caller casts.
-        """
-        weight = probs[state.token_index, state.expert_index]  # gradient flows to the router
-        weighted = expert_out * weight[:, None]  # type promotion: bf16 * fp32 -> fp32
-        out = weighted.new_zeros(state.num_tokens, expert_out.shape[1])
-        return out.index_add(0, state.token_index, weighted)
+
+def weighted_unpermute(rows: torch.Tensor, probs: torch.Tensor, state: DispatchState) -> torch.Tensor:
+    """Sum of probs[t, e] * rows over each token's rows; tokens with no expert get 0.
+
+    The sum runs in the promoted dtype of rows and probs (fp32 probs: fp32 sum, so bf16
+    expert outputs are accumulated without further rounding); the caller casts.
+    """
+    weight = probs[state.token_index, state.expert_index]  # gradient flows to the router
+    weighted = rows * weight[:, None]  # type promotion: bf16 * fp32 -> fp32
+    out = weighted.new_zeros(state.num_tokens, rows.shape[1])
+    return out.index_add(0, state.token_index, weighted)
