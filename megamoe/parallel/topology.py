@@ -30,6 +30,8 @@ class Topology:
     dp_rank: int
     dp_size: int
     device: torch.device
+    expert_parallel_size: int = 1
+    """Ranks that split the experts; they exchange tokens by all-to-all."""
 
     @property
     def is_main(self) -> bool:
@@ -56,7 +58,39 @@ def init_distributed(parallel: ParallelConfig, device: torch.device, timeout_min
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
         device=device,
+        expert_parallel_size=parallel.expert_parallel_size,
     )
+
+
+def expert_groups() -> tuple:
+    """(expert-parallel group, expert-data-parallel group) of this rank, from megatron-core."""
+    return parallel_state.get_expert_model_parallel_group(), parallel_state.get_expert_data_parallel_group()
+
+
+def share_expert_groups_with_deepspeed(expert_parallel_size: int) -> str:
+    """Create DeepSpeed's expert groups and prove they are megatron-core's; returns their name.
+
+    DeepSpeed reduces and partitions expert parameters over the groups it keeps under the
+    name `ep_size_<EP>`. Expert gradients are only right if that expert-data-parallel group
+    holds exactly the ranks that keep copies of the same experts, i.e. the complement of the
+    expert-parallel group megamoe's dispatcher exchanges tokens with; a mismatch would average
+    different experts' gradients, so it is an error, not a warning.
+    """
+    import deepspeed
+    from deepspeed.utils import groups
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the existing process group
+    name = f"ep_size_{expert_parallel_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(expert_parallel_size)
+    ep_group, edp_group = expert_groups()
+    ours = (dist.get_process_group_ranks(ep_group), dist.get_process_group_ranks(edp_group))
+    theirs = (dist.get_process_group_ranks(groups._get_expert_parallel_group(name)),
+              dist.get_process_group_ranks(groups._get_expert_data_parallel_group(name)))
+    if ours != theirs:
+        raise RuntimeError(f"rank {dist.get_rank()}: DeepSpeed's expert groups {theirs} differ from megatron-core's "
+                           f"{ours}; expert gradients would be reduced over the wrong ranks")
+    return name
 
 
 def destroy_distributed() -> None:

@@ -110,13 +110,17 @@ def resolve_resume(cfg: Config, resume: str | None) -> Path | None:
 
 
 def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
-    """The checkpoint's model must be this run's model; name every key that differs."""
+    """The checkpoint's model and parallel layout must be this run's; name every key that differs.
+
+    (Resuming at another layout needs resharding, which megamoe does not do yet.)"""
     try:
         saved = from_yaml_text(meta["config"])
     except (KeyError, ConfigError) as exc:
         raise CheckpointError(f"checkpoint '{path}' has an unreadable config ({exc}); pass another checkpoint") from None
-    theirs, ours = asdict(saved.model), asdict(cfg.model)
-    diff = [f"model.{k} (checkpoint {theirs[k]}, config {ours[k]})" for k in ours if theirs.get(k) != ours[k]]
+    diff = []
+    for section in ("model", "parallel"):
+        theirs, ours = asdict(getattr(saved, section)), asdict(getattr(cfg, section))
+        diff += [f"{section}.{k} (checkpoint {theirs[k]}, config {ours[k]})" for k in ours if theirs.get(k) != ours[k]]
     if diff:
         raise CheckpointError(f"checkpoint '{path}' does not match the config: {', '.join(diff)}; "
                               f"set these keys to the checkpoint's values")
@@ -138,9 +142,16 @@ def save_checkpoint(engine, cfg: Config, step: int, rank_state: dict, topology, 
     dist.barrier()
 
     engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
-    torch.save(rank_state, tmp / f"rank_{topology.rank:05d}.pt")
+    # DeepSpeed writes the module once, from one rank; each rank's own experts go in its file.
+    torch.save({**rank_state, "experts": local_expert_state(engine.module)}, tmp / f"rank_{topology.rank:05d}.pt")
+    full_state = engine.module.state_dict()
+    if topology.expert_parallel_size > 1:  # collective: every rank contributes its experts
+        from megamoe.parallel.expert import gather_expert_state
+        from megamoe.parallel.topology import expert_groups
+
+        full_state = gather_expert_state(engine.module, expert_groups()[0])
     if topology.is_main:
-        export_weights(engine.module.state_dict(), tmp / "weights")
+        export_weights(full_state, tmp / "weights")
         if ema is not None:
             export_weights(ema.state_dict(), tmp / "ema_weights")
     dist.barrier()
@@ -148,6 +159,7 @@ def save_checkpoint(engine, cfg: Config, step: int, rank_state: dict, topology, 
     if topology.is_main:
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         meta = {"step": step, "world_size": topology.world_size, "dp_size": topology.dp_size,
+                "expert_parallel_size": cfg.parallel.expert_parallel_size,
                 "config": to_yaml(cfg), "files": files}
         _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
         if final.exists():  # re-saving a step after a resume: replace the old copy only now
@@ -161,6 +173,11 @@ def save_checkpoint(engine, cfg: Config, step: int, rank_state: dict, topology, 
 def load_checkpoint(engine, path: Path, topology, ema=None) -> dict:
     """Collective: restore engine (weights, optimizer, LR schedule) and return this rank's state."""
     meta = inspect_checkpoint(path)
+    saved_ep = meta.get("expert_parallel_size", 1)
+    if saved_ep != topology.expert_parallel_size:
+        raise CheckpointError(f"checkpoint '{path}' was written with parallel.expert_parallel_size={saved_ep}, this run "
+                              f"has {topology.expert_parallel_size}; resume with the same layout (resharding is not "
+                              f"supported yet)")
     if meta["dp_size"] != topology.dp_size:
         raise CheckpointError(f"checkpoint '{path}' was written with data-parallel size {meta['dp_size']}, this run "
                               f"has {topology.dp_size}; resume with the same number of ranks (resharding is not "
@@ -185,6 +202,7 @@ def load_checkpoint(engine, path: Path, topology, ema=None) -> dict:
                               f"pass another checkpoint") from None
     if loaded is None:
         raise CheckpointError(f"checkpoint '{path}' has no DeepSpeed state; pass another checkpoint")
+    restore_local_experts(engine.module, rank_state.pop("experts", {}))
     if ema is not None:
         ema_dir = path / "ema_weights"
         if not ema_dir.is_dir():
@@ -194,6 +212,23 @@ def load_checkpoint(engine, path: Path, topology, ema=None) -> dict:
 
         ema.load_state_dict(read_state_dict(ema_dir))
     return rank_state
+
+
+def local_expert_state(module) -> dict:
+    """This rank's slice of the expert weights (the parameters expert parallelism shards)."""
+    return {name: p.detach().cpu().clone() for name, p in module.named_parameters()
+            if getattr(p, "allreduce", True) is False}
+
+
+@torch.no_grad()
+def restore_local_experts(module, tensors: dict) -> None:
+    params = dict(module.named_parameters())
+    expected = {name for name, p in params.items() if getattr(p, "allreduce", True) is False}
+    if set(tensors) != expected:
+        raise CheckpointError(f"checkpoint expert weights do not match the model's expert-parallel slice "
+                              f"(have {len(tensors)} tensors, need {len(expected)}); resume with the same layout")
+    for name, tensor in tensors.items():
+        params[name].copy_(tensor)
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> None:

@@ -45,6 +45,11 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def is_expert_parameter(param: torch.nn.Parameter) -> bool:
+    """Tagged by `apply_expert_parallel` the way DeepSpeed tags its own experts."""
+    return getattr(param, "allreduce", True) is False
+
+
 def build_engine(model: torch.nn.Module, cfg: Config):
     """Wrap `model` in a DeepSpeed engine; returns the engine (its `.module` is `model`)."""
     import deepspeed
@@ -56,14 +61,41 @@ def build_engine(model: torch.nn.Module, cfg: Config):
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, o.warmup_steps, cfg.train.steps, o.min_lr_ratio))
 
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        lr_scheduler=schedule,
-        mpu=DeepSpeedMPU(),
-        config=deepspeed_config(cfg),
-    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    if any(is_expert_parameter(p) for p in params):
+        return _expert_aware_engine(model, params, schedule, cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, lr_scheduler=schedule,
+                                           mpu=DeepSpeedMPU(), config=deepspeed_config(cfg))
     return engine
+
+
+def _expert_aware_engine(model, params, schedule, cfg: Config):
+    """A DeepSpeed engine that reduces and shards expert parameters over the expert-data-parallel group.
+
+    DeepSpeed switches on its expert handling (MoE parameter groups, ZeRO partitions over the
+    expert-data-parallel group, expert-aware gradient norms) only when it finds its own MoE
+    module classes in the model. megamoe's experts carry DeepSpeed's own tags instead, and this
+    subclass sets the one flag the class check would have set; everything after that is
+    DeepSpeed's code. (Its MoE checkpoint files are bypassed: megamoe saves each rank's experts
+    itself, see train/checkpoint.py.) Tested against the single-process run in
+    tests/distributed/test_expert_parallel_training.py.
+    """
+    import deepspeed
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from megamoe.parallel.topology import share_expert_groups_with_deepspeed
+
+    class ExpertAwareEngine(DeepSpeedEngine):
+        def _configure_distributed_model(self, module):
+            super()._configure_distributed_model(module)
+            self.has_moe_layers = True
+            self.num_experts = [cfg.model.moe.num_experts]
+
+    share_expert_groups_with_deepspeed(cfg.parallel.expert_parallel_size)
+    mpu, config = DeepSpeedMPU(), deepspeed_config(cfg)
+    return ExpertAwareEngine(args=None, model=model, optimizer=None, model_parameters=params, lr_scheduler=schedule,
+                             mpu=mpu, config=config, config_class=DeepSpeedConfig(config, mpu))
 
 
 def resync_lr(engine) -> None:
