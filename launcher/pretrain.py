@@ -25,7 +25,7 @@ def parse_args(argv=None):
     parser.add_argument("--resume", default=None,
                         help="'latest' (newest complete checkpoint in train.output_dir) or a checkpoint directory")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4 train.steps=100")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options may follow the key=value overrides
 
 
 def main(argv=None) -> int:
@@ -41,6 +41,7 @@ def main(argv=None) -> int:
         return EXIT_BAD_INPUT
 
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    from megamoe.data.loader import DataError, StreamStateError
     from megamoe.device import resolve_device
     from megamoe.parallel.topology import destroy_distributed, init_distributed
     from megamoe.train.loop import train
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     topology = init_distributed(cfg.parallel, resolve_device(cfg.train.device))
     try:
         train(cfg, topology, resume_from)
-    except CheckpointError as exc:
+    except (CheckpointError, DataError, StreamStateError) as exc:
         print(f"error (rank {topology.rank}): {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:

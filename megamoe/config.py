@@ -147,6 +147,30 @@ class DataConfig:
     """Latent height and width of a synthetic clip."""
     text_len: int = 16
     """Text tokens per caption embedding."""
+    format: str = "latent"
+    """Shard kind: 'latent' (precomputed latents + text embeddings) or 'video' (mp4 + caption); ignored when path is null."""
+    num_workers: int = 0
+    """Loader worker processes per rank; 0 = read in the training process."""
+    video_frames: int = 17
+    """format=video: frames decoded per clip, 4k+1 as the causal video VAE needs."""
+    video_fps: float = 16.0
+    """format=video: frame rate the clip is resampled to before taking video_frames frames."""
+    buckets: List[List[int]] = field(default_factory=list)
+    """[[frames, height, width], ...] in PIXELS for format=video, LATENT units for latent; [] = one bucket per exact sample shape."""
+    tokens_per_batch: int = 0
+    """0 = micro_batch_size samples for every bucket; >0 = batch size per bucket max(1, tokens_per_batch // tokens of one sample)."""
+    max_failure_fraction: float = 0.05
+    """Stop with an error naming the worst shards when more than this fraction of a rank's samples fail."""
+    min_samples_before_failure_check: int = 100
+    """Samples a rank reads before max_failure_fraction is enforced."""
+    decode_timeout_s: float = 30.0
+    """format=video: seconds one clip may take to decode before it is skipped as 'decode_timeout'."""
+    vae_path: Optional[str] = None
+    """format=video: the frozen video VAE that encodes decoded clips in the training process."""
+    text_encoder_path: Optional[str] = None
+    """format=video: the frozen text encoder that embeds captions in the training process."""
+    restart_stream_on_resume: bool = False
+    """On resume, restart the data stream at epoch 0 instead of its saved position (samples may repeat)."""
 
 
 @dataclass
@@ -205,6 +229,9 @@ class TrainConfig:
     """Decay of an exponential moving average of the weights; 0 disables it."""
     output_dir: str = "outputs/run"
     """Run directory: checkpoints, tensorboard events, resolved config."""
+    exit_interval: int = 0
+    """Checkpoint and exit when the step is a multiple of this (Megatron's --exit-interval), e.g. to fit a
+    job's time limit; the LR schedule still spans train.steps. 0 = never."""
     init_from: Optional[str] = None
     """Diffusers-layout safetensors file or directory to initialise the weights from."""
 
@@ -312,8 +339,16 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(world_size % p.expert_parallel_size == 0,
            f"world size {world_size} is not divisible by parallel.expert_parallel_size={p.expert_parallel_size}; "
            f"launch a multiple of {p.expert_parallel_size} ranks or change it")
-    for name in names:
+    for name in ("tensor_parallel_size", "context_parallel_size"):
         _check(getattr(p, name) == 1, f"parallel.{name}={getattr(p, name)} is not supported yet; set it to 1")
+    if p.expert_parallel_size > 1:
+        _check(m.moe.num_experts > 0, f"parallel.expert_parallel_size={p.expert_parallel_size} needs an MoE model; "
+               f"set model.moe.num_experts or parallel.expert_parallel_size=1")
+        _check(cfg.train.ema_decay == 0, "train.ema_decay > 0 with parallel.expert_parallel_size > 1 is not "
+               "supported yet; set train.ema_decay=0 or parallel.expert_parallel_size=1")
+        _check(m.moe.num_experts % p.expert_parallel_size == 0,
+               f"model.moe.num_experts={m.moe.num_experts} is not divisible by parallel.expert_parallel_size="
+               f"{p.expert_parallel_size}; choose sizes that divide")
     _check(d.micro_batch_size >= 1, f"data.micro_batch_size must be >= 1, got {d.micro_batch_size}")
     _check(d.text_len >= 1, f"data.text_len must be >= 1, got {d.text_len}")
     if d.path is None:
@@ -323,6 +358,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                f"model.patch_size={m.patch_size}; change data.synthetic_frames / data.synthetic_size")
         _check(d.synthetic_num_clips >= world_size * d.micro_batch_size,
                f"data.synthetic_num_clips={d.synthetic_num_clips} is fewer than one global batch; raise it")
+    _validate_data(d, m)
     _check(cfg.diffusion.timestep_sampling in ("uniform", "logit_normal"),
            f"diffusion.timestep_sampling must be 'uniform' or 'logit_normal', got '{cfg.diffusion.timestep_sampling}'")
     _check(cfg.diffusion.shift > 0, f"diffusion.shift must be > 0, got {cfg.diffusion.shift}")
@@ -339,6 +375,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
     _check(t.precision in ("fp32", "bf16"), f"train.precision must be 'fp32' or 'bf16', got '{t.precision}'")
     _check(t.device in ("auto", "cpu", "cuda"), f"train.device must be 'auto', 'cpu' or 'cuda', got '{t.device}'")
+    _check(t.exit_interval >= 0, f"train.exit_interval must be >= 0 (0 = never), got {t.exit_interval}")
     _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1) (0 disables), got {t.ema_decay}")
     _check(cfg.checkpoint.every_steps >= 0, f"checkpoint.every_steps must be >= 0, got {cfg.checkpoint.every_steps}")
     _check(cfg.checkpoint.keep_last >= 1,
@@ -346,7 +383,35 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(cfg.logging.every_steps >= 1, f"logging.every_steps must be >= 1, got {cfg.logging.every_steps}")
 
 
+def _validate_data(d: DataConfig, m: ModelConfig) -> None:
+    _check(d.format in ("latent", "video"), f"data.format must be 'latent' or 'video', got '{d.format}'")
+    _check(d.num_workers >= 0, f"data.num_workers must be >= 0 (0 = read in the training process), got {d.num_workers}")
+    _check(d.video_frames >= 1 and (d.video_frames - 1) % 4 == 0,
+           f"data.video_frames must be 4k+1 (1, 5, ..., 17, ..., 81) for the causal video VAE, got {d.video_frames}")
+    _check(d.video_fps > 0, f"data.video_fps must be > 0, got {d.video_fps}")
+    _check(d.tokens_per_batch >= 0, f"data.tokens_per_batch must be >= 0 (0 = data.micro_batch_size), got {d.tokens_per_batch}")
+    _check(0.0 <= d.max_failure_fraction <= 1.0,
+           f"data.max_failure_fraction must be in [0, 1], got {d.max_failure_fraction}")
+    _check(d.min_samples_before_failure_check >= 0,
+           f"data.min_samples_before_failure_check must be >= 0, got {d.min_samples_before_failure_check}")
+    _check(d.decode_timeout_s > 0, f"data.decode_timeout_s must be > 0, got {d.decode_timeout_s}")
+    video = d.format == "video" and d.path is not None
+    for bucket in d.buckets:
+        _check(len(bucket) == 3 and all(x > 0 for x in bucket),
+               f"data.buckets entry {bucket} must be three positive ints [frames, height, width]")
+        if video:
+            _check((bucket[0] - 1) % 4 == 0 and bucket[0] <= d.video_frames,
+                   f"data.buckets entry {bucket}: video frames must be 4k+1 and <= data.video_frames={d.video_frames}")
+        else:
+            _check(all(x % p == 0 for x, p in zip(bucket, m.patch_size)),
+                   f"data.buckets entry {bucket} (latent units) is not divisible by model.patch_size={m.patch_size}")
+    if video:
+        _check(d.vae_path is not None and d.text_encoder_path is not None,
+               "data.format=video encodes clips during training: set data.vae_path and data.text_encoder_path")
+
+
 ROUTER_NAMES = ("linear", "mlp", "cross_attention", "expert_choice", "expert_race", "promoe", "sinkhorn")
+TOKEN_CHOICE_ROUTERS = ("linear", "mlp", "cross_attention")
 
 
 def _validate_moe(m: ModelConfig) -> None:
@@ -360,6 +425,15 @@ def _validate_moe(m: ModelConfig) -> None:
            f"({e.num_experts} routed + {e.num_null_experts} null)")
     _check(e.num_null_experts >= 0 and e.num_shared_experts >= 0,
            "model.moe.num_null_experts and model.moe.num_shared_experts must be >= 0")
+    if e.router not in TOKEN_CHOICE_ROUTERS:
+        _check(e.num_null_experts == 0, f"model.moe.num_null_experts is for the token-choice routers "
+               f"({', '.join(TOKEN_CHOICE_ROUTERS)}); set it to 0 for router '{e.router}'")
+        _check(not e.bias_balancing, f"model.moe.bias_balancing is for the token-choice routers "
+               f"({', '.join(TOKEN_CHOICE_ROUTERS)}); set it to false for router '{e.router}'")
+    if e.router == "promoe":
+        _check(e.num_experts >= 2 and e.top_k <= e.num_experts - 1,
+               "router 'promoe' keeps its last expert for unconditional tokens: it needs model.moe.num_experts >= 2 "
+               "and model.moe.top_k <= num_experts - 1")
     if e.layers not in ("all", "every_other"):
         try:
             indices = [int(x) for x in e.layers.split(",") if x.strip()]

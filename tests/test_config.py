@@ -34,6 +34,8 @@ def test_every_shipped_config_validates():
     (["diffusion.timestep_sampling=cosine"], "diffusion.timestep_sampling"),
     (["data.synthetic_size=15"], "data.synthetic_size"),
     (["parallel.tensor_parallel_size=2"], "parallel.tensor_parallel_size"),
+    (["parallel.expert_parallel_size=2"], "parallel.expert_parallel_size"),
+    (["parallel.expert_parallel_size=0"], "parallel.expert_parallel_size"),
     (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
     (["model.num_layers"], "model.num_layers"),
     (["model.moe.num_experts=4", "model.moe.router=topk"], "model.moe.router"),
@@ -43,6 +45,9 @@ def test_every_shipped_config_validates():
     (["model.moe.num_experts=4", "model.moe.balance_loss=-1"], "model.moe.balance_loss"),
     (["model.moe.num_experts=4", "model.moe.expert_choice_scope=global"], "model.moe.expert_choice_scope"),
     (["model.moe.experts=4"], "model.moe.experts"),
+    (["model.moe.num_experts=4", "model.moe.router=sinkhorn", "model.moe.num_null_experts=1"], "num_null_experts"),
+    (["model.moe.num_experts=4", "model.moe.router=expert_race", "model.moe.bias_balancing=true"], "bias_balancing"),
+    (["model.moe.num_experts=4", "model.moe.router=promoe", "model.moe.top_k=4"], "promoe"),
 ])
 def test_bad_config_is_one_line_naming_the_key(overrides, key_in_message, capsys, tmp_path):
     code = main(["--config", TINY, f"train.output_dir={tmp_path}", *overrides])
@@ -51,6 +56,16 @@ def test_bad_config_is_one_line_naming_the_key(overrides, key_in_message, capsys
     assert len(err.splitlines()) == 1 and err.startswith("error: ")
     assert key_in_message in err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_experts_not_divisible_by_expert_parallel_size(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    code = main(["--config", "configs/tiny_moe.yaml", "parallel.expert_parallel_size=4", "model.moe.num_experts=6"])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.moe.num_experts=6 is not divisible by parallel.expert_parallel_size=4" in err
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    assert main(["--config", "configs/tiny_moe.yaml", "parallel.expert_parallel_size=4"]) == 2
+    assert "world size 6 is not divisible by parallel.expert_parallel_size=4" in capsys.readouterr().err
 
 
 def test_world_size_not_divisible_by_parallel_sizes(monkeypatch, capsys):

@@ -34,8 +34,13 @@ class RunLogger:
         if self.enabled:
             print(message, flush=True)
 
-    def log_step(self, step: int, scalars: dict[str, float], samples_per_step: int) -> None:
-        """Record `scalars` for the (1-based) completed step and print the progress line."""
+    def log_step(self, step: int, scalars: dict[str, float], samples_per_step: int,
+                 data: dict[str, int] | None = None) -> None:
+        """Record `scalars` for the (1-based) completed step and print the progress line.
+
+        `data`: 'samples_seen' and 'bad_<cause>' counts of the data loader (tensorboard `data/...`,
+        and `| bad N` on the progress line when any sample was skipped).
+        """
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -48,15 +53,20 @@ class RunLogger:
         else:
             eta = "?"
         self._last_time, self._last_step = now, step
-        self.metrics_file.write(json.dumps({"step": step, **scalars}) + "\n")
+        data = data or {}
+        self.metrics_file.write(json.dumps({"step": step, **scalars, **({"data": data} if data else {})}) + "\n")
         self.metrics_file.flush()
         if self.writer is not None:
             for name, value in scalars.items():
                 self.writer.add_scalar(f"train/{name}", value, step)
+            for name, value in data.items():
+                self.writer.add_scalar(f"data/{name}", value, step)
             self.writer.flush()
         speed = f"{scalars['samples_per_s']:.1f}" if "samples_per_s" in scalars else "-"
+        skipped = sum(n for name, n in data.items() if name.startswith("bad_"))
+        bad = f" | bad {skipped}" if skipped else ""
         print(f"step {step}/{self.total_steps} | loss {scalars['loss']:.4f} | lr {scalars['lr']:.2e} | "
-              f"grad_norm {scalars['grad_norm']:.3f} | {speed} samples/s | eta {eta}", flush=True)
+              f"grad_norm {scalars['grad_norm']:.3f} | {speed} samples/s | eta {eta}{bad}", flush=True)
 
     def log_diagnostics(self, report, step: int) -> None:
         """Routing diagnostics: tensorboard scalars + load heatmap, diagnostics.jsonl, warnings."""

@@ -1,10 +1,12 @@
 """The training loop: one step reads top to bottom.
 
-batch (latents, text) -> noise level, noise, text dropout -> model -> velocity loss ->
+batch (latents, text; raw video is encoded first) -> noise level, noise, text dropout -> model -> velocity loss ->
 DeepSpeed backward/step -> EMA -> metrics -> checkpoint.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import numpy as np
 import torch
@@ -12,14 +14,15 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megamoe.config import Config
-from megamoe.data.stream import LatentShardStream, resolve_shards
-from megamoe.data.synthetic import ensure_synthetic_dataset
+from megamoe.data.loader import ShardLoader, build_loader
+from megamoe.data.video_latents import VideoToLatents
 from megamoe.device import rng_states, set_rng_states
 from megamoe.model.dit import build_model
 from megamoe.model.weights import load_diffusers_weights, write_diffusers_weights
 from megamoe.moe.diagnostics import RoutingDiagnostics
 from megamoe.moe.layer import moe_layers, routers_after_step
-from megamoe.parallel.topology import Topology
+from megamoe.parallel.expert import apply_expert_parallel
+from megamoe.parallel.topology import Topology, expert_groups
 from megamoe.train.checkpoint import load_checkpoint, save_checkpoint
 from megamoe.train.engine import EMA, build_engine, resync_lr
 from megamoe.train.logging import RunLogger
@@ -37,14 +40,17 @@ def step_generator(seed: int, dp_rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def build_data_stream(cfg: Config, topology: Topology) -> LatentShardStream:
-    if cfg.data.path is None:
-        # Every rank may generate concurrently: generation is atomic and deterministic.
-        path = ensure_synthetic_dataset(cfg.data, cfg.model)
-    else:
-        path = cfg.data.path
-    shards = resolve_shards(path)
-    return LatentShardStream(shards, cfg.data.micro_batch_size, topology.dp_rank, topology.dp_size, cfg.data.seed)
+def build_data(cfg: Config, topology: Topology) -> tuple[ShardLoader, VideoToLatents | None]:
+    """The rank's batch loader and, for raw video shards, the frozen encoders that turn pixels into latents.
+
+    Shards are split by data-parallel rank (see megamoe/data/worker.py): ranks of one tensor or
+    context parallel group read the same samples.
+    """
+    to_latents = None
+    if cfg.data.path is not None and cfg.data.format == "video":
+        to_latents = VideoToLatents.from_config(cfg, topology.device)
+    compression = to_latents.compression if to_latents is not None else (4, 16)
+    return build_loader(cfg, topology.dp_rank, topology.dp_size, compression), to_latents
 
 
 def sum_over_data_parallel(value: torch.Tensor) -> torch.Tensor:
@@ -59,6 +65,14 @@ def mean_over_data_parallel(values: dict[str, torch.Tensor]) -> dict[str, float]
     stacked = sum_over_data_parallel(torch.stack([values[n].float() for n in names]))
     stacked = stacked.cpu() / parallel_state.get_data_parallel_world_size()
     return {n: v.item() for n, v in zip(names, stacked)}
+
+
+def data_counts_over_data_parallel(loader: ShardLoader) -> dict[str, int]:
+    """Samples read and failures by cause ('bad_<cause>'), summed over data-parallel ranks."""
+    mine = {"samples_seen": loader.samples_seen(), **{f"bad_{c}": n for c, n in loader.bad_data_counts().items()}}
+    everyone = [None] * parallel_state.get_data_parallel_world_size()
+    dist.all_gather_object(everyone, mine, group=parallel_state.get_data_parallel_group())
+    return dict(sum((Counter(c) for c in everyone), Counter()))
 
 
 def build_diagnostics(cfg: Config, module) -> RoutingDiagnostics | None:
@@ -86,16 +100,18 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
         load_diffusers_weights(model, cfg.train.init_from)
     log.info(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
              f"{topology.world_size} rank(s), data-parallel {topology.dp_size}, device {topology.device.type}")
+    if cfg.parallel.expert_parallel_size > 1:  # each rank keeps its slice of the experts
+        apply_expert_parallel(model, expert_groups()[0])
     engine = build_engine(model, cfg)
     ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-    stream = build_data_stream(cfg, topology)
+    loader, to_latents = build_data(cfg, topology)
 
     start_step = 0
     if resume_from is not None:
         rank_state = load_checkpoint(engine, resume_from, topology, ema)
         resync_lr(engine)
         start_step = rank_state["step"]
-        stream.load_state_dict(rank_state["data"])
+        loader.load_state_dict(rank_state["data"], restart=cfg.data.restart_stream_on_resume)
         set_rng_states(rank_state["rng"], topology.device)
         log.info(f"resumed from {resume_from} at step {start_step}")
 
@@ -103,10 +119,11 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
         write_diffusers_weights(state_dict, cfg.model, directory)
 
     def checkpoint(step):
-        state = {"step": step, "data": stream.state_dict(), "rng": rng_states(topology.device)}
+        state = {"step": step, "data": loader.state_dict(), "rng": rng_states(topology.device)}
         path = save_checkpoint(engine, cfg, step, state, topology, export, ema)
         log.info(f"saved checkpoint {path}")
 
+    # Nominal: with data.tokens_per_batch > 0 the batch size varies by bucket.
     samples_per_step = cfg.data.micro_batch_size * cfg.train.grad_accum * topology.dp_size
     diagnostics = build_diagnostics(cfg, engine.module)
     master_weights = fp32_master_getter(cfg)
@@ -119,7 +136,9 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
         sums: dict[str, torch.Tensor] = {}
         for micro in range(cfg.train.grad_accum):
             last_micro = micro == cfg.train.grad_accum - 1
-            batch = next(stream)
+            batch = next(loader)
+            if to_latents is not None:
+                batch = to_latents(batch)
             latents = batch["latents"].to(topology.device, non_blocking=True)
             text = batch["text"].to(topology.device, non_blocking=True)
             if diagnose and last_micro:
@@ -148,11 +167,16 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 **{f"loss_{name}": value for name, value in means.items()},
             }
-            log.log_step(done, scalars, samples_per_step)
+            log.log_step(done, scalars, samples_per_step, data_counts_over_data_parallel(loader))
             history.append({"step": done, **scalars})
-        every = cfg.checkpoint.every_steps
-        if (every and done % every == 0) or done == cfg.train.steps:
+        every, exit_interval = cfg.checkpoint.every_steps, cfg.train.exit_interval
+        leaving = bool(exit_interval) and done % exit_interval == 0
+        if (every and done % every == 0) or done == cfg.train.steps or leaving:
             checkpoint(done)
+        if leaving and done < cfg.train.steps:
+            log.info(f"exit interval: stopping after step {done}; continue with --resume latest")
+            break
+    loader.close()
     log.close()
     return history
 

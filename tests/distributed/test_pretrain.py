@@ -62,6 +62,18 @@ def test_main_job_learns_logs_to_tensorboard_and_checkpoints(tmp_path, data_cach
     final = out / "checkpoints" / "step_00000150"
     assert (final / "meta.json").is_file() and (final / "weights" / "config.json").is_file()
 
+    # The sampler turns the checkpoint into a viewable clip: 4 samples side by side, 5 frames.
+    video = tmp_path / "samples.mp4"
+    sample = subprocess.run([sys.executable, str(REPO / "launcher" / "sample.py"), "--checkpoint", str(final),
+                             "--caption", "a red circle moving right", "--steps", "4", "--out", str(video)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert sample.returncode == 0, sample.stderr
+    import av
+
+    with av.open(str(video)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 5 and frames[0].shape[1] == 4 * frames[0].shape[0]
+
 
 def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path, data_cache):
     # Gradient accumulation, ZeRO-2 and EMA on, so every piece of state must come back.
@@ -69,9 +81,7 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path, data_cache
              "train.ema_decay=0.9", "data.micro_batch_size=4", "optim.warmup_steps=2"]
     full, part = tmp_path / "full", tmp_path / "part"
     torchrun(common(full, data_cache, 7) + extra)
-    # "Interrupted" after the step-3 checkpoint by ending a shorter run there; the resumed run
-    # must also follow its own LR schedule (train.steps=7) from the first resumed step.
-    torchrun(common(part, data_cache, 3) + extra)
+    torchrun(common(part, data_cache, 7) + extra + ["train.exit_interval=3"])  # "preempted" after step 3
     resumed = torchrun(common(part, data_cache, 7) + extra + ["--resume", "latest"])
     assert "resumed from" in resumed.stdout
 

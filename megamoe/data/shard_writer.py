@@ -1,0 +1,190 @@
+"""Raw video WebDataset shards from a folder of videos or an index: probe, caption, write.
+
+Raw shard layout (one sample = one video and its caption):
+
+    <key>.mp4 | .webm | .mov | .mkv   the video file's bytes, unchanged
+    <key>.txt                          utf-8 caption   (or <key>.json: {"caption": "..."})
+
+`key` is the sample's position among the accepted inputs, `%08d` (a source file name may contain
+dots, which WebDataset would split at). Tars use the fixed headers of synthetic.py's
+`write_shard`, so the same inputs give byte-identical shards. Beside the shards, `index.jsonl`
+holds one line per sample: key, shard, source, frames, height, width, fps, duration (frames / fps,
+seconds), codec, which is what bucketing and filtering need without opening a video. Inputs that
+cannot be used are skipped and listed in `skipped.jsonl` with their cause (errors.py constants).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tarfile
+
+from .errors import BAD_CAPTION, CORRUPT_VIDEO, MISSING_MEMBER, SampleError
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv")
+TAR_BLOCK = 512
+
+
+def probe_video(data: bytes) -> dict:
+    """{frames, height, width, fps, duration, codec} of a video's bytes, read with PyAV.
+
+    The first frame is decoded too: a header can be intact while the stream is not, and a video
+    that cannot give one frame is of no use. Raises SampleError(CORRUPT_VIDEO).
+    """
+    import av
+
+    from .video import _pyav_frame_count
+
+    if not data:
+        raise SampleError(CORRUPT_VIDEO, detail="the video has zero bytes")
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                raise SampleError(CORRUPT_VIDEO, detail="the file has no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            fps = float(rate) if rate else 0.0
+            codec = stream.codec_context.name
+            height, width = stream.codec_context.height, stream.codec_context.width
+            frames = _pyav_frame_count(container, stream)
+            first = next(container.decode(stream), None)
+    except SampleError:
+        raise
+    except Exception as e:  # av.error.FFmpegError, and what a broken container makes PyAV raise
+        raise SampleError(CORRUPT_VIDEO, detail=f"{type(e).__name__}: {str(e)[:200]}") from None
+    if first is None or frames < 1 or fps <= 0 or min(height, width) < 1:
+        raise SampleError(CORRUPT_VIDEO, detail=f"no decodable frame (frames={frames}, fps={fps}, {width}x{height})")
+    return {"frames": frames, "height": height, "width": width, "fps": fps,
+            "duration": round(frames / fps, 6), "codec": codec}
+
+
+def _sidecar_caption(video_path: str) -> str | None:
+    path = os.path.splitext(video_path)[0] + ".txt"
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8", errors="replace")
+
+
+def collect_inputs(folder: str | None = None, index: str | None = None) -> list[tuple[str, str | None]]:
+    """(video path, caption or None) pairs, from `folder` (recursively, sidecar `<stem>.txt`
+    captions, sorted by path) or from `index`: CSV with columns path,caption or JSONL lines
+    {"path", "caption"}; relative paths are relative to the index file's directory."""
+    if (folder is None) == (index is None):
+        raise ValueError("give exactly one of a folder of videos or an --index file")
+    if folder is not None:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"video folder '{folder}' does not exist")
+        paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+                       if name.lower().endswith(VIDEO_SUFFIXES))
+        return [(p, _sidecar_caption(p)) for p in paths]
+    base = os.path.dirname(os.path.abspath(index))
+    rows: list[dict] = []
+    with open(index, newline="", encoding="utf-8") as f:
+        if index.endswith((".jsonl", ".json")):
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError as e:
+                        raise ValueError(f"{index}:{number} is not a JSON object: {e}") from None
+        else:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "path" not in reader.fieldnames:
+                raise ValueError(f"CSV index '{index}' needs a header row with columns path,caption")
+            rows = list(reader)
+    out = []
+    for row in rows:
+        path = os.path.join(base, os.path.expanduser(str(row["path"])))
+        caption = row.get("caption")
+        out.append((path, caption if isinstance(caption, str) else None))
+    return out
+
+
+class TarShardWriter:
+    """Writes samples into `prefix-NNNNNN.tar` files, starting a new one past `shard_bytes`."""
+
+    def __init__(self, out_dir: str, shard_bytes: int, prefix: str = "shard"):
+        self.out_dir, self.shard_bytes, self.prefix = out_dir, shard_bytes, prefix
+        self.names: list[str] = []
+        self._file = self._tar = None
+        self._size = 0
+
+    def _open(self) -> None:
+        name = f"{self.prefix}-{len(self.names):06d}.tar"
+        self.names.append(name)
+        self._file = open(os.path.join(self.out_dir, name), "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._size = 0
+
+    def _close_current(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._file.close()
+            self._tar = self._file = None
+
+    def write(self, key: str, members: dict[str, bytes]) -> str:
+        """Add one sample; returns the shard name it went into."""
+        size = sum(TAR_BLOCK + -(-len(b) // TAR_BLOCK) * TAR_BLOCK for b in members.values())
+        if self._tar is None or (self._size and self._size + size > self.shard_bytes):
+            self._close_current()
+            self._open()
+        for ext in sorted(members):  # same fixed headers as synthetic.write_shard: reproducible bytes
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(members[ext]), 0, 0o444
+            info.uid, info.gid, info.uname, info.gname = 0, 0, "", ""
+            self._tar.addfile(info, io.BytesIO(members[ext]))
+        self._size += size
+        return self.names[-1]
+
+    def close(self) -> None:
+        self._close_current()
+
+
+def write_raw_shards(inputs: list[tuple[str, str | None]], out_dir: str, shard_size_mb: float = 256.0,
+                     caption_format: str = "txt", log=print) -> dict:
+    """Probe each (video, caption), write the usable ones into raw shards of about `shard_size_mb`.
+
+    Returns {'samples': n, 'shards': [...], 'skipped': {cause: n}}; writes index.jsonl and
+    skipped.jsonl into `out_dir` (which must hold no shards yet).
+    """
+    if caption_format not in ("txt", "json"):
+        raise ValueError(f"caption_format must be 'txt' or 'json', got {caption_format!r}")
+    os.makedirs(out_dir, exist_ok=True)
+    if any(n.endswith(".tar") for n in os.listdir(out_dir)):
+        raise FileExistsError(f"'{out_dir}' already holds shards; write into an empty directory")
+    writer = TarShardWriter(out_dir, int(shard_size_mb * 1024 * 1024))
+    skipped: dict[str, int] = {}
+    count = 0
+    with open(os.path.join(out_dir, "index.jsonl"), "w") as index, \
+            open(os.path.join(out_dir, "skipped.jsonl"), "w") as skip_log:
+        for path, caption in inputs:
+            try:
+                if caption is None:
+                    raise SampleError(MISSING_MEMBER, detail="no caption (sidecar .txt or index entry)")
+                caption = " ".join(caption.split())
+                if not caption:
+                    raise SampleError(BAD_CAPTION, detail="the caption is empty")
+                try:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                except OSError as e:
+                    raise SampleError(CORRUPT_VIDEO, detail=f"cannot read the file: {e}") from None
+                info = probe_video(data)
+            except SampleError as e:
+                skipped[e.cause] = skipped.get(e.cause, 0) + 1
+                skip_log.write(json.dumps({"source": path, "cause": e.cause, "detail": e.detail}) + "\n")
+                log(f"skip {path}: {e.cause}: {e.detail}")
+                continue
+            key = f"{count:08d}"
+            ext = os.path.splitext(path)[1].lower().lstrip(".")
+            text = caption if caption_format == "txt" else json.dumps({"caption": caption}, ensure_ascii=False)
+            shard = writer.write(key, {ext: data, caption_format: text.encode("utf-8")})
+            index.write(json.dumps({"key": key, "shard": shard, "source": path, **info}) + "\n")
+            count += 1
+    writer.close()
+    log(f"wrote {count} samples into {len(writer.names)} shards in {out_dir}; skipped "
+        + (", ".join(f"{n} {c}" for c, n in sorted(skipped.items())) or "none"))
+    return {"samples": count, "shards": list(writer.names), "skipped": skipped}

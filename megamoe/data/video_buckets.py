@@ -1,0 +1,71 @@
+"""Raw video -> a clip of its bucket: probe the container, pick the bucket, decode straight to its size.
+
+`decode_to_bucket` runs inside a `DecodePool` worker (it is module-level and picklable), so the
+probe is under the same time limit as the decode. The bucket must be known before decoding
+because `decode_clip_uint8` resizes while decoding; the probe reads only container headers.
+"""
+
+from __future__ import annotations
+
+import io
+
+from megamoe.data.buckets import NO_BUCKET, TOO_SHORT, assign_bucket
+from megamoe.data.errors import CORRUPT_VIDEO, SampleError
+
+
+def probe_video(data: bytes) -> tuple[int, float, int, int]:
+    """(num_frames, fps, height, width) from the container, without decoding frames."""
+    import av
+
+    if not data:
+        raise SampleError(CORRUPT_VIDEO, detail="the video has zero bytes")
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                raise SampleError(CORRUPT_VIDEO, detail="the file has no video stream")
+            stream = container.streams.video[0]
+            height, width = stream.codec_context.height, stream.codec_context.width
+            rate = stream.average_rate or stream.guessed_rate
+            # mp4 stores the frame count; webm/mkv do not: count packets (demuxing, no decoding)
+            frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size > 0)
+    except SampleError:
+        raise
+    except Exception as exc:  # av.error.* for anything that is not a readable container
+        raise SampleError(CORRUPT_VIDEO, detail=f"cannot read the container ({type(exc).__name__}: "
+                                                f"{str(exc)[:200]})") from None
+    if not rate or height < 1 or width < 1 or frames < 1:
+        raise SampleError(CORRUPT_VIDEO, detail=f"container reports {frames} frames of {width}x{height} at {rate} fps")
+    return int(frames), float(rate), int(height), int(width)
+
+
+def longest_fitting(num_frames: int, source_fps: float, target_fps: float, lengths) -> int:
+    """The longest clip length in `lengths` that the video holds at target_fps; 0 when none."""
+    from megamoe.data.video import frame_offsets
+
+    fitting = [n for n in lengths if int(frame_offsets(n, source_fps, target_fps)[-1]) <= num_frames - 1]
+    return max(fitting, default=0)
+
+
+def decode_to_bucket(data: bytes, spec, seed: int) -> dict:
+    """{'clip': uint8 [F, H, W, 3], 'bucket': [F, H, W]} or {'skip': cause}; `spec` is a StreamSpec.
+
+    With no buckets configured the bucket is the source size rounded down to a multiple of
+    VAE compression x patch size (the centre is cropped), at data.video_frames frames.
+    """
+    from megamoe.data.video import FrameSpec, decode_clip_uint8
+
+    frames, fps, height, width = probe_video(data)
+    if spec.buckets:
+        available = longest_fitting(frames, fps, spec.video_fps, sorted({b[0] for b in spec.buckets}))
+        bucket, cause = assign_bucket((available, height, width), spec.buckets, crop_only=False)
+    else:
+        mh, mw = spec.compression[1] * spec.patch_size[1], spec.compression[1] * spec.patch_size[2]
+        bucket, cause = (spec.video_frames, height - height % mh, width - width % mw), None
+        if not longest_fitting(frames, fps, spec.video_fps, [spec.video_frames]):
+            bucket, cause = None, TOO_SHORT
+        elif height < mh or width < mw:
+            bucket, cause = None, NO_BUCKET
+    if bucket is None:
+        return {"skip": cause}
+    clip, _ = decode_clip_uint8(data, FrameSpec(bucket[0], spec.video_fps, bucket[1], bucket[2]), seed)
+    return {"clip": clip, "bucket": list(bucket)}

@@ -1,0 +1,205 @@
+"""The training job on real shards: bad data reported and enforced; raw video and encoded latents train.
+
+Raw video shards are written by data/make_shards.py from PyAV-made mp4s, latent shards from them by
+data/encode_latents.py, with a tiny random Wan VAE and umT5 saved like the real ones.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megamoe.data.synthetic import dataset_params, embed_caption, encode_sample, make_clip, write_shard
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "configs" / "tiny.yaml")
+SMALL_MODEL = ["model.dim=64", "model.num_layers=2", "optim.warmup_steps=2"]
+
+
+def run_job(args, nproc=2):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    launcher = [str(REPO / "launcher" / "pretrain.py")]
+    if nproc > 1:
+        launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
+                    "--rdzv-endpoint", "127.0.0.1:0", *launcher]
+    return subprocess.run([sys.executable, *launcher, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def check(result):
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+# --- bad latent shards --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flawed_latents(tmp_path_factory):
+    """8 shards of 8 tiny.yaml-shaped clips; in every shard one latent has the wrong channel count."""
+    out = tmp_path_factory.mktemp("flawed")
+    p = dataset_params(num_clips=64, frames=5, size=16, channels=3, text_len=8, text_dim=32)
+    for shard in range(8):
+        samples = []
+        for index in range(shard * 8, shard * 8 + 8):
+            latents, caption = make_clip(p["seed"], index, 5, 16, 2 if index % 8 == 3 else 3)
+            samples.append((f"{index:08d}", encode_sample(latents, embed_caption(caption, 8, 32), caption)))
+        write_shard(str(out / f"shard-{shard:06d}.tar"), samples)
+    return str(out)
+
+
+def test_bad_samples_show_in_the_progress_line_and_tensorboard(tmp_path, flawed_latents):
+    out = tmp_path / "run"
+    result = check(run_job(["--config", TINY, f"train.output_dir={out}", f"data.path={flawed_latents}",
+                            "data.num_workers=2", "data.micro_batch_size=4", "train.steps=4", "logging.every_steps=2",
+                            "data.max_failure_fraction=0.5", *SMALL_MODEL]))
+    last = [line for line in result.stdout.splitlines() if line.startswith("step 4/4")][0]
+    assert " | bad " in last  # every worker has read a whole shard, with its one bad latent, by step 4
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    bad = {e.step: e.value for e in events.Scalars("data/bad_bad_latent")}
+    seen = {e.step: e.value for e in events.Scalars("data/samples_seen")}
+    assert bad[4] >= 4 and seen[4] >= 2 * 4 * 4 + bad[4]  # 2 ranks x 2 workers; 4 steps x 4 samples x 2 ranks
+    assert last.split(" | bad ")[1].strip() == str(int(bad[4]))
+
+
+def test_too_many_bad_samples_stop_the_job_with_one_line(tmp_path, flawed_latents):
+    result = run_job(["--config", TINY, f"train.output_dir={tmp_path / 'run'}", f"data.path={flawed_latents}",
+                      "data.max_failure_fraction=0.01", "data.min_samples_before_failure_check=8", "train.steps=20",
+                      *SMALL_MODEL], nproc=1)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "data.max_failure_fraction=0.01" in errors[0] and "worst shards: " in errors[0]
+    assert "bad_latent" in errors[0] and "Traceback" not in result.stderr
+
+
+# --- raw video ---------------------------------------------------------------------------------
+
+Z_DIM, TEXT_DIM, TEXT_LEN = 4, 32, 8
+WORDS = "a red blue green circle square moving left right".split()
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "data" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    """A tiny random AutoencoderKLWan and UMT5EncoderModel with a word-level tokenizer, saved to disk."""
+    from diffusers import AutoencoderKLWan
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    root = tmp_path_factory.mktemp("encoders")
+    torch.manual_seed(0)
+    AutoencoderKLWan(base_dim=8, z_dim=Z_DIM, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.0] * Z_DIM,
+                     latents_std=[1.0] * Z_DIM).save_pretrained(root / "vae")
+    config = UMT5Config(vocab_size=len(WORDS) + 3, d_model=TEXT_DIM, num_layers=1, num_heads=2, d_kv=16, d_ff=64,
+                        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    UMT5EncoderModel(config).save_pretrained(root / "text")
+    tokenizer = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2,
+                                            **{w: i + 3 for i, w in enumerate(WORDS)}}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>") \
+        .save_pretrained(root / "text")
+    return str(root / "vae"), str(root / "text")
+
+
+@pytest.fixture(scope="module")
+def raw_shards(tmp_path_factory):
+    """8 clips of exactly 5 frames at 16 fps (so the frame window is fixed), 32x32, in several shards."""
+    from megamoe.data.synthetic_video import make_video
+
+    folder = tmp_path_factory.mktemp("videos")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        (folder / f"clip{i}.mp4").write_bytes(make_video(5, 32, 32, fps=16.0))
+        (folder / f"clip{i}.txt").write_text(" ".join(rng.choice(WORDS, size=4)))
+    (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(300))
+    (folder / "broken.txt").write_text("a broken clip")
+    out = tmp_path_factory.mktemp("raw")
+    load_tool("make_shards").main(["--videos", str(folder), "--out", str(out), "--shard-size", "0.004", "--quiet"])
+    assert len(list(out.glob("*.tar"))) >= 2
+    # make_shards drops bad inputs; a shard written by other tools may hold them: training skips them.
+    bad = [("00009000", {"mp4": b"\x00\x00\x00\x18ftypmp42" + bytes(300), "txt": b"a broken clip"}),
+           ("00009001", {"mp4": make_video(3, 32, 32, fps=16.0), "txt": b"a short clip"}),  # 3 < 5 frames
+           ("00009002", {"mp4": make_video(5, 32, 32, fps=16.0)}),  # no caption
+           ("00009003", {"mp4": make_video(5, 32, 32, fps=16.0), "txt": b"a red circle"})]
+    write_shard(str(out / "shard-999999.tar"), bad)
+    return str(out)
+
+
+def video_overrides(encoders):
+    return ["model.in_channels=4", "model.out_channels=4", f"model.text_dim={TEXT_DIM}", f"data.text_len={TEXT_LEN}",
+            "data.micro_batch_size=2", "data.max_failure_fraction=0.5", "data.min_samples_before_failure_check=1000",
+            *SMALL_MODEL]
+
+
+def test_raw_video_batches_encode_to_the_precomputed_latents(raw_shards, encoders, tmp_path):
+    from megamoe.config import load_config
+    from megamoe.data.loader import build_loader
+    from megamoe.data.stream import read_shard, resolve_shards
+    from megamoe.data.video_latents import VideoToLatents
+
+    vae, text = encoders
+    latent_dir = tmp_path / "latents"
+    load_tool("encode_latents").main(["--raw", raw_shards, "--out", str(latent_dir), "--vae", vae, "--text-encoder",
+                                      text, "--frames", "5", "--fps", "16", "--height", "32", "--width", "32",
+                                      "--text-len", str(TEXT_LEN)])
+    precomputed = {}
+    for shard in resolve_shards(str(latent_dir)):
+        for key, members in read_shard(shard):
+            precomputed[key] = members
+    cfg = load_config(TINY, video_overrides(encoders) + [
+        "data.format=video", f"data.path={raw_shards}", f"data.vae_path={vae}", f"data.text_encoder_path={text}",
+        "data.buckets=[[5,32,32]]", "data.video_frames=5", "data.video_fps=16"])
+    to_latents = VideoToLatents.from_config(cfg, torch.device("cpu"))
+    assert to_latents.compression == (4, 8)
+    loader = build_loader(cfg, 0, 1, to_latents.compression)
+    batch = to_latents(next(loader))
+    assert batch["latents"].shape == (2, Z_DIM, 2, 4, 4) and batch["text"].shape == (2, TEXT_LEN, TEXT_DIM)
+    import io
+
+    for i, key in enumerate(batch["key"]):
+        want = np.load(io.BytesIO(precomputed[key]["latents.npy"]))
+        want_text = np.load(io.BytesIO(precomputed[key]["text.npy"]))
+        np.testing.assert_allclose(batch["latents"][i].numpy(), want, atol=1e-5)
+        np.testing.assert_allclose(batch["text"][i].numpy(), want_text, atol=1e-5)
+    loader.close()
+
+
+def test_training_on_raw_video_and_on_encoded_latents(raw_shards, encoders, tmp_path):
+    vae, text = encoders
+    common = ["--config", TINY, "train.steps=2", "logging.every_steps=1", *video_overrides(encoders)]
+    raw = check(run_job(common + [f"train.output_dir={tmp_path / 'raw'}", "data.format=video",
+                                  f"data.path={raw_shards}", f"data.vae_path={vae}", f"data.text_encoder_path={text}",
+                                  "data.buckets=[[5,32,32]]", "data.video_frames=5", "data.video_fps=16",
+                                  "data.num_workers=1"]))
+    assert "step 2/2 " in raw.stdout and " | bad 3" in raw.stdout
+    # The bad shard is visited before step 1 with data.seed=1234: each failure counted once, by cause.
+    data = json.loads((tmp_path / "raw" / "metrics.jsonl").read_text().splitlines()[-1])["data"]
+    assert {k: v for k, v in data.items() if k.startswith("bad_")} == \
+        {"bad_corrupt_video": 1, "bad_too_short": 1, "bad_missing_member": 1}
+    latent_dir = tmp_path / "latents"
+    load_tool("encode_latents").main(["--raw", raw_shards, "--out", str(latent_dir), "--vae", vae, "--text-encoder",
+                                      text, "--frames", "5", "--fps", "16", "--height", "32", "--width", "32",
+                                      "--text-len", str(TEXT_LEN)])
+    latent = check(run_job(common + [f"train.output_dir={tmp_path / 'latent'}", f"data.path={latent_dir}",
+                                     "data.num_workers=1"]))
+    assert "step 2/2" in latent.stdout
+    for run in ("raw", "latent"):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        assert all(np.isfinite(json.loads(line)["loss"]) for line in lines)
