@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-        resume_from = resolve_resume(cfg, args.resume)
+        resume_from = resolve_resume(cfg, args.resume, int(os.environ.get("WORLD_SIZE", "1")))
     except (ConfigError, CheckpointError) as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr)

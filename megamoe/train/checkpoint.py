@@ -82,7 +82,7 @@ def inspect_checkpoint(path: str | Path) -> dict:
     return meta
 
 
-def resolve_resume(cfg: Config, resume: str | None) -> Path | None:
+def resolve_resume(cfg: Config, resume: str | None, world_size: int | None = None) -> Path | None:
     """Turn `--resume` (None, 'latest' or a path) into a checked checkpoint directory.
 
     Also refuses to start a fresh run over an output directory that already holds
@@ -106,6 +106,9 @@ def resolve_resume(cfg: Config, resume: str | None) -> Path | None:
         path = Path(resume)
     meta = inspect_checkpoint(path)
     check_compatible(cfg, meta, path)
+    if world_size is not None and meta.get("world_size", world_size) != world_size:
+        raise CheckpointError(f"checkpoint '{path}' was written by {meta['world_size']} ranks, this run has {world_size}; "
+                              f"launch {meta['world_size']} ranks (resuming at another layout is not supported yet)")
     return path
 
 

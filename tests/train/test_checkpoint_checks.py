@@ -106,3 +106,11 @@ def test_pruning_keeps_the_newest(tmp_path):
     assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == ["step_00000003", "step_00000004"]
     prune_checkpoints(tmp_path / "checkpoints", keep_last=0)  # never below one
     assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == ["step_00000004"]
+
+
+def test_other_world_size_is_refused_before_start_up(tmp_path, capsys, monkeypatch):
+    cfg = load_config(TINY, [f"train.output_dir={tmp_path}"])
+    path = fake_checkpoint(tmp_path, 5, cfg)  # written by 1 rank
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, err = run(tmp_path, capsys, "--resume", str(path))
+    assert_one_line_error(code, err, "written by 1 ranks, this run has 2")
