@@ -22,42 +22,10 @@ import os
 import tarfile
 
 from .errors import BAD_CAPTION, CORRUPT_VIDEO, MISSING_MEMBER, SampleError
+from .video import probe_video
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv")
 TAR_BLOCK = 512
-
-
-def probe_video(data: bytes) -> dict:
-    """{frames, height, width, fps, duration, codec} of a video's bytes, read with PyAV.
-
-    The first frame is decoded too: a header can be intact while the stream is not, and a video
-    that cannot give one frame is of no use. Raises SampleError(CORRUPT_VIDEO).
-    """
-    import av
-
-    from .video import _pyav_frame_count
-
-    if not data:
-        raise SampleError(CORRUPT_VIDEO, detail="the video has zero bytes")
-    try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            if not container.streams.video:
-                raise SampleError(CORRUPT_VIDEO, detail="the file has no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            fps = float(rate) if rate else 0.0
-            codec = stream.codec_context.name
-            height, width = stream.codec_context.height, stream.codec_context.width
-            frames = _pyav_frame_count(container, stream)
-            first = next(container.decode(stream), None)
-    except SampleError:
-        raise
-    except Exception as e:  # av.error.FFmpegError, and what a broken container makes PyAV raise
-        raise SampleError(CORRUPT_VIDEO, detail=f"{type(e).__name__}: {str(e)[:200]}") from None
-    if first is None or frames < 1 or fps <= 0 or min(height, width) < 1:
-        raise SampleError(CORRUPT_VIDEO, detail=f"no decodable frame (frames={frames}, fps={fps}, {width}x{height})")
-    return {"frames": frames, "height": height, "width": width, "fps": fps,
-            "duration": round(frames / fps, 6), "codec": codec}
 
 
 def _sidecar_caption(video_path: str) -> str | None:

@@ -42,6 +42,16 @@ def resolve_shards(path: str) -> list[str]:
     return shards
 
 
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """WebDataset naming: 'dir/00000001.latents.npy' -> ('dir/00000001', 'latents.npy');
+    None for a member without an extension (not part of a sample)."""
+    directory, base = os.path.split(name)
+    if "." not in base:
+        return None
+    stem, ext = base.split(".", 1)
+    return (f"{directory}/{stem}" if directory else stem), ext
+
+
 def read_shard(path: str) -> list[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) samples of a WebDataset tar, in file order.
 
@@ -54,11 +64,10 @@ def read_shard(path: str) -> list[tuple[str, dict[str, bytes]]]:
         for info in tar:
             if not info.isreg():
                 continue
-            directory, base = os.path.split(info.name)
-            if "." not in base:
+            parts = split_member_name(info.name)
+            if parts is None:
                 continue
-            stem, ext = base.split(".", 1)
-            key = f"{directory}/{stem}" if directory else stem
+            key, ext = parts
             if not samples or samples[-1][0] != key:
                 samples.append((key, {}))
             samples[-1][1][ext] = tar.extractfile(info).read()

@@ -380,3 +380,35 @@ def decode_raw_sample(key: str, members: dict[str, bytes], shard: str, spec: Fra
     except SampleError as e:
         raise e.with_location(key, shard)
     return {"pixels": pixels, "caption": caption, "key": key}
+
+
+def probe_video(data: bytes, decode_first_frame: bool = True) -> dict:
+    """{frames, height, width, fps, duration, codec} of a video's bytes, read with PyAV.
+
+    With `decode_first_frame` the first frame is decoded too: a header can be intact while the
+    stream is not, and a video that cannot give one frame is of no use (the shard writer checks
+    this once; the loader, which decodes anyway, skips it). Raises SampleError(CORRUPT_VIDEO).
+    """
+    import av
+
+    if not data:
+        raise SampleError(CORRUPT_VIDEO, detail="the video has zero bytes")
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                raise SampleError(CORRUPT_VIDEO, detail="the file has no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            fps = float(rate) if rate else 0.0
+            codec = stream.codec_context.name
+            height, width = stream.codec_context.height, stream.codec_context.width
+            frames = _pyav_frame_count(container, stream)
+            first = next(container.decode(stream), None) if decode_first_frame else True
+    except SampleError:
+        raise
+    except Exception as e:  # av.error.FFmpegError, and what a broken container makes PyAV raise
+        raise SampleError(CORRUPT_VIDEO, detail=f"{type(e).__name__}: {str(e)[:200]}") from None
+    if first is None or frames < 1 or fps <= 0 or min(height, width) < 1:
+        raise SampleError(CORRUPT_VIDEO, detail=f"no decodable frame (frames={frames}, fps={fps}, {width}x{height})")
+    return {"frames": frames, "height": height, "width": width, "fps": fps,
+            "duration": round(frames / fps, 6), "codec": codec}

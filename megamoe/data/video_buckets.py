@@ -7,35 +7,9 @@ because `decode_clip_uint8` resizes while decoding; the probe reads only contain
 
 from __future__ import annotations
 
-import io
 
 from megamoe.data.buckets import NO_BUCKET, TOO_SHORT, assign_bucket
-from megamoe.data.errors import CORRUPT_VIDEO, SampleError
-
-
-def probe_video(data: bytes) -> tuple[int, float, int, int]:
-    """(num_frames, fps, height, width) from the container, without decoding frames."""
-    import av
-
-    if not data:
-        raise SampleError(CORRUPT_VIDEO, detail="the video has zero bytes")
-    try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            if not container.streams.video:
-                raise SampleError(CORRUPT_VIDEO, detail="the file has no video stream")
-            stream = container.streams.video[0]
-            height, width = stream.codec_context.height, stream.codec_context.width
-            rate = stream.average_rate or stream.guessed_rate
-            # mp4 stores the frame count; webm/mkv do not: count packets (demuxing, no decoding)
-            frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size > 0)
-    except SampleError:
-        raise
-    except Exception as exc:  # av.error.* for anything that is not a readable container
-        raise SampleError(CORRUPT_VIDEO, detail=f"cannot read the container ({type(exc).__name__}: "
-                                                f"{str(exc)[:200]})") from None
-    if not rate or height < 1 or width < 1 or frames < 1:
-        raise SampleError(CORRUPT_VIDEO, detail=f"container reports {frames} frames of {width}x{height} at {rate} fps")
-    return int(frames), float(rate), int(height), int(width)
+from megamoe.data.video import probe_video
 
 
 def longest_fitting(num_frames: int, source_fps: float, target_fps: float, lengths) -> int:
@@ -54,7 +28,8 @@ def decode_to_bucket(data: bytes, spec, seed: int) -> dict:
     """
     from megamoe.data.video import FrameSpec, decode_clip_uint8
 
-    frames, fps, height, width = probe_video(data)
+    info = probe_video(data, decode_first_frame=False)
+    frames, fps, height, width = info["frames"], info["fps"], info["height"], info["width"]
     if spec.buckets:
         available = longest_fitting(frames, fps, spec.video_fps, sorted({b[0] for b in spec.buckets}))
         bucket, cause = assign_bucket((available, height, width), spec.buckets, crop_only=False)

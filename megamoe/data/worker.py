@@ -39,6 +39,7 @@ import numpy as np
 from megamoe.data import errors
 from megamoe.data.buckets import Bucketer, Shape, assign_bucket, batch_size_for, crop_latents, latent_shape, tokens_per_sample
 from megamoe.data.errors import SampleError
+from megamoe.data.stream import split_member_name
 
 
 class DataError(RuntimeError):
@@ -109,11 +110,10 @@ def index_shard(path: str) -> tuple[list, Optional[str]]:
                 if info.offset_data + info.size > size:
                     problem = f"truncated at member '{info.name}'"
                     break
-                directory, base = os.path.split(info.name)
-                if "." not in base:
+                parts = split_member_name(info.name)
+                if parts is None:
                     continue
-                stem, ext = base.split(".", 1)
-                key = f"{directory}/{stem}" if directory else stem
+                key, ext = parts
                 if not samples or samples[-1][0] != key:
                     samples.append((key, {}))
                 samples[-1][1][ext] = (info.offset_data, info.size)
