@@ -77,10 +77,9 @@ def _expert_aware_engine(model, params, schedule, cfg: Config):
     module classes in the model. megamoe's experts carry DeepSpeed's own tags instead, and this
     subclass sets the one flag the class check would have set; everything after that is
     DeepSpeed's code. (Its MoE checkpoint files are bypassed: megamoe saves each rank's experts
-    itself, see train/checkpoint.py.) Tested against the single-process run in
+    itself, see train/checkpoint.py.) Tested against the same run with replicated experts in
     tests/distributed/test_expert_parallel_training.py.
     """
-    import deepspeed
     from deepspeed.runtime.config import DeepSpeedConfig
     from deepspeed.runtime.engine import DeepSpeedEngine
 

@@ -9,15 +9,12 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 import torch.multiprocessing
+from launch_helpers import REPO, pretrain, read_metrics
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
 LAYOUTS = {"tp2": {"tensor_parallel_size": 2}, "cp2": {"context_parallel_size": 2},
            "ep2": {"expert_parallel_size": 2}}
@@ -75,35 +72,15 @@ def test_model_parallel_ranks_share_samples_and_data_parallel_ranks_do_not(tmp_p
 # --- end to end -------------------------------------------------------------------------------
 
 
-def torchrun(args, nproc=2):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", str(REPO / "launcher" / "pretrain.py"), *args]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:
-        raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    return result
-
-
-def read_metrics(output_dir):
-    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
-    return {m["step"]: m for m in map(json.loads, lines)}
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
 def test_resume_with_two_workers_per_rank_reproduces_the_losses(tmp_path, data_cache):
     common = ["--config", TINY, f"data.cache_dir={data_cache}", "data.synthetic_num_clips=64", "data.num_workers=2",
               "model.dim=64", "model.num_layers=2", "logging.every_steps=1", "checkpoint.every_steps=3",
               "optim.warmup_steps=2", "train.steps=6"]
     full, part = tmp_path / "full", tmp_path / "part"
-    torchrun(common + [f"train.output_dir={full}"])
+    pretrain(common + [f"train.output_dir={full}"])
     # The step-3 checkpoint of the full run is what a run interrupted after step 3 leaves behind
     # (its workers had prefetched past step 3 just the same); resume from it into a new directory.
-    resumed = torchrun(common + [f"train.output_dir={part}", "--resume", str(full / "checkpoints" / "step_00000003")])
+    resumed = pretrain(common + [f"train.output_dir={part}", "--resume", str(full / "checkpoints" / "step_00000003")])
     assert "resumed from" in resumed.stdout
 
     uninterrupted, continued = read_metrics(full), read_metrics(part)

@@ -7,14 +7,11 @@ summed over the ranks whose tokens reached them.
 """
 
 import copy
-import os
-import socket
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from launch_helpers import spawn
 
 from megamoe.config import MoEConfig
 from megamoe.moe.layer import MoEFeedForward
@@ -62,52 +59,34 @@ def grads(layer, x):
     return out
 
 
-def worker(rank, world, port, case, num_experts, errors):
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        reference = build_layer(case, num_experts)
-        parallel = apply_expert_parallel(copy.deepcopy(reference), dist.group.WORLD)
+def worker(rank, world, case, num_experts):
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    reference = build_layer(case, num_experts)
+    parallel = apply_expert_parallel(copy.deepcopy(reference), dist.group.WORLD)
 
-        x, ctx, weight = micro_batch(rank, case)
-        y_ref = reference(x, ctx)
-        (y_ref * weight).sum().backward()
-        ref = grads(reference, x)
+    x, ctx, weight = micro_batch(rank, case)
+    y_ref = reference(x, ctx)
+    (y_ref * weight).sum().backward()
+    ref = grads(reference, x)
 
-        x2 = x.detach().clone().requires_grad_()
-        y = parallel(x2, ctx)
-        (y * weight).sum().backward()
-        got = grads(parallel, x2)
+    x2 = x.detach().clone().requires_grad_()
+    y = parallel(x2, ctx)
+    (y * weight).sum().backward()
+    got = grads(parallel, x2)
 
-        torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-5)
-        local = num_experts // world
-        for name, value in ref.items():
-            if name.startswith("experts."):
-                dist.all_reduce(value)  # an expert's gradient collects every rank's tokens
-                value = value[rank * local:(rank + 1) * local]
-            # rtol too: ProMoE's prototype gradients reach ~100, where one fp32 ulp is 7.6e-6 and
-            # the grouped GEMM over other row groupings rounds differently (measured: 4e-7 relative).
-            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
-        dist.destroy_process_group()
-    except Exception:
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
-        raise
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-5)
+    local = num_experts // world
+    for name, value in ref.items():
+        if name.startswith("experts."):
+            dist.all_reduce(value)  # an expert's gradient collects every rank's tokens
+            value = value[rank * local:(rank + 1) * local]
+        # rtol too: ProMoE's prototype gradients reach ~100, where one fp32 ulp is 7.6e-6 and
+        # the grouped GEMM over other row groupings rounds differently (measured: 4e-7 relative).
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_expert_parallel_layer_matches_single_process(case, world):
-    errors = mp.get_context("spawn").SimpleQueue()
-    try:
-        mp.spawn(worker, args=(world, free_port(), case, 8, errors), nprocs=world, join=True)
-    except Exception as exc:
-        messages = []
-        while not errors.empty():
-            messages.append(errors.get())
-        pytest.fail("\n".join(messages) or str(exc))
+    spawn(worker, world, case, 8)

@@ -6,37 +6,18 @@ difference comes from expert parallelism itself (dispatch, expert-data-parallel 
 reduction, gradient norm, checkpoints).
 """
 
-import json
-import os
-import socket
-import subprocess
-import sys
-import traceback
-from pathlib import Path
-
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from launch_helpers import REPO, pretrain, read_metrics, spawn
 
-REPO = Path(__file__).resolve().parents[2]
 SMALL_MOE = ["--config", str(REPO / "configs" / "tiny_moe.yaml"), "model.dim=64", "model.num_layers=2",
              "model.ffn_dim=256", "model.moe.num_experts=4", "data.micro_batch_size=4", "optim.warmup_steps=2",
              "logging.every_steps=1", "model.moe.diagnostics_every=5"]
 
 
-def torchrun(nproc, args, output_dir):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", "127.0.0.1:0", str(REPO / "launcher" / "pretrain.py"), *SMALL_MOE, *args,
-           f"train.output_dir={output_dir}"]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-5000:]}"
-    return {m["step"]: m for m in map(json.loads, (Path(output_dir) / "metrics.jsonl").read_text().splitlines())}
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+def run(nproc, args, output_dir):
+    pretrain([*SMALL_MOE, *args, f"train.output_dir={output_dir}"], nproc)
+    return read_metrics(output_dir)
 
 
 @pytest.mark.parametrize("nproc, zero_stage", [(2, 1), (2, 2), (4, 2)])
@@ -45,8 +26,8 @@ def test_ten_steps_at_ep2_match_the_replicated_run(nproc, zero_stage, tmp_path, 
     expert-data-parallel group of 2 while the rest is reduced over all 4."""
     args = [f"data.cache_dir={data_cache}", "train.steps=10", f"optim.zero_stage={zero_stage}",
             "checkpoint.every_steps=10", "optim.grad_clip=1.0"]
-    replicated = torchrun(nproc, args, tmp_path / "ep1")
-    sharded = torchrun(nproc, args + ["parallel.expert_parallel_size=2"], tmp_path / "ep2")
+    replicated = run(nproc, args, tmp_path / "ep1")
+    sharded = run(nproc, args + ["parallel.expert_parallel_size=2"], tmp_path / "ep2")
     assert sorted(sharded) == list(range(1, 11))
     assert any(m["grad_norm"] > 1.0 for m in replicated.values())  # clipping is exercised
     for step in sharded:
@@ -65,47 +46,31 @@ def test_ten_steps_at_ep2_match_the_replicated_run(nproc, zero_stage, tmp_path, 
 def test_checkpoint_at_ep2_resumes_exactly(tmp_path, data_cache):
     args = [f"data.cache_dir={data_cache}", "optim.zero_stage=2", "parallel.expert_parallel_size=2",
             "checkpoint.every_steps=4", "model.moe.bias_balancing=true"]
-    full = torchrun(2, args + ["train.steps=8"], tmp_path / "full")
-    torchrun(2, args + ["train.steps=8", "train.exit_interval=4"], tmp_path / "part")  # "preempted" at 4
-    resumed = torchrun(2, args + ["train.steps=8", "--resume", "latest"], tmp_path / "part")
+    full = run(2, args + ["train.steps=8"], tmp_path / "full")
+    run(2, args + ["train.steps=8", "train.exit_interval=4"], tmp_path / "part")  # "preempted" at 4
+    resumed = run(2, args + ["train.steps=8", "--resume", "latest"], tmp_path / "part")
     for step in range(5, 9):
         assert resumed[step]["loss"] == full[step]["loss"], step
 
 
-def _group_worker(rank, world, port, errors):
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                          LOCAL_RANK="0")
-        import torch
+def _group_worker(rank, world):
+    import torch
 
-        from megamoe.config import ParallelConfig
-        from megamoe.parallel.topology import expert_groups, init_distributed, share_expert_groups_with_deepspeed
+    from megamoe.config import ParallelConfig
+    from megamoe.parallel.topology import expert_groups, init_distributed, share_expert_groups_with_deepspeed
 
-        init_distributed(ParallelConfig(expert_parallel_size=2), torch.device("cpu"))
-        from deepspeed.utils import groups
+    init_distributed(ParallelConfig(expert_parallel_size=2), torch.device("cpu"))
+    from deepspeed.utils import groups
 
-        name = share_expert_groups_with_deepspeed(2)
-        ep_group, _ = expert_groups()
-        # The ranks the dispatcher exchanges tokens with are DeepSpeed's expert-parallel group,
-        # and DeepSpeed reduces expert gradients over their complement.
-        assert dist.get_process_group_ranks(ep_group) == dist.get_process_group_ranks(
-            groups._get_expert_parallel_group(name)) == ([0, 1] if rank < 2 else [2, 3])
-        assert dist.get_process_group_ranks(groups._get_expert_data_parallel_group(name)) == [rank % 2, rank % 2 + 2]
-        dist.destroy_process_group()
-    except Exception:
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
-        raise
+    name = share_expert_groups_with_deepspeed(2)
+    ep_group, _ = expert_groups()
+    # The ranks the dispatcher exchanges tokens with are DeepSpeed's expert-parallel group,
+    # and DeepSpeed reduces expert gradients over their complement.
+    assert dist.get_process_group_ranks(ep_group) == dist.get_process_group_ranks(
+        groups._get_expert_parallel_group(name)) == ([0, 1] if rank < 2 else [2, 3])
+    assert dist.get_process_group_ranks(groups._get_expert_data_parallel_group(name)) == [rank % 2, rank % 2 + 2]
+    dist.destroy_process_group()
 
 
 def test_deepspeed_expert_groups_are_the_dispatcher_groups():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    errors = mp.get_context("spawn").SimpleQueue()
-    try:
-        mp.spawn(_group_worker, args=(4, port, errors), nprocs=4, join=True)
-    except Exception as exc:
-        messages = []
-        while not errors.empty():
-            messages.append(errors.get())
-        pytest.fail("\n".join(messages) or str(exc))
+    spawn(_group_worker, 4)

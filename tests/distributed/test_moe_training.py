@@ -4,13 +4,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from launch_helpers import REPO, pretrain, read_metrics
+
 from megamoe.config import ROUTER_NAMES
 
-REPO = Path(__file__).resolve().parents[2]
 TINY_MOE = str(REPO / "configs" / "tiny_moe.yaml")
 SMALL = ["model.dim=64", "model.num_layers=2", "model.ffn_dim=256", "model.moe.num_experts=4",
          "data.micro_batch_size=4", "logging.every_steps=5", "optim.warmup_steps=5"]
@@ -27,26 +27,16 @@ ROUTER_SETTINGS = {
 assert sorted(ROUTER_SETTINGS) == sorted(ROUTER_NAMES)
 
 
-def pretrain(args, output_dir):
-    """One rank, no torchrun: the launcher makes a world of one."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, str(REPO / "launcher" / "pretrain.py"), *args, f"train.output_dir={output_dir}"]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
-    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+def train_one_rank(args, output_dir):
+    pretrain([*args, f"train.output_dir={output_dir}"], nproc=None)
+    return [metrics for _, metrics in sorted(read_metrics(output_dir).items())]
 
 
 @pytest.mark.parametrize("router", sorted(ROUTER_SETTINGS))
 def test_every_router_trains_and_the_flow_loss_falls(router, tmp_path, data_cache):
     args = ["--config", TINY_MOE, f"data.cache_dir={data_cache}", "train.steps=40", f"model.moe.router={router}",
             "model.moe.diagnostics_every=20", *SMALL, *ROUTER_SETTINGS[router]]
-    metrics = pretrain(args, tmp_path)
+    metrics = train_one_rank(args, tmp_path)
     flow = [m["loss_flow"] for m in metrics]
     assert sum(flow[-2:]) / 2 < 0.8 * sum(flow[:2]) / 2, flow
     for setting in ROUTER_SETTINGS[router]:  # every enabled router loss is logged on its own
@@ -73,7 +63,7 @@ def test_every_router_trains_and_the_flow_loss_falls(router, tmp_path, data_cach
 def test_null_experts_and_bias_balancing_train(tmp_path, data_cache):
     args = ["--config", TINY_MOE, f"data.cache_dir={data_cache}", "train.steps=40", "model.moe.num_null_experts=2",
             "model.moe.bias_balancing=true", "model.moe.score_func=sigmoid", "model.moe.balance_loss=0", *SMALL]
-    flow = [m["loss_flow"] for m in pretrain(args, tmp_path)]
+    flow = [m["loss_flow"] for m in train_one_rank(args, tmp_path)]
     assert sum(flow[-2:]) / 2 < 0.8 * sum(flow[:2]) / 2, flow
 
 
@@ -82,7 +72,7 @@ def test_upcycled_model_starts_exactly_where_the_dense_model_is(tmp_path, data_c
     the MoE model from the upcycled weights gives the dense model's first-step loss."""
     dense_cfg = ["--config", str(REPO / "configs" / "tiny.yaml"), f"data.cache_dir={data_cache}",
                  "model.dim=64", "model.num_layers=2", "model.ffn_dim=256", "data.micro_batch_size=4"]
-    pretrain(dense_cfg + ["train.steps=10", "logging.every_steps=1"], tmp_path / "dense")
+    train_one_rank(dense_cfg + ["train.steps=10", "logging.every_steps=1"], tmp_path / "dense")
     dense_weights = tmp_path / "dense" / "checkpoints" / "step_00000010" / "weights"
 
     moe_overrides = ["model.dim=64", "model.num_layers=2", "model.ffn_dim=256", "model.moe.num_experts=4",
@@ -95,7 +85,7 @@ def test_upcycled_model_starts_exactly_where_the_dense_model_is(tmp_path, data_c
 
     common = [f"data.cache_dir={data_cache}", "train.steps=1", "logging.every_steps=1", "data.micro_batch_size=4",
               "model.moe.diagnostics_every=0"]
-    dense_again = pretrain(dense_cfg + common + [f"train.init_from={dense_weights}"], tmp_path / "dense_again")
-    moe = pretrain(["--config", TINY_MOE, *moe_overrides, *common, f"train.init_from={tmp_path / 'moe_init'}"],
+    dense_again = train_one_rank(dense_cfg + common + [f"train.init_from={dense_weights}"], tmp_path / "dense_again")
+    moe = train_one_rank(["--config", TINY_MOE, *moe_overrides, *common, f"train.init_from={tmp_path / 'moe_init'}"],
                    tmp_path / "moe")
     assert moe[0]["loss_flow"] == pytest.approx(dense_again[0]["loss"], rel=1e-5, abs=1e-6)

@@ -1,36 +1,12 @@
 """The main job on 2 gloo ranks under torchrun: it learns, logs, checkpoints and resumes exactly."""
 
-import json
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from launch_helpers import REPO, pretrain, read_metrics
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
-
-
-def torchrun(args, nproc=2, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", str(REPO / "launcher" / "pretrain.py"), *args]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    return result
-
-
-def read_metrics(output_dir):
-    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
-    return {m["step"]: m for m in map(json.loads, lines)}
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
 
 
 def common(tmp, data_cache, steps):
@@ -39,7 +15,7 @@ def common(tmp, data_cache, steps):
 
 def test_main_job_learns_logs_to_tensorboard_and_checkpoints(tmp_path, data_cache):
     out = tmp_path / "run"
-    result = torchrun(common(out, data_cache, 150) + ["logging.every_steps=5", "checkpoint.every_steps=100",
+    result = pretrain(common(out, data_cache, 150) + ["logging.every_steps=5", "checkpoint.every_steps=100",
                                                        "optim.warmup_steps=10"])
     assert "step 150/150" in result.stdout and "samples/s" in result.stdout
     metrics = read_metrics(out)
@@ -80,9 +56,9 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path, data_cache
     extra = ["logging.every_steps=1", "checkpoint.every_steps=3", "train.grad_accum=2", "optim.zero_stage=2",
              "train.ema_decay=0.9", "data.micro_batch_size=4", "optim.warmup_steps=2"]
     full, part = tmp_path / "full", tmp_path / "part"
-    torchrun(common(full, data_cache, 7) + extra)
-    torchrun(common(part, data_cache, 7) + extra + ["train.exit_interval=3"])  # "preempted" after step 3
-    resumed = torchrun(common(part, data_cache, 7) + extra + ["--resume", "latest"])
+    pretrain(common(full, data_cache, 7) + extra)
+    pretrain(common(part, data_cache, 7) + extra + ["train.exit_interval=3"])  # "preempted" after step 3
+    resumed = pretrain(common(part, data_cache, 7) + extra + ["--resume", "latest"])
     assert "resumed from" in resumed.stdout
 
     uninterrupted, continued = read_metrics(full), read_metrics(part)
@@ -99,12 +75,12 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path, data_cache
 
 def test_unloadable_checkpoint_is_one_line_error_and_left_untouched(tmp_path, data_cache):
     out = tmp_path / "run"
-    torchrun(common(out, data_cache, 2) + ["checkpoint.every_steps=2"])
+    pretrain(common(out, data_cache, 2) + ["checkpoint.every_steps=2"])
     ckpt = out / "checkpoints" / "step_00000002"
     victim = ckpt / "rank_00001.pt"
     victim.write_bytes(b"\0" * victim.stat().st_size)  # same size: passes the size check, fails to load
     before = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
-    result = torchrun(common(out, data_cache, 4) + ["--resume", str(ckpt)], check=False)
+    result = pretrain(common(out, data_cache, 4) + ["--resume", str(ckpt)], check=False)
     assert result.returncode != 0
     assert "could not be loaded" in result.stderr and "rank_00001.pt" not in result.stdout
     after = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 
 from launcher.pretrain import main
 from megamoe.config import load_config, to_yaml
