@@ -10,6 +10,11 @@ go through each path with the same frame sampling (`sample_frame_indices`, same 
   pool          the same in a DecodePool of --workers processes with a time limit (what guards
                 training against decord hangs); RSS is that of the worker processes
   pyav          the inline path forced onto the PyAV fallback (--pyav-clips clips only)
+  loader xW     the training loader itself (ShardLoader, format=video, one bucket) over raw WebDataset
+                shards of the same files, with data.num_workers = W for each W in --loader-workers:
+                tar reading, header probe, decode to the bucket, batching, hand-over to the training
+                process. It streams, so it is timed in alternating blocks with bare decord
+                (--loader-clips per block, prefetch of at most a batch or two per worker carries over)
 Throughput is timed in interleaved rounds (every path takes turns), so the ratios to bare decord
 hold on a shared, noisy machine. Then each path runs --clips clips on its own, printing resident
 memory (VmRSS) after a warm-up, after 1,000 and after all clips: a per-clip leak shows as growth.
@@ -100,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=64, help="bucket height and width (= source: no resampling)")
     parser.add_argument("--workers", type=int, default=2, help="DecodePool processes (0 skips the pool path)")
     parser.add_argument("--timeout", type=float, default=10.0, help="DecodePool per-clip time limit, s")
+    parser.add_argument("--loader-workers", default="0,2", help="data.num_workers values of the loader rows ('' skips)")
+    parser.add_argument("--loader-clips", type=int, default=400, help="clips per loader/bare block")
+    parser.add_argument("--loader-blocks", type=int, default=4, help="alternating loader/bare blocks")
     args = parser.parse_args(argv)
     spec = FrameSpec(args.frames, args.fps, args.size, args.size)
 
@@ -149,6 +157,45 @@ def main(argv: list[str] | None = None) -> None:
               f"{rss[m['clips']]:>7.1f}")
     if stats:
         print(f"pool stats: {stats} (pool RSS is the sum over its worker processes)")
+    for workers in [int(w) for w in args.loader_workers.split(",") if w.strip()]:
+        loader_rate, bare_rate = loader_vs_bare(files, spec, one, workers, args)
+        print(f"loader x{workers:<3} {loader_rate:>8.1f} {loader_rate / bare_rate:>8.2f}   (bare decord "
+              f"{bare_rate:.1f} clips/s in the alternating blocks; data.num_workers={workers})")
+
+
+def loader_vs_bare(files: list[bytes], spec: FrameSpec, bare_one, workers: int, args) -> tuple[float, float]:
+    """clips/s of the training loader over raw shards of `files`, and of bare decord, in alternating blocks."""
+    from megamoe.data.loader import ShardLoader
+    from megamoe.data.synthetic import write_shard
+    from megamoe.data.worker import StreamSpec
+
+    seconds, clips = {"loader": 0.0, "bare": 0.0}, args.loader_clips * args.loader_blocks
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = []
+        for s in range(max(2, workers)):  # every worker needs a shard of its own
+            path = os.path.join(tmp, f"raw-{s:06d}.tar")
+            write_shard(path, [(f"{s:03d}{i:05d}", {"mp4": files[i % len(files)], "txt": b"a clip"})
+                               for i in range(64)])
+            shards.append(path)
+        stream = StreamSpec(shards=tuple(shards), format="video", seed=0, dp_rank=0, dp_size=1,
+                            num_workers=max(1, workers), micro_batch_size=1,
+                            buckets=((spec.num_frames, spec.height, spec.width),), video_frames=spec.num_frames,
+                            video_fps=spec.fps, decode_timeout_s=args.timeout)
+        loader = ShardLoader(stream, workers)
+        try:
+            for _ in range(WARMUP):
+                next(loader)
+            for block in range(args.loader_blocks):
+                start = time.perf_counter()
+                for _ in range(args.loader_clips):
+                    assert next(loader)["pixels"].shape[1:4] == (spec.num_frames, spec.height, spec.width)
+                seconds["loader"] += time.perf_counter() - start
+                start = time.perf_counter()
+                _each(range(block * args.loader_clips, (block + 1) * args.loader_clips), bare_one)
+                seconds["bare"] += time.perf_counter() - start
+        finally:
+            loader.close()
+    return clips / seconds["loader"], clips / seconds["bare"]
 
 
 def _each(items, fn) -> None:

@@ -98,8 +98,8 @@ class ShardLoader:
     """Infinite iterator of batches for one data-parallel rank; see the module docstring.
 
     Batches are dicts of torch tensors: latent shards give 'latents' [B, C, F, H, W] and 'text'
-    [B, L, D]; video shards give 'pixels' float32 [B, 3, F, H, W] in [-1, 1] (to be encoded by
-    `VideoToLatents`); both give 'caption', 'key' (lists) and 'bucket' [F, H, W].
+    [B, L, D]; video shards give 'pixels' uint8 [B, F, H, W, 3] (scaled to [-1, 1] and encoded by
+    `VideoToLatents` on the training device); both give 'caption', 'key' (lists) and 'bucket' [F, H, W].
     """
 
     def __init__(self, spec: StreamSpec, num_workers: int, max_failure_fraction: float = 0.05,
@@ -278,8 +278,8 @@ class ShardLoader:
 
 def _to_torch(batch: dict) -> dict:
     out = dict(batch)
-    if "pixels" in batch:  # uint8 [B, F, H, W, 3] -> float32 [B, 3, F, H, W] in [-1, 1]
-        out["pixels"] = torch.from_numpy(batch["pixels"]).permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)
+    if "pixels" in batch:  # stays uint8 [B, F, H, W, 3]: VideoToLatents scales it on the device, after
+        out["pixels"] = torch.from_numpy(batch["pixels"])  # a copy of a quarter of float32's bytes
     else:
         out["latents"] = torch.from_numpy(batch["latents"])
         out["text"] = torch.from_numpy(batch["text"])

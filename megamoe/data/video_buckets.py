@@ -42,5 +42,6 @@ def decode_to_bucket(data: bytes, spec, seed: int) -> dict:
             bucket, cause = None, NO_BUCKET
     if bucket is None:
         return {"skip": cause}
-    clip, _ = decode_clip_uint8(data, FrameSpec(bucket[0], spec.video_fps, bucket[1], bucket[2]), seed)
+    clip, _ = decode_clip_uint8(data, FrameSpec(bucket[0], spec.video_fps, bucket[1], bucket[2]), seed,
+                                source_size=(height, width))
     return {"clip": clip, "bucket": list(bucket)}

@@ -14,7 +14,7 @@ from megamoe.data.worker import DataError
 
 
 class VideoToLatents:
-    """batch {'pixels' [B, 3, F, H, W], 'caption'} -> the same batch plus 'latents' and 'text'."""
+    """batch {'pixels' uint8 [B, F, H, W, 3], 'caption'} -> the same batch plus 'latents' and 'text'."""
 
     def __init__(self, vae, encoder, tokenizer, text_len: int):
         self.vae, self.encoder, self.tokenizer, self.text_len = vae, encoder, tokenizer, text_len
@@ -46,10 +46,19 @@ class VideoToLatents:
                              f"but model.in_channels={model_cfg.in_channels} and model.text_dim={model_cfg.text_dim}; "
                              f"set them to {z_dim} and {d_model}")
 
+    def model_range(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, F, H, W, 3] -> float32 [B, 3, F, H, W] in [-1, 1], on the VAE's device.
+
+        The loader hands over uint8 so that its workers and the host-to-device copy move a
+        quarter of float32's bytes; the scaling is one cheap kernel here."""
+        device = next(self.vae.parameters()).device
+        pixels = pixels.to(device, non_blocking=True).permute(0, 4, 1, 2, 3)
+        return pixels.float().div_(127.5).sub_(1.0)
+
     def __call__(self, batch: dict) -> dict:
         from megamoe.data.encode import encode_text, encode_video
 
         out = dict(batch)
-        out["latents"] = encode_video(self.vae, batch["pixels"])
+        out["latents"] = encode_video(self.vae, self.model_range(batch["pixels"]))
         out["text"] = encode_text(self.encoder, self.tokenizer, list(batch["caption"]), self.text_len)
         return out

@@ -152,6 +152,23 @@ def test_resize_matches_float_reference_within_one_level():
     assert (out - ref).abs().max() <= 1 / 127.5 + 1e-6  # 8-bit rounding only
 
 
+@pytest.mark.parametrize("codec,fmt,height,width", CODECS)
+@pytest.mark.parametrize("target", [(16, 16), (17, 23), (64, 96)])  # down, odd down, up
+def test_decord_scaling_while_decoding_matches_a_torch_resize(videos, codec, fmt, height, width, target):
+    """decord scales inside its decoder (FFmpeg's scaler); the PyAV fallback decodes full frames
+    that torch resizes. Both must give the same clip: same frames, same size, and pixels within a
+    few levels (different filters: FFmpeg's bicubic vs torch's antialiased bilinear)."""
+    spec = FrameSpec(9, 15.0, *target)
+    scaled, used = video.decode_clip_uint8(videos[codec], spec, seed=3)
+    reference, ref_used = video.decode_clip_uint8(videos[codec], spec, seed=3, backend="pyav")
+    assert (used, ref_used) == ("decord", "pyav")
+    assert scaled.shape == reference.shape == (9, *target, 3)
+    assert [frame_index(f) for f in scaled] == [frame_index(f) for f in reference]
+    diff = np.abs(scaled.astype(int) - reference.astype(int))
+    # Flat grey frames with one sharp-edged square: the filters differ only at its edges.
+    assert diff.mean() <= 2.0 and np.median(diff) <= 3
+
+
 def test_decode_video_sample_inline(videos):
     spec = FrameSpec(5, 15.0, 16, 24)
     x = decode_video_sample(videos["libvpx-vp9"], spec, rng(2))
