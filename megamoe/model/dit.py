@@ -143,6 +143,27 @@ class WanBlock(nn.Module):
         return (x.float() + h.float() * gate_mlp).to(dtype)
 
 
+class NoSequenceSharding:
+    """`WanDiT.sequence_sharding` in one process: the whole sequence is here.
+
+    Context and sequence parallelism replace it (megamoe/parallel/context.py) with an object that
+    keeps this rank's chunk of the tokens and gathers the prediction back, so the model file
+    stays rank-agnostic, like WanAttention's `attend` hook.
+    """
+
+    num_shards = 1
+    """Disjoint pieces of the sequence across ranks (router losses of one piece weigh 1 / num_shards)."""
+
+    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        return x
+
+    def shard_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return cos, sin
+
+    def gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        return x
+
+
 class WanDiT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -161,6 +182,7 @@ class WanDiT(nn.Module):
         self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(self.patch_size))
         # The head is modulated by temb itself (not the 6-way projection): shift, scale.
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.sequence_sharding = NoSequenceSharding()
         self.reset_parameters()
 
     @torch.no_grad()
@@ -204,16 +226,22 @@ class WanDiT(nn.Module):
         # Wan pads with zeros), so an all-zero raw input marks an unconditional sample;
         # after the text MLP it would no longer be zero.
         is_null = (text == 0).flatten(1).all(1)
+        # Under context/sequence parallelism this rank keeps its chunk of the tokens (and of
+        # per-token timesteps) from here to the head; identities in one process.
+        shards = self.sequence_sharding
+        x = shards.shard(x)
+        if timestep.shape[1] != 1:
+            timestep = shards.shard(timestep)
         temb, modulation, text = self.condition_embedder(timestep, text)
         ctx = RoutingContext(batch_size=b, seq_len=x.shape[1], temb=temb[:, 0] if temb.shape[1] == 1 else temb,
                              text=text, is_null=is_null,
                              timestep=timestep[:, 0] if timestep.shape[1] == 1 else timestep)
-        rope = self.rope(grid, x.device)
+        rope = shards.shard_rope(*self.rope(grid, x.device))
         for block in self.blocks:
             x = block(x, text, modulation, rope, ctx)
         shift, scale = (self.scale_shift_table[None] + temb[:, :, None]).unbind(2)
         x = _modulate(self.norm_out(x.float()), shift, scale, x.dtype)
-        return self._unpatchify(self.proj_out(x), grid)
+        return self._unpatchify(shards.gather(self.proj_out(x)), grid)
 
     def _grid(self, latents: torch.Tensor) -> tuple[int, int, int]:
         if latents.ndim != 5 or latents.shape[1] != self.cfg.in_channels:

@@ -99,19 +99,3 @@ def apply_expert_parallel(model: nn.Module, group) -> nn.Module:
             param.allreduce = False
             param.group_name = f"ep_size_{ep_size}"
     return model
-
-
-@torch.no_grad()
-def gather_expert_state(module: nn.Module, group) -> dict:
-    """The full state dict, with every expert tensor gathered from the expert-parallel group.
-
-    Collective: every rank of `group` must call it. Used to export layout-independent weights.
-    """
-    state = dict(module.state_dict())
-    world = dist.get_world_size(group)
-    for name, param in module.named_parameters():
-        if getattr(param, "allreduce", True) is False:
-            parts = [torch.empty_like(param) for _ in range(world)]
-            dist.all_gather(parts, param.detach().contiguous(), group=group)
-            state[name] = torch.cat(parts, dim=0)
-    return state

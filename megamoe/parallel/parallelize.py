@@ -1,0 +1,133 @@
+"""Applies tensor, sequence, context and expert parallelism to a plain WanDiT, in place.
+
+The model is written for one process; this file is the only place that knows the layout.
+Process groups come from megatron-core's `parallel_state` (megamoe.parallel.topology.
+init_distributed creates them; experts fold over the TP x CP x DP ranks).
+
+What each rank computes, and the gradient it leaves for the optimizer
+---------------------------------------------------------------------
+DeepSpeed reduces the gradients of ordinary parameters over the data x context parallel group
+and divides by the data-parallel size, i.e. it SUMS over CP and AVERAGES over DP; expert
+parameters are summed over the expert-data-parallel group, also divided by DP. So a rank's
+backward must leave its partial contribution: summed over its CP (and, with SP, TP) peers it
+must give its data-parallel replica's full gradient.
+
+- The prediction is gathered over the sequence shards and every rank computes the same full loss;
+  the gather's backward keeps the rank's own chunk (SequenceSharding.gather).
+- With SP, each TP rank runs the replicated parts on its own tokens: those gradients are summed
+  over TP by hooks (tensor.sum_partial_gradients). Without SP the TP ranks compute the replicated
+  parts identically and each already holds the full gradient (Megatron's convention).
+- TP-sharded parameters hold the gradient of their shard; experts the sum over every token that
+  reached them.
+
+Router losses under sequence sharding are computed per shard (each rank's routers see its
+tokens); the objective weighs each by 1 / num_shards, making it the mean of the per-shard losses
+(see megamoe/train/objective.py). Routers whose choice depends on other tokens (expert choice,
+Expert Race, Sinkhorn, ProMoE's batch statistics) then choose among a shard's tokens, as they
+already choose among one data-parallel rank's tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from torch import nn
+
+from megamoe.config import ParallelConfig
+from megamoe.model.dit import FeedForward, WanDiT
+from megamoe.moe.layer import moe_layers
+from megamoe.parallel.collectives import gather_along_dim
+from megamoe.parallel.context import SequenceSharding, UlyssesAttend
+from megamoe.parallel.expert import apply_expert_parallel
+from megamoe.parallel.tensor import shard_attention, shard_feed_forward, sum_partial_gradients
+
+
+def parallelize(model: WanDiT, parallel: ParallelConfig) -> WanDiT:
+    """Shard `model` for this rank's place in the layout (in place; returns it).
+
+    Call once, after the weights are initialised or loaded (all ranks equal) and before the
+    optimizer sees the parameters. With every size 1 the model is left exactly as it was.
+    """
+    if getattr(model, "parallelized", False):
+        raise RuntimeError("parallelize() was already applied to this model; it shards in place, call it once")
+    tp, cp, ep = _sizes(parallel)
+    sp = parallel.sequence_parallel and tp > 1
+    heads = model.cfg.num_heads
+    if heads % (tp * cp):
+        raise ValueError(f"model.num_heads={heads} is not divisible by parallel.tensor_parallel_size x "
+                         f"context_parallel_size = {tp * cp}; choose sizes whose product divides the heads")
+    if tp > 1 and moe_layers(model) and not parallel.sequence_parallel:
+        raise ValueError("MoE layers with parallel.tensor_parallel_size > 1 need parallel.sequence_parallel=true "
+                         "(experts are not tensor-parallel: without SP every TP rank would route the same tokens)")
+
+    if tp > 1:
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        for block in model.blocks:
+            shard_attention(block.attn1, tp_group, sp)
+            shard_attention(block.attn2, tp_group, sp)
+            if isinstance(block.ffn, FeedForward):
+                shard_feed_forward(block.ffn, tp_group, sp)
+            elif block.ffn.shared is not None:  # routed experts stay whole (expert TP = 1); shared ones split
+                shard_feed_forward(block.ffn.shared, tp_group, sp)
+    if cp > 1:
+        cp_group = parallel_state.get_context_parallel_group()
+        for block in model.blocks:
+            # Wraps whatever attention kernel is set; cross-attention needs no exchange.
+            block.attn1.attend = UlyssesAttend(cp_group, inner=block.attn1.attend)
+    if cp > 1 or sp:
+        model.sequence_sharding = _sequence_sharding(sp)
+    if ep > 1:
+        apply_expert_parallel(model, parallel_state.get_expert_model_parallel_group())
+    if sp:  # after EP, so expert parameters are already tagged and skipped
+        sum_partial_gradients(model, parallel_state.get_tensor_model_parallel_group())
+    model.parallelized = True
+    return model
+
+
+def _sizes(parallel: ParallelConfig) -> tuple[int, int, int]:
+    sizes = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_context_parallel_world_size(),
+             parallel_state.get_expert_model_parallel_world_size())
+    wanted = (parallel.tensor_parallel_size, parallel.context_parallel_size, parallel.expert_parallel_size)
+    if sizes != wanted:
+        raise RuntimeError(f"process groups are (TP, CP, EP) = {sizes} but parallel asks for {wanted}; "
+                           f"call megamoe.parallel.topology.init_distributed with the same ParallelConfig")
+    return sizes
+
+
+def _sequence_sharding(sp: bool) -> SequenceSharding:
+    cp_group = parallel_state.get_context_parallel_group()
+    if not sp:
+        return SequenceSharding(cp_group, cp_group)
+    group = parallel_state.get_tensor_and_context_parallel_group()
+    # Chunk cp * TP + tp must be the rank's place in the group the prediction is gathered over.
+    expected = (parallel_state.get_context_parallel_rank() * parallel_state.get_tensor_model_parallel_world_size()
+                + parallel_state.get_tensor_model_parallel_rank())
+    if dist.get_rank(group) != expected:
+        raise RuntimeError(f"megatron-core's tensor-and-context group puts this rank at {dist.get_rank(group)}, "
+                           f"expected cp_rank * TP + tp_rank = {expected} (group order must be TP fastest)")
+    return SequenceSharding(group, cp_group)
+
+
+@torch.no_grad()
+def full_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The unsharded state dict of a parallelized model, keys as diffusers' (and as the plain model).
+
+    Collective: every rank must call it. TP shards are concatenated along their partition_dim in
+    TP-rank order, expert slices along the expert dimension in EP-rank order. `tensors`: another
+    dict keyed by parameter name and sharded like the parameters (e.g. EMA weights) to unshard
+    instead of the model's own state.
+    """
+    state = dict(model.state_dict()) if tensors is None else dict(tensors)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    ep_group = parallel_state.get_expert_model_parallel_group()
+    for name, param in model.named_parameters():
+        if name not in state:
+            continue
+        value = state[name].detach()
+        if getattr(param, "tensor_model_parallel", False):
+            value = gather_along_dim(value, param.partition_dim, tp_group)
+        if getattr(param, "allreduce", True) is False:
+            value = gather_along_dim(value, 0, ep_group)
+        state[name] = value
+    return state

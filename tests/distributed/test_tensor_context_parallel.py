@@ -1,0 +1,276 @@
+"""Tensor (+ sequence), context and expert parallelism of the whole DiT against the single-process model.
+
+Each layout runs the training objective (flow loss + router losses) on gloo ranks and must give
+the single-process loss and, once every rank's gradients are reduced the way DeepSpeed reduces
+them (ordinary parameters: summed over data x context parallel ranks, divided by the data-parallel
+size; experts: summed over the expert-data-parallel group, divided by the data-parallel size) and
+the TP shards / EP slices are put together, the single-process gradient of every parameter.
+
+The reference is the single-process model on the global batch: each data-parallel rank takes its
+slice (and its own noise generator), the reference loss and gradients are the mean over slices.
+"""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+from launch_helpers import spawn
+from torch import nn
+
+from megamoe.config import Config, DiffusionConfig, ModelConfig, MoEConfig, ParallelConfig
+
+DENSE = ModelConfig(dim=32, num_layers=2, num_heads=4, ffn_dim=64, in_channels=4, out_channels=4, text_dim=24,
+                    freq_dim=16, rope_max_seq_len=32)
+# Block 0 dense (TP-sharded FFN), block 1 MoE with a shared expert; z and layer_reg are token
+# means, so their per-shard mean equals the unsharded value and the comparison is exact.
+MOE = dataclasses.replace(DENSE, moe=MoEConfig(num_experts=4, layers="every_other", router="linear", top_k=2,
+                                        num_shared_experts=1, balance_loss=0.0, z_loss=0.01, layer_reg_loss=0.1))
+BALANCE = dataclasses.replace(MOE, moe=dataclasses.replace(MOE.moe, balance_loss=0.1))
+SAMPLES_PER_RANK, FRAMES, SIZE, TEXT_LEN = 2, 2, 8, 5  # 2 x 4 x 4 = 32 tokens per sample
+
+LAYOUTS = {  # name: (ranks, ParallelConfig fields, model)
+    "tp2": (2, dict(tensor_parallel_size=2, sequence_parallel=False), DENSE),
+    "tp2_sp": (2, dict(tensor_parallel_size=2), DENSE),
+    "cp2": (2, dict(context_parallel_size=2), DENSE),
+    "tp2_cp2_sp": (4, dict(tensor_parallel_size=2, context_parallel_size=2), DENSE),
+    "tp2_cp2": (4, dict(tensor_parallel_size=2, context_parallel_size=2, sequence_parallel=False), DENSE),
+    "tp2_sp_dp2": (4, dict(tensor_parallel_size=2), DENSE),
+    "tp2_sp_moe": (2, dict(tensor_parallel_size=2), MOE),  # experts replicated: summed by the SP hooks
+    "tp2_sp_ep2_moe": (2, dict(tensor_parallel_size=2, expert_parallel_size=2), MOE),
+    "cp2_ep2_moe": (2, dict(context_parallel_size=2, expert_parallel_size=2), MOE),
+}
+
+
+class PerTokenTimesteps(nn.Module):
+    """Runs the model with one timestep per token (Wan2.2 TI2V style): the sample's timestep
+    lowered by a fixed per-token amount, so every token differs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, latents, timestep, text):
+        length = latents.shape[2] * latents.shape[3] * latents.shape[4] // 4
+        offsets = torch.linspace(0, 300, length)
+        return self.model(latents, (timestep[:, None] - offsets).clamp_min(0), text)
+
+
+def build(model_cfg):
+    from megamoe.model.dit import build_model
+
+    torch.manual_seed(0)
+    model = build_model(model_cfg)
+    with torch.no_grad():  # proj_out starts at zero, which would leave the trunk without gradient
+        nn.init.normal_(model.proj_out.weight, std=0.1)
+        nn.init.normal_(model.proj_out.bias, std=0.1)
+    return model
+
+
+def batch(model_cfg, dp_rank):
+    g = torch.Generator().manual_seed(7)
+    n = SAMPLES_PER_RANK * 8  # a fixed global pool, so every layout slices the same data
+    latents = torch.randn(n, model_cfg.in_channels, FRAMES, SIZE, SIZE, generator=g)
+    text = torch.randn(n, TEXT_LEN, model_cfg.text_dim, generator=g)
+    text[1] = 0  # one unconditional (CFG-null) sample
+    rows = slice(dp_rank * SAMPLES_PER_RANK, (dp_rank + 1) * SAMPLES_PER_RANK)
+    return latents[rows], text[rows]
+
+
+def run_objective(model, model_cfg, dp_rank, per_token, balance_shards=None):
+    """(total loss, flow loss) of one data-parallel rank's slice, backward done.
+
+    balance_shards: for the reference only, replace the balance loss by the mean of the balance
+    losses of that many sequence shards (the definition a sharded run optimises).
+    """
+    from megamoe.moe.layer import moe_layers
+    from megamoe.train.objective import training_loss
+
+    cfg = Config(model=model_cfg, diffusion=DiffusionConfig(text_dropout=0.0))
+    latents, text = batch(model_cfg, dp_rank)
+    runner = PerTokenTimesteps(model) if per_token else model
+    inputs = []
+    if balance_shards:
+        cfg.model = dataclasses.replace(model_cfg, moe=dataclasses.replace(model_cfg.moe, balance_loss=0.0))
+        handles = [layer.register_forward_hook(lambda m, args, out: inputs.append((m, args[0], args[1])))
+                   for layer in moe_layers(model)]
+    total, parts = training_loss(runner, model, latents, text, cfg, torch.Generator().manual_seed(100 + dp_rank))
+    if balance_shards:
+        from megamoe.moe.routers.base import RoutingContext
+
+        for handle in handles:
+            handle.remove()
+        for layer, x, ctx in inputs:
+            b, length, dim = x.shape
+            n = length // balance_shards
+            losses = [layer.router(x[:, s * n:(s + 1) * n].reshape(-1, dim), RoutingContext(b, n)).aux["balance"]
+                      for s in range(balance_shards)]
+            total = total + model_cfg.moe.balance_loss * torch.stack(losses).mean()
+    total.backward()
+    return total.detach(), parts["flow"]
+
+
+def reference(model, model_cfg, dp_size, per_token, balance_shards):
+    """Loss and gradients of the single-process model, averaged over the data-parallel slices."""
+    loss, grads = 0.0, {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for d in range(dp_size):
+        model.zero_grad()
+        total, _ = run_objective(model, model_cfg, d, per_token, balance_shards)
+        loss += total / dp_size
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                grads[n] += p.grad / dp_size
+    return loss, grads
+
+
+def reduced_gradients(model) -> dict:
+    """Each parameter's gradient as DeepSpeed leaves it, made whole (TP shards, EP slices)."""
+    from megatron.core import parallel_state as ps
+
+    from megamoe.parallel.collectives import gather_along_dim
+
+    dp_cp = ps.get_data_parallel_group(with_context_parallel=True)
+    dp = ps.get_data_parallel_world_size()
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        if getattr(p, "allreduce", True) is False:
+            dist.all_reduce(g, group=ps.get_expert_data_parallel_group())
+            g = gather_along_dim(g / dp, 0, ps.get_expert_model_parallel_group())
+        else:
+            dist.all_reduce(g, group=dp_cp)
+            g = g / dp
+            if getattr(p, "tensor_model_parallel", False):
+                g = gather_along_dim(g, p.partition_dim, ps.get_tensor_model_parallel_group())
+        out[name] = g
+    return out
+
+
+def check_layout(layout, model_cfg, per_token=False, checkpointing=False) -> tuple[float, float, float]:
+    """Parallel vs single-process objective on this rank; (loss, |loss diff|, max |grad diff|)."""
+    from megatron.core import parallel_state as ps
+
+    from megamoe.parallel.parallelize import full_state_dict, parallelize
+    from megamoe.parallel.topology import init_distributed
+
+    parallel = ParallelConfig(**LAYOUTS[layout][1])
+    init_distributed(parallel, torch.device("cpu"))
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    balance = model_cfg.moe.num_experts > 0 and model_cfg.moe.balance_loss > 0
+
+    model = build(model_cfg)
+    single = copy.deepcopy(model)
+    parallelize(model, parallel)
+    if checkpointing:  # the blocks' collectives then run again inside backward
+        from megamoe.model.activation_checkpointing import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model, "all")
+    shards = model.sequence_sharding.num_shards
+
+    full = full_state_dict(model)
+    expected = single.state_dict()
+    assert list(full) == list(expected), layout
+    for name, value in expected.items():
+        assert torch.equal(full[name], value), f"{layout}: full_state_dict()[{name}]"
+
+    loss, flow = run_objective(model, model_cfg, dp_rank, per_token)
+    # This rank's router losses are its shard's, weighted 1 / shards: their sum over the shards
+    # is the objective's router part; then the mean over data-parallel ranks.
+    router_part = loss - flow
+    if shards > 1:
+        dist.all_reduce(router_part, group=model.sequence_sharding.group)
+    loss = flow + router_part
+    dist.all_reduce(loss, group=ps.get_data_parallel_group())
+    loss = loss / dp_size
+    got = reduced_gradients(model)
+
+    ref_loss, ref_grads = reference(single, model_cfg, dp_size, per_token, shards if balance else None)
+    assert (loss - ref_loss).abs() < 1e-5, f"{layout}: loss {loss.item()} vs single-process {ref_loss.item()}"
+    for name, value in ref_grads.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-5, msg=lambda m: f"{layout}: {name}: {m}")
+    ps.destroy_model_parallel()
+    return loss.item(), (loss - ref_loss).abs().item(), max((got[n] - ref_grads[n]).abs().max().item() for n in ref_grads)
+
+
+def cases_worker(rank, world, cases, results):
+    """Every case of one world size in one set of processes (starting ranks costs more than a case)."""
+    import os
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    from megamoe.parallel.topology import destroy_distributed
+
+    for name, layout, model_cfg, options in cases:
+        diffs = check_layout(layout, model_cfg, **options)
+        if rank == 0:
+            results.put((name, *diffs))
+    destroy_distributed()
+
+
+def run_cases(world, cases):
+    import torch.multiprocessing as mp
+
+    results = mp.get_context("spawn").SimpleQueue()
+    spawn(cases_worker, world, cases, results)
+    for _ in cases:
+        name, loss, loss_diff, grad_diff = results.get()
+        print(f"{name}: loss {loss:.6f}, |loss - ref| = {loss_diff:.2e}, max |grad - ref| = {grad_diff:.2e}")
+
+
+def test_two_rank_layouts_match_single_process():
+    cases = [(name, name, LAYOUTS[name][2], {}) for name in LAYOUTS if LAYOUTS[name][0] == 2]
+    cases.append(("tp2_sp_moe per-token timesteps", "tp2_sp_moe", MOE, dict(per_token=True)))
+    # With the balance loss on, a sharded run optimises the mean of the per-shard balance losses.
+    cases.append(("tp2_sp_ep2_moe balance loss", "tp2_sp_ep2_moe", BALANCE, {}))
+    cases.append(("tp2_sp_ep2_moe activation checkpointing", "tp2_sp_ep2_moe", MOE, dict(checkpointing=True)))
+    run_cases(2, cases)
+
+
+def test_four_rank_layouts_match_single_process():
+    cases = [(name, name, LAYOUTS[name][2], {}) for name in LAYOUTS if LAYOUTS[name][0] == 4]
+    cases.append(("tp2_cp2_sp per-token timesteps", "tp2_cp2_sp", DENSE, dict(per_token=True)))
+    run_cases(4, cases)
+
+
+def _identity_worker(rank, world):
+    from megamoe.parallel.parallelize import full_state_dict, parallelize
+    from megamoe.parallel.topology import destroy_distributed, init_distributed
+
+    init_distributed(ParallelConfig(), torch.device("cpu"))
+    model = build(MOE)
+    latents, text = batch(MOE, 0)
+    t = torch.tensor([300.0, 700.0])
+    before = model(latents, t, text)
+    state = model.state_dict()
+    parallelize(model, ParallelConfig())
+    assert torch.equal(model(latents, t, text), before)
+    full = full_state_dict(model)
+    assert list(full) == list(state) and all(torch.equal(full[k], state[k]) for k in state)
+    destroy_distributed()
+
+
+def test_one_process_is_left_bit_identical():
+    """All sizes 1: parallelize changes nothing, to the bit."""
+    spawn(_identity_worker, 1)
+
+
+def _errors_worker(rank, world):
+    from megamoe.parallel.parallelize import parallelize
+    from megamoe.parallel.topology import destroy_distributed, init_distributed
+
+    parallel = ParallelConfig(tensor_parallel_size=2, context_parallel_size=1)
+    init_distributed(parallel, torch.device("cpu"))
+    with pytest.raises(ValueError, match="num_heads=3"):
+        parallelize(build(dataclasses.replace(DENSE, dim=36, num_heads=3)), parallel)
+    with pytest.raises(ValueError, match="sequence_parallel"):
+        parallelize(build(MOE), dataclasses.replace(parallel, sequence_parallel=False))
+    model = parallelize(build(DENSE), parallel)
+    latents = torch.randn(1, 4, 1, 2, 6)  # 3 tokens: not divisible over 2 ranks
+    with pytest.raises(ValueError, match="not divisible into 2 shards"):
+        model(latents, torch.tensor([500.0]), torch.randn(1, TEXT_LEN, DENSE.text_dim))
+    destroy_distributed()
+
+
+def test_bad_layouts_are_refused():
+    spawn(_errors_worker, 2)
