@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from megamoe.config import MoEConfig, ModelConfig
+from megamoe.model.activation_checkpointing import is_recomputing
 from megamoe.model.dit import FeedForward
 from megamoe.moe.dispatch import LocalDispatcher
 from megamoe.moe.experts import GroupedExperts
@@ -83,8 +84,12 @@ class MoEFeedForward(nn.Module):
             raise ValueError(f"RoutingContext is for {ctx.batch_size} x {ctx.seq_len} tokens, input is {b} x {l}")
         tokens = x.reshape(b * l, d)
         routed = self.router(tokens, ctx)
-        self.aux = dict(routed.aux)
-        if self.record:
+        # Under activation checkpointing this forward runs again in backward: the loss already
+        # took the first forward's aux, and diagnostics recorded it; keep both untouched.
+        recomputing = is_recomputing()
+        if not recomputing:
+            self.aux = dict(routed.aux)
+        if self.record and not recomputing:
             self.last_routing = (routed.probs.detach(), routed.routing_map.detach(), ctx)
         # Null experts (columns >= num_experts) output zero: dropping them here means they
         # cost neither dispatch nor compute, and their share of the weight simply vanishes.
@@ -93,8 +98,8 @@ class MoEFeedForward(nn.Module):
         expert_out = self.experts(sorted_tokens, tokens_per_expert)
         y = self.dispatcher.combine(expert_out, routed.probs[:, real], state)  # fp32 sum
         if self.shared is not None:
-            shared = self.shared(tokens)
-            if self.record:  # shared-vs-routed balance, for diagnostics
+            shared = self.shared(x).reshape(b * l, d)  # [B, L, dim] in: TP shards it like the dense FFN
+            if self.record and not recomputing:  # shared-vs-routed balance, for diagnostics
                 self.last_output_norms = (shared.detach().float().norm().item(), y.detach().norm().item())
             y = y + shared
         return y.to(x.dtype).view(b, l, d)

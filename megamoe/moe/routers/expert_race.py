@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.config import MoEConfig
+from megamoe.model.activation_checkpointing import is_recomputing
 from megamoe.moe.router_losses import router_similarity_loss
 from megamoe.moe.routers.base import Reduce, Router, RouterOutput, RoutingContext, register_router
 
@@ -89,7 +90,7 @@ class ExpertRaceRouter(Router):
                 mask = torch.zeros(n * e, dtype=torch.bool, device=scores.device)
                 mask[top.indices] = True
                 mask = mask.view(n, e)
-            if self.training:
+            if self.training and not is_recomputing():  # a recomputed forward was counted already
                 kth = top.values[-1].float()
                 self._kth_sum = kth if self._kth_sum is None else self._kth_sum + kth
                 self._kth_count += 1

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.config import MoEConfig
+from megamoe.model.activation_checkpointing import is_recomputing
 from megamoe.moe.losses import switch_balance_loss, z_loss
 from megamoe.moe.routers.base import Reduce, Router, RouterOutput, RoutingContext, register_router
 
@@ -65,7 +66,7 @@ class TokenChoiceRouter(Router):
             # Selections accumulated over the micro-batches of one optimizer step. A plain
             # attribute rather than a non-persistent buffer: a model built on the meta device and
             # materialised with `to_empty` would hold garbage there (see model/rope.py).
-            # Activation recomputation would count a micro-batch twice; it is not used yet.
+            # Activation recomputation re-runs this forward in backward; it must not count again.
             self.load_counts: Optional[torch.Tensor] = None
 
     def logits(self, tokens: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
@@ -75,7 +76,7 @@ class TokenChoiceRouter(Router):
         logits = self.logits(tokens, ctx)
         bias = self.expert_bias if self.cfg.bias_balancing else None
         probs, routing_map, scores = select_top_k(logits, self.cfg, bias)
-        if self.cfg.bias_balancing and self.training:
+        if self.cfg.bias_balancing and self.training and not is_recomputing():
             with torch.no_grad():
                 counts = routing_map.sum(0)
                 self.load_counts = counts if self.load_counts is None else self.load_counts + counts
