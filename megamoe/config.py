@@ -11,6 +11,7 @@ exists, so a bad config never costs a cluster allocation.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -120,11 +121,13 @@ class ParallelConfig:
     """How ranks are laid out; data parallelism takes whatever the other sizes leave."""
 
     tensor_parallel_size: int = 1
-    """Ranks that split each layer's weights (Megatron TP); only 1 is implemented yet."""
+    """Ranks that split each layer's weights (Megatron TP); must divide model.num_heads."""
     context_parallel_size: int = 1
-    """Ranks that split each sequence (Ulysses CP); only 1 is implemented yet."""
+    """Ranks that split each sequence (Ulysses CP); TP x CP must divide model.num_heads."""
     expert_parallel_size: int = 1
-    """Ranks that split the experts (EP); only 1 is implemented yet."""
+    """Ranks that split the experts (EP); folds over the TP x CP x data-parallel ranks."""
+    sequence_parallel: bool = True
+    """With TP > 1, also split the tokens between layers over the TP ranks (Megatron SP); MoE models need it."""
 
 
 @dataclass
@@ -232,8 +235,12 @@ class TrainConfig:
     exit_interval: int = 0
     """Checkpoint and exit when the step is a multiple of this (Megatron's --exit-interval), e.g. to fit a
     job's time limit; the LR schedule still spans train.steps. 0 = never."""
+    max_nonfinite_steps: int = 5
+    """Stop with an error after this many consecutive steps skipped for a non-finite loss or gradient norm."""
     init_from: Optional[str] = None
     """Diffusers-layout safetensors file or directory to initialise the weights from."""
+    activation_checkpointing: str = "none"
+    """Recompute blocks in backward instead of keeping their activations: 'none', 'all', or 'every_<n>' (blocks 0, n, 2n, ...)."""
 
 
 @dataclass
@@ -284,7 +291,11 @@ def merge_config(base: dict | None = None, overrides: list[str] | None = None) -
         key = item.split("=", 1)[0]
         if OmegaConf.select(schema, key, default="__missing__") == "__missing__":
             raise ConfigError(f"unknown config key '{key}' in override '{item}'; see README 'Config reference'")
-        layers.append(OmegaConf.from_dotlist([item]))
+        try:
+            layers.append(OmegaConf.from_dotlist([item]))  # values parse with OmegaConf's safe YAML loader
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}' has a value that is not plain YAML ({_first_line(exc)}); "
+                              f"write a number, string, bool or list") from None
     try:
         merged = OmegaConf.merge(*layers)
     except OmegaConfBaseException as exc:
@@ -339,8 +350,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(world_size % p.expert_parallel_size == 0,
            f"world size {world_size} is not divisible by parallel.expert_parallel_size={p.expert_parallel_size}; "
            f"launch a multiple of {p.expert_parallel_size} ranks or change it")
-    for name in ("tensor_parallel_size", "context_parallel_size"):
-        _check(getattr(p, name) == 1, f"parallel.{name}={getattr(p, name)} is not supported yet; set it to 1")
     if p.expert_parallel_size > 1:
         _check(m.moe.num_experts > 0, f"parallel.expert_parallel_size={p.expert_parallel_size} needs an MoE model; "
                f"set model.moe.num_experts or parallel.expert_parallel_size=1")
@@ -349,6 +358,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _check(m.moe.num_experts % p.expert_parallel_size == 0,
                f"model.moe.num_experts={m.moe.num_experts} is not divisible by parallel.expert_parallel_size="
                f"{p.expert_parallel_size}; choose sizes that divide")
+        # DeepSpeed without ZeRO clips by the mean over ranks of each rank's own norm, which under
+        # EP covers different experts on different ranks: not the global norm.
+        _check(o.zero_stage > 0 or o.grad_clip == 0,
+               "optim.zero_stage=0 with parallel.expert_parallel_size > 1 clips by a wrong gradient norm; "
+               "set optim.zero_stage to 1 or 2, or optim.grad_clip=0")
     _check(d.micro_batch_size >= 1, f"data.micro_batch_size must be >= 1, got {d.micro_batch_size}")
     _check(d.text_len >= 1, f"data.text_len must be >= 1, got {d.text_len}")
     if d.path is None:
@@ -359,6 +373,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _check(d.synthetic_num_clips >= world_size * d.micro_batch_size,
                f"data.synthetic_num_clips={d.synthetic_num_clips} is fewer than one global batch; raise it")
     _validate_data(d, m)
+    _validate_model_parallel(cfg)
     _check(cfg.diffusion.timestep_sampling in ("uniform", "logit_normal"),
            f"diffusion.timestep_sampling must be 'uniform' or 'logit_normal', got '{cfg.diffusion.timestep_sampling}'")
     _check(cfg.diffusion.shift > 0, f"diffusion.shift must be > 0, got {cfg.diffusion.shift}")
@@ -376,11 +391,54 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(t.precision in ("fp32", "bf16"), f"train.precision must be 'fp32' or 'bf16', got '{t.precision}'")
     _check(t.device in ("auto", "cpu", "cuda"), f"train.device must be 'auto', 'cpu' or 'cuda', got '{t.device}'")
     _check(t.exit_interval >= 0, f"train.exit_interval must be >= 0 (0 = never), got {t.exit_interval}")
+    _check(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
+    _check(re.fullmatch(r"none|all|every_[1-9][0-9]*", str(t.activation_checkpointing)) is not None,
+           f"train.activation_checkpointing must be 'none', 'all' or 'every_<n>' (n >= 1, e.g. every_2), "
+           f"got '{t.activation_checkpointing}'")
     _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1) (0 disables), got {t.ema_decay}")
     _check(cfg.checkpoint.every_steps >= 0, f"checkpoint.every_steps must be >= 0, got {cfg.checkpoint.every_steps}")
     _check(cfg.checkpoint.keep_last >= 1,
            f"checkpoint.keep_last must be >= 1 (the newest checkpoint is always kept), got {cfg.checkpoint.keep_last}")
     _check(cfg.logging.every_steps >= 1, f"logging.every_steps must be >= 1, got {cfg.logging.every_steps}")
+
+
+def _validate_model_parallel(cfg: Config) -> None:
+    """Tensor and context parallelism split heads, FFN columns and tokens: the sizes must divide them."""
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    tp, cp = p.tensor_parallel_size, p.context_parallel_size
+    if tp == 1 and cp == 1:
+        return
+    # TP gives each rank num_heads / TP heads; Ulysses then trades sequence for heads over CP.
+    _check(m.num_heads % (tp * cp) == 0,
+           f"model.num_heads={m.num_heads} is not divisible by parallel.tensor_parallel_size x "
+           f"parallel.context_parallel_size = {tp * cp}; choose parallel sizes that divide the heads")
+    _check(m.ffn_dim % tp == 0, f"model.ffn_dim={m.ffn_dim} is not divisible by parallel.tensor_parallel_size={tp}; "
+           f"choose a tensor-parallel size that divides it")
+    if tp > 1:
+        # Without SP every TP rank routes the same tokens, so each token would reach its
+        # experts TP times (Megatron refuses MoE + TP without SP for the same reason).
+        _check(m.moe.num_experts == 0 or p.sequence_parallel,
+               f"parallel.tensor_parallel_size={tp} with an MoE model needs parallel.sequence_parallel=true")
+        _check(cfg.train.ema_decay == 0, "train.ema_decay > 0 with parallel.tensor_parallel_size > 1 is not "
+               "supported yet; set train.ema_decay=0 or parallel.tensor_parallel_size=1")
+    split = cp * (tp if p.sequence_parallel else 1)
+    what = "parallel.context_parallel_size" + (" x parallel.tensor_parallel_size (sequence parallel)"
+                                               if p.sequence_parallel and tp > 1 else "")
+    for name, shape in _known_latent_shapes(d):
+        tokens = 1
+        for size, patch in zip(shape, m.patch_size):
+            tokens *= size // patch
+        _check(tokens % split == 0, f"{name} gives {tokens} tokens per sample, not divisible by {what} = {split}; "
+               f"change {name} or the parallel sizes")
+
+
+def _known_latent_shapes(d: DataConfig) -> list:
+    """(config key, latent [frames, height, width]) of every sample shape known before start-up."""
+    if d.path is None:  # the embedded synthetic data has one shape
+        return [("data.synthetic_frames/data.synthetic_size", [d.synthetic_frames, d.synthetic_size, d.synthetic_size])]
+    if d.format == "latent":  # video buckets are in pixels: their token count depends on the VAE
+        return [(f"data.buckets entry {b}", b) for b in d.buckets]
+    return []
 
 
 def _validate_data(d: DataConfig, m: ModelConfig) -> None:

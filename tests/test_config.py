@@ -91,3 +91,40 @@ def test_missing_and_malformed_config_files(tmp_path, capsys):
 def test_validate_raises_config_error_directly():
     with pytest.raises(ConfigError, match="model.num_heads=7 does not divide model.dim=64"):
         validate(merge_config({"model": {"dim": 64, "num_heads": 7}}))
+
+
+@pytest.mark.parametrize("world, overrides, message", [
+    (8, ["parallel.tensor_parallel_size=2", "parallel.context_parallel_size=4"],
+     "model.num_heads=4 is not divisible by parallel.tensor_parallel_size x parallel.context_parallel_size = 8"),
+    (2, ["parallel.tensor_parallel_size=2", "model.ffn_dim=513"],
+     "model.ffn_dim=513 is not divisible by parallel.tensor_parallel_size=2"),
+    (2, ["parallel.tensor_parallel_size=2", "model.moe.num_experts=4", "parallel.sequence_parallel=false"],
+     "needs parallel.sequence_parallel=true"),
+    (2, ["parallel.context_parallel_size=2", "data.synthetic_size=6"],
+     "data.synthetic_frames/data.synthetic_size gives 45 tokens per sample, not divisible by "
+     "parallel.context_parallel_size = 2"),
+    (4, ["parallel.tensor_parallel_size=2", "parallel.context_parallel_size=2", "data.synthetic_size=6",
+         "data.synthetic_frames=2"], "gives 18 tokens per sample, not divisible by parallel.context_parallel_size x "
+                                     "parallel.tensor_parallel_size (sequence parallel) = 4"),
+    (2, ["parallel.context_parallel_size=2", "data.path=/shards", "data.buckets=[[4,8,8],[5,6,6]]"],
+     "data.buckets entry [5, 6, 6] gives 45 tokens per sample"),
+    (2, ["parallel.tensor_parallel_size=2", "train.ema_decay=0.99"],
+     "train.ema_decay > 0 with parallel.tensor_parallel_size > 1 is not supported yet"),
+    (2, ["parallel.expert_parallel_size=2", "model.moe.num_experts=4", "optim.zero_stage=0"],
+     "optim.zero_stage=0 with parallel.expert_parallel_size > 1 clips by a wrong gradient norm"),
+])
+def test_model_parallel_layout_errors(world, overrides, message, monkeypatch, capsys, tmp_path):
+    """Each bad tensor/context-parallel layout is one line naming the key, before any process group."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    code = main(["--config", TINY, f"train.output_dir={tmp_path}", *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_model_parallel_layouts_that_divide_validate():
+    validate(load_config(TINY, ["parallel.tensor_parallel_size=2", "parallel.context_parallel_size=2"]), world_size=8)
+    validate(load_config("configs/tiny_moe.yaml", ["parallel.tensor_parallel_size=2", "parallel.expert_parallel_size=4"]),
+             world_size=4)
+    # Without sequence parallelism a dense model's tokens are split by CP only (45 tokens under TP=2 is fine).
+    validate(load_config(TINY, ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=false",
+                                "data.synthetic_size=6"]), world_size=2)

@@ -92,6 +92,13 @@ def _expert_aware_engine(model, params, schedule, cfg: Config):
             self.num_experts = [cfg.model.moe.num_experts]
 
     share_expert_groups_with_deepspeed(cfg.parallel.expert_parallel_size)
+    # ZeRO-1/2 counts a parameter in the gradient norm on tensor-parallel rank 0 only unless it
+    # is marked model-parallel. Experts are not split by TP but folded over TP ranks: the
+    # experts on TP rank 1 are other experts than on TP rank 0, so each rank must count its
+    # own (summing over DP x CP, then TP, visits every expert exactly once).
+    for param in params:
+        if is_expert_parameter(param):
+            param.model_parallel = True
     mpu, config = DeepSpeedMPU(), deepspeed_config(cfg)
     return ExpertAwareEngine(args=None, model=model, optimizer=None, model_parameters=params, lr_scheduler=schedule,
                              mpu=mpu, config=config, config_class=DeepSpeedConfig(config, mpu))

@@ -1,0 +1,128 @@
+"""Train a few steps through the real DeepSpeed engine at any parallel layout, on a global batch
+that a single process can reproduce, so the two runs can be compared number for number.
+
+The real data loader splits its streams by data-parallel rank, so a 1-process run never sees the
+global batch of a 4-rank run. Here every step's global batch is a pure function of (seed, step),
+cut into `slices` micro-batches; slice i is trained with the noise generator of
+`step_generator(seed, i, step)`. A run with data-parallel size D takes slices D at a time:
+rank d trains slices d*A .. d*A+A-1 as A = slices / D accumulation micro-batches. The
+single-process reference (D = 1) trains all of them as accumulation micro-batches, and DeepSpeed
+averages accumulated gradients exactly as it averages data-parallel ones, so both runs take the
+same optimizer steps (the same clipping included) if the parallel layout is correct.
+
+Everything else is the production path: `parallelize`, `build_engine` (ZeRO, expert-aware groups,
+clipping, LR schedule), `training_loss`, `routers_after_step`, and the loop's own metric reductions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from megamoe.config import Config, DataConfig, DiffusionConfig, ModelConfig, MoEConfig, OptimConfig, ParallelConfig
+
+SMALL_MOE = ModelConfig(dim=32, num_layers=2, num_heads=4, ffn_dim=64, in_channels=4, out_channels=4, text_dim=24,
+                        freq_dim=16, rope_max_seq_len=32,
+                        moe=MoEConfig(num_experts=4, layers="all", router="linear", top_k=2, num_shared_experts=1,
+                                      z_loss=0.01, diagnostics_every=0))
+"""Two MoE blocks of 4 experts (top-2) and a shared expert. Only per-token router losses (z): a
+sharded run computes router losses per sequence shard, and only token means are unchanged by that."""
+FRAMES, SIZE, TEXT_LEN = 2, 8, 5  # 2 x 4 x 4 = 32 tokens per sample with patch (1, 2, 2)
+
+
+def make_config(parallel: dict, model: ModelConfig = SMALL_MOE, steps: int = 4, zero_stage: int = 2,
+                grad_clip: float = 0.05, micro_batch_size: int = 2, seed: int = 0) -> Config:
+    """A run config; grad_clip is small enough that clipping acts on most steps."""
+    return Config(model=model, parallel=ParallelConfig(**parallel),
+                  data=DataConfig(micro_batch_size=micro_batch_size, text_len=TEXT_LEN),
+                  diffusion=DiffusionConfig(text_dropout=0.25),
+                  optim=OptimConfig(lr=3e-3, warmup_steps=2, grad_clip=grad_clip, zero_stage=zero_stage,
+                                    weight_decay=0.01),
+                  train=dataclasses.replace(Config().train, steps=steps, seed=seed))
+
+
+def global_batch(cfg: Config, step: int, slices: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole step's batch: [slices * micro_batch_size, ...] latents and text, from (seed, step)."""
+    g = torch.Generator().manual_seed(1_000_003 * (cfg.train.seed + 1) + step)
+    n, m = slices * cfg.data.micro_batch_size, cfg.model
+    latents = torch.randn(n, m.in_channels, FRAMES, SIZE, SIZE, generator=g)
+    text = torch.randn(n, TEXT_LEN, m.text_dim, generator=g)
+    return latents, text
+
+
+def build_reference_model(cfg: Config):
+    """The single-process model every layout starts from (same seed on every rank)."""
+    from megamoe.model.dit import build_model
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    with torch.no_grad():  # proj_out starts at zero, which would leave the trunk without gradient at step 1
+        torch.nn.init.normal_(model.proj_out.weight, std=0.1)
+        torch.nn.init.normal_(model.proj_out.bias, std=0.1)
+    from megamoe.model.activation_checkpointing import apply_activation_checkpointing
+
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)  # as the training loop does
+    return model
+
+
+def train_worker(rank: int, world: int, cfg: Config, slices: int, out_file: str) -> None:
+    """One rank of a harness run (spawned); rank 0 saves losses, grad norms and the full weights."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    from megamoe.moe.layer import routers_after_step
+    from megamoe.parallel.parallelize import full_state_dict, parallelize
+    from megamoe.parallel.topology import destroy_distributed, init_distributed
+    from megamoe.train.engine import build_engine
+    from megamoe.train.loop import mean_loss_parts, step_generator, sum_over_token_shards
+    from megamoe.train.objective import training_loss
+
+    topology = init_distributed(cfg.parallel, torch.device("cpu"))
+    if slices % topology.dp_size:
+        raise ValueError(f"{slices} slices cannot be split over data-parallel size {topology.dp_size}")
+    accum = slices // topology.dp_size
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=accum))
+    model = build_reference_model(cfg)
+    parallelize(model, cfg.parallel)
+    engine = build_engine(model, cfg)
+    engine.train()
+    mb = cfg.data.micro_batch_size
+    history = {"loss": [], "grad_norm": [], "flow": []}
+    for step in range(cfg.train.steps):
+        latents, text = global_batch(cfg, step, slices)
+        sums = {}
+        for a in range(accum):
+            index = topology.dp_rank * accum + a
+            rows = slice(index * mb, (index + 1) * mb)
+            generator = step_generator(cfg.train.seed, index, step)
+            loss, parts = training_loss(engine, engine.module, latents[rows], text[rows], cfg, generator)
+            engine.backward(loss)
+            engine.step()
+            for name, value in parts.items():
+                sums[name] = sums[name] + value / accum if name in sums else value.float() / accum
+        routers_after_step(engine.module, sum_over_token_shards(cfg))
+        means = mean_loss_parts(cfg, sums)
+        history["loss"].append(means["loss"])
+        history["flow"].append(means["flow"])
+        norm = engine.get_global_grad_norm()  # None under ZeRO-0, which does not report it
+        history["grad_norm"].append(float("nan") if norm is None else float(norm))
+    weights = full_state_dict(engine.module)  # collective
+    if rank == 0:
+        torch.save({**history, "weights": {k: v.clone() for k, v in weights.items()}}, out_file)
+    destroy_distributed()
+
+
+def run(cfg: Config, world: int, slices: int, out_file) -> dict:
+    """Train `cfg` on `world` spawned gloo ranks; returns rank 0's results."""
+    from launch_helpers import spawn
+
+    spawn(train_worker, world, cfg, slices, str(out_file))
+    return torch.load(out_file, weights_only=True)
+
+
+def compare_with_single_process(cfg: Config, world: int, slices: int, tmp_path) -> tuple[dict, dict]:
+    """(parallel run, single-process reference) on the same global batches."""
+    parallel = run(cfg, world, slices, tmp_path / "parallel.pt")
+    reference = run(dataclasses.replace(cfg, parallel=ParallelConfig()), 1, slices, tmp_path / "reference.pt")
+    return parallel, reference
