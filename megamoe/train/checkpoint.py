@@ -2,8 +2,11 @@
 
 Layout of one checkpoint, `<output_dir>/checkpoints/step_00000100/`:
 
-    meta.json          step, layout, resolved config, and the size of every file below
-    deepspeed/         DeepSpeed's files: module weights, ZeRO-partitioned optimizer, LR schedule
+    meta.json          format, step, layout, resolved config, engine counters and LR schedule,
+                       and the size of every file below
+    state/             model weights, fp32 master weights and Adam moments by parameter name, in
+                       the full tensors' coordinates (experts by global index): readable at any
+                       parallel layout; see train/sharded_state.py
     rank_00000.pt      per-rank state: data-stream position, RNG states (tensors and ints only)
     weights/           the model in diffusers WanTransformer3DModel layout (safetensors)
     ema_weights/       the EMA weights in the same layout, when EMA is on
@@ -11,7 +14,12 @@ Layout of one checkpoint, `<output_dir>/checkpoints/step_00000100/`:
 Writing goes to a hidden `.step_00000100.tmp` directory that is renamed into place after
 every rank has finished and `meta.json` is written, so a crash mid-save leaves the
 previous checkpoints untouched and no half-written directory that looks complete.
-Multi-node runs need `output_dir` on a filesystem every node sees (as DeepSpeed does).
+Multi-node runs need `output_dir` on a filesystem every node sees.
+
+Resuming at another layout: weights and optimizer state are resharded; the rank files are
+per data-parallel rank, so a rank continues the data stream of the saved rank with its
+data-parallel rank (same data-parallel size), or restarts the stream when
+data.restart_stream_on_resume is set (another data-parallel size).
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ from megamoe.config import Config, ConfigError, from_yaml_text, to_yaml
 
 CHECKPOINT_DIR = "checkpoints"
 STEP_PATTERN = re.compile(r"^step_(\d{8})$")
-DEEPSPEED_TAG = "deepspeed"
+FORMAT = "megamoe-sharded-1"
+STATE_DIR = "state"
 
 
 class CheckpointError(RuntimeError):
@@ -83,12 +92,16 @@ def inspect_checkpoint(path: str | Path) -> dict:
 
 
 def resolve_resume(cfg: Config, resume: str | None, world_size: int | None = None) -> Path | None:
-    """Turn `--resume` (None, 'latest' or a path) into a checked checkpoint directory.
+    """Turn `--resume` (None, 'auto', 'latest' or a path) into a checked checkpoint directory.
 
-    Also refuses to start a fresh run over an output directory that already holds
-    checkpoints, which would otherwise be overwritten and pruned.
+    'auto' is for jobs that restart themselves (preemption, torchrun --max-restarts): the newest
+    usable checkpoint, else a fresh start. 'latest' requires a checkpoint. Without --resume, a
+    fresh run refuses an output directory that already holds checkpoints, which would
+    otherwise be overwritten and pruned.
     """
     root = checkpoint_root(cfg)
+    if resume == "auto":
+        return _newest_usable(cfg, root, world_size)
     if resume is None:
         existing = complete_checkpoints(root)
         if existing:
@@ -106,24 +119,66 @@ def resolve_resume(cfg: Config, resume: str | None, world_size: int | None = Non
         path = Path(resume)
     meta = inspect_checkpoint(path)
     check_compatible(cfg, meta, path)
-    if world_size is not None and meta.get("world_size", world_size) != world_size:
-        raise CheckpointError(f"checkpoint '{path}' was written by {meta['world_size']} ranks, this run has {world_size}; "
-                              f"launch {meta['world_size']} ranks (resuming at another layout is not supported yet)")
+    check_resumable(cfg, meta, path, world_size)
     return path
 
 
-def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
-    """The checkpoint's model and parallel layout must be this run's; name every key that differs.
+def _newest_usable(cfg: Config, root: Path, world_size: int | None) -> Path | None:
+    """--resume auto: the newest complete checkpoint whose files are intact, or None (fresh start).
 
-    (Resuming at another layout needs resharding, which megamoe does not do yet.)"""
+    A checkpoint with a missing or truncated file (a disk that filled up, a copy cut short) is
+    passed over for the one before it, so a self-restarting job does not fail forever on it; a
+    checkpoint of another model or layout is still an error, since an older one would not fit either.
+    """
+    rank0 = os.environ.get("RANK", "0") == "0"
+    for path in reversed(complete_checkpoints(root)):
+        try:
+            meta = inspect_checkpoint(path)
+        except CheckpointError as exc:
+            if rank0:
+                print(f"warning: --resume auto skips {exc}", flush=True)
+            continue
+        check_compatible(cfg, meta, path)
+        check_resumable(cfg, meta, path, world_size)
+        return path
+    if rank0:
+        print(f"--resume auto: no complete checkpoint in '{root}'; starting a fresh run", flush=True)
+    return None
+
+
+def check_resumable(cfg: Config, meta: dict, path: Path, world_size: int | None) -> None:
+    """The checkpoint's format is this code's, and its data stream can continue at this run's size.
+
+    Any parallel layout resumes (the state is stored by parameter name and global expert index),
+    but the data stream's position is kept per data-parallel rank and does not carry over to
+    another data-parallel size unless the stream restarts.
+    """
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint '{path}' is in DeepSpeed's own format (written before megamoe's "
+                              f"layout-independent checkpoints); resume it with the megamoe version that wrote it, "
+                              f"or start from its weights with train.init_from={path / 'weights'}")
+    if world_size is None:
+        return
+    p = cfg.parallel
+    dp_size = world_size // max(1, p.tensor_parallel_size * p.context_parallel_size)
+    saved = meta.get("dp_size", dp_size)
+    if saved != dp_size and not cfg.data.restart_stream_on_resume:
+        raise CheckpointError(f"checkpoint '{path}' was written at data-parallel size {saved}, this run has {dp_size}; "
+                              f"the data stream's position does not carry over to another data-parallel size: "
+                              f"set data.restart_stream_on_resume=true to restart it at epoch 0 (samples may repeat), "
+                              f"or launch with data-parallel size {saved}")
+
+
+def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
+    """The checkpoint's model must be this run's; name every key that differs.
+
+    The parallel layout may differ: checkpoints are resharded on load (see train/sharded_state.py)."""
     try:
         saved = from_yaml_text(meta["config"])
     except (KeyError, ConfigError) as exc:
         raise CheckpointError(f"checkpoint '{path}' has an unreadable config ({exc}); pass another checkpoint") from None
-    diff = []
-    for section in ("model", "parallel"):
-        theirs, ours = asdict(getattr(saved, section)), asdict(getattr(cfg, section))
-        diff += [f"{section}.{k} (checkpoint {theirs[k]}, config {ours[k]})" for k in ours if theirs.get(k) != ours[k]]
+    theirs, ours = asdict(saved.model), asdict(cfg.model)
+    diff = [f"model.{k} (checkpoint {theirs[k]}, config {ours[k]})" for k in ours if theirs.get(k) != ours[k]]
     if diff:
         raise CheckpointError(f"checkpoint '{path}' does not match the config: {', '.join(diff)}; "
                               f"set these keys to the checkpoint's values")
@@ -134,6 +189,9 @@ def save_checkpoint(engine, cfg: Config, step: int, rank_state: dict, topology, 
 
     `export_weights(state_dict, directory)` writes weights in the diffusers layout (rank 0 only).
     """
+    from megamoe.parallel.parallelize import full_state_dict
+    from megamoe.train.sharded_state import save_state
+
     root = checkpoint_root(cfg)
     final = root / step_dir_name(step)
     tmp = root / f".{final.name}.tmp"
@@ -144,26 +202,26 @@ def save_checkpoint(engine, cfg: Config, step: int, rank_state: dict, topology, 
         tmp.mkdir()
     dist.barrier()
 
-    engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
-    # DeepSpeed writes the module once, from one rank; each rank's own experts go in its file.
-    torch.save({**rank_state, "experts": local_expert_state(engine.module)}, tmp / f"rank_{topology.rank:05d}.pt")
-    full_state = engine.module.state_dict()
-    if topology.expert_parallel_size > 1:  # collective: every rank contributes its experts
-        from megamoe.parallel.expert import gather_expert_state
-        from megamoe.parallel.topology import expert_groups
-
-        full_state = gather_expert_state(engine.module, expert_groups()[0])
+    save_state(engine, tmp / STATE_DIR)
+    torch.save(rank_state, tmp / f"rank_{topology.rank:05d}.pt")
+    dp_ranks = [None] * topology.world_size  # which saved rank file continues which data-parallel rank
+    dist.all_gather_object(dp_ranks, topology.dp_rank)
+    train_state = engine_state(engine)
+    full_state = full_state_dict(engine.module)  # collective: TP blocks and expert slices gathered whole
     if topology.is_main:
         export_weights(full_state, tmp / "weights")
         if ema is not None:
             export_weights(ema.state_dict(), tmp / "ema_weights")
+    del full_state
     dist.barrier()
 
     if topology.is_main:
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        meta = {"step": step, "world_size": topology.world_size, "dp_size": topology.dp_size,
-                "expert_parallel_size": cfg.parallel.expert_parallel_size,
-                "config": to_yaml(cfg), "files": files}
+        p = cfg.parallel
+        meta = {"format": FORMAT, "step": step, "world_size": topology.world_size, "dp_size": topology.dp_size,
+                "dp_ranks": dp_ranks, "expert_parallel_size": p.expert_parallel_size,
+                "tensor_parallel_size": p.tensor_parallel_size, "context_parallel_size": p.context_parallel_size,
+                "train_state": train_state, "config": to_yaml(cfg), "files": files}
         _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
         if final.exists():  # re-saving a step after a resume: replace the old copy only now
             shutil.rmtree(final)
@@ -174,38 +232,41 @@ def save_checkpoint(engine, cfg: Config, step: int, rank_state: dict, topology, 
 
 
 def load_checkpoint(engine, path: Path, topology, ema=None) -> dict:
-    """Collective: restore engine (weights, optimizer, LR schedule) and return this rank's state."""
+    """Collective: restore engine (weights, optimizer, LR schedule, counters) and return this rank's state.
+
+    The checkpoint may come from another parallel layout; see `rank_file_for` for the per-rank state.
+    """
+    from megamoe.train.sharded_state import load_state, mismatch, stored_shapes
+
+    path = Path(path)
     meta = inspect_checkpoint(path)
-    saved_ep = meta.get("expert_parallel_size", 1)
-    if saved_ep != topology.expert_parallel_size:
-        raise CheckpointError(f"checkpoint '{path}' was written with parallel.expert_parallel_size={saved_ep}, this run "
-                              f"has {topology.expert_parallel_size}; resume with the same layout (resharding is not "
-                              f"supported yet)")
-    if meta["dp_size"] != topology.dp_size:
-        raise CheckpointError(f"checkpoint '{path}' was written with data-parallel size {meta['dp_size']}, this run "
-                              f"has {topology.dp_size}; resume with the same number of ranks (resharding is not "
-                              f"supported yet)")
-    # This rank's own file first, and all ranks agree before DeepSpeed's collective load:
-    # a rank that fails alone must not leave the others waiting in a collective.
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint '{path}' is not in megamoe's format '{FORMAT}'; "
+                              f"start from its weights with train.init_from={path / 'weights'}")
+    # Everything a rank can check alone comes first, and all ranks agree before the collective
+    # load: a rank that fails alone must not leave the others waiting in a collective.
     rank_state, problem = None, None
     try:
-        rank_state = torch.load(path / f"rank_{topology.rank:05d}.pt", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file; the user needs one line
+        source = rank_file_for(meta, topology)
+        rank_state = torch.load(path / f"rank_{source:05d}.pt", weights_only=True)
+        why = mismatch(engine.module, stored_shapes(path / STATE_DIR))
+        if why:
+            problem = f"its state does not fit the model: {why}"
+    except Exception as exc:  # torch and safetensors raise many types for a bad file; the user needs one line
         problem = _describe(exc)
     failed = torch.tensor([0.0 if problem is None else 1.0], device=topology.device)
     dist.all_reduce(failed)
     if failed.item() > 0:
-        detail = problem or "another rank could not read its state"
+        detail = problem or "another rank could not read its part"
         raise CheckpointError(f"checkpoint '{path}' could not be loaded ({detail}); pass another checkpoint")
     try:
-        loaded, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
+        load_state(engine, path / STATE_DIR)
+        restore_engine_state(engine, meta["train_state"])
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"checkpoint '{path}' could not be loaded ({_describe(exc)}); "
                               f"pass another checkpoint") from None
-    if loaded is None:
-        raise CheckpointError(f"checkpoint '{path}' has no DeepSpeed state; pass another checkpoint")
-    restore_local_experts(engine.module, rank_state.pop("experts", {}))
     if ema is not None:
         ema_dir = path / "ema_weights"
         if not ema_dir.is_dir():
@@ -217,21 +278,57 @@ def load_checkpoint(engine, path: Path, topology, ema=None) -> dict:
     return rank_state
 
 
-def local_expert_state(module) -> dict:
-    """This rank's slice of the expert weights (the parameters expert parallelism shards)."""
-    return {name: p.detach().cpu().clone() for name, p in module.named_parameters()
-            if getattr(p, "allreduce", True) is False}
+def rank_file_for(meta: dict, topology) -> int:
+    """The saved rank whose file (data-stream position, RNG) this rank continues.
+
+    At the same data-parallel size: a saved rank with this rank's data-parallel rank (this rank's
+    own number when it is one, so an unchanged layout continues exactly). At another size the
+    stream restarts (the loader refuses otherwise) and only the RNG state is taken over.
+    """
+    dp_ranks = meta.get("dp_ranks") or list(range(meta["world_size"]))
+    if meta["dp_size"] == topology.dp_size:
+        same = [r for r, d in enumerate(dp_ranks) if d == topology.dp_rank]
+        if same:
+            return topology.rank if topology.rank in same else same[0]
+    return topology.rank % meta["world_size"]
 
 
-@torch.no_grad()
-def restore_local_experts(module, tensors: dict) -> None:
-    params = dict(module.named_parameters())
-    expected = {name for name, p in params.items() if getattr(p, "allreduce", True) is False}
-    if set(tensors) != expected:
-        raise CheckpointError(f"checkpoint expert weights do not match the model's expert-parallel slice "
-                              f"(have {len(tensors)} tensors, need {len(expected)}); resume with the same layout")
-    for name, tensor in tensors.items():
-        params[name].copy_(tensor)
+def engine_state(engine) -> dict:
+    """The engine's counters and LR schedule: small, identical on every rank, kept in meta.json."""
+    from megamoe.train.sharded_state import optimizer_step
+
+    scheduler = engine.lr_scheduler
+    schedule = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"} if scheduler else None
+    return {"optimizer_step": optimizer_step(engine), "global_steps": engine.global_steps,
+            "global_samples": engine.global_samples, "skipped_steps": engine.skipped_steps,
+            "lr_scheduler": schedule}
+
+
+def restore_engine_state(engine, state: dict) -> None:
+    from megamoe.train.sharded_state import set_optimizer_step
+
+    set_optimizer_step(engine, state["optimizer_step"])
+    engine.global_steps = state["global_steps"]
+    engine.global_samples = state["global_samples"]
+    engine.skipped_steps = state["skipped_steps"]
+    scheduler, saved = engine.lr_scheduler, state["lr_scheduler"]
+    if scheduler is None or saved is None:
+        return
+    # Another expert-parallel size has another number of optimizer param groups (experts get
+    # their own under EP > 1); their schedules are the same, so one saved value serves all.
+    groups = len(scheduler.base_lrs)
+    fitted = dict(saved)
+    for key in ("base_lrs", "_last_lr"):
+        values = saved.get(key)
+        if values is not None and len(values) != groups:
+            if len(set(values)) != 1:
+                raise CheckpointError(f"the checkpoint's LR schedule has {len(values)} different param-group "
+                                      f"values ({values}), this run has {groups} groups; resume at the saved "
+                                      f"parallel.expert_parallel_size")
+            fitted[key] = values[:1] * groups
+    scheduler.load_state_dict({**fitted, "lr_lambdas": [None] * groups})
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> None:
@@ -239,6 +336,13 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
     complete = complete_checkpoints(root)
     for old in complete[: max(0, len(complete) - max(1, keep_last))]:
         shutil.rmtree(old, ignore_errors=True)
+    # A temp dir older than the newest complete checkpoint is a save that was killed; saves are
+    # collective and one at a time, so no save of this run is writing to it.
+    newest = int(STEP_PATTERN.match(complete[-1].name).group(1)) if complete else None
+    for tmp in root.glob(".step_*.tmp"):
+        match = re.match(r"^\.step_(\d{8})\.tmp$", tmp.name)
+        if match and newest is not None and int(match.group(1)) < newest:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _describe(exc: Exception) -> str:

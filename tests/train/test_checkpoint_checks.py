@@ -2,10 +2,14 @@
 
 import json
 
-
 from launcher.pretrain import main
 from megamoe.config import load_config, to_yaml
-from megamoe.train.checkpoint import complete_checkpoints, prune_checkpoints
+from megamoe.train.checkpoint import (
+    FORMAT,
+    complete_checkpoints,
+    prune_checkpoints,
+    resolve_resume,
+)
 
 TINY = "configs/tiny.yaml"
 
@@ -13,11 +17,11 @@ TINY = "configs/tiny.yaml"
 def fake_checkpoint(root, step, cfg, files=None):
     """A checkpoint directory as save_checkpoint lays it out (contents are not loaded here)."""
     path = root / "checkpoints" / f"step_{step:08d}"
-    (path / "deepspeed").mkdir(parents=True)
-    files = files or {"deepspeed/model.pt": b"x" * 10, "rank_00000.pt": b"y" * 5}
+    (path / "state").mkdir(parents=True)
+    files = files or {"state/shard-00001-model-00001-of-00001.safetensors": b"x" * 10, "rank_00000.pt": b"y" * 5}
     for rel, data in files.items():
         (path / rel).write_bytes(data)
-    meta = {"step": step, "world_size": 1, "dp_size": 1, "config": to_yaml(cfg),
+    meta = {"format": FORMAT, "step": step, "world_size": 1, "dp_size": 1, "config": to_yaml(cfg),
             "files": {rel: len(data) for rel, data in files.items()}}
     (path / "meta.json").write_text(json.dumps(meta))
     return path
@@ -93,7 +97,7 @@ def test_latest_skips_a_save_interrupted_mid_write(tmp_path):
     cfg = load_config(TINY, [f"train.output_dir={tmp_path}"])
     fake_checkpoint(tmp_path, 5, cfg)
     interrupted = tmp_path / "checkpoints" / ".step_00000010.tmp"
-    (interrupted / "deepspeed").mkdir(parents=True)
+    (interrupted / "state").mkdir(parents=True)
     assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == ["step_00000005"]
 
 
@@ -107,9 +111,25 @@ def test_pruning_keeps_the_newest(tmp_path):
     assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == ["step_00000004"]
 
 
-def test_other_world_size_is_refused_before_start_up(tmp_path, capsys, monkeypatch):
+def test_other_data_parallel_size_needs_a_restarted_stream(tmp_path, capsys, monkeypatch):
+    """Weights and optimizer state reshard to any layout; the data stream's position does not."""
     cfg = load_config(TINY, [f"train.output_dir={tmp_path}"])
-    path = fake_checkpoint(tmp_path, 5, cfg)  # written by 1 rank
+    path = fake_checkpoint(tmp_path, 5, cfg)  # written by 1 rank: data-parallel size 1
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, err = run(tmp_path, capsys, "--resume", str(path))
-    assert_one_line_error(code, err, "written by 1 ranks, this run has 2")
+    assert_one_line_error(code, err, "data-parallel size 1, this run has 2", "data.restart_stream_on_resume=true")
+    restarted = load_config(TINY, [f"train.output_dir={tmp_path}", "data.restart_stream_on_resume=true"])
+    assert resolve_resume(restarted, str(path), world_size=2) == path
+    # other parallel sizes at the same data-parallel size: accepted (tensor parallel 2 on 2 ranks)
+    tp = load_config(TINY, [f"train.output_dir={tmp_path}", "parallel.tensor_parallel_size=2"])
+    assert resolve_resume(tp, str(path), world_size=2) == path
+
+
+def test_checkpoint_in_deepspeeds_format_is_refused(tmp_path, capsys):
+    cfg = load_config(TINY, [f"train.output_dir={tmp_path}"])
+    path = fake_checkpoint(tmp_path, 5, cfg)
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["format"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    code, err = run(tmp_path, capsys, "--resume", str(path))
+    assert_one_line_error(code, err, "DeepSpeed's own format", "train.init_from=")
