@@ -4,6 +4,8 @@
 
 Everything that can be checked before start-up (config, resume checkpoint) is checked
 before any process group exists; a problem prints one line and exits with code 2.
+SIGTERM or SIGUSR1 (preemption) makes every rank finish its step, write a checkpoint and exit 0;
+`--resume auto` then continues from it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
     parser.add_argument("--resume", default=None,
-                        help="'latest' (newest complete checkpoint in train.output_dir) or a checkpoint directory")
+                        help="'auto' (newest complete checkpoint in train.output_dir if any, else a fresh start: "
+                             "for preemptible and self-restarting jobs), 'latest' (the newest, which must exist) "
+                             "or a checkpoint directory")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4 train.steps=100")
     return parser.parse_intermixed_args(argv)  # options may follow the key=value overrides
 
@@ -45,11 +49,14 @@ def main(argv=None) -> int:
     from megamoe.device import resolve_device
     from megamoe.parallel.topology import destroy_distributed, init_distributed
     from megamoe.train.loop import train
+    from megamoe.train.resilience import STOP_REQUEST, NonFiniteError
+
+    STOP_REQUEST.install()  # a preemption signal during start-up stops the run after its first step
 
     topology = init_distributed(cfg.parallel, resolve_device(cfg.train.device))
     try:
         train(cfg, topology, resume_from)
-    except (CheckpointError, DataError, StreamStateError) as exc:
+    except (CheckpointError, DataError, StreamStateError, NonFiniteError) as exc:
         print(f"error (rank {topology.rank}): {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:

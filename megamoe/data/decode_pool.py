@@ -43,6 +43,7 @@ _live_pools: "weakref.WeakSet[DecodePool]" = weakref.WeakSet()
 def _child_main(fd: int, preload: str) -> None:
     """Loop of one worker: receive (fn, args), send back ('ok', result) or an error, until None/EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; we exit on EOF
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # preemption notice: the training process handles it
     conn = Connection(fd)
     sys.path[:] = conn.recv()  # the parent's, so its modules (and test modules) unpickle here
     try:

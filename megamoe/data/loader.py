@@ -58,6 +58,7 @@ def _worker_main(spec: StreamSpec, worker: int, state: dict, conn, readers: list
     for reader in readers:  # forked copies of read ends (its own and its siblings'): while any is
         reader.close()  # open, a worker's writes never fail and it would outlive the training process
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the training process; it stops us
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # preemption notice: the training process handles it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run atexit: close the decode pool
     torch.set_num_threads(1)
     stream = None

@@ -65,6 +65,8 @@ class RunLogger:
         speed = f"{scalars['samples_per_s']:.1f}" if "samples_per_s" in scalars else "-"
         skipped = sum(n for name, n in data.items() if name.startswith("bad_"))
         bad = f" | bad {skipped}" if skipped else ""
+        nonfinite = scalars.get("skipped_steps", 0)  # optimizer steps skipped for a NaN/inf loss or grad norm
+        bad += f" | skipped_steps {nonfinite}" if nonfinite else ""
         print(f"step {step}/{self.total_steps} | loss {scalars['loss']:.4f} | lr {scalars['lr']:.2e} | "
               f"grad_norm {scalars['grad_norm']:.3f} | {speed} samples/s | eta {eta}{bad}", flush=True)
 

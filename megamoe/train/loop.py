@@ -17,16 +17,19 @@ from megamoe.config import Config
 from megamoe.data.loader import ShardLoader, build_loader
 from megamoe.data.video_latents import VideoToLatents
 from megamoe.device import rng_states, set_rng_states
+from megamoe.model.activation_checkpointing import apply_activation_checkpointing
 from megamoe.model.dit import build_model
 from megamoe.model.weights import load_diffusers_weights, write_diffusers_weights
 from megamoe.moe.diagnostics import RoutingDiagnostics
 from megamoe.moe.layer import moe_layers, routers_after_step
-from megamoe.parallel.expert import apply_expert_parallel
-from megamoe.parallel.topology import Topology, expert_groups
+from megamoe.parallel.parallelize import parallelize
+from megamoe.parallel.topology import Topology
 from megamoe.train.checkpoint import load_checkpoint, save_checkpoint
 from megamoe.train.engine import EMA, build_engine, resync_lr
 from megamoe.train.logging import RunLogger
-from megamoe.train.objective import training_loss
+from megamoe.train.objective import loss_weights, training_loss
+from megamoe.train.resilience import (STOP_REQUEST, StepAgreement, inject_nan, local_grads_finite,
+                                      poison_if_nonfinite, slow_save)
 
 
 def step_generator(seed: int, dp_rank: int, step: int) -> torch.Generator:
@@ -53,18 +56,44 @@ def build_data(cfg: Config, topology: Topology) -> tuple[ShardLoader, VideoToLat
     return build_loader(cfg, topology.dp_rank, topology.dp_size, compression), to_latents
 
 
-def sum_over_data_parallel(value: torch.Tensor) -> torch.Tensor:
-    value = value.detach().clone()
-    dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
-    return value
+def token_shard_group(cfg: Config):
+    """The ranks that hold different tokens of the global batch: data x context parallel, and the
+    tensor-parallel ranks too under sequence parallelism (every rank then, as pipeline size is 1).
+    Without SP the TP ranks of a group hold the same tokens and must be counted once."""
+    if cfg.parallel.sequence_parallel and cfg.parallel.tensor_parallel_size > 1:
+        return dist.group.WORLD
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
-def mean_over_data_parallel(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """One all-reduce for all logged scalars (every rank must have the same keys)."""
-    names = sorted(values)
-    stacked = sum_over_data_parallel(torch.stack([values[n].float() for n in names]))
-    stacked = stacked.cpu() / parallel_state.get_data_parallel_world_size()
-    return {n: v.item() for n, v in zip(names, stacked)}
+def sum_over_token_shards(cfg: Config):
+    """`reduce` for statistics additive over tokens (expert loads, routing diagnostics): each rank's
+    routers see only its shard of the sequence under CP / SP, so the sum runs over every shard."""
+    group = token_shard_group(cfg)
+
+    def reduce(value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().clone()
+        dist.all_reduce(value, group=group)
+        return value
+
+    return reduce
+
+
+def mean_loss_parts(cfg: Config, parts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The logged losses of a step: each part averaged over every token shard and data-parallel rank.
+
+    The flow loss is the same on the ranks of one TP/CP group (the prediction is gathered), so
+    this is its data-parallel mean. Router losses are per shard; their mean over shards is what
+    the objective optimizes (see train/objective.py), and the total is rebuilt from the means as
+    flow + sum of weight x part, which is each rank's `loss` when nothing is sharded.
+    """
+    group = token_shard_group(cfg)
+    names = sorted(parts)
+    stacked = torch.stack([parts[n].float() for n in names])
+    dist.all_reduce(stacked, group=group)
+    means = {n: v.item() for n, v in zip(names, stacked.cpu() / dist.get_world_size(group))}
+    weights = loss_weights(cfg)
+    total = means["flow"] + sum(weights[n] * means[n] for n in names if n != "flow" and weights.get(n, 0.0) > 0)
+    return {"loss": total, **means}
 
 
 def data_counts_over_data_parallel(loader: ShardLoader) -> dict[str, int]:
@@ -75,10 +104,17 @@ def data_counts_over_data_parallel(loader: ShardLoader) -> dict[str, int]:
     return dict(sum((Counter(c) for c in everyone), Counter()))
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on at least one (collective)."""
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def build_diagnostics(cfg: Config, module) -> RoutingDiagnostics | None:
     if not moe_layers(module) or cfg.model.moe.diagnostics_every == 0:
         return None
-    return RoutingDiagnostics(module, cfg.model.moe, reduce=sum_over_data_parallel)
+    return RoutingDiagnostics(module, cfg.model.moe, reduce=sum_over_token_shards(cfg))
 
 
 def fp32_master_getter(cfg: Config):
@@ -96,50 +132,62 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
 
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     model = build_model(cfg.model).to(topology.device)
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     if cfg.train.init_from:
         load_diffusers_weights(model, cfg.train.init_from)
+    layout = cfg.parallel
     log.info(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-             f"{topology.world_size} rank(s), data-parallel {topology.dp_size}, device {topology.device.type}")
-    if cfg.parallel.expert_parallel_size > 1:  # each rank keeps its slice of the experts
-        apply_expert_parallel(model, expert_groups()[0])
+             f"{topology.world_size} rank(s) as {topology.describe()}"
+             f"{', sequence parallel' if layout.sequence_parallel and layout.tensor_parallel_size > 1 else ''}, "
+             f"device {topology.device.type}")
+    if max(layout.tensor_parallel_size, layout.context_parallel_size, layout.expert_parallel_size) > 1:
+        parallelize(model, layout)  # each rank keeps its shard of the weights, tokens and experts
     engine = build_engine(model, cfg)
     ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     loader, to_latents = build_data(cfg, topology)
 
     start_step = 0
+    agreement = StepAgreement(topology.device, cfg.train.max_nonfinite_steps)
     if resume_from is not None:
         rank_state = load_checkpoint(engine, resume_from, topology, ema)
+        agreement.load_state_dict(rank_state)
         resync_lr(engine)
         start_step = rank_state["step"]
         loader.load_state_dict(rank_state["data"], restart=cfg.data.restart_stream_on_resume)
         set_rng_states(rank_state["rng"], topology.device)
         log.info(f"resumed from {resume_from} at step {start_step}")
 
-    def export(state_dict, directory):
-        write_diffusers_weights(state_dict, cfg.model, directory)
-
     def checkpoint(step):
-        state = {"step": step, "data": loader.state_dict(), "rng": rng_states(topology.device)}
+        def export(state_dict, directory):
+            write_diffusers_weights(state_dict, cfg.model, directory)
+            slow_save(step)  # test hook (a save killed mid-write); does nothing unless its variable is set
+
+        state = {"step": step, "data": loader.state_dict(), "rng": rng_states(topology.device),
+                 **agreement.state_dict()}
         path = save_checkpoint(engine, cfg, step, state, topology, export, ema)
         log.info(f"saved checkpoint {path}")
+        return path
 
     # Nominal: with data.tokens_per_batch > 0 the batch size varies by bucket.
     samples_per_step = cfg.data.micro_batch_size * cfg.train.grad_accum * topology.dp_size
     diagnostics = build_diagnostics(cfg, engine.module)
     master_weights = fp32_master_getter(cfg)
     history = []
+    stop_signals = STOP_REQUEST.install()  # SIGTERM / SIGUSR1: finish the step, checkpoint, exit 0
     engine.train()
     for step in range(start_step, cfg.train.steps):
         done = step + 1
         generator = step_generator(cfg.train.seed, topology.dp_rank, step)
         diagnose = diagnostics is not None and done % cfg.model.moe.diagnostics_every == 0
         sums: dict[str, torch.Tensor] = {}
+        grads_bad = False
         for micro in range(cfg.train.grad_accum):
             last_micro = micro == cfg.train.grad_accum - 1
             batch = next(loader)
             if to_latents is not None:
                 batch = to_latents(batch)
             latents = batch["latents"].to(topology.device, non_blocking=True)
+            latents = inject_nan(latents, done, topology.dp_rank)  # test hook; a no-op unless its variable is set
             text = batch["text"].to(topology.device, non_blocking=True)
             if diagnose and last_micro:
                 diagnostics.enable_recording(True)
@@ -147,32 +195,54 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
             if diagnose and last_micro:
                 diagnostics.enable_recording(False)
                 diagnostics.snapshot_router_params(master_weights)
-            engine.backward(loss)
-            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            engine.backward(poison_if_nonfinite(loss))
+            if last_micro and cfg.optim.zero_stage == 0:  # gradients are all-reduced by now
+                grads_bad = any_rank(not local_grads_finite(engine.module), topology.device)
+            if grads_bad:
+                # Without ZeRO, DeepSpeed runs the plain optimizer, which never checks gradients:
+                # leave the optimizer (and LR schedule, as ZeRO does) out of this step, and count the
+                # micro-step as step() would, so the next accumulation boundary stays in place.
+                engine.zero_grad()
+                engine.micro_steps += 1
+            else:
+                engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             for name, value in {"loss": loss.detach(), **parts}.items():
                 sums[name] = sums[name] + value if name in sums else value.float()
-        routers_after_step(engine.module, sum_over_data_parallel)
-        if ema is not None:
-            ema.update(engine.module)
+        # ZeRO-1/2 skip the update themselves when the global gradient norm is not finite (see
+        # resilience.poison_if_nonfinite); one all-reduce per step makes every rank agree on that
+        # and on a preemption signal that may have reached only some ranks so far.
+        stop, skipped = agreement.end_of_step(done, stop_signals.requested,
+                                              grads_bad or not engine.was_step_applied())
+        if skipped:
+            log.info(f"warning: step {done}: non-finite loss or gradient norm; step skipped, weights unchanged "
+                     f"({agreement.streak} in a row, {agreement.skipped_steps} in all)")
+        else:  # routing statistics and EMA of a skipped step would carry its NaNs forward
+            routers_after_step(engine.module, sum_over_token_shards(cfg))
+            if ema is not None:
+                ema.update(engine.module)
         if diagnose:
             diagnostics.measure_bf16_loss(master_weights)
             log.log_diagnostics(diagnostics.compute(done), done)
 
         if done % cfg.logging.every_steps == 0 or done == cfg.train.steps:
-            means = mean_over_data_parallel({k: v / cfg.train.grad_accum for k, v in sums.items()})
+            means = mean_loss_parts(cfg, {k: v / cfg.train.grad_accum for k, v in sums.items() if k != "loss"})
             grad_norm = engine.get_global_grad_norm()
             scalars = {
                 "loss": means.pop("loss"),
                 "lr": engine.get_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "skipped_steps": agreement.skipped_steps,
                 **{f"loss_{name}": value for name, value in means.items()},
             }
             log.log_step(done, scalars, samples_per_step, data_counts_over_data_parallel(loader))
             history.append({"step": done, **scalars})
         every, exit_interval = cfg.checkpoint.every_steps, cfg.train.exit_interval
         leaving = bool(exit_interval) and done % exit_interval == 0
-        if (every and done % every == 0) or done == cfg.train.steps or leaving:
-            checkpoint(done)
+        if (every and done % every == 0) or done == cfg.train.steps or leaving or stop:
+            path = checkpoint(done)
+        if stop and done < cfg.train.steps:
+            log.info(f"preempted: saved checkpoint {path} at step {done}; continue with --resume auto")
+            break
         if leaving and done < cfg.train.steps:
             log.info(f"exit interval: stopping after step {done}; continue with --resume latest")
             break

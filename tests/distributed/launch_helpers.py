@@ -17,10 +17,11 @@ import torch.multiprocessing as mp
 REPO = Path(__file__).resolve().parents[2]
 
 
-def pretrain(args, nproc: int | None = 2, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+def pretrain(args, nproc: int | None = 2, check: bool = True, timeout: int = 900,
+             env: dict | None = None) -> subprocess.CompletedProcess:
     """`launcher/pretrain.py ARGS` on `nproc` gloo ranks under torchrun; nproc=None runs one
-    plain process (the launcher then makes a world of one)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    plain process (the launcher then makes a world of one). `env`: extra environment variables."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     script = str(REPO / "launcher" / "pretrain.py")
     if nproc is None:
         env.pop("RANK", None), env.pop("WORLD_SIZE", None)
@@ -67,3 +68,47 @@ def spawn(worker, world: int, *args) -> None:
         while not errors.empty():
             messages.append(errors.get())
         pytest.fail("\n".join(messages) or str(exc))
+
+
+def start_pretrain(args, nproc: int = 2, env: dict | None = None, torchrun_args=()) -> subprocess.Popen:
+    """Like `pretrain`, but returns the running torchrun process (stdout and stderr piped), for
+    tests that signal or kill it, or one of its workers, while it trains."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", "127.0.0.1:0", *torchrun_args, str(REPO / "launcher" / "pretrain.py"), *map(str, args)]
+    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def worker_pids(torchrun: subprocess.Popen) -> dict[int, int]:
+    """{global rank: pid} of the training processes torchrun started (they run in their own sessions)."""
+    import psutil
+
+    found = {}
+    for child in psutil.Process(torchrun.pid).children(recursive=True):
+        try:
+            rank = child.environ().get("RANK")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if rank is not None and "pretrain.py" in " ".join(child.cmdline()):
+            found[int(rank)] = child.pid
+    return found
+
+
+def wait_until(condition, what: str, proc: subprocess.Popen | None = None, timeout: float = 600) -> None:
+    """Poll `condition()` until true; fail (with the run's output) if `proc` ends first or after
+    `timeout` seconds (a guard against a hang, not a timing assertion)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"run ended ({proc.returncode}) before {what}:\n{out[-3000:]}\n{err[-6000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def steps_logged(output_dir) -> int:
+    path = Path(output_dir) / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0

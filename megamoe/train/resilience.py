@@ -1,0 +1,152 @@
+"""Surviving a cluster: preemption signals, non-finite steps, and test-only fault injection.
+
+Two decisions must be the same on every rank, or ranks drift apart or hang in a collective:
+
+- *stop now* (preemption): SIGTERM or SIGUSR1 may reach the ranks at different times, so each
+  rank only raises a local flag, and the flags are combined once per step;
+- *this step was skipped* (a non-finite loss or gradient norm).
+
+`StepAgreement.end_of_step` combines both with a single all-reduce (MAX) of two numbers over
+all ranks, once per step: cheap next to the step's own gradient reduction.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient norm; the message names the step."""
+
+
+class StopSignals:
+    """Remembers that SIGTERM or SIGUSR1 arrived; the training loop stops after the current step.
+
+    The handler only sets a flag: a signal can arrive inside a collective or a checkpoint write,
+    and stopping there would leave the other ranks waiting or the checkpoint half written.
+    """
+
+    def __init__(self):
+        self.received: str | None = None
+        self._installed = False
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def install(self) -> "StopSignals":
+        """Idempotent: the launcher installs it before start-up (which can take minutes), the loop again."""
+        if threading.current_thread() is threading.main_thread() and not self._installed:  # handlers: main thread only
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self._handle)
+            self._installed = True
+        return self
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+
+STOP_REQUEST = StopSignals()
+"""The process's one stop flag (a signal handler is process-wide)."""
+
+
+class StepAgreement:
+    """Per-step agreement on stopping and on skipped steps, and the count of skipped steps.
+
+    `skipped_steps` (total) and `streak` (consecutive) travel in the checkpoint, so a resumed run
+    keeps counting where the interrupted one was.
+    """
+
+    def __init__(self, device: torch.device, max_nonfinite_steps: int):
+        self.device = device
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.skipped_steps = 0
+        self.streak = 0
+
+    def end_of_step(self, step: int, stop_requested: bool, step_skipped: bool) -> tuple[bool, bool]:
+        """Collective (every rank, every step): returns (stop, skipped) as agreed by all ranks.
+
+        Raises NonFiniteError when `max_nonfinite_steps` steps in a row were skipped.
+        """
+        flags = torch.tensor([float(stop_requested), float(step_skipped)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, skipped = (bool(v) for v in flags.tolist())
+        if skipped:
+            self.skipped_steps += 1
+            self.streak += 1
+            if self.streak >= self.max_nonfinite_steps:
+                first = step - self.streak + 1
+                raise NonFiniteError(
+                    f"steps {first}..{step} all had a non-finite loss or gradient norm ({self.streak} in a row, "
+                    f"train.max_nonfinite_steps={self.max_nonfinite_steps}); stopped at step {step}: lower optim.lr, "
+                    f"check the data, or resume from an earlier checkpoint")
+        else:
+            self.streak = 0
+        return stop, skipped
+
+    def state_dict(self) -> dict:
+        return {"skipped_steps": self.skipped_steps, "nonfinite_streak": self.streak}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped_steps = int(state.get("skipped_steps", 0))  # checkpoints written before this existed
+        self.streak = int(state.get("nonfinite_streak", 0))
+
+
+def poison_if_nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """Make every gradient NaN when the loss is not finite, so the optimizer step is skipped.
+
+    DeepSpeed's ZeRO-1/2 optimizer already skips the update, zeroes the gradients and leaves the
+    LR schedule where it was when the *global* gradient norm is not finite (it is reduced over
+    all ranks, so all ranks skip together; `engine.was_step_applied()` reports it). A non-finite
+    loss nearly always gives non-finite gradients; multiplying by NaN makes that certain. For a
+    finite loss the factor is exactly 1.0, which changes no bit of the loss or the gradients,
+    and it needs no host synchronisation.
+    """
+    finite = torch.isfinite(loss.detach())
+    return loss * torch.where(finite, torch.ones_like(loss), torch.full_like(loss, float("nan"))).detach()
+
+
+def local_grads_finite(module: torch.nn.Module) -> bool:
+    """Whether every gradient held by this rank is finite (for optim.zero_stage=0, see loop.py)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
+
+
+# --- test-only fault injection ----------------------------------------------------------------
+# Tests of preemption, killed saves and NaN steps need a fault at a chosen moment. These hooks are
+# read from environment variables named MEGAMOE_TEST_*, do nothing when unset, and are not part
+# of the configuration on purpose: no real run should set them.
+
+NAN_STEPS_ENV = "MEGAMOE_TEST_NAN_AT_STEPS"
+"""Comma list of 1-based steps whose batch on data-parallel rank 0 is replaced by NaN, e.g. '3,4'."""
+SLOW_SAVE_ENV = "MEGAMOE_TEST_SLOW_SAVE"
+"""'STEP:SECONDS': the checkpoint of STEP sleeps SECONDS while still in its temporary directory."""
+
+
+def _nan_steps() -> set[int]:
+    return {int(s) for s in os.environ.get(NAN_STEPS_ENV, "").split(",") if s.strip()}
+
+
+def inject_nan(latents: torch.Tensor, step: int, dp_rank: int) -> torch.Tensor:
+    """Test hook: a NaN batch at the steps of MEGAMOE_TEST_NAN_AT_STEPS, on one rank only (so the
+    other ranks' losses stay finite and must still take the same decision)."""
+    if dp_rank == 0 and step in _nan_steps():
+        return torch.full_like(latents, float("nan"))
+    return latents
+
+
+def slow_save(step: int) -> None:
+    """Test hook: called while the checkpoint of `step` is written, before it is renamed into place."""
+    value = os.environ.get(SLOW_SAVE_ENV)
+    if value:
+        at, seconds = value.split(":")
+        if int(at) == step:
+            time.sleep(float(seconds))

@@ -1,0 +1,141 @@
+"""Cluster faults on 2 gloo ranks under torchrun: preemption signals, a save killed mid-write,
+a rank killed mid-run under --max-restarts, and non-finite steps. Each is checked against an
+uninterrupted run (or, for a skipped step, against the weights of the step before)."""
+
+import os
+import signal
+
+from launch_helpers import REPO, pretrain, read_metrics, start_pretrain, steps_logged, wait_until, worker_pids
+
+TINY = str(REPO / "configs" / "tiny.yaml")
+SMALL = ["model.num_layers=2", "model.dim=32", "model.ffn_dim=64", "data.micro_batch_size=4"]
+
+
+def common(out, data_cache, steps, *extra):
+    return ["--config", TINY, f"train.output_dir={out}", f"data.cache_dir={data_cache}", f"train.steps={steps}",
+            "logging.every_steps=1", "optim.warmup_steps=2", *extra]
+
+
+def checkpoints(out) -> list[str]:
+    root = out / "checkpoints"
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def weights(checkpoint):
+    from safetensors.torch import load_file
+
+    return load_file(checkpoint / "weights" / "diffusion_pytorch_model.safetensors")
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), "weights differ"
+
+
+def test_sigterm_to_torchrun_saves_and_resume_auto_continues_exactly(tmp_path, data_cache):
+    part, full = tmp_path / "part", tmp_path / "full"
+    args = common(part, data_cache, 400, *SMALL, "checkpoint.every_steps=0")  # only the preemption saves
+    run = start_pretrain(args + ["--resume", "auto"])  # a fresh start: nothing to resume yet
+    wait_until(lambda: steps_logged(part) >= 3, "3 steps", run)
+    run.send_signal(signal.SIGTERM)  # torchrun forwards it to its workers
+    out, err = run.communicate(timeout=600)
+
+    saved = checkpoints(part)
+    assert len(saved) == 1 and saved[0].startswith("step_"), saved  # complete, no temp directory left
+    stopped = int(saved[0][5:])
+    assert 3 <= stopped < 400
+    assert f"preempted: saved checkpoint {part / 'checkpoints' / saved[0]} at step {stopped}" in out
+    assert max(read_metrics(part)) == stopped  # no rank went on past the agreed step
+    assert "forcefully" not in err  # the workers exited on their own, before torchrun's kill timeout
+    assert run.returncode != 0 and "got signal: 15" in err  # torchrun re-raises a signal it forwarded
+
+    stop_at = [f"train.exit_interval={stopped + 3}"]  # compare three steps after the preemption
+    resumed = pretrain(args + stop_at + ["--resume", "auto"])
+    assert f"resumed from {part / 'checkpoints' / saved[0]} at step {stopped}" in resumed.stdout
+    pretrain(common(full, data_cache, 400, *SMALL, "checkpoint.every_steps=0") + stop_at)
+    uninterrupted, continued = read_metrics(full), read_metrics(part)
+    for step in range(stopped + 1, stopped + 4):
+        for name in ("loss", "grad_norm", "lr"):
+            assert continued[step][name] == uninterrupted[step][name], (step, name)
+
+
+def test_a_signal_reaching_one_rank_stops_all_after_the_same_step(tmp_path, data_cache):
+    out_dir = tmp_path / "run"
+    run = start_pretrain(common(out_dir, data_cache, 400, *SMALL, "checkpoint.every_steps=0"))
+    wait_until(lambda: steps_logged(out_dir) >= 3, "3 steps", run)
+    os.kill(worker_pids(run)[1], signal.SIGUSR1)  # rank 1 only; rank 0 (which logs) never gets it
+    out, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err[-4000:]
+    saved = checkpoints(out_dir)
+    assert len(saved) == 1
+    stopped = int(saved[0][5:])
+    assert f"at step {stopped}; continue with --resume auto" in out and max(read_metrics(out_dir)) == stopped
+    ckpt = out_dir / "checkpoints" / saved[0]
+    assert (ckpt / "rank_00000.pt").is_file() and (ckpt / "rank_00001.pt").is_file()
+
+
+def test_save_killed_mid_write_is_skipped_by_resume_auto(tmp_path, data_cache):
+    out_dir = tmp_path / "run"
+    args = common(out_dir, data_cache, 6, *SMALL, "checkpoint.every_steps=2")
+    # the checkpoint of step 4 stalls after its weights are written, before its rename
+    run = start_pretrain(args + ["--resume", "auto"], env={"MEGAMOE_TEST_SLOW_SAVE": "4:600"})
+    stalled = out_dir / "checkpoints" / ".step_00000004.tmp" / "weights" / "diffusion_pytorch_model.safetensors"
+    wait_until(stalled.is_file, "the save of step 4", run)
+    pids = worker_pids(run)
+    for pid in [run.pid, *pids.values()]:
+        os.kill(pid, signal.SIGKILL)
+    run.communicate()
+    assert checkpoints(out_dir) == [".step_00000004.tmp", "step_00000002"]
+
+    resumed = pretrain(args + ["--resume", "auto"])
+    assert f"resumed from {out_dir / 'checkpoints' / 'step_00000002'} at step 2" in resumed.stdout
+    assert checkpoints(out_dir) == ["step_00000002", "step_00000004", "step_00000006"]  # the stale temp dir is gone
+
+
+def test_max_restarts_brings_a_killed_rank_back_with_identical_final_weights(tmp_path, data_cache):
+    job, full = tmp_path / "job", tmp_path / "full"
+    extra = [*SMALL, "checkpoint.every_steps=3", "checkpoint.keep_last=10"]
+    # The save of step 6 stalls a few seconds, so the job is surely still running when rank 1 is killed.
+    run = start_pretrain(common(job, data_cache, 12, *extra) + ["--resume", "auto"],
+                         env={"MEGAMOE_TEST_SLOW_SAVE": "6:5"}, torchrun_args=["--max-restarts", "1"])
+    wait_until(lambda: "step_00000003" in checkpoints(job), "the checkpoint of step 3", run)
+    os.kill(worker_pids(run)[1], signal.SIGKILL)
+    out, err = run.communicate(timeout=900)
+    assert run.returncode == 0, err[-4000:]
+    assert "resumed from" in out  # the restarted workers continued from a checkpoint
+
+    pretrain(common(full, data_cache, 12, *extra))
+    assert_same_weights(weights(job / "checkpoints" / "step_00000012"), weights(full / "checkpoints" / "step_00000012"))
+
+
+def test_nonfinite_step_is_skipped_on_every_rank_and_counted(tmp_path, data_cache):
+    out_dir = tmp_path / "run"
+    # ZeRO-2 reduces gradients during backward; the NaN batch reaches data-parallel rank 0 only.
+    result = pretrain(common(out_dir, data_cache, 5, *SMALL, "optim.zero_stage=2", "checkpoint.every_steps=1",
+                             "checkpoint.keep_last=10"), env={"MEGAMOE_TEST_NAN_AT_STEPS": "3"})
+    ckpts = out_dir / "checkpoints"
+    assert_same_weights(weights(ckpts / "step_00000002"), weights(ckpts / "step_00000003"))  # no update
+    after, before = weights(ckpts / "step_00000004"), weights(ckpts / "step_00000003")
+    assert not all(after[k].equal(before[k]) for k in after)  # step 4 trains again
+    metrics = read_metrics(out_dir)
+    assert [metrics[s]["skipped_steps"] for s in range(1, 6)] == [0, 0, 1, 1, 1]
+    assert "warning: step 3: non-finite loss or gradient norm; step skipped" in result.stdout
+    assert "skipped_steps 1" in result.stdout
+
+
+def test_nonfinite_step_without_zero_is_skipped_too(tmp_path, data_cache):
+    out_dir = tmp_path / "run"
+    pretrain(common(out_dir, data_cache, 4, *SMALL, "optim.zero_stage=0", "checkpoint.every_steps=1",
+                    "checkpoint.keep_last=10"), env={"MEGAMOE_TEST_NAN_AT_STEPS": "3"})
+    ckpts = out_dir / "checkpoints"
+    assert_same_weights(weights(ckpts / "step_00000002"), weights(ckpts / "step_00000003"))
+    assert read_metrics(out_dir)[4]["skipped_steps"] == 1
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_naming_the_step(tmp_path, data_cache):
+    out_dir = tmp_path / "run"
+    result = pretrain(common(out_dir, data_cache, 8, *SMALL, "train.max_nonfinite_steps=2"), nproc=None,
+                      check=False, env={"MEGAMOE_TEST_NAN_AT_STEPS": "3,4"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "steps 3..4 all had a non-finite loss" in errors[0] and "stopped at step 4" in errors[0]
+    assert max(read_metrics(out_dir)) == 3  # step 3 was skipped (and logged), step 4 stopped the run
