@@ -119,15 +119,20 @@ def full_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor] | None = 
     instead of the model's own state.
     """
     state = dict(model.state_dict()) if tensors is None else dict(tensors)
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    ep_group = parallel_state.get_expert_model_parallel_group()
     for name, param in model.named_parameters():
-        if name not in state:
-            continue
-        value = state[name].detach()
-        if getattr(param, "tensor_model_parallel", False):
-            value = gather_along_dim(value, param.partition_dim, tp_group)
-        if getattr(param, "allreduce", True) is False:
-            value = gather_along_dim(value, 0, ep_group)
-        state[name] = value
+        split = split_of(param)
+        if name in state and split is not None:
+            group, dim = split
+            state[name] = gather_along_dim(state[name].detach(), dim, group)
     return state
+
+
+def split_of(param: torch.Tensor) -> tuple | None:
+    """(group whose ranks hold consecutive blocks of `param`, dimension), or None when every rank
+    holds it whole: experts are split over the expert-parallel group along the expert dimension,
+    tensor-parallel weights over TP along `partition_dim` (never both: expert TP is 1)."""
+    if getattr(param, "allreduce", True) is False:
+        return parallel_state.get_expert_model_parallel_group(), 0
+    if getattr(param, "tensor_model_parallel", False):
+        return parallel_state.get_tensor_model_parallel_group(), int(param.partition_dim)
+    return None

@@ -12,6 +12,7 @@ all ranks, once per step: cheap next to the step's own gradient reduction.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -131,6 +132,7 @@ SLOW_SAVE_ENV = "MEGAMOE_TEST_SLOW_SAVE"
 """'STEP:SECONDS': the checkpoint of STEP sleeps SECONDS while still in its temporary directory."""
 
 
+@functools.cache  # read once: inject_nan runs every micro-step
 def _nan_steps() -> set[int]:
     return {int(s) for s in os.environ.get(NAN_STEPS_ENV, "").split(",") if s.strip()}
 

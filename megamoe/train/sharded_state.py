@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megamoe.parallel.parallelize import split_of
+
 OPTIMIZER_KINDS = ("master", "exp_avg", "exp_avg_sq")
 KINDS = ("model", *OPTIMIZER_KINDS)
 LOAD_BUCKET_BYTES = 1 << 30
@@ -43,19 +45,6 @@ LOAD_BUCKET_BYTES = 1 << 30
 
 # ---------------------------------------------------------------------------------------------
 # Where a rank's tensor sits in the full tensor.
-
-def split_of(param) -> tuple | None:
-    """(process group whose ranks hold consecutive blocks, dimension) or None if replicated."""
-    if getattr(param, "allreduce", True) is False:  # experts: a slice of the stacked experts
-        from megamoe.parallel.topology import expert_groups
-
-        return expert_groups()[0], 0
-    if getattr(param, "tensor_model_parallel", False):
-        from megatron.core import parallel_state
-
-        return parallel_state.get_tensor_model_parallel_group(), int(param.partition_dim)
-    return None
-
 
 def global_shape(local: torch.Tensor, split) -> torch.Size:
     if split is None:
