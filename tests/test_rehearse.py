@@ -1,0 +1,60 @@
+"""launcher/rehearse.py: one process plays one rank of a larger layout on torch's fake process group.
+
+The reference is the planner's closed form (itself checked against a real DeepSpeed engine in
+tests/test_plan.py) and the layout arithmetic: rank R of EP=E holds num_experts / E experts per MoE
+layer, and ZeRO-2 keeps 1/DP of the rest of the optimizer state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megamoe.config import load_config
+from megamoe.plan import count_parameters
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rehearse(tmp_path, *args):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    out = tmp_path / "rehearsal.json"
+    done = subprocess.run([sys.executable, "launcher/rehearse.py", "--json", str(out), *map(str, args),
+                           f"train.output_dir={tmp_path / 'run'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return done, (json.loads(out.read_text()) if out.exists() else None)
+
+
+@pytest.mark.parametrize("rank, overrides", [
+    (5, ["parallel.expert_parallel_size=4"]),
+    (3, ["parallel.tensor_parallel_size=2", "parallel.expert_parallel_size=2"]),
+])
+def test_a_rank_of_an_8_gpu_layout_holds_its_shard_and_agrees_with_the_planner(tmp_path, rank, overrides):
+    done, figures = rehearse(tmp_path, "--config", "configs/tiny_moe.yaml", "--nodes", 2, "--gpus-per-node", 4,
+                             "--rank", rank, "optim.zero_stage=2", "train.precision=bf16", *overrides)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "agrees with the planner" in done.stdout
+    cfg = load_config(str(REPO / "configs/tiny_moe.yaml"), overrides)
+    p, counts = cfg.parallel, count_parameters(cfg.model)
+    # The rank's weights: its 1/TP of the TP-sharded parameters, the replicated rest, 1/EP of the experts.
+    local = (counts.total - counts.routed_experts - counts.tensor_parallel * (1 - 1 / p.tensor_parallel_size)
+             + counts.routed_experts / p.expert_parallel_size)
+    assert figures["measured"]["weights"] == 2 * local  # bf16, exact: every parameter counted once
+    for kind in ("gradients", "optimizer"):
+        assert abs(figures["measured"][kind] / figures["planned"][kind] - 1) <= 0.05, kind
+    act = figures["activation_bytes_per_token"]
+    assert abs(act["measured"] / act["planned"] - 1) <= 0.2, act
+
+
+def test_bad_input_is_one_line(tmp_path):
+    for args, needle in [(["--rank", 8], "--rank"), (["--latent", "1,8"], "--latent"),
+                         (["--num-layers", 9], "--num-layers"), (["parallel.expert_parallel_size=3"], "expert")]:
+        done, _ = rehearse(tmp_path, "--config", "configs/tiny_moe.yaml", "--nodes", 2, "--gpus-per-node", 4, *args)
+        assert done.returncode == 2 and needle in done.stderr, (args, done.stderr[-500:])
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
