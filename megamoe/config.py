@@ -473,12 +473,11 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
     if video:
         _check(d.vae_path is not None and d.text_encoder_path is not None,
                "data.format=video encodes clips during training: set data.vae_path and data.text_encoder_path")
-    elif d.path is None:
-        _check(d.format == DataConfig().format, f"data.format={d.format} has no effect without data.path (the "
-               f"embedded synthetic data is latent); set data.path to the shards or remove it")
     else:
-        _refuse_changed(d, DataConfig(), VIDEO_ONLY_DATA_KEYS, "data", f"with data.format={d.format}",
-                        "set data.format=video or remove it")
+        _check(d.format == "latent" or d.path is not None, f"data.format={d.format} has no effect without data.path "
+               f"(the embedded synthetic data is latent); set data.path to the shards or remove it")
+        _refuse_changed(d, DataConfig(), VIDEO_ONLY_DATA_KEYS, "data", "without data.format=video and data.path",
+                        "set data.format=video and data.path, or remove it")
 
 
 # Read only by the video pipeline (data.format=video with data.path set).
