@@ -49,8 +49,8 @@ def meta_counts(model_cfg):
                                "model.moe.layer_reg_loss=0.1", "model.moe.shared_ffn_dim=96"]),
     ("configs/tiny_moe.yaml", ["model.moe.router=promoe", "model.moe.num_prototypes_per_expert=3", "model.moe.layers=0,3",
                                *NO_TOKEN_CHOICE_LOSSES]),
-    ("configs/tiny_moe.yaml", ["model.moe.router=expert_race", *NO_TOKEN_CHOICE_LOSSES, "model.moe.expert_ffn_dim=128", "model.moe.top_k=3",
-                               "model.moe.num_shared_experts=2", "model.cross_attn_norm=false"]),
+    ("configs/tiny_moe.yaml", ["model.moe.router=expert_race", *NO_TOKEN_CHOICE_LOSSES, "model.moe.expert_ffn_dim=128",
+                               "model.moe.top_k=3", "model.moe.num_shared_experts=2", "model.cross_attn_norm=false"]),
 ])
 def test_parameter_counts_equal_the_meta_model(path, overrides):
     m = load_config(os.path.join(ROOT, path), overrides).model

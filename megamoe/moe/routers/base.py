@@ -95,12 +95,12 @@ class Router(nn.Module):
         """Raise ConfigError, one line naming the key and the fix, unless `cfg` is a setting
         this router runs as written. Subclasses extend it (call super() first)."""
         _refuse_unread_keys(cls, cfg)
-        _check_key(cfg.num_experts >= 1, f"model.moe.num_experts must be >= 1 for an MoE layer, got {cfg.num_experts}")
+        require(cfg.num_experts >= 1, f"model.moe.num_experts must be >= 1 for an MoE layer, got {cfg.num_experts}")
         total = cfg.num_experts + cfg.num_null_experts
-        _check_key(1 <= cfg.top_k <= total, f"model.moe.top_k={cfg.top_k} must be between 1 and the number of experts "
+        require(1 <= cfg.top_k <= total, f"model.moe.top_k={cfg.top_k} must be between 1 and the number of experts "
                    f"({cfg.num_experts} routed + {cfg.num_null_experts} null); lower top_k or add experts")
         for key in sorted(k for k in cls.config_keys if k.endswith("_loss")):
-            _check_key(getattr(cfg, key) >= 0, f"model.moe.{key} must be >= 0 (0 = off), got {getattr(cfg, key)}")
+            require(getattr(cfg, key) >= 0, f"model.moe.{key} must be >= 0 (0 = off), got {getattr(cfg, key)}")
 
     def route(self, tokens: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
         raise NotImplementedError
@@ -139,7 +139,7 @@ def register_router(name: str):
 
 def router_class(cfg: MoEConfig) -> type[Router]:
     """The registered class of `cfg.router`; ConfigError naming the choices if there is none."""
-    _check_key(cfg.router in ROUTERS,
+    require(cfg.router in ROUTERS,
                f"model.moe.router '{cfg.router}' is unknown; choose one of {', '.join(sorted(ROUTERS))}")
     return ROUTERS[cfg.router]
 
@@ -153,7 +153,8 @@ def build_router(dim: int, cfg: MoEConfig, **kwargs) -> Router:
     return router_class(cfg)(dim, cfg, **kwargs)
 
 
-def _check_key(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless `condition`: how `check_config` states a rule."""
     if not condition:
         raise ConfigError(message)
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.config import MoEConfig
-from megamoe.moe.routers.base import Router, RouterOutput, RoutingContext, _check_key, register_router
+from megamoe.moe.routers.base import Router, RouterOutput, RoutingContext, require, register_router
 
 # model.moe.expert_choice_scope: the tokens one expert's top-C selection ranks against each other.
 SCOPES = ("sample", "batch")
@@ -46,9 +46,9 @@ class ExpertChoiceRouter(Router):
     @classmethod
     def check_config(cls, cfg: MoEConfig) -> None:
         super().check_config(cfg)
-        _check_key(cfg.expert_choice_scope in SCOPES, f"model.moe.expert_choice_scope must be one of "
+        require(cfg.expert_choice_scope in SCOPES, f"model.moe.expert_choice_scope must be one of "
                    f"{', '.join(SCOPES)}, got '{cfg.expert_choice_scope}'")
-        _check_key(cfg.capacity_factor > 0, f"model.moe.capacity_factor must be > 0, got {cfg.capacity_factor}")
+        require(cfg.capacity_factor > 0, f"model.moe.capacity_factor must be > 0, got {cfg.capacity_factor}")
 
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
         super().__init__(dim, cfg, **kwargs)

@@ -42,7 +42,7 @@ from torch import nn
 from megamoe.config import MoEConfig
 from megamoe.model.activation_checkpointing import is_recomputing
 from megamoe.moe.router_losses import router_similarity_loss
-from megamoe.moe.routers.base import Reduce, Router, RouterOutput, RoutingContext, _check_key, register_router
+from megamoe.moe.routers.base import Reduce, Router, RouterOutput, RoutingContext, require, register_router
 
 
 @register_router("expert_race")
@@ -55,7 +55,7 @@ class ExpertRaceRouter(Router):
     @classmethod
     def check_config(cls, cfg: MoEConfig) -> None:
         super().check_config(cfg)
-        _check_key(0.0 <= cfg.race_threshold_decay < 1.0,
+        require(0.0 <= cfg.race_threshold_decay < 1.0,
                    f"model.moe.race_threshold_decay must be in [0, 1), got {cfg.race_threshold_decay}")
 
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):

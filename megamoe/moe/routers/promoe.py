@@ -40,7 +40,7 @@ from torch import nn
 
 from megamoe.config import MoEConfig
 from megamoe.moe.router_losses import routing_contrastive_loss
-from megamoe.moe.routers.base import Router, RouterOutput, RoutingContext, _check_key, register_router
+from megamoe.moe.routers.base import Router, RouterOutput, RoutingContext, require, register_router
 
 
 @register_router("promoe")
@@ -54,12 +54,12 @@ class ProMoERouter(Router):
 
     @classmethod
     def check_config(cls, cfg: MoEConfig) -> None:
-        _check_key(cfg.num_experts >= 2, f"router 'promoe' needs model.moe.num_experts >= 2 (the last one is the "
+        require(cfg.num_experts >= 2, f"router 'promoe' needs model.moe.num_experts >= 2 (the last one is the "
                    f"unconditional expert), got {cfg.num_experts}")
         super().check_config(cfg)
-        _check_key(cfg.top_k <= cfg.num_experts - 1, f"model.moe.top_k={cfg.top_k} must be in [1, num_experts - 1 = "
+        require(cfg.top_k <= cfg.num_experts - 1, f"model.moe.top_k={cfg.top_k} must be in [1, num_experts - 1 = "
                    f"{cfg.num_experts - 1}] for router 'promoe' (the last expert is reserved for unconditional tokens)")
-        _check_key(cfg.num_prototypes_per_expert >= 1,
+        require(cfg.num_prototypes_per_expert >= 1,
                    f"model.moe.num_prototypes_per_expert must be >= 1, got {cfg.num_prototypes_per_expert}")
 
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):

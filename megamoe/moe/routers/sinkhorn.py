@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.config import MoEConfig
-from megamoe.moe.routers.base import SCORE_FUNCS, Router, RouterOutput, RoutingContext, _check_key, register_router
+from megamoe.moe.routers.base import SCORE_FUNCS, Router, RouterOutput, RoutingContext, require, register_router
 
 
 @torch.no_grad()
@@ -57,9 +57,9 @@ class SinkhornRouter(Router):
     @classmethod
     def check_config(cls, cfg: MoEConfig) -> None:
         super().check_config(cfg)
-        _check_key(cfg.sinkhorn_iterations >= 0,
+        require(cfg.sinkhorn_iterations >= 0,
                    f"model.moe.sinkhorn_iterations must be >= 0 (0 = plain top-k), got {cfg.sinkhorn_iterations}")
-        _check_key(cfg.score_func in SCORE_FUNCS,
+        require(cfg.score_func in SCORE_FUNCS,
                    f"model.moe.score_func must be one of {', '.join(SCORE_FUNCS)}, got '{cfg.score_func}'")
 
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):

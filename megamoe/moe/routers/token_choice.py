@@ -22,7 +22,7 @@ from torch import nn
 from megamoe.config import MoEConfig
 from megamoe.model.activation_checkpointing import is_recomputing
 from megamoe.moe.losses import BALANCE_SCOPES, switch_balance_loss, z_loss
-from megamoe.moe.routers.base import (SCORE_FUNCS, Reduce, Router, RouterOutput, RoutingContext, _check_key,
+from megamoe.moe.routers.base import (SCORE_FUNCS, Reduce, Router, RouterOutput, RoutingContext, require,
                                      register_router)
 
 
@@ -59,21 +59,21 @@ class TokenChoiceRouter(Router):
 
     @classmethod
     def check_config(cls, cfg: MoEConfig) -> None:
-        _check_key(cfg.num_null_experts >= 0, f"model.moe.num_null_experts must be >= 0, got {cfg.num_null_experts}")
+        require(cfg.num_null_experts >= 0, f"model.moe.num_null_experts must be >= 0, got {cfg.num_null_experts}")
         super().check_config(cfg)
-        _check_key(cfg.score_func in SCORE_FUNCS,
+        require(cfg.score_func in SCORE_FUNCS,
                    f"model.moe.score_func must be one of {', '.join(SCORE_FUNCS)}, got '{cfg.score_func}'")
-        _check_key(cfg.balance_scope in BALANCE_SCOPES,
+        require(cfg.balance_scope in BALANCE_SCOPES,
                    f"model.moe.balance_scope must be one of {', '.join(BALANCE_SCOPES)}, got '{cfg.balance_scope}'")
         default = MoEConfig()
-        _check_key(cfg.balance_loss > 0 or cfg.balance_scope == default.balance_scope,
+        require(cfg.balance_loss > 0 or cfg.balance_scope == default.balance_scope,
                    f"model.moe.balance_scope={cfg.balance_scope} has no effect while model.moe.balance_loss=0; "
                    f"set balance_loss > 0 or remove balance_scope")
         if cfg.bias_balancing:
-            _check_key(cfg.bias_update_rate > 0, f"model.moe.bias_update_rate must be > 0 with "
+            require(cfg.bias_update_rate > 0, f"model.moe.bias_update_rate must be > 0 with "
                        f"model.moe.bias_balancing=true, got {cfg.bias_update_rate}")
         else:
-            _check_key(cfg.bias_update_rate == default.bias_update_rate,
+            require(cfg.bias_update_rate == default.bias_update_rate,
                        f"model.moe.bias_update_rate={cfg.bias_update_rate} has no effect while "
                        f"model.moe.bias_balancing=false; set bias_balancing=true or remove bias_update_rate")
 
@@ -147,7 +147,7 @@ class LinearRouter(TokenChoiceRouter):
 
 
 def _check_hidden_dim(cfg: MoEConfig) -> None:
-    _check_key(cfg.router_hidden_dim >= 1, f"model.moe.router_hidden_dim must be >= 1, got {cfg.router_hidden_dim}")
+    require(cfg.router_hidden_dim >= 1, f"model.moe.router_hidden_dim must be >= 1, got {cfg.router_hidden_dim}")
 
 
 @register_router("mlp")
