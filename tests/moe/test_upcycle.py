@@ -205,7 +205,8 @@ def test_every_router_scales_the_dense_ffn_by_its_weight_sum(dense, router):
     the dense FFN output times the sum of its (real-expert) combine weights."""
     from megamoe.moe.routers.base import RoutingContext
 
-    cfg = moe_cfg(router=router, router_hidden_dim=16, **ROUTER_OPTIONS.get(router, {}))
+    hidden = dict(router_hidden_dim=16) if router in ("mlp", "cross_attention") else {}
+    cfg = moe_cfg(router=router, **hidden, **ROUTER_OPTIONS.get(router, {}))
     moe = upcycle_model(dense, cfg, mode="verify", seed=1)
     layer, dense_ffn = moe.blocks[0].ffn, dense.blocks[0].ffn
     g = torch.Generator().manual_seed(4)

@@ -42,22 +42,24 @@ from torch import nn
 from megamoe.config import MoEConfig
 from megamoe.model.activation_checkpointing import is_recomputing
 from megamoe.moe.router_losses import router_similarity_loss
-from megamoe.moe.routers.base import Reduce, Router, RouterOutput, RoutingContext, register_router
+from megamoe.moe.routers.base import Reduce, Router, RouterOutput, RoutingContext, require, register_router
 
 
 @register_router("expert_race")
 class ExpertRaceRouter(Router):
+    # Not read: num_null_experts (a token may already take zero experts), bias_balancing,
+    # score_func and renormalize (raw scores are the weights), balance_loss and z_loss
+    # (a logsumexp penalty would only shrink the raw combine weights).
+    config_keys = Router.config_keys | {"race_threshold_decay", "similarity_loss"}
+
+    @classmethod
+    def check_config(cls, cfg: MoEConfig) -> None:
+        super().check_config(cfg)
+        require(0.0 <= cfg.race_threshold_decay < 1.0,
+                   f"model.moe.race_threshold_decay must be in [0, 1), got {cfg.race_threshold_decay}")
+
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
         super().__init__(dim, cfg, **kwargs)
-        if cfg.num_null_experts > 0:
-            raise ValueError(f"model.moe.num_null_experts={cfg.num_null_experts} is only meaningful for token-choice "
-                             "routers; Expert Race already lets a token take zero experts, set it to 0")
-        if cfg.bias_balancing:
-            raise ValueError("model.moe.bias_balancing is for token-choice routers; set it to false for 'expert_race'")
-        if not 1 <= cfg.top_k <= cfg.num_experts:
-            raise ValueError(f"model.moe.top_k={cfg.top_k} must be in [1, num_experts={cfg.num_experts}]")
-        if not 0.0 <= cfg.race_threshold_decay < 1.0:
-            raise ValueError(f"model.moe.race_threshold_decay must be in [0, 1), got {cfg.race_threshold_decay}")
         self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
         # Persistent: inference routing depends on it, so it must survive checkpoints.
         self.register_buffer("threshold", torch.zeros(()))
