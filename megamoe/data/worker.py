@@ -158,7 +158,9 @@ class OpenShard:
 
 
 def load_latent_sample(key: str, members: dict[str, bytes], shard: str, spec: StreamSpec) -> dict:
-    """{'latents' [C, F, H, W], 'text' [text_len, text_dim] float32, 'caption', 'key'}; SampleError if bad."""
+    """{'latents' [C, F, H, W], 'text' [text_len, text_dim] float32, 'caption', 'key'}; SampleError if bad.
+
+    The caption.txt member is optional (training uses text.npy); one that is not UTF-8 is BAD_CAPTION."""
     for ext in ("latents.npy", "text.npy"):
         if ext not in members:
             raise SampleError(errors.MISSING_MEMBER, key, shard, f"no '{ext}' member")
@@ -176,7 +178,7 @@ def load_latent_sample(key: str, members: dict[str, bytes], shard: str, spec: St
     # Zero rows pad a short text, as Wan pads umT5 outputs; a longer one is cut at text_len.
     fixed = np.zeros((spec.text_len, spec.text_dim), dtype=np.float32)
     fixed[: min(len(text), spec.text_len)] = text[: spec.text_len]
-    caption = members.get("caption.txt", b"").decode("utf-8", errors="replace")
+    caption = errors.utf8_caption(members.get("caption.txt", b""), key, shard, "caption.txt")
     return {"latents": latents.astype(np.float32, copy=False), "text": fixed, "caption": caption, "key": key}
 
 

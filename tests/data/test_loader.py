@@ -249,3 +249,22 @@ def test_samples_that_do_not_fit_the_model_or_the_layout_are_skipped_as_bad_shap
     assert done == 2 and set(ours.bad_data_counts()) == {"bad_shape"}
     assert 5 * done <= ours.bad_data_counts()["bad_shape"] <= 5 * (done + 1)
     assert unlimited.bad_data_counts()["bad_shape"] <= done + 1
+
+
+def test_a_caption_that_is_not_utf8_is_skipped_as_bad_caption(tmp_path):
+    """The caption rule of make_shards holds in the latent loader too (errors.utf8_caption): the sample
+    is skipped and counted, not kept with replacement characters. The reference: the same shard
+    without that sample."""
+    samples = [(f"{i:08d}", good_sample(i)) for i in range(5)]
+    samples[2][1]["caption.txt"] = "a caf\u00e9".encode("latin-1")
+    write_shard(str(tmp_path / "shard-000000.tar"), samples)
+    write_shard(str(tmp_path / "ref-000000.tar"), samples[:2] + samples[3:])
+    ours = loader([str(tmp_path / "shard-000000.tar")], workers=0, max_failure_fraction=1.0, micro_batch_size=2)
+    reference = loader([str(tmp_path / "ref-000000.tar")], workers=0, micro_batch_size=2)
+    got, want = set(), set()
+    while ours.state_dict()["workers"][0]["epoch"] < 1:  # the whole shard, once
+        got.update(next(ours)["key"])
+        want.update(next(reference)["key"])
+    assert got == want == {"00000000", "00000001", "00000003", "00000004"}
+    assert 1 <= ours.bad_data_counts()["bad_caption"] <= 2 and set(ours.bad_data_counts()) == {"bad_caption"}
+    assert reference.bad_data_counts() == {}
