@@ -292,10 +292,9 @@ def build_loader(cfg, dp_rank: int, dp_size: int, compression: tuple[int, int] =
 
     `compression` is the video VAE's (temporal, spatial) downsampling; it sizes video buckets in tokens.
     """
+    from megamoe.config import sequence_shards
     from megamoe.data.stream import resolve_shards
     from megamoe.data.synthetic import ensure_synthetic_dataset
-
-    from megamoe.config import sequence_shards
 
     d, m = cfg.data, cfg.model
     # Every rank may generate the synthetic dataset concurrently: generation is atomic and deterministic.

@@ -359,7 +359,8 @@ class WorkerStream:
 
 
 class _Skip(Exception):
-    """A readable sample that no bucket takes; carries its cause."""
+    """A readable sample that no bucket takes, or whose bucket does not fit the model or the layout;
+    carries its cause."""
 
     def __init__(self, cause: str):
         super().__init__(cause)
