@@ -480,7 +480,8 @@ def _validate_sample_shapes(cfg: Config) -> None:
     elif d.buckets:  # samples are cut to their bucket: only the buckets' shapes reach the model
         known = [(f"data.buckets entry {b}", b) for b in d.buckets]
     elif d.path is None:  # the embedded synthetic data has one shape
-        known = [("data.synthetic_frames/data.synthetic_size", [d.synthetic_frames, d.synthetic_size, d.synthetic_size])]
+        clip = [d.synthetic_frames, d.synthetic_size, d.synthetic_size]
+        known = [("data.synthetic_frames/data.synthetic_size", clip)]
     else:  # every sample is its own bucket: the loader checks each one
         known = []
     shards, shards_name = sequence_shards(cfg.parallel)

@@ -105,7 +105,8 @@ def test_make_shards_skips_a_caption_that_is_not_utf8_as_the_loader_would(tmp_pa
     folder = tmp_path / "videos"
     folder.mkdir()
     video = make_video(5, 16, 16, 16.0, "libx264")
-    for name, caption in [("good", "a caf\u00e9 scene".encode("utf-8")), ("latin1", "a caf\u00e9 scene".encode("latin-1"))]:
+    for name, encoding in [("good", "utf-8"), ("latin1", "latin-1")]:
+        caption = "a caf\u00e9 scene".encode(encoding)
         (folder / f"{name}.mp4").write_bytes(video)
         (folder / f"{name}.txt").write_bytes(caption)
     report = load_tool("make_shards").main(["--videos", str(folder), "--out", str(tmp_path / "raw"), "--quiet"])

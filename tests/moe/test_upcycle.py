@@ -194,7 +194,8 @@ def test_launcher_writes_weights_and_checks(dense, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     # a training checkpoint directory: its exported weights/ folder is what to pass
     write_diffusers_weights(dense.state_dict(), CFG, tmp_path / "step_00000010" / "weights")
-    assert main(["--config", str(config), "--dense", str(tmp_path / "step_00000010"), "--out", str(tmp_path / "x")]) == 2
+    checkpoint = str(tmp_path / "step_00000010")
+    assert main(["--config", str(config), "--dense", checkpoint, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"pass '{tmp_path / 'step_00000010' / 'weights'}'" in err
     assert not (tmp_path / "x").exists()
