@@ -12,6 +12,7 @@ exists, so a bad config never costs a cluster allocation.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -368,14 +369,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(d.micro_batch_size >= 1, f"data.micro_batch_size must be >= 1, got {d.micro_batch_size}")
     _check(d.text_len >= 1, f"data.text_len must be >= 1, got {d.text_len}")
     if d.path is None:
-        pf, ph, pw = m.patch_size
-        _check(d.synthetic_frames % pf == 0 and d.synthetic_size % ph == 0 and d.synthetic_size % pw == 0,
-               f"synthetic clip {d.synthetic_frames}x{d.synthetic_size}x{d.synthetic_size} is not divisible by "
-               f"model.patch_size={m.patch_size}; change data.synthetic_frames / data.synthetic_size")
         _check(d.synthetic_num_clips >= world_size * d.micro_batch_size,
                f"data.synthetic_num_clips={d.synthetic_num_clips} is fewer than one global batch; raise it")
-    _validate_data(d, m)
+    _validate_data(d)
     _validate_model_parallel(cfg)
+    _validate_sample_shapes(cfg)
     _check(cfg.diffusion.timestep_sampling in ("uniform", "logit_normal"),
            f"diffusion.timestep_sampling must be 'uniform' or 'logit_normal', got '{cfg.diffusion.timestep_sampling}'")
     _check(cfg.diffusion.shift > 0, f"diffusion.shift must be > 0, got {cfg.diffusion.shift}")
@@ -411,7 +409,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
 def _validate_model_parallel(cfg: Config) -> None:
     """Tensor and context parallelism split heads, FFN columns and tokens: the sizes must divide them."""
-    m, p, d = cfg.model, cfg.parallel, cfg.data
+    m, p = cfg.model, cfg.parallel
     tp, cp = p.tensor_parallel_size, p.context_parallel_size
     if tp == 1 and cp == 1:
         return
@@ -428,27 +426,9 @@ def _validate_model_parallel(cfg: Config) -> None:
                f"parallel.tensor_parallel_size={tp} with an MoE model needs parallel.sequence_parallel=true")
         _check(cfg.train.ema_decay == 0, "train.ema_decay > 0 with parallel.tensor_parallel_size > 1 is not "
                "supported yet; set train.ema_decay=0 or parallel.tensor_parallel_size=1")
-    split = cp * (tp if p.sequence_parallel else 1)
-    what = "parallel.context_parallel_size" + (" x parallel.tensor_parallel_size (sequence parallel)"
-                                               if p.sequence_parallel and tp > 1 else "")
-    for name, shape in _known_latent_shapes(d):
-        tokens = 1
-        for size, patch in zip(shape, m.patch_size):
-            tokens *= size // patch
-        _check(tokens % split == 0, f"{name} gives {tokens} tokens per sample, not divisible by {what} = {split}; "
-               f"change {name} or the parallel sizes")
 
 
-def _known_latent_shapes(d: DataConfig) -> list:
-    """(config key, latent [frames, height, width]) of every sample shape known before start-up."""
-    if d.path is None:  # the embedded synthetic data has one shape
-        return [("data.synthetic_frames/data.synthetic_size", [d.synthetic_frames, d.synthetic_size, d.synthetic_size])]
-    if d.format == "latent":  # video buckets are in pixels: their token count depends on the VAE
-        return [(f"data.buckets entry {b}", b) for b in d.buckets]
-    return []
-
-
-def _validate_data(d: DataConfig, m: ModelConfig) -> None:
+def _validate_data(d: DataConfig) -> None:
     _check(d.format in ("latent", "video"), f"data.format must be 'latent' or 'video', got '{d.format}'")
     _check(d.num_workers >= 0, f"data.num_workers must be >= 0 (0 = read in the training process), got {d.num_workers}")
     _check(d.video_frames >= 1 and (d.video_frames - 1) % 4 == 0,
@@ -464,12 +444,9 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
     for bucket in d.buckets:
         _check(len(bucket) == 3 and all(x > 0 for x in bucket),
                f"data.buckets entry {bucket} must be three positive ints [frames, height, width]")
-        if video:
+        if video:  # whether the model and the layout take it: _validate_sample_shapes
             _check((bucket[0] - 1) % 4 == 0 and bucket[0] <= d.video_frames,
                    f"data.buckets entry {bucket}: video frames must be 4k+1 and <= data.video_frames={d.video_frames}")
-        else:
-            _check(all(x % p == 0 for x, p in zip(bucket, m.patch_size)),
-                   f"data.buckets entry {bucket} (latent units) is not divisible by model.patch_size={m.patch_size}")
     if video:
         _check(d.vae_path is not None and d.text_encoder_path is not None,
                "data.format=video encodes clips during training: set data.vae_path and data.text_encoder_path")
@@ -489,6 +466,51 @@ def _refuse_changed(section, defaults, keys, prefix: str, why: str, fix: str) ->
     for key in keys:
         value = getattr(section, key)
         _check(value == getattr(defaults, key), f"{prefix}.{key}={value} has no effect {why}; {fix}")
+
+
+def sequence_shards(p: ParallelConfig) -> tuple[int, str]:
+    """(how many pieces each sample's token sequence is cut into, the keys that decide it): CP,
+    times TP under sequence parallelism (megamoe/parallel/context.py's SequenceSharding)."""
+    tp, cp = p.tensor_parallel_size, p.context_parallel_size
+    if p.sequence_parallel and tp > 1:
+        return cp * tp, "parallel.context_parallel_size x parallel.tensor_parallel_size (sequence parallel)"
+    return cp, "parallel.context_parallel_size"
+
+
+def vae_compression_of(d: DataConfig) -> tuple[int, int] | None:
+    """The (temporal, spatial) downsampling of data.vae_path, read from its config.json (no weights
+    are loaded); None when it cannot be read (loading the VAE reports that)."""
+    from megamoe.data.buckets import vae_compression
+
+    try:
+        with open(os.path.join(os.path.expanduser(d.vae_path or ""), "config.json")) as f:
+            return vae_compression(json.load(f))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _validate_sample_shapes(cfg: Config) -> None:
+    """Every sample shape known before start-up (the synthetic clip, each data.buckets entry) must fit
+    the model and the layout, by the rule the loader skips samples with (data/buckets.shape_problem):
+    otherwise the run, and every resume of it, fails when the first such sample arrives."""
+    from megamoe.data.buckets import shape_problem
+
+    m, d = cfg.model, cfg.data
+    video = d.path is not None and d.format == "video"
+    compression = vae_compression_of(d) if video else (1, 1)
+    if compression is None:  # pixel buckets need the VAE's compression; the loader checks them with it
+        known = []
+    elif d.buckets:  # samples are cut to their bucket: only the buckets' shapes reach the model
+        known = [(f"data.buckets entry {b}", b) for b in d.buckets]
+    elif d.path is None:  # the embedded synthetic data has one shape
+        clip = [d.synthetic_frames, d.synthetic_size, d.synthetic_size]
+        known = [("data.synthetic_frames/data.synthetic_size", clip)]
+    else:  # every sample is its own bucket: the loader checks each one
+        known = []
+    shards, shards_name = sequence_shards(cfg.parallel)
+    for name, shape in known:
+        problem = shape_problem(shape, video, compression, m.patch_size, shards, m.rope_max_seq_len, shards_name)
+        _check(problem is None, f"{name} {problem}; change it, or the setting named")
 
 
 def _validate_moe(m: ModelConfig) -> None:

@@ -343,3 +343,37 @@ def test_every_key_a_router_accepts_changes_what_it_does():
         for key in sorted(cls.config_keys):
             changed = dataclasses.replace(base, **{key: CHANGED[key]})
             assert not _same(_router_behaviour(changed), reference), f"{name} ignores model.moe.{key}"
+def test_buckets_that_do_not_fit_the_model_or_the_layout_are_refused(tmp_path, monkeypatch, capsys):
+    """Video buckets (pixels, through the VAE's compression read from data.vae_path/config.json),
+    latent buckets and the synthetic clip are checked by the rule the loader skips samples with; a
+    misfit would otherwise kill the run, and every resume of it, when its first sample arrives."""
+    import json
+
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text(json.dumps({"scale_factor_temporal": 4, "scale_factor_spatial": 16}))
+    video = ["data.format=video", "data.path=/shards", f"data.vae_path={vae}", "data.text_encoder_path=/text"]
+    cases = [  # world size, overrides, message
+        (2, video + ["parallel.context_parallel_size=2", "data.buckets=[[17,96,128],[17,96,160]]"],
+         "data.buckets entry [17, 96, 160] gives 75 tokens per sample, not divisible by "
+         "parallel.context_parallel_size = 2"),  # latent (5, 6, 10), patch grid (5, 3, 5)
+        (1, video + ["data.buckets=[[17,2304,2304]]"],
+         "gives the patch grid (5, 72, 72), beyond model.rope_max_seq_len=64"),
+        (1, video + ["data.buckets=[[17,100,160]]"], "is not 4k+1 frames with sides that are multiples of 16 pixels"),
+        (1, ["data.path=/shards", "data.buckets=[[4,16,16],[4,160,16]]"],
+         "data.buckets entry [4, 160, 16] gives the patch grid (4, 80, 8), beyond model.rope_max_seq_len=64"),
+        (1, ["data.synthetic_size=160"],
+         "data.synthetic_frames/data.synthetic_size gives the patch grid (5, 80, 80), beyond model.rope_max_seq_len=64"),
+    ]
+    for world, overrides, message in cases:
+        with pytest.raises(ConfigError) as info:
+            validate(load_config(TINY, overrides), world_size=world)
+        assert message in str(info.value)
+    # Under a VAE that compresses 8x, [17, 96, 160] is (5, 12, 20) latents: 300 tokens, which do split.
+    (vae / "config.json").write_text(json.dumps({"scale_factor_spatial": 8}))
+    validate(load_config(TINY, cases[0][1]), world_size=2)
+    # Through the launcher: one line, exit 2, nothing written.
+    code = main(["--config", TINY, f"train.output_dir={tmp_path / 'run'}", "train.steps=1", "data.synthetic_size=160"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and cases[-1][2] in err
+    assert not (tmp_path / "run").exists()

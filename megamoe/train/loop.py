@@ -153,6 +153,7 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
         agreement.load_state_dict(rank_state)
         resync_lr(engine)
         start_step = rank_state["step"]
+        log.resume_at(start_step)  # the steps after it are redone: log each once
         loader.load_state_dict(rank_state["data"], restart=cfg.data.restart_stream_on_resume)
         set_rng_states(rank_state["rng"], topology.device)
         log.info(f"resumed from {resume_from} at step {start_step}")

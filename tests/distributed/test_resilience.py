@@ -2,6 +2,7 @@
 a rank killed mid-run under --max-restarts, and non-finite steps. Each is checked against an
 uninterrupted run (or, for a skipped step, against the weights of the step before)."""
 
+import json
 import os
 import signal
 
@@ -94,10 +95,11 @@ def test_save_killed_mid_write_is_skipped_by_resume_auto(tmp_path, data_cache):
 def test_max_restarts_brings_a_killed_rank_back_with_identical_final_weights(tmp_path, data_cache):
     job, full = tmp_path / "job", tmp_path / "full"
     extra = [*SMALL, "checkpoint.every_steps=3", "checkpoint.keep_last=10"]
-    # The save of step 6 stalls a few seconds, so the job is surely still running when rank 1 is killed.
+    # The save of step 6 stalls a few seconds, so the job is surely still running when rank 1 is killed,
+    # after step 5 is logged: the restart resumes from step 3 and redoes steps 4 and 5.
     run = start_pretrain(common(job, data_cache, 12, *extra) + ["--resume", "auto"],
                          env={"MEGAMOE_TEST_SLOW_SAVE": "6:5"}, torchrun_args=["--max-restarts", "1"])
-    wait_until(lambda: "step_00000003" in checkpoints(job), "the checkpoint of step 3", run)
+    wait_until(lambda: steps_logged(job) >= 5, "step 5", run)
     os.kill(worker_pids(run)[1], signal.SIGKILL)
     out, err = run.communicate(timeout=900)
     assert run.returncode == 0, err[-4000:]
@@ -105,6 +107,13 @@ def test_max_restarts_brings_a_killed_rank_back_with_identical_final_weights(tmp
 
     pretrain(common(full, data_cache, 12, *extra))
     assert_same_weights(weights(job / "checkpoints" / "step_00000012"), weights(full / "checkpoints" / "step_00000012"))
+    # metrics.jsonl holds each step once, as the uninterrupted run logged it
+    logged = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+    uninterrupted = read_metrics(full)
+    assert [m["step"] for m in logged] == list(range(1, 13))
+    for m in logged:
+        for name in ("loss", "grad_norm", "lr"):
+            assert m[name] == uninterrupted[m["step"]][name], (m["step"], name)
 
 
 def test_nonfinite_step_is_skipped_on_every_rank_and_counted(tmp_path, data_cache):
