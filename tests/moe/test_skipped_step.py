@@ -7,8 +7,6 @@ loss poisons the gradients, and a skipped step calls `routers_discard_step` (and
 sequence of good steps without the bad one.
 """
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -24,8 +22,8 @@ from megamoe.train.resilience import local_grads_finite, poison_if_nonfinite
 # Each family with the options that give it per-step state or losses; every registered router is covered.
 EXTRAS = {
     "linear": dict(bias_balancing=True, bias_update_rate=0.01, balance_loss=0.01, z_loss=0.001),
-    "mlp": dict(bias_balancing=True, bias_update_rate=0.01),
-    "cross_attention": dict(bias_balancing=True, bias_update_rate=0.01),
+    "mlp": dict(bias_balancing=True, bias_update_rate=0.01, router_hidden_dim=16),
+    "cross_attention": dict(bias_balancing=True, bias_update_rate=0.01, router_hidden_dim=16),
     "expert_race": dict(similarity_loss=0.01, race_threshold_decay=0.5),
     "promoe": dict(contrastive_loss=0.01),
 }
@@ -38,7 +36,7 @@ def config(moe: dict):
     cfg = load_config("configs/tiny.yaml")
     cfg.model = ModelConfig(dim=32, num_layers=2, num_heads=2, ffn_dim=64, in_channels=4, out_channels=4,
                             text_dim=24, freq_dim=16, rope_max_seq_len=32,
-                            moe=MoEConfig(num_experts=4, top_k=2, router_hidden_dim=16, **moe))
+                            moe=MoEConfig(num_experts=4, top_k=2, **moe))
     return cfg
 
 
@@ -95,14 +93,15 @@ class Run:
             scratch = {k: v for k, v in vars(router).items()
                        if k != "training" and (v is None or isinstance(v, (torch.Tensor, int, float)))}
             states.append({**scratch, **{f"buffer.{k}": v for k, v in router.named_buffers()}})
-        return copy.deepcopy(states)
+        return states
 
     def diagnostics_state(self) -> dict:
         """What the diagnostics carry from step to step: recordings, snapshot, streaks, warnings."""
         d = self.diagnostics
         recorded = [(layer.last_routing and layer.last_routing[:2], layer.last_output_norms)
                     for layer in moe_layers(self.model)]
-        return {"recorded": recorded, **{k: v for k, v in vars(d).items() if k not in ("layers", "labels", "t", "reduce")}}
+        carried = {k: v for k, v in vars(d).items() if k not in ("layers", "labels", "t", "reduce")}
+        return {"recorded": recorded, **carried}
 
     @torch.no_grad()
     def inference(self) -> torch.Tensor:
