@@ -114,10 +114,11 @@ class Run:
 
 
 def assert_same(a, b, path):
+    assert type(a) is type(b), f"{path}: {type(a).__name__} vs {type(b).__name__}"
     if isinstance(a, np.ndarray):
         assert np.array_equal(a, b), f"{path}: {a} != {b}"
     elif isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f"{path} differs: {a} vs {b}"
+        assert torch.equal(a, b), f"{path} differs: {a} vs {b}"
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), path
         for k in a:
