@@ -126,6 +126,15 @@ def collect_aux(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def routers_after_step(model: nn.Module, reduce: Reduce) -> None:
-    """Once per optimizer step on every rank, after the step: the routers' non-gradient updates."""
+    """Once per applied optimizer step on every rank, after the step: the routers' non-gradient updates."""
     for layer in moe_layers(model):
         layer.router.after_step(reduce)
+
+
+def routers_discard_step(model: nn.Module) -> None:
+    """Instead of `routers_after_step` when the step was skipped: every MoE layer drops the aux
+    losses of its last forward and its router drops the statistics it gathered for the update
+    (Router.discard_step), so the skipped batches leave no trace. Local: no collective."""
+    for layer in moe_layers(model):
+        layer.aux = {}
+        layer.router.discard_step()

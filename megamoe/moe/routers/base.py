@@ -118,9 +118,17 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def after_step(self, reduce: Reduce) -> None:
-        """Called once per optimizer step on every rank: non-gradient state updates
+        """Called once per applied optimizer step on every rank: non-gradient state updates
         (aux-free bias, Expert Race threshold). Statistics gathered during forward must go
-        through `reduce` first so every data-parallel rank applies the same update."""
+        through `reduce` first so every data-parallel rank applies the same update, and are
+        then cleared: they belong to one step."""
+
+    def discard_step(self) -> None:
+        """Called instead of `after_step` when the step was skipped (non-finite loss or gradient
+        norm): drop whatever the step's forwards gathered for `after_step`, so that the next
+        step updates from its own forwards only, exactly as if the skipped batches had never
+        been seen. Local (no collective). A router that gathers statistics in forward must
+        override it; one that keeps no per-step state has nothing to drop."""
 
 
 ROUTERS: dict[str, type[Router]] = {}

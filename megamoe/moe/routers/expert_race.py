@@ -21,7 +21,8 @@ Inference: the top-K of a batch depends on the other samples in it (the CFG-null
 other prompts), so at `eval()` a pair (t, e) is selected iff scores[t, e] >= threshold, a
 buffer tracking an EMA (decay `race_threshold_decay`) of the K-th largest training score.
 `after_step` updates it from the mean K-th score of the step's forwards, averaged over the
-data-parallel ranks, so every rank holds the same threshold; it is saved with the model.
+data-parallel ranks, so every rank holds the same threshold; it is saved with the model. A
+skipped step's scores are dropped (`discard_step`) and never reach it.
 The first update copies the value (no warm-up from zero). Before any update, eval falls
 back to the training rule.
 
@@ -125,3 +126,8 @@ class ExpertRaceRouter(Router):
             new = step_threshold
         self.threshold.copy_(new)
         self.threshold_initialized.fill_(True)
+
+    def discard_step(self) -> None:
+        """A skipped step's K-th scores (NaN for a NaN batch) must not reach the threshold EMA,
+        where a NaN would stay for good (see Router.discard_step)."""
+        self._kth_sum, self._kth_count = None, 0

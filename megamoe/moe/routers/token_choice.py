@@ -126,6 +126,11 @@ class TokenChoiceRouter(Router):
         self.expert_bias[: self.num_experts] += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
         self.load_counts = None
 
+    def discard_step(self) -> None:
+        """A skipped step's loads must not steer the next bias update (see Router.discard_step)."""
+        if self.cfg.bias_balancing:
+            self.load_counts = None
+
     def _apply(self, fn, recurse=True):
         # `module.bfloat16()` (how DeepSpeed makes a bf16 model) would round the bias to bf16,
         # where the 1e-3 updates vanish next to biases of ~0.1; keep its dtype, follow the device.
