@@ -188,7 +188,7 @@ def _entries(module, ema=None) -> Iterator[tuple[str, str, torch.Tensor, bool]]:
     """(key, kind, tensor, is_parameter) in the same order on every rank.
 
     With `ema`, each parameter also yields `ema/<name>`, whose tensor is the parameter itself:
-    the EMA is sharded like it (same split, same shape); `_value` finds the EMA's tensor.
+    the EMA is sharded like it (same split, same shape); `_ema_tensor` finds the EMA's tensor.
     """
     params = dict(module.named_parameters())
     for name, tensor in module.state_dict(keep_vars=True).items():

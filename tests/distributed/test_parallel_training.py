@@ -1,7 +1,7 @@
 """Training steps through DeepSpeed ZeRO-2 at tensor / context / expert parallel layouts match
 the single-process run on the same global batches: losses, DeepSpeed's global gradient norm
-(which drives clipping) and the final weights. See parallel_training_harness.py for how the
-two runs see the same data and noise."""
+(which drives clipping) and the final weights, and the EMA of the weights. See
+parallel_training_harness.py for how the two runs see the same data and noise."""
 
 import dataclasses
 
