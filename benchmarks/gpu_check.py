@@ -51,7 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/moe_layer.py, run as a script or imported
 from moe_layer import DenseFFN, time_step  # noqa: E402
 
-from megamoe.config import Config, MoEConfig, load_config  # noqa: E402
+from megamoe.config import MoEConfig, load_config  # noqa: E402
 from megamoe.device import (device_name, peak_memory_allocated, reset_peak_memory, resolve_device,  # noqa: E402
                             synchronize)
 
