@@ -73,7 +73,7 @@ def test_truncated_safetensors_file(tmp_path, capsys, cut):
     data = second.read_bytes()
     second.write_bytes(data[:-cut])
     before = {p: p.read_bytes() for p in folder.iterdir()}
-    assert_one_line_error(*run(tmp_path, capsys, folder), str(second), "truncated")
+    assert_one_line_error(*run(tmp_path, capsys, folder), f"{second}' is truncated", "re-download")
     assert before == {p: p.read_bytes() for p in folder.iterdir()}
 
 
