@@ -1,8 +1,8 @@
 """Streaming `train.init_from` and the sharded weights export, at EP2, TP2 and TP2 x EP2 on 2 gloo ranks.
 
 The source is a dense model written in bf16 as a sharded diffusers folder (index + 2 files).
-Loaded into an MoE config (fine-grained experts: 2 slices per dense FFN, a shared expert with
-noise), every rank reads only its blocks and upcycles them; the full state dict gathered from
+Loaded into an MoE config (fine-grained experts: the 4 slices of each dense FFN, so every EP
+rank's experts differ; a shared expert with noise), every rank reads only its blocks and upcycles them; the full state dict gathered from
 every layout must equal, bit for bit, `launcher/upcycle.py --mode train` output at the same
 seed loaded into a one-process model (the reference; the one-process `init_from` is checked
 against it too). Each layout then writes the sharded export: it must hold exactly the reference
@@ -25,7 +25,7 @@ from megamoe.config import ModelConfig, MoEConfig, ParallelConfig
 
 DENSE = ModelConfig(dim=32, num_layers=2, num_heads=4, ffn_dim=64, in_channels=4, out_channels=4, text_dim=24,
                     freq_dim=16, rope_max_seq_len=32)
-MOE = dataclasses.replace(DENSE, moe=MoEConfig(num_experts=4, expert_ffn_dim=32, top_k=2, num_shared_experts=1,
+MOE = dataclasses.replace(DENSE, moe=MoEConfig(num_experts=4, expert_ffn_dim=16, top_k=2, num_shared_experts=1,
                                                shared_init="noise", shared_init_std=0.05, diagnostics_every=0))
 SEED = 7
 LAYOUTS = {"ep2": dict(expert_parallel_size=2),
@@ -125,11 +125,12 @@ def test_one_process_init_from_equals_upcycle_launcher(runs, reference):
     model = build_model(MOE)
     assert "upcycled" in init_from(model, runs[0] / "dense", SEED)
     assert_equal_states(model.state_dict(), reference)
-    # Not trivially: the laws hold (expert 3 = hidden slice 1 of the dense FFN, b2 halved) and the noise is there.
+    # Not trivially: the laws hold (expert 2 = hidden slice 2 of the dense FFN, b2 / 4) and the noise is there.
     dense = runs[1]
-    w_in = dense["blocks.0.ffn.net.0.proj.weight"].float()
-    assert torch.equal(reference["blocks.0.ffn.experts.w1"][3], w_in[32:].t())
-    assert torch.equal(reference["blocks.0.ffn.experts.b2"][1], (dense["blocks.0.ffn.net.2.bias"] / 2).float())
+    w_in, w_out = dense["blocks.0.ffn.net.0.proj.weight"].float(), dense["blocks.0.ffn.net.2.weight"].float()
+    assert torch.equal(reference["blocks.0.ffn.experts.w1"][2], w_in[32:48].t())
+    assert torch.equal(reference["blocks.0.ffn.experts.w2"][2], w_out[:, 32:48].t())
+    assert torch.equal(reference["blocks.0.ffn.experts.b2"][1], (dense["blocks.0.ffn.net.2.bias"] / 4).float())
     noise = reference["blocks.1.ffn.shared.net.2.weight"]
     assert noise.std().item() == pytest.approx(0.05, rel=0.15)
     other_seed = build_model(MOE)
