@@ -271,7 +271,8 @@ def check_matches(source: WeightSource, cfg: ModelConfig, expected: Mapping[str,
         saved = source.config.get("moe")
         if isinstance(saved, dict) and cfg.moe.num_experts > 0:
             current = dataclasses.asdict(cfg.moe)
-            diffs = [f"model.moe.{k}={saved[k]}" for k in STRUCTURAL_MOE_FIELDS if k in saved and saved[k] != current[k]]
+            diffs = [f"model.moe.{k}={saved[k]}" for k in STRUCTURAL_MOE_FIELDS
+                     if k in saved and saved[k] != current[k]]
             if diffs:
                 raise WeightsError(f"MoE weights in {what} were saved with {', '.join(diffs)}; set that to load them")
     missing, unexpected = expected.keys() - shapes.keys(), shapes.keys() - expected.keys()

@@ -34,8 +34,8 @@ import torch.distributed as dist
 
 from megamoe.config import ModelConfig
 from megamoe.model.dit import build_model
-from megamoe.model.weights import (INDEX_NAME, LocalShard, WeightSource, _atomic_write, check_matches,
-                                   load_diffusers_weights, remove_stale_weights, write_config)
+from megamoe.model.weights import (INDEX_NAME, LocalShard, WeightsError, WeightSource, _atomic_write,
+                                   check_matches, load_diffusers_weights, remove_stale_weights, write_config)
 from megamoe.moe.upcycle import check_dense, is_dense, mode_of, upcycle_into
 from megamoe.parallel.parallelize import split_of
 
@@ -88,6 +88,8 @@ def init_from(model: torch.nn.Module, path, seed: int) -> str:
     --seed SEED` output loaded normally, at any layout. Returns a line for the log.
     """
     source, upcycle = open_init_source(path, model.cfg)
+    if any(t.is_meta for t in model.state_dict().values()):  # copy_ into a meta tensor would do nothing
+        raise WeightsError("the model is on the meta device; materialise it before loading train.init_from")
     shards = local_shards(model)
     if upcycle:
         mode = mode_of(model.cfg)

@@ -2,8 +2,8 @@
 
 The source is a dense model written in bf16 as a sharded diffusers folder (index + 2 files).
 Loaded into an MoE config (fine-grained experts: the 4 slices of each dense FFN, so every EP
-rank's experts differ; a shared expert with noise), every rank reads only its blocks and upcycles them; the full state dict gathered from
-every layout must equal, bit for bit, `launcher/upcycle.py --mode train` output at the same
+rank's experts differ; a shared expert with noise), every rank reads only its blocks and
+upcycles them; the full state dict gathered from every layout must equal, bit for bit, `launcher/upcycle.py --mode train` output at the same
 seed loaded into a one-process model (the reference; the one-process `init_from` is checked
 against it too). Each layout then writes the sharded export: it must hold exactly the reference
 weights, load back in megamoe, and be refused by diffusers (an MoE model). A dense model at TP2

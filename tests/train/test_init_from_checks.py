@@ -12,7 +12,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from launcher.pretrain import main
-from megamoe.config import load_config
+from megamoe.config import MoEConfig, load_config
 from megamoe.model.dit import WanDiT
 from megamoe.model.weights import INDEX_NAME, WEIGHTS_NAME, write_config, write_diffusers_weights
 
@@ -21,7 +21,7 @@ SMALL = ["model.dim=32", "model.num_layers=2", "model.num_heads=4", "model.ffn_d
 
 
 def dense_model_config(*overrides):
-    return dataclasses.replace(load_config(CONFIG, [*SMALL, *overrides]).model, moe=load_config("configs/tiny.yaml").model.moe)
+    return dataclasses.replace(load_config(CONFIG, [*SMALL, *overrides]).model, moe=MoEConfig())
 
 
 def run(tmp_path, capsys, source):
@@ -56,8 +56,8 @@ def test_dense_source_of_other_shape(tmp_path, capsys):
     write_diffusers_weights(WanDiT(cfg).state_dict(), cfg, tmp_path / "wide")
     assert_one_line_error(*run(tmp_path, capsys, tmp_path / "wide"), str(tmp_path / "wide"), "model.ffn_dim=128")
     (tmp_path / "wide" / "config.json").unlink()  # the tensor shapes alone name the key and the field
-    assert_one_line_error(*run(tmp_path, capsys, tmp_path / "wide"), "blocks.0.ffn.net.0.proj.weight of shape (128, 32)",
-                          "model.ffn_dim=128")
+    assert_one_line_error(*run(tmp_path, capsys, tmp_path / "wide"),
+                          "blocks.0.ffn.net.0.proj.weight of shape (128, 32)", "model.ffn_dim=128")
 
 
 def test_index_naming_a_missing_shard(tmp_path, capsys):
