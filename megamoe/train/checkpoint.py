@@ -8,7 +8,8 @@ Layout of one checkpoint, `<output_dir>/checkpoints/step_00000100/`:
                        name, in the full tensors' coordinates (experts by global index): readable
                        at any parallel layout; see train/sharded_state.py
     rank_00000.pt      per-rank state: data-stream position, RNG states (tensors and ints only)
-    weights/           the model in diffusers WanTransformer3DModel layout (safetensors)
+    weights/           the model in diffusers WanTransformer3DModel layout: config.json, an index and
+                       one safetensors shard per writing rank (see parallel/sharded_weights.py)
     ema_weights/       the EMA weights in the same layout (fp32, buffers as in weights/), when EMA is on
 
 Writing goes to a hidden `.step_00000100.tmp` directory that is renamed into place after
@@ -199,11 +200,9 @@ def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
 def save_checkpoint(engine, cfg: Config, step: int, rank_state: dict, topology, export_weights, ema=None) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory.
 
-    `export_weights(state_dict, directory)` writes weights in the diffusers layout (rank 0 only);
-    with `ema`, the EMA is exported the same way: the model's state dict with every parameter
-    replaced by its EMA.
+    `export_weights(module, directory, tensors=None)` writes the module's weights (or `tensors`,
+    sharded like its parameters) in the diffusers layout; collective (see parallel/sharded_weights.py).
     """
-    from megamoe.parallel.parallelize import full_state_dict
     from megamoe.train.sharded_state import save_state
 
     root = checkpoint_root(cfg)
@@ -221,16 +220,11 @@ def save_checkpoint(engine, cfg: Config, step: int, rank_state: dict, topology, 
     dp_ranks = [None] * topology.world_size  # which saved rank file continues which data-parallel rank
     dist.all_gather_object(dp_ranks, topology.dp_rank)
     train_state = engine_state(engine)
-    # The EMA is exported like the weights: the model's state dict with each parameter replaced by
-    # its EMA, which is sharded like the parameter.
-    exports = {"weights": None}
+    # Collective, without a full gather: each tensor is written by one rank that holds it.
+    export_weights(engine.module, tmp / "weights")
     if ema is not None:
-        exports["ema_weights"] = {**engine.module.state_dict(), **ema.state_dict()}
-    for name, tensors in exports.items():  # one full copy at a time
-        full_state = full_state_dict(engine.module, tensors)  # collective: TP blocks and expert slices gathered whole
-        if topology.is_main:
-            export_weights(full_state, tmp / name)
-        del full_state
+        # The model's state dict with each parameter replaced by its EMA (sharded like the parameter).
+        export_weights(engine.module, tmp / "ema_weights", {**engine.module.state_dict(), **ema.state_dict()})
     dist.barrier()
 
     if topology.is_main:

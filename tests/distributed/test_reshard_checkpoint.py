@@ -215,7 +215,7 @@ def test_convert_to_one_safetensors_file_and_back(saved, tmp_path, capsys):
     from launcher.convert_checkpoint import main
     from megamoe.config import load_config
     from megamoe.model.dit import build_model
-    from megamoe.model.weights import load_diffusers_weights
+    from megamoe.model.weights import load_diffusers_weights, read_state_dict
 
     path, dump, _ = saved
     params = [k for k in dump if k not in ("buffers", "adam_steps", "schedule")]
@@ -223,7 +223,7 @@ def test_convert_to_one_safetensors_file_and_back(saved, tmp_path, capsys):
     full = load_file(tmp_path / "full.safetensors")
     assert all(torch.equal(full[n].float(), dump[n]["model"]) for n in params)
     assert all(torch.equal(full[n], b) for n, b in dump["buffers"].items())
-    exported = load_file(path / "weights" / "diffusion_pytorch_model.safetensors")  # the gathered export
+    exported = read_state_dict(path / "weights")  # the sharded export, each tensor written by one rank
     assert exported.keys() == full.keys() and all(torch.equal(exported[k], full[k]) for k in full)
     # The EMA export: the same model (buffers included) with every parameter's EMA, experts in global order.
     averaged = load_file(path / "ema_weights" / "diffusion_pytorch_model.safetensors")
