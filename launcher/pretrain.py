@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -100,4 +101,13 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megamoe.train.resilience import STOP_REQUEST
+
+    # Once one rank exits, torchrun sends SIGTERM to the others, which may still be writing the same
+    # line: from the first moment, SIGTERM only raises the stop flag, and while a refusing rank shuts
+    # down (when Python restores the default handler) it is ignored, so every rank exits with its own code.
+    STOP_REQUEST.install()
+    code = main()
+    if code == EXIT_BAD_INPUT:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)
