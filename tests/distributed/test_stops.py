@@ -6,9 +6,7 @@ import pytest
 from launch_helpers import REPO, assert_stopped_together, pretrain
 
 from megamoe.config import load_config
-from megamoe.plan import checkpoint_bytes
 from megamoe.train.checkpoint import inspect_checkpoint, resolve_resume
-from megamoe.train.run_dir import check_output_dir
 
 TINY = str(REPO / "configs" / "tiny.yaml")
 SMALL = ["model.num_layers=2", "model.dim=32", "model.ffn_dim=64", "data.micro_batch_size=4", "optim.warmup_steps=2"]
@@ -27,6 +25,9 @@ def test_failed_save_on_one_rank_stops_all_and_keeps_the_previous_checkpoint(tmp
     inspect_checkpoint(ckpts / "step_00000001")  # every recorded file present at its size
 
     # The planner's checkpoint size covers the real one, with little to spare.
+    from megamoe.plan import checkpoint_bytes
+    from megamoe.train.run_dir import check_output_dir
+
     written = sum(p.stat().st_size for p in (ckpts / "step_00000001").rglob("*") if p.is_file())
     planned = checkpoint_bytes(load_config(TINY, SMALL), 2)
     assert written <= planned <= 1.25 * written + (2 << 20), (written, planned)

@@ -11,7 +11,7 @@ from test_checkpoint_checks import TINY, assert_one_line_error, snapshot
 
 
 def launch(capsys, *overrides):
-    code = main(["--config", TINY, *overrides])
+    code = main(["--config", TINY, "train.steps=1", *overrides])  # one step, should a check ever let it through
     return code, capsys.readouterr().err.strip()
 
 
@@ -26,7 +26,8 @@ def test_output_dir_under_a_regular_file_is_refused(tmp_path, capsys):
 def test_unwritable_checkpoint_directory_is_refused(tmp_path, capsys):
     (tmp_path / "checkpoints").write_text("")  # creating the checkpoint directory would fail at the first save
     code, err = launch(capsys, f"train.output_dir={tmp_path}")
-    assert_one_line_error(code, err, "checkpoints", "train.output_dir")
+    assert_one_line_error(code, err, "checkpoints", "is a file", "train.output_dir")
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoints"]  # refused before start-up: nothing written
 
 
 def test_too_little_free_space_is_refused_and_nothing_is_created(tmp_path, capsys, monkeypatch):
