@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe.config import Config, ConfigError, from_yaml_text, to_yaml
-from megamoe.train.resilience import AgreedStop
+from megamoe.train.resilience import AgreedStop, agreed_problem, fail_save
 
 CHECKPOINT_DIR = "checkpoints"
 STEP_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -198,7 +198,6 @@ def save_checkpoint(engine, cfg: Config, step: int, rank_state: dict, topology, 
     every rank raises CheckpointSaveError with the same message (the run stops: see the README).
     """
     from megamoe.parallel.parallelize import full_state_dict
-    from megamoe.train.resilience import agreed_problem, fail_save
     from megamoe.train.sharded_state import save_state
 
     root = checkpoint_root(cfg)
