@@ -112,7 +112,7 @@ STOP_REQUEST = StopSignals()
 
 
 class StepAgreement:
-    """Per-step agreement on stopping and on skipped steps, and the count of skipped steps.
+    """Per-step agreement on stopping, on skipped steps and on bad input, and the count of skipped steps.
 
     `skipped_steps` (total) and `streak` (consecutive) travel in the checkpoint, so a resumed run
     keeps counting where the interrupted one was. `problem` is this rank's bad-input error of the
