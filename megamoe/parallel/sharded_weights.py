@@ -193,39 +193,55 @@ def write_sharded_weights(tensors: Mapping[str, torch.Tensor], splits: Mapping[s
 
     stats = {"sent_bytes": 0, "written_bytes": 0, "largest_held_bytes": 0}
     mine = [(key, dtype, shape) for (key, shape, dtype, _), w in zip(entries, writer) if w == me]
-    stream = _SafetensorsStream(os.path.join(directory, files[me]), mine) if mine else None
-    try:
-        for (key, shape, dtype, split), w in zip(entries, writer):
-            local = tensors[key].detach()
-            if split is None:
-                full = local if w == me else None
-            else:
-                group, dim = split
-                if w not in dist.get_process_group_ranks(group):
-                    continue  # another replica of this tensor's group writes it
-                parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))] if w == me else None
-                dist.gather(local.contiguous(), parts, dst=w, group=group)
-                if w != me:
-                    stats["sent_bytes"] += local.numel() * local.element_size()
-                full = torch.cat(parts, dim) if w == me else None
-            if full is not None:
-                size = full.numel() * full.element_size()
-                stats["largest_held_bytes"] = max(stats["largest_held_bytes"], size)
-                stats["written_bytes"] += size
-                stream.write(key, full)
-                del full
-        if stream is not None:
-            stream.close()
-    except BaseException:
-        if stream is not None:
+    # A failed file operation (a full disk, lost permissions) must not stop this rank halfway through
+    # the gathers, or the other ranks would wait for it forever: the first failure is kept, later file
+    # operations are skipped, every collective still runs, and the failure is raised at the end.
+    opened: list = [None]  # this rank's shard file, once open
+    failure: list[BaseException] = []
+
+    def on_file(operation) -> None:
+        if not failure:
+            try:
+                operation()
+            except Exception as exc:
+                failure.append(exc)
+
+    def open_stream():
+        opened[0] = _SafetensorsStream(os.path.join(directory, files[me]), mine) if mine else None
+
+    on_file(open_stream)
+    for (key, shape, dtype, split), w in zip(entries, writer):
+        local = tensors[key].detach()
+        if split is None:
+            full = local if w == me else None
+        else:
+            group, dim = split
+            if w not in dist.get_process_group_ranks(group):
+                continue  # another replica of this tensor's group writes it
+            parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))] if w == me else None
+            dist.gather(local.contiguous(), parts, dst=w, group=group)
+            if w != me:
+                stats["sent_bytes"] += local.numel() * local.element_size()
+            full = torch.cat(parts, dim) if w == me else None
+        if full is not None:
+            size = full.numel() * full.element_size()
+            stats["largest_held_bytes"] = max(stats["largest_held_bytes"], size)
+            stats["written_bytes"] += size
+            on_file(lambda: opened[0].write(key, full))
+            del full
+    stream = opened[0]
+    if stream is not None:
+        on_file(stream.close)
+        if failure:
             stream.abort()
-        raise
     if me == 0:
         index = {"metadata": {"total_size": sum(torch.Size(s).numel() * d.itemsize for _, s, d, _ in entries)},
                  "weight_map": {key: files[w] for (key, _, _, _), w in zip(entries, writer)}}
         text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        _atomic_write(os.path.join(directory, INDEX_NAME), lambda tmp: open(tmp, "w").write(text))
-        write_config(cfg, directory)
-        remove_stale_weights(directory, keep=set(files.values()) | {INDEX_NAME})
+        on_file(lambda: _atomic_write(os.path.join(directory, INDEX_NAME), lambda tmp: open(tmp, "w").write(text)))
+        on_file(lambda: write_config(cfg, directory))
+        on_file(lambda: remove_stale_weights(directory, keep=set(files.values()) | {INDEX_NAME}))
     dist.barrier()
+    if failure:
+        raise failure[0]
     return stats

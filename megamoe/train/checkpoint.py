@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe.config import Config, ConfigError, from_yaml_text, to_yaml
+from megamoe.train.resilience import AgreedStop, agreed_problem, fail_save
 
 CHECKPOINT_DIR = "checkpoints"
 STEP_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -45,6 +46,10 @@ STATE_DIR = "state"
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names the path and what to do."""
+
+
+class CheckpointSaveError(CheckpointError, AgreedStop):
+    """Writing a checkpoint failed on some rank; raised on every rank with the same message."""
 
 
 def checkpoint_root(cfg: Config) -> Path:
@@ -202,44 +207,81 @@ def save_checkpoint(engine, cfg: Config, step: int, rank_state: dict, topology, 
 
     `export_weights(module, directory, tensors=None)` writes the module's weights (or `tensors`,
     sharded like its parameters) in the diffusers layout; collective (see parallel/sharded_weights.py).
+    A write that fails on any rank (a full disk, lost permissions) is agreed by every rank where
+    the ranks meet anyway: the unfinished save is removed, the previous checkpoints stay, and
+    every rank raises CheckpointSaveError with the same message (the run stops: see the README).
     """
     from megamoe.train.sharded_state import save_state
 
     root = checkpoint_root(cfg)
     final = root / step_dir_name(step)
     tmp = root / f".{final.name}.tmp"
-    if topology.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by a save that was killed
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    dist.barrier()
+    problem = None
 
-    save_state(engine, tmp / STATE_DIR, ema)
-    torch.save(rank_state, tmp / f"rank_{topology.rank:05d}.pt")
+    def attempt(write) -> None:
+        """Run this rank's write unless an earlier one failed; keep its error for the agreement."""
+        nonlocal problem
+        if problem is None:
+            try:
+                write()
+            except Exception as exc:  # OSError, and torch's and safetensors' own types for a failed write
+                problem = _describe(exc)
+
+    def settle() -> None:
+        """Where the ranks meet (it replaces a barrier): on any rank's failure, clean up and stop all."""
+        message = agreed_problem(problem, topology.device)
+        if message is None:
+            return
+        if topology.is_main:
+            _remove(tmp)
+        dist.barrier()  # no rank leaves (and is reported) before the unfinished save is gone
+        kept = complete_checkpoints(root)
+        raise CheckpointSaveError(
+            f"could not write checkpoint '{final}' ({message}); the unfinished save was removed and "
+            f"{f'{kept[-1].name} is the newest checkpoint' if kept else 'there is no earlier checkpoint'}: "
+            f"free space or fix the permissions of train.output_dir, then continue with --resume auto")
+
+    if topology.is_main:
+        def fresh():
+            root.mkdir(parents=True, exist_ok=True)
+            _remove(tmp)  # left by a save that was killed
+            tmp.mkdir()
+        attempt(fresh)
+    settle()
+
+    attempt(lambda: save_state(engine, tmp / STATE_DIR, ema))  # collective: DCP raises a failed write on every rank
+    attempt(lambda: torch.save(rank_state, tmp / f"rank_{topology.rank:05d}.pt"))
+    attempt(lambda: fail_save(step, topology.rank))  # test hook; does nothing unless its variable is set
     dp_ranks = [None] * topology.world_size  # which saved rank file continues which data-parallel rank
     dist.all_gather_object(dp_ranks, topology.dp_rank)
     train_state = engine_state(engine)
-    # Collective, without a full gather: each tensor is written by one rank that holds it.
-    export_weights(engine.module, tmp / "weights")
+    settle()  # the export below is collective: every rank must take part in it
+    # Without a full gather: each tensor is written by one rank that holds it. A failed write is
+    # raised after the export's own collectives, so no rank is left waiting.
+    attempt(lambda: export_weights(engine.module, tmp / "weights"))
     if ema is not None:
+        settle()
         # The model's state dict with each parameter replaced by its EMA (sharded like the parameter).
-        export_weights(engine.module, tmp / "ema_weights", {**engine.module.state_dict(), **ema.state_dict()})
-    dist.barrier()
+        attempt(lambda: export_weights(engine.module, tmp / "ema_weights",
+                                       {**engine.module.state_dict(), **ema.state_dict()}))
+    settle()
 
     if topology.is_main:
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        p = cfg.parallel
-        meta = {"format": FORMAT, "step": step, "world_size": topology.world_size, "dp_size": topology.dp_size,
-                "dp_ranks": dp_ranks, "expert_parallel_size": p.expert_parallel_size,
-                "tensor_parallel_size": p.tensor_parallel_size, "context_parallel_size": p.context_parallel_size,
-                "train_state": train_state, "config": to_yaml(cfg), "files": files}
-        _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
-        if final.exists():  # re-saving a step after a resume: replace the old copy only now
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        prune_checkpoints(root, cfg.checkpoint.keep_last)
-    dist.barrier()
+        def publish():
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            p = cfg.parallel
+            meta = {"format": FORMAT, "step": step, "world_size": topology.world_size, "dp_size": topology.dp_size,
+                    "dp_ranks": dp_ranks, "expert_parallel_size": p.expert_parallel_size,
+                    "tensor_parallel_size": p.tensor_parallel_size, "context_parallel_size": p.context_parallel_size,
+                    "train_state": train_state, "config": to_yaml(cfg), "files": files}
+            _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+            if final.exists():  # re-saving a step after a resume: replace the old copy only now
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        attempt(publish)
+        if problem is None:
+            prune_checkpoints(root, cfg.checkpoint.keep_last)
+    settle()
     return final
 
 
@@ -356,6 +398,14 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
 def _describe(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _remove(path: Path) -> None:
+    """Remove an unfinished save, whatever is at its name."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megamoe.config import Config
-from megamoe.data.loader import ShardLoader, build_loader
+from megamoe.data.loader import DataError, ShardLoader, StreamStateError, build_loader
 from megamoe.data.video_latents import VideoToLatents
 from megamoe.device import rng_states, set_rng_states
 from megamoe.model.activation_checkpointing import apply_activation_checkpointing
@@ -24,12 +24,16 @@ from megamoe.moe.layer import moe_layers, routers_after_step, routers_discard_st
 from megamoe.parallel.parallelize import parallelize
 from megamoe.parallel.sharded_weights import export_weights, init_from
 from megamoe.parallel.topology import Topology
-from megamoe.train.checkpoint import load_checkpoint, save_checkpoint
+from megamoe.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from megamoe.train.engine import EMA, build_engine, resync_lr
 from megamoe.train.logging import RunLogger
 from megamoe.train.objective import loss_weights, training_loss
 from megamoe.train.resilience import (STOP_REQUEST, StepAgreement, inject_nan, local_grads_finite,
-                                      poison_if_nonfinite, slow_save)
+                                      poison_if_nonfinite, slow_save, stop_together)
+from megamoe.train.run_dir import RunDirError
+
+BAD_INPUT = (CheckpointError, DataError, StreamStateError, RunDirError)
+"""Errors that mean the user's input (data, checkpoint, output directory) is bad: one line and exit 2."""
 
 
 def step_generator(seed: int, dp_rank: int, step: int) -> torch.Generator:
@@ -104,6 +108,41 @@ def data_counts_over_data_parallel(loader: ShardLoader) -> dict[str, int]:
     return dict(sum((Counter(c) for c in everyone), Counter()))
 
 
+class Batches:
+    """This rank's (latents, text) for each micro-step, with bad input held for the step's agreement.
+
+    A rank that finds bad input in the middle of a step (too many bad samples) must still go
+    through the step's collectives, or the other ranks would wait in them: it feeds zeros shaped
+    like its last batch, holds the error in `agreement`, and every rank stops with it at the end of
+    the step, without saving (so that step's update is never kept). The first batch is read at
+    start-up, where the ranks agree on it (`stop_together`), so a stand-in always has a shape.
+    """
+
+    def __init__(self, loader: ShardLoader, to_latents: VideoToLatents | None, device: torch.device,
+                 agreement: StepAgreement):
+        self.loader, self.to_latents, self.device, self.agreement = loader, to_latents, device, agreement
+        self._first = self._read()
+        self._last = self._first
+
+    def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = next(self.loader)
+        if self.to_latents is not None:
+            batch = self.to_latents(batch)
+        return (batch["latents"].to(self.device, non_blocking=True), batch["text"].to(self.device, non_blocking=True))
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._first is not None:
+            batch, self._first = self._first, None
+            return batch
+        if self.agreement.problem is None:
+            try:
+                self._last = self._read()
+                return self._last
+            except BAD_INPUT as exc:
+                self.agreement.hold(exc)
+        return tuple(torch.zeros_like(t) for t in self._last)
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is true on at least one (collective)."""
     value = torch.tensor([float(flag)], device=device)
@@ -144,18 +183,23 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
         log.info(init_from(model, cfg.train.init_from, cfg.train.seed))
     engine = build_engine(model, cfg)
     ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-    loader, to_latents = build_data(cfg, topology)
+    # Start-up work a rank may fail alone ends in an agreement: every rank stops, or none (see resilience.py).
+    with stop_together(topology.device, BAD_INPUT):
+        loader, to_latents = build_data(cfg, topology)
 
     start_step = 0
     agreement = StepAgreement(topology.device, cfg.train.max_nonfinite_steps)
+    with stop_together(topology.device, BAD_INPUT):
+        if resume_from is not None:
+            rank_state = load_checkpoint(engine, resume_from, topology, ema)
+            agreement.load_state_dict(rank_state)
+            resync_lr(engine)
+            start_step = rank_state["step"]
+            log.resume_at(start_step)  # the steps after it are redone: log each once
+            loader.load_state_dict(rank_state["data"], restart=cfg.data.restart_stream_on_resume)
+            set_rng_states(rank_state["rng"], topology.device)
+        batches = Batches(loader, to_latents, topology.device, agreement)
     if resume_from is not None:
-        rank_state = load_checkpoint(engine, resume_from, topology, ema)
-        agreement.load_state_dict(rank_state)
-        resync_lr(engine)
-        start_step = rank_state["step"]
-        log.resume_at(start_step)  # the steps after it are redone: log each once
-        loader.load_state_dict(rank_state["data"], restart=cfg.data.restart_stream_on_resume)
-        set_rng_states(rank_state["rng"], topology.device)
         log.info(f"resumed from {resume_from} at step {start_step}")
 
     def checkpoint(step):
@@ -184,12 +228,8 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
         grads_bad = False
         for micro in range(cfg.train.grad_accum):
             last_micro = micro == cfg.train.grad_accum - 1
-            batch = next(loader)
-            if to_latents is not None:
-                batch = to_latents(batch)
-            latents = batch["latents"].to(topology.device, non_blocking=True)
+            latents, text = next(batches)
             latents = inject_nan(latents, done, topology.dp_rank)  # test hook; a no-op unless its variable is set
-            text = batch["text"].to(topology.device, non_blocking=True)
             if diagnose and last_micro:
                 diagnostics.enable_recording(True)
             loss, parts = training_loss(engine, engine.module, latents, text, cfg, generator)

@@ -6,10 +6,12 @@ run resumed right after the skip, which never held the skipped step's router sta
 import json
 import os
 import signal
+import socket
 
 import torch
 
-from launch_helpers import REPO, pretrain, read_metrics, start_pretrain, steps_logged, wait_until, worker_pids
+from launch_helpers import (REPO, assert_stopped_together, pretrain, read_metrics, start_pretrain, steps_logged,
+                            wait_until, worker_pids)
 
 TINY = str(REPO / "configs" / "tiny.yaml")
 SMALL = ["model.num_layers=2", "model.dim=32", "model.ffn_dim=64", "data.micro_batch_size=4"]
@@ -92,6 +94,12 @@ def test_save_killed_mid_write_is_skipped_by_resume_auto(tmp_path, data_cache):
     stalled = out_dir / "checkpoints" / ".step_00000004.tmp" / "weights" / INDEX_NAME
     wait_until(stalled.is_file, "the save of step 4", run)
     pids = worker_pids(run)
+
+    # A second run on the directory (a restart while the first job's ranks still run) is refused, naming
+    # the holder (rank 0 of the first run), on every rank; the first run's unfinished save stays.
+    second = pretrain(args + ["--resume", "auto"], check=False)
+    assert_stopped_together(second, "is in use by another run", f"host {socket.gethostname()}, pid {pids[0]},")
+    assert stalled.is_file()
     for pid in [run.pid, *pids.values()]:
         os.kill(pid, signal.SIGKILL)
     run.communicate()
