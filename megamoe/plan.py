@@ -197,6 +197,26 @@ def count_parameters(m: ModelConfig) -> ParameterCounts:
                            tensor_parallel=tp)
 
 
+RANK_FILE_BYTES = 1 << 16
+"""Allowance for one rank's rank_*.pt (data-stream position and RNG states: a few KB, more with many bad shards)."""
+CHECKPOINT_FIXED_BYTES = 1 << 20
+"""Allowance for meta.json, config.json and the safetensors headers (tensor names and offsets)."""
+
+
+def checkpoint_bytes(cfg: Config, world: int) -> int:
+    """Bytes one checkpoint of `cfg` written by `world` ranks takes on disk (see train/checkpoint.py).
+
+    state/ holds each parameter once as the module holds it (2 bytes under bf16, else 4) plus
+    fp32 master weight and Adam's two moments (12); weights/ repeats it in the module's dtype and
+    ema_weights/, when EMA is on, in fp32 (4); each rank adds its rank file. The parallel layout
+    changes only the number of rank files: every block of a tensor is written once.
+    Buffers (router biases and thresholds) are a few numbers per layer and fall in the allowances.
+    """
+    w_bytes = 2 if cfg.train.precision == "bf16" else 4
+    per_param = w_bytes + 12 + w_bytes + (4 if cfg.train.ema_decay > 0 else 0)
+    return count_parameters(cfg.model).total * per_param + world * RANK_FILE_BYTES + CHECKPOINT_FIXED_BYTES
+
+
 def planned_latent(cfg: Config) -> tuple:
     """(F, H, W) latent size to plan for: the data.buckets entry with the most tokens, else the synthetic clip."""
     from megamoe.data.buckets import latent_shape

@@ -108,9 +108,7 @@ class ShardLoader:
         if spec.num_workers != max(1, num_workers):
             raise ValueError(f"spec.num_workers={spec.num_workers} must be max(1, num_workers={num_workers})")
         W = spec.num_workers
-        if len(spec.shards) < spec.dp_size * W:
-            raise DataError(f"{len(spec.shards)} shards cannot feed {spec.dp_size} data-parallel rank(s) x {W} "
-                             f"loader worker(s); write at least {spec.dp_size * W} shards or lower data.num_workers")
+        check_shard_count(len(spec.shards), spec.dp_size, W)
         self.spec, self.num_workers = spec, num_workers
         self.max_failure_fraction = max_failure_fraction
         self.min_samples_before_failure_check = min_samples_before_failure_check
@@ -292,27 +290,46 @@ def build_loader(cfg, dp_rank: int, dp_size: int, compression: tuple[int, int] =
 
     `compression` is the video VAE's (temporal, spatial) downsampling; it sizes video buckets in tokens.
     """
-    from megamoe.data.stream import resolve_shards
+    from megamoe.config import sequence_shards
     from megamoe.data.synthetic import ensure_synthetic_dataset
 
     d, m = cfg.data, cfg.model
     # Every rank may generate the synthetic dataset concurrently: generation is atomic and deterministic.
     path = ensure_synthetic_dataset(d, m) if d.path is None else d.path
     fmt = "latent" if d.path is None else d.format
-    if fmt == "video":
-        mh, mw = compression[1] * m.patch_size[1], compression[1] * m.patch_size[2]
-        for bucket in d.buckets:
-            if bucket[1] % mh or bucket[2] % mw:
-                raise DataError(f"data.buckets entry {bucket}: height/width must be multiples of {mh}x{mw} "
-                                 f"(VAE compression x model.patch_size)")
-    try:
-        shards = resolve_shards(path)
-    except (ValueError, FileNotFoundError) as exc:
-        raise DataError(str(exc)) from None
+    shards = _resolve(path)
     spec = StreamSpec(
         shards=tuple(shards), format=fmt, seed=d.seed, dp_rank=dp_rank, dp_size=dp_size,
         num_workers=max(1, d.num_workers), micro_batch_size=d.micro_batch_size, tokens_per_batch=d.tokens_per_batch,
         buckets=tuple(tuple(b) for b in d.buckets), patch_size=tuple(m.patch_size), compression=tuple(compression),
         in_channels=m.in_channels, text_dim=m.text_dim, text_len=d.text_len, video_frames=d.video_frames,
-        video_fps=d.video_fps, decode_timeout_s=d.decode_timeout_s)
+        video_fps=d.video_fps, decode_timeout_s=d.decode_timeout_s, sequence_shards=sequence_shards(cfg.parallel)[0],
+        rope_max_seq_len=m.rope_max_seq_len)
+    for bucket in spec.buckets:  # validation checked them already when it could read the VAE's config
+        problem = spec.shape_problem(bucket)
+        if problem is not None:
+            raise DataError(f"data.buckets entry {list(bucket)} {problem} (VAE compression {compression}); "
+                            f"change it, or the setting named")
     return ShardLoader(spec, d.num_workers, d.max_failure_fraction, d.min_samples_before_failure_check)
+
+
+def check_shard_count(num_shards: int, dp_size: int, workers: int) -> None:
+    """Each of `workers` loader workers of each data-parallel rank needs a shard of its own."""
+    if num_shards < dp_size * workers:
+        raise DataError(f"{num_shards} shards cannot feed {dp_size} data-parallel rank(s) x {workers} "
+                        f"loader worker(s); write at least {dp_size * workers} shards or lower data.num_workers")
+
+
+def check_data_path(cfg, dp_size: int) -> None:
+    """Before start-up: data.path names enough shards for the run (DataError otherwise; opens no shard)."""
+    if cfg.data.path is not None:
+        check_shard_count(len(_resolve(cfg.data.path)), dp_size, max(1, cfg.data.num_workers))
+
+
+def _resolve(path: str) -> list[str]:
+    from megamoe.data.stream import resolve_shards
+
+    try:
+        return resolve_shards(path)
+    except (ValueError, FileNotFoundError) as exc:
+        raise DataError(f"data.path: {exc}") from None

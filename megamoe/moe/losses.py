@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 LOSS_NAMES = ("balance", "z", "similarity", "layer_reg", "contrastive")
+BALANCE_SCOPES = ("micro_batch", "sequence")  # model.moe.balance_scope: over what the balance loss counts loads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -27,8 +28,8 @@ def switch_balance_loss(probs_full: torch.Tensor, routing_map: torch.Tensor, num
     sample and averages (DeepSeek-V3's sequence-wise variant): it also balances within
     each video, not just across the micro-batch.
     """
-    if scope not in ("micro_batch", "sequence"):
-        raise ValueError(f"model.moe.balance_scope must be 'micro_batch' or 'sequence', got '{scope}'")
+    if scope not in BALANCE_SCOPES:
+        raise ValueError(f"model.moe.balance_scope must be one of {', '.join(BALANCE_SCOPES)}, got '{scope}'")
     if probs_full.shape[0] != batch_size * seq_len:
         raise ValueError(f"balance loss got {probs_full.shape[0]} tokens for batch {batch_size} x seq_len {seq_len}")
     groups, per_group = (batch_size, seq_len) if scope == "sequence" else (1, batch_size * seq_len)

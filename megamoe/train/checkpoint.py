@@ -4,12 +4,13 @@ Layout of one checkpoint, `<output_dir>/checkpoints/step_00000100/`:
 
     meta.json          format, step, layout, resolved config, engine counters and LR schedule,
                        and the size of every file below
-    state/             model weights, fp32 master weights and Adam moments by parameter name, in
-                       the full tensors' coordinates (experts by global index): readable at any
-                       parallel layout; see train/sharded_state.py
+    state/             model weights, fp32 master weights, Adam moments and the EMA by parameter
+                       name, in the full tensors' coordinates (experts by global index): readable
+                       at any parallel layout; see train/sharded_state.py
     rank_00000.pt      per-rank state: data-stream position, RNG states (tensors and ints only)
-    weights/           the model in diffusers WanTransformer3DModel layout (safetensors)
-    ema_weights/       the EMA weights in the same layout, when EMA is on
+    weights/           the model in diffusers WanTransformer3DModel layout: config.json, an index and
+                       one safetensors shard per writing rank (see parallel/sharded_weights.py)
+    ema_weights/       the EMA weights in the same layout (fp32, buffers as in weights/), when EMA is on
 
 Writing goes to a hidden `.step_00000100.tmp` directory that is renamed into place after
 every rank has finished and `meta.json` is written, so a crash mid-save leaves the
@@ -35,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe.config import Config, ConfigError, from_yaml_text, to_yaml
+from megamoe.train.resilience import AgreedStop, agreed_problem, fail_save
 
 CHECKPOINT_DIR = "checkpoints"
 STEP_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -44,6 +46,10 @@ STATE_DIR = "state"
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names the path and what to do."""
+
+
+class CheckpointSaveError(CheckpointError, AgreedStop):
+    """Writing a checkpoint failed on some rank; raised on every rank with the same message."""
 
 
 def checkpoint_root(cfg: Config) -> Path:
@@ -62,19 +68,22 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_PATTERN.match(p.name).group(1)))
 
 
-def inspect_checkpoint(path: str | Path) -> dict:
+def inspect_checkpoint(path: str | Path, or_else: str = "") -> dict:
     """Read meta.json and check every recorded file is present at its recorded size.
 
     Runs before any process group exists, so a bad path costs no start-up time and a
     truncated file is caught here rather than as a hang inside a collective load.
+    `or_else`: the caller's alternative to a missing or incomplete checkpoint, for the message
+    (pretrain: "or --resume latest"); the newest complete checkpoint near `path` is named too.
     """
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint '{path}' does not exist; pass an existing checkpoint directory or --resume latest")
+        raise CheckpointError(f"checkpoint '{path}' does not exist; pass an existing checkpoint directory"
+                              f"{_nearby(path)}{' ' + or_else if or_else else ''}")
     meta_file = path / "meta.json"
     if not meta_file.is_file():
-        raise CheckpointError(f"checkpoint '{path}' is incomplete (no meta.json); pass a complete checkpoint "
-                              f"or --resume latest, which skips incomplete ones")
+        raise CheckpointError(f"checkpoint '{path}' is incomplete (no meta.json); pass a complete checkpoint"
+                              f"{_nearby(path)}{' ' + or_else if or_else else ''}")
     try:
         meta = json.loads(meta_file.read_text())
         files = meta["files"]
@@ -89,6 +98,15 @@ def inspect_checkpoint(path: str | Path) -> dict:
             raise CheckpointError(f"checkpoint '{path}' has '{rel}' of {f.stat().st_size} bytes, expected {size} "
                                   f"(truncated or modified); pass another checkpoint")
     return meta
+
+
+def _nearby(path: Path) -> str:
+    """' (e.g. <the newest complete checkpoint in path, path/checkpoints or beside path>)', or ''."""
+    for root in (path, path / "checkpoints", path.parent):
+        found = complete_checkpoints(root)
+        if found and found[-1] != path:
+            return f" (e.g. '{found[-1]}', the newest there)"
+    return ""
 
 
 def resolve_resume(cfg: Config, resume: str | None, world_size: int | None = None) -> Path | None:
@@ -117,7 +135,7 @@ def resolve_resume(cfg: Config, resume: str | None, world_size: int | None = Non
         path = existing[-1]
     else:
         path = Path(resume)
-    meta = inspect_checkpoint(path)
+    meta = inspect_checkpoint(path, "or --resume latest, which takes the newest complete one")
     check_compatible(cfg, meta, path)
     check_resumable(cfg, meta, path, world_size)
     return path
@@ -187,47 +205,83 @@ def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
 def save_checkpoint(engine, cfg: Config, step: int, rank_state: dict, topology, export_weights, ema=None) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory.
 
-    `export_weights(state_dict, directory)` writes weights in the diffusers layout (rank 0 only).
+    `export_weights(module, directory, tensors=None)` writes the module's weights (or `tensors`,
+    sharded like its parameters) in the diffusers layout; collective (see parallel/sharded_weights.py).
+    A write that fails on any rank (a full disk, lost permissions) is agreed by every rank where
+    the ranks meet anyway: the unfinished save is removed, the previous checkpoints stay, and
+    every rank raises CheckpointSaveError with the same message (the run stops: see the README).
     """
-    from megamoe.parallel.parallelize import full_state_dict
     from megamoe.train.sharded_state import save_state
 
     root = checkpoint_root(cfg)
     final = root / step_dir_name(step)
     tmp = root / f".{final.name}.tmp"
-    if topology.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by a save that was killed
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    dist.barrier()
+    problem = None
 
-    save_state(engine, tmp / STATE_DIR)
-    torch.save(rank_state, tmp / f"rank_{topology.rank:05d}.pt")
+    def attempt(write) -> None:
+        """Run this rank's write unless an earlier one failed; keep its error for the agreement."""
+        nonlocal problem
+        if problem is None:
+            try:
+                write()
+            except Exception as exc:  # OSError, and torch's and safetensors' own types for a failed write
+                problem = _describe(exc)
+
+    def settle() -> None:
+        """Where the ranks meet (it replaces a barrier): on any rank's failure, clean up and stop all."""
+        message = agreed_problem(problem, topology.device)
+        if message is None:
+            return
+        if topology.is_main:
+            _remove(tmp)
+        dist.barrier()  # no rank leaves (and is reported) before the unfinished save is gone
+        kept = complete_checkpoints(root)
+        raise CheckpointSaveError(
+            f"could not write checkpoint '{final}' ({message}); the unfinished save was removed and "
+            f"{f'{kept[-1].name} is the newest checkpoint' if kept else 'there is no earlier checkpoint'}: "
+            f"free space or fix the permissions of train.output_dir, then continue with --resume auto")
+
+    if topology.is_main:
+        def fresh():
+            root.mkdir(parents=True, exist_ok=True)
+            _remove(tmp)  # left by a save that was killed
+            tmp.mkdir()
+        attempt(fresh)
+    settle()
+
+    attempt(lambda: save_state(engine, tmp / STATE_DIR, ema))  # collective: DCP raises a failed write on every rank
+    attempt(lambda: torch.save(rank_state, tmp / f"rank_{topology.rank:05d}.pt"))
+    attempt(lambda: fail_save(step, topology.rank))  # test hook; does nothing unless its variable is set
     dp_ranks = [None] * topology.world_size  # which saved rank file continues which data-parallel rank
     dist.all_gather_object(dp_ranks, topology.dp_rank)
     train_state = engine_state(engine)
-    full_state = full_state_dict(engine.module)  # collective: TP blocks and expert slices gathered whole
-    if topology.is_main:
-        export_weights(full_state, tmp / "weights")
-        if ema is not None:
-            export_weights(ema.state_dict(), tmp / "ema_weights")
-    del full_state
-    dist.barrier()
+    settle()  # the export below is collective: every rank must take part in it
+    # Without a full gather: each tensor is written by one rank that holds it. A failed write is
+    # raised after the export's own collectives, so no rank is left waiting.
+    attempt(lambda: export_weights(engine.module, tmp / "weights"))
+    if ema is not None:
+        settle()
+        # The model's state dict with each parameter replaced by its EMA (sharded like the parameter).
+        attempt(lambda: export_weights(engine.module, tmp / "ema_weights",
+                                       {**engine.module.state_dict(), **ema.state_dict()}))
+    settle()
 
     if topology.is_main:
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        p = cfg.parallel
-        meta = {"format": FORMAT, "step": step, "world_size": topology.world_size, "dp_size": topology.dp_size,
-                "dp_ranks": dp_ranks, "expert_parallel_size": p.expert_parallel_size,
-                "tensor_parallel_size": p.tensor_parallel_size, "context_parallel_size": p.context_parallel_size,
-                "train_state": train_state, "config": to_yaml(cfg), "files": files}
-        _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
-        if final.exists():  # re-saving a step after a resume: replace the old copy only now
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        prune_checkpoints(root, cfg.checkpoint.keep_last)
-    dist.barrier()
+        def publish():
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            p = cfg.parallel
+            meta = {"format": FORMAT, "step": step, "world_size": topology.world_size, "dp_size": topology.dp_size,
+                    "dp_ranks": dp_ranks, "expert_parallel_size": p.expert_parallel_size,
+                    "tensor_parallel_size": p.tensor_parallel_size, "context_parallel_size": p.context_parallel_size,
+                    "train_state": train_state, "config": to_yaml(cfg), "files": files}
+            _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+            if final.exists():  # re-saving a step after a resume: replace the old copy only now
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        attempt(publish)
+        if problem is None:
+            prune_checkpoints(root, cfg.checkpoint.keep_last)
+    settle()
     return final
 
 
@@ -236,7 +290,7 @@ def load_checkpoint(engine, path: Path, topology, ema=None) -> dict:
 
     The checkpoint may come from another parallel layout; see `rank_file_for` for the per-rank state.
     """
-    from megamoe.train.sharded_state import load_state, mismatch, stored_shapes
+    from megamoe.train.sharded_state import has_ema, load_state, mismatch, stored_shapes
 
     path = Path(path)
     meta = inspect_checkpoint(path)
@@ -249,9 +303,13 @@ def load_checkpoint(engine, path: Path, topology, ema=None) -> dict:
     try:
         source = rank_file_for(meta, topology)
         rank_state = torch.load(path / f"rank_{source:05d}.pt", weights_only=True)
-        why = mismatch(engine.module, stored_shapes(path / STATE_DIR))
+        stored = stored_shapes(path / STATE_DIR)
+        why = mismatch(engine.module, stored, ema if ema is not None and has_ema(stored) else None)
         if why:
             problem = f"its state does not fit the model: {why}"
+        elif ema is not None and not has_ema(stored):
+            problem = ("it has no EMA but train.ema_decay > 0; set train.ema_decay=0 "
+                       "or pass a checkpoint written with EMA")
     except Exception as exc:  # torch and safetensors raise many types for a bad file; the user needs one line
         problem = _describe(exc)
     failed = torch.tensor([0.0 if problem is None else 1.0], device=topology.device)
@@ -260,21 +318,13 @@ def load_checkpoint(engine, path: Path, topology, ema=None) -> dict:
         detail = problem or "another rank could not read its part"
         raise CheckpointError(f"checkpoint '{path}' could not be loaded ({detail}); pass another checkpoint")
     try:
-        load_state(engine, path / STATE_DIR)
+        load_state(engine, path / STATE_DIR, ema)
         restore_engine_state(engine, meta["train_state"])
     except CheckpointError:
         raise
     except Exception as exc:
         raise CheckpointError(f"checkpoint '{path}' could not be loaded ({_describe(exc)}); "
                               f"pass another checkpoint") from None
-    if ema is not None:
-        ema_dir = path / "ema_weights"
-        if not ema_dir.is_dir():
-            raise CheckpointError(f"checkpoint '{path}' has no EMA weights but train.ema_decay > 0; "
-                                  f"set train.ema_decay=0 or pass a checkpoint written with EMA")
-        from megamoe.model.weights import read_state_dict
-
-        ema.load_state_dict(read_state_dict(ema_dir))
     return rank_state
 
 
@@ -348,6 +398,14 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
 def _describe(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _remove(path: Path) -> None:
+    """Remove an unfinished save, whatever is at its name."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
 
 
 def _write_atomic(path: Path, text: str) -> None:

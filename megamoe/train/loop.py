@@ -14,22 +14,26 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megamoe.config import Config
-from megamoe.data.loader import ShardLoader, build_loader
+from megamoe.data.loader import DataError, ShardLoader, StreamStateError, build_loader
 from megamoe.data.video_latents import VideoToLatents
 from megamoe.device import rng_states, set_rng_states
 from megamoe.model.activation_checkpointing import apply_activation_checkpointing
 from megamoe.model.dit import build_model
-from megamoe.model.weights import load_diffusers_weights, write_diffusers_weights
 from megamoe.moe.diagnostics import RoutingDiagnostics
-from megamoe.moe.layer import moe_layers, routers_after_step
+from megamoe.moe.layer import moe_layers, routers_after_step, routers_discard_step
 from megamoe.parallel.parallelize import parallelize
+from megamoe.parallel.sharded_weights import export_weights, init_from
 from megamoe.parallel.topology import Topology
-from megamoe.train.checkpoint import load_checkpoint, save_checkpoint
+from megamoe.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from megamoe.train.engine import EMA, build_engine, resync_lr
 from megamoe.train.logging import RunLogger
 from megamoe.train.objective import loss_weights, training_loss
 from megamoe.train.resilience import (STOP_REQUEST, StepAgreement, inject_nan, local_grads_finite,
-                                      poison_if_nonfinite, slow_save)
+                                      poison_if_nonfinite, slow_save, stop_together)
+from megamoe.train.run_dir import RunDirError
+
+BAD_INPUT = (CheckpointError, DataError, StreamStateError, RunDirError)
+"""Errors that mean the user's input (data, checkpoint, output directory) is bad: one line and exit 2."""
 
 
 def step_generator(seed: int, dp_rank: int, step: int) -> torch.Generator:
@@ -104,6 +108,41 @@ def data_counts_over_data_parallel(loader: ShardLoader) -> dict[str, int]:
     return dict(sum((Counter(c) for c in everyone), Counter()))
 
 
+class Batches:
+    """This rank's (latents, text) for each micro-step, with bad input held for the step's agreement.
+
+    A rank that finds bad input in the middle of a step (too many bad samples) must still go
+    through the step's collectives, or the other ranks would wait in them: it feeds zeros shaped
+    like its last batch, holds the error in `agreement`, and every rank stops with it at the end of
+    the step, without saving (so that step's update is never kept). The first batch is read at
+    start-up, where the ranks agree on it (`stop_together`), so a stand-in always has a shape.
+    """
+
+    def __init__(self, loader: ShardLoader, to_latents: VideoToLatents | None, device: torch.device,
+                 agreement: StepAgreement):
+        self.loader, self.to_latents, self.device, self.agreement = loader, to_latents, device, agreement
+        self._first = self._read()
+        self._last = self._first
+
+    def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = next(self.loader)
+        if self.to_latents is not None:
+            batch = self.to_latents(batch)
+        return (batch["latents"].to(self.device, non_blocking=True), batch["text"].to(self.device, non_blocking=True))
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._first is not None:
+            batch, self._first = self._first, None
+            return batch
+        if self.agreement.problem is None:
+            try:
+                self._last = self._read()
+                return self._last
+            except BAD_INPUT as exc:
+                self.agreement.hold(exc)
+        return tuple(torch.zeros_like(t) for t in self._last)
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is true on at least one (collective)."""
     value = torch.tensor([float(flag)], device=device)
@@ -133,8 +172,6 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     model = build_model(cfg.model).to(topology.device)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
-    if cfg.train.init_from:
-        load_diffusers_weights(model, cfg.train.init_from)
     layout = cfg.parallel
     log.info(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
              f"{topology.world_size} rank(s) as {topology.describe()}"
@@ -142,24 +179,32 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
              f"device {topology.device.type}")
     if max(layout.tensor_parallel_size, layout.context_parallel_size, layout.expert_parallel_size) > 1:
         parallelize(model, layout)  # each rank keeps its shard of the weights, tokens and experts
+    if cfg.train.init_from and resume_from is None:  # each rank reads only its blocks; dense into MoE upcycles
+        log.info(init_from(model, cfg.train.init_from, cfg.train.seed))
     engine = build_engine(model, cfg)
     ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-    loader, to_latents = build_data(cfg, topology)
+    # Start-up work a rank may fail alone ends in an agreement: every rank stops, or none (see resilience.py).
+    with stop_together(topology.device, BAD_INPUT):
+        loader, to_latents = build_data(cfg, topology)
 
     start_step = 0
     agreement = StepAgreement(topology.device, cfg.train.max_nonfinite_steps)
+    with stop_together(topology.device, BAD_INPUT):
+        if resume_from is not None:
+            rank_state = load_checkpoint(engine, resume_from, topology, ema)
+            agreement.load_state_dict(rank_state)
+            resync_lr(engine)
+            start_step = rank_state["step"]
+            log.resume_at(start_step)  # the steps after it are redone: log each once
+            loader.load_state_dict(rank_state["data"], restart=cfg.data.restart_stream_on_resume)
+            set_rng_states(rank_state["rng"], topology.device)
+        batches = Batches(loader, to_latents, topology.device, agreement)
     if resume_from is not None:
-        rank_state = load_checkpoint(engine, resume_from, topology, ema)
-        agreement.load_state_dict(rank_state)
-        resync_lr(engine)
-        start_step = rank_state["step"]
-        loader.load_state_dict(rank_state["data"], restart=cfg.data.restart_stream_on_resume)
-        set_rng_states(rank_state["rng"], topology.device)
         log.info(f"resumed from {resume_from} at step {start_step}")
 
     def checkpoint(step):
-        def export(state_dict, directory):
-            write_diffusers_weights(state_dict, cfg.model, directory)
+        def export(module, directory, tensors=None):  # collective: each rank writes what it holds
+            export_weights(module, directory, tensors)
             slow_save(step)  # test hook (a save killed mid-write); does nothing unless its variable is set
 
         state = {"step": step, "data": loader.state_dict(), "rng": rng_states(topology.device),
@@ -183,12 +228,8 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
         grads_bad = False
         for micro in range(cfg.train.grad_accum):
             last_micro = micro == cfg.train.grad_accum - 1
-            batch = next(loader)
-            if to_latents is not None:
-                batch = to_latents(batch)
-            latents = batch["latents"].to(topology.device, non_blocking=True)
+            latents, text = next(batches)
             latents = inject_nan(latents, done, topology.dp_rank)  # test hook; a no-op unless its variable is set
-            text = batch["text"].to(topology.device, non_blocking=True)
             if diagnose and last_micro:
                 diagnostics.enable_recording(True)
             loss, parts = training_loss(engine, engine.module, latents, text, cfg, generator)
@@ -216,11 +257,16 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
         if skipped:
             log.info(f"warning: step {done}: non-finite loss or gradient norm; step skipped, weights unchanged "
                      f"({agreement.streak} in a row, {agreement.skipped_steps} in all)")
-        else:  # routing statistics and EMA of a skipped step would carry its NaNs forward
+            # Whatever the step's forwards gathered (router statistics, diagnostics recordings) is
+            # dropped, not kept for the next step: it would carry the NaNs forward.
+            routers_discard_step(engine.module)
+            if diagnostics is not None:
+                diagnostics.discard_step()
+        else:
             routers_after_step(engine.module, sum_over_token_shards(cfg))
             if ema is not None:
                 ema.update(engine.module)
-        if diagnose:
+        if diagnose and not skipped:
             diagnostics.measure_bf16_loss(master_weights)
             log.log_diagnostics(diagnostics.compute(done), done)
 

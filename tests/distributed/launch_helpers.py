@@ -112,3 +112,29 @@ def wait_until(condition, what: str, proc: subprocess.Popen | None = None, timeo
 def steps_logged(output_dir) -> int:
     path = Path(output_dir) / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def torchrun_failures(stderr: str) -> tuple[dict[int, tuple[int, str]], int]:
+    """torchrun's failure summary: ({global rank: (exit code, traceback line)}, the root cause's rank)."""
+    import re
+
+    entries = re.findall(r"rank\s+: (\d+) \(local_rank: \d+\)\n\s+exitcode\s+: (-?\d+) .*\n.*\n\s+traceback : (.*)",
+                         stderr)
+    root = re.search(r"Root Cause \(first observed failure\):\n\[\d+\]:\n.*\n.*\n\s+rank\s+: (\d+)", stderr)
+    assert entries and root, f"no torchrun failure summary in:\n{stderr[-4000:]}"
+    return {int(rank): (int(code), line) for rank, code, line in entries}, int(root.group(1))
+
+
+def assert_stopped_together(result, *needles) -> str:
+    """Every rank exited 2 with the same line, printed once; no worker traceback. Returns the line."""
+    assert result.returncode == 1, result.stderr[-4000:]  # torchrun's own code for a failed worker
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1, result.stderr[-4000:]
+    failures, root = torchrun_failures(result.stderr)
+    assert sorted(failures) == [0, 1] and all(code == 2 for code, _ in failures.values()), failures
+    assert failures[root][1] == errors[0]  # the root cause torchrun names is the line itself
+    assert "gloo" not in result.stderr.lower()  # no rank died in a collective
+    assert result.stderr.count("Traceback (most recent call last)") == 1  # torchrun's own, none from a rank
+    for needle in needles:
+        assert needle in errors[0]
+    return errors[0]
