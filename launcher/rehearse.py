@@ -31,6 +31,7 @@ import json
 import resource
 import sys
 import time
+import warnings
 
 EXIT_BAD_INPUT = 2
 CATEGORIES = ("weights", "gradients", "optimizer")
@@ -94,7 +95,7 @@ def rehearse(cfg, topology, latent: tuple, text_len: int, init_from: str | None,
 
     from megamoe.model.activation_checkpointing import SavedActivationMeter, apply_activation_checkpointing
     from megamoe.model.init import build_sharded_model
-    from megamoe.model.weights import load_diffusers_weights as load_weights_into
+    from megamoe.parallel.sharded_weights import init_from as load_slices
     from megamoe.train.engine import build_engine
     from megamoe.train.loop import step_generator
     from megamoe.train.objective import training_loss
@@ -106,8 +107,7 @@ def rehearse(cfg, topology, latent: tuple, text_len: int, init_from: str | None,
         f"in {time.perf_counter() - start:.0f} s")
     if init_from:
         start = time.perf_counter()
-        load_weights_into(model, init_from, cfg)
-        log(f"loaded its slices of {init_from} in {time.perf_counter() - start:.0f} s")
+        log(f"{load_slices(model, init_from, cfg.train.seed)} in {time.perf_counter() - start:.0f} s")
     engine = build_engine(model, cfg)
     ledger = ByteLedger()
     ledger.add("weights", engine.module.parameters())
@@ -161,7 +161,9 @@ def compare(measured: dict, planned, full_planned, act_per_token: float, planned
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     from megamoe.config import ConfigError, load_config, validate
+    from megamoe.model.weights import WeightsError
 
     world = args.nodes * args.gpus_per_node
     try:
@@ -182,15 +184,10 @@ def main(argv=None) -> int:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=args.num_layers))
         validate(cfg, world_size=world)
         if args.init_from:
-            from megamoe.model.weights import check_weights_source
+            from megamoe.parallel.sharded_weights import open_init_source
 
-            check_weights_source(args.init_from, cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception as exc:  # a bad weights source: one line, before anything is built
-        if type(exc).__name__ != "WeightsError":
-            raise
+            open_init_source(args.init_from, cfg.model)  # headers and shapes only, before anything is built
+    except (ConfigError, WeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -19,6 +19,8 @@ from megamoe.config import load_config
 from megamoe.plan import count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "data"))
+from make_random_wan import write_random_wan  # noqa: E402
 
 
 def rehearse(tmp_path, *args):
@@ -31,15 +33,22 @@ def rehearse(tmp_path, *args):
     return done, (json.loads(out.read_text()) if out.exists() else None)
 
 
-@pytest.mark.parametrize("rank, overrides", [
-    (5, ["parallel.expert_parallel_size=4"]),
-    (3, ["parallel.tensor_parallel_size=2", "parallel.expert_parallel_size=2"]),
+@pytest.mark.parametrize("rank, overrides, dense_source", [
+    (5, ["parallel.expert_parallel_size=4"], True),
+    (3, ["parallel.tensor_parallel_size=2", "parallel.expert_parallel_size=2"], False),
 ])
-def test_a_rank_of_an_8_gpu_layout_holds_its_shard_and_agrees_with_the_planner(tmp_path, rank, overrides):
+def test_a_rank_of_an_8_gpu_layout_holds_its_shard_and_agrees_with_the_planner(tmp_path, rank, overrides,
+                                                                                 dense_source):
+    extra = []
+    if dense_source:  # a sharded bf16 dense checkpoint, upcycled while rank 5 reads its slices
+        write_random_wan(str(REPO / "configs/tiny.yaml"), str(tmp_path / "dense"), max_shard_gb=0.0005,
+                         log=lambda _: None)
+        extra = ["--init-from", tmp_path / "dense"]
     done, figures = rehearse(tmp_path, "--config", "configs/tiny_moe.yaml", "--nodes", 2, "--gpus-per-node", 4,
-                             "--rank", rank, "optim.zero_stage=2", "train.precision=bf16", *overrides)
+                             "--rank", rank, *extra, "optim.zero_stage=2", "train.precision=bf16", *overrides)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "agrees with the planner" in done.stdout
+    assert ("upcycl" in done.stdout) == dense_source, done.stdout
     cfg = load_config(str(REPO / "configs/tiny_moe.yaml"), overrides)
     p, counts = cfg.parallel, count_parameters(cfg.model)
     # The rank's weights: its 1/TP of the TP-sharded parameters, the replicated rest, 1/EP of the experts.
@@ -53,7 +62,9 @@ def test_a_rank_of_an_8_gpu_layout_holds_its_shard_and_agrees_with_the_planner(t
 
 
 def test_bad_input_is_one_line(tmp_path):
-    for args, needle in [(["--rank", 8], "--rank"), (["--latent", "1,8"], "--latent"),
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x10\x00")
+    for args, needle in [(["--rank", 8], "--rank"), (["--init-from", tmp_path / "broken"], "safetensors"), (["--latent", "1,8"], "--latent"),
                          (["--num-layers", 9], "--num-layers"), (["parallel.expert_parallel_size=3"], "expert")]:
         done, _ = rehearse(tmp_path, "--config", "configs/tiny_moe.yaml", "--nodes", 2, "--gpus-per-node", 4, *args)
         assert done.returncode == 2 and needle in done.stderr, (args, done.stderr[-500:])
