@@ -19,6 +19,7 @@ from megamoe.data.video_latents import VideoToLatents
 from megamoe.device import rng_states, set_rng_states
 from megamoe.model.activation_checkpointing import apply_activation_checkpointing
 from megamoe.model.dit import build_model
+from megamoe.model.weights import WeightsError
 from megamoe.moe.diagnostics import RoutingDiagnostics
 from megamoe.moe.layer import moe_layers, routers_after_step, routers_discard_step
 from megamoe.parallel.parallelize import parallelize
@@ -32,7 +33,7 @@ from megamoe.train.resilience import (STOP_REQUEST, StepAgreement, inject_nan, l
                                       poison_if_nonfinite, slow_save, stop_together)
 from megamoe.train.run_dir import RunDirError
 
-BAD_INPUT = (CheckpointError, DataError, StreamStateError, RunDirError)
+BAD_INPUT = (CheckpointError, DataError, StreamStateError, RunDirError, WeightsError)
 """Errors that mean the user's input (data, checkpoint, output directory) is bad: one line and exit 2."""
 
 
