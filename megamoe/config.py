@@ -67,7 +67,8 @@ class MoEConfig:
     balance_loss: float = 0.0
     """Weight of the switch load-balancing loss."""
     balance_scope: str = "micro_batch"
-    """Balance over the 'micro_batch' or per 'sequence' (sample)."""
+    """Balance over the 'micro_batch', per 'sequence' (sample), or over the 'global' batch (every data-parallel
+    rank and the step's micro-batches so far; see TokenChoiceRouter._global_counts)."""
     z_loss: float = 0.0
     """Weight of the router z-loss (mean squared logsumexp of the logits)."""
     similarity_loss: float = 0.0
@@ -504,8 +505,8 @@ def _validate_moe(m: ModelConfig) -> None:
         value = getattr(e, name)
         _check(value is None or value > 0, f"model.moe.{name} must be positive or null, got {value}")
     _check(e.score_func in ("softmax", "sigmoid"), f"model.moe.score_func must be 'softmax' or 'sigmoid', got '{e.score_func}'")
-    _check(e.balance_scope in ("micro_batch", "sequence"),
-           f"model.moe.balance_scope must be 'micro_batch' or 'sequence', got '{e.balance_scope}'")
+    _check(e.balance_scope in ("micro_batch", "sequence", "global"),
+           f"model.moe.balance_scope must be 'micro_batch', 'sequence' or 'global', got '{e.balance_scope}'")
     _check(e.expert_choice_scope in ("sample", "batch"),
            f"model.moe.expert_choice_scope must be 'sample' or 'batch', got '{e.expert_choice_scope}'")
     _check(e.shared_init in ("zero", "noise"), f"model.moe.shared_init must be 'zero' or 'noise', got '{e.shared_init}'")

@@ -11,8 +11,8 @@ from test_parallel_training import assert_same_run
 
 from megamoe.config import ParallelConfig
 
-# Aux-free bias balancing gathers load counts in forward. (No balance loss: under SP/CP it is taken
-# per token shard, so it would differ from the single-process loss for reasons of its own.)
+# Aux-free bias balancing gathers load counts in forward; the router losses reduce their
+# statistics over the shards, in the recomputed forward too.
 BIASED = dataclasses.replace(SMALL_MOE, moe=dataclasses.replace(SMALL_MOE.moe, bias_balancing=True, bias_update_rate=0.01))
 
 

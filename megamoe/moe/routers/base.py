@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.config import MoEConfig
+from megamoe.moe.token_shards import ONE_PROCESS, TokenShards
 
 
 @dataclass
@@ -57,6 +58,10 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 class Router(nn.Module):
     """Base class: subclasses implement `route`; `forward` enforces fp32 and output shapes."""
+
+    token_shards: TokenShards = ONE_PROCESS
+    """Where the other tokens of the batch are (set by parallelize()): losses and selections that
+    span tokens reduce their statistics through it, so they equal the unsharded computation."""
 
     def __init__(self, dim: int, cfg: MoEConfig, layer_reg_out_dim: Optional[int] = None):
         super().__init__()

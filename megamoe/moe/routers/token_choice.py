@@ -68,6 +68,8 @@ class TokenChoiceRouter(Router):
             # materialised with `to_empty` would hold garbage there (see model/rope.py).
             # Activation recomputation re-runs this forward in backward; it must not count again.
             self.load_counts: Optional[torch.Tensor] = None
+        # `global` balance scope: the step's assignments per expert so far, over the global batch.
+        self.balance_counts: Optional[torch.Tensor] = None
 
     def logits(self, tokens: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         raise NotImplementedError
@@ -81,15 +83,28 @@ class TokenChoiceRouter(Router):
                 counts = routing_map.sum(0)
                 self.load_counts = counts if self.load_counts is None else self.load_counts + counts
         aux = {}
+        shards = self.token_shards
         if self.cfg.balance_loss > 0:
             # Sigmoid scores do not sum to one; normalise them so P_i is a distribution (DeepSeek-V3).
             dist = scores if self.cfg.score_func == "softmax" else \
                 scores / scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+            counts = self._global_counts(routing_map) if self.cfg.balance_scope == "global" else None
             aux["balance"] = switch_balance_loss(dist, routing_map, self.num_experts, ctx.batch_size, ctx.seq_len,
-                                                 self.cfg.balance_scope)
+                                                 self.cfg.balance_scope, shards, counts)
         if self.cfg.z_loss > 0:
-            aux["z"] = z_loss(logits)
+            aux["z"] = z_loss(logits, shards)
         return RouterOutput(probs, routing_map, aux)
+
+    @torch.no_grad()
+    def _global_counts(self, routing_map: torch.Tensor) -> torch.Tensor:
+        """`global` balance scope: assignments per real expert over every token of the global batch
+        seen so far in this optimizer step, i.e. over all data-parallel ranks and shards and the
+        micro-batches up to this one (megatron-core's global-batch aux loss). Reset by after_step."""
+        counts = self.token_shards.sum_over_batch(routing_map[:, : self.num_experts].sum(0).float())
+        if self.training and not is_recomputing():  # activation recomputation: counted already
+            self.balance_counts = counts if self.balance_counts is None else self.balance_counts + counts
+            return self.balance_counts
+        return counts
 
     @torch.no_grad()
     def after_step(self, reduce: Reduce) -> None:
@@ -99,6 +114,7 @@ class TokenChoiceRouter(Router):
         would pin the share of skipped compute instead of letting tokens choose it (AdaMoE).
         Every rank calls `reduce` exactly once, also one that saw no tokens, so none hangs.
         """
+        self.balance_counts = None
         if not self.cfg.bias_balancing:
             return
         counts = self.load_counts if self.load_counts is not None else \
