@@ -88,7 +88,9 @@ class TokenChoiceRouter(Router):
             # Sigmoid scores do not sum to one; normalise them so P_i is a distribution (DeepSeek-V3).
             dist = scores if self.cfg.score_func == "softmax" else \
                 scores / scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
-            counts = self._global_counts(routing_map) if self.cfg.balance_scope == "global" else None
+            # (in eval, where no step accumulates, `global` falls back to this micro-batch's counts)
+            counts = self._global_counts(routing_map) if self.cfg.balance_scope == "global" and self.training \
+                else None
             aux["balance"] = switch_balance_loss(dist, routing_map, self.num_experts, ctx.batch_size, ctx.seq_len,
                                                  self.cfg.balance_scope, shards, counts)
         if self.cfg.z_loss > 0:
@@ -100,11 +102,11 @@ class TokenChoiceRouter(Router):
         """`global` balance scope: assignments per real expert over every token of the global batch
         seen so far in this optimizer step, i.e. over all data-parallel ranks and shards and the
         micro-batches up to this one (megatron-core's global-batch aux loss). Reset by after_step."""
+        if is_recomputing() and self.balance_counts is not None:
+            return self.balance_counts  # recomputed in backward: counted already, its aux unused; no collective
         counts = self.token_shards.sum_over_batch(routing_map[:, : self.num_experts].sum(0).float())
-        if self.training and not is_recomputing():  # activation recomputation: counted already
-            self.balance_counts = counts if self.balance_counts is None else self.balance_counts + counts
-            return self.balance_counts
-        return counts
+        self.balance_counts = counts if self.balance_counts is None else self.balance_counts + counts
+        return self.balance_counts
 
     @torch.no_grad()
     def after_step(self, reduce: Reduce) -> None:
