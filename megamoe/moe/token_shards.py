@@ -21,8 +21,6 @@ statistic (ProMoE's prototypes), would then be counted once per rank: pass it th
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 
