@@ -2,8 +2,8 @@
 
 Under context parallelism (or TP with sequence parallelism) every router reduces its statistics
 over the sequence shards (megamoe/moe/token_shards.py). This script runs each router family's
-forward and the backward of its losses on `--shards` CPU ranks, one MoE layer, with the router
-settings of a config file and one micro-batch of `--tokens` tokens per sample split over the
+forward and the backward of its losses on `--shards` CPU ranks, one MoE layer, with the experts,
+top-k and width of a config file and one micro-batch of `--tokens` tokens per sample split over the
 shards, and counts the collectives the routers issue and their payload: all-reduce = the
 tensor's bytes, all-gather = the bytes each rank contributes. Per step = per layer x MoE layers
 x micro-batches (x 2 with activation checkpointing, whose recomputation repeats the forward).
@@ -14,7 +14,6 @@ x micro-batches (x 2 with activation checkpointing, whose recomputation repeats 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -63,6 +62,7 @@ def worker(rank, world, moe, dim, tokens, batch, results):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
+    from megamoe.config import MoEConfig
     from megamoe.moe.losses import LOSS_NAMES
     from megamoe.moe.routers import RoutingContext, build_router
     from megamoe.moe.token_shards import TokenShards
@@ -72,7 +72,7 @@ def worker(rank, world, moe, dim, tokens, batch, results):
     local = tokens // world
     for name, fields in CASES.items():
         torch.manual_seed(0)
-        router = build_router(dim, dataclasses.replace(moe, num_null_experts=0, bias_balancing=False, **fields))
+        router = build_router(dim, MoEConfig(num_experts=moe.num_experts, top_k=moe.top_k, **fields))
         router.token_shards = TokenShards(dist.group.WORLD, dist.group.WORLD)
         x = torch.randn(batch * local, dim, requires_grad=True)
         ctx = RoutingContext(batch, local, is_null=torch.zeros(batch, dtype=torch.bool))

@@ -5,8 +5,9 @@
     python data/make_shards.py --index /data/clips.jsonl --out /data/raw-shards   # {"path", "caption"}
 
 With --videos, each video (mp4, webm, mov, mkv; searched recursively) takes its caption from a
-sidecar `<stem>.txt`. Unreadable videos and videos without a caption are skipped, listed in
-`skipped.jsonl` and counted by cause. `index.jsonl` holds key, shard, source, frames, height, width,
+sidecar `<stem>.txt`. Unreadable videos, videos without a caption and captions that are not UTF-8
+(cause 'bad_caption', as the loader counts them) are skipped, listed in `skipped.jsonl` and counted
+by cause. `index.jsonl` holds key, shard, source, frames, height, width,
 fps, duration and codec per sample. The layout is described in megamoe/data/shard_writer.py.
 """
 

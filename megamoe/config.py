@@ -3,15 +3,17 @@
 A run is described by one `Config`. `load_config("configs/tiny.yaml", ["model.num_layers=4"])`
 merges the YAML file and the overrides onto the dataclass defaults with OmegaConf, which
 rejects unknown keys and values of the wrong type; `validate` then checks what types cannot
-(heads dividing the hidden size, parallel sizes dividing the world size, ...). Both raise
+(heads dividing the hidden size, parallel sizes dividing the world size, a setting that would
+take no effect, ...), with the same parsers and router checks the model uses. Both raise
 `ConfigError` with a one-line message naming the key and the fix, before any process group
 exists, so a bad config never costs a cluster allocation.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -39,21 +41,22 @@ class MoEConfig:
     num_shared_experts: int = 0
     """Always-on shared experts, added to the routed output."""
     shared_ffn_dim: Optional[int] = None
-    """Hidden width of one shared expert; null = expert_ffn_dim."""
+    """Hidden width of one shared expert; null = expert_ffn_dim; only with num_shared_experts > 0."""
     num_null_experts: int = 0
     """Zero-compute null experts (AdaMoE) a token-choice router may pick to use fewer real experts."""
     router: str = "linear"
-    """Router by name: linear, mlp, cross_attention, expert_choice, expert_race, promoe, sinkhorn."""
+    """Router by name, from the registry in megamoe.moe.routers (README 'Mixture of Experts'). A key below
+    that the chosen router does not read must keep its default: validation refuses it, naming the key."""
     score_func: str = "softmax"
-    """Token-choice scores: 'softmax' or 'sigmoid'."""
+    """Scores of the token-choice and sinkhorn routers: 'softmax' or 'sigmoid'."""
     renormalize: bool = True
-    """Rescale the selected experts' scores of a token to sum to one."""
+    """Rescale the selected experts' scores of a token to sum to one (token-choice, sinkhorn, promoe)."""
     router_hidden_dim: int = 256
     """Hidden width of the MLP and cross-attention routers."""
     bias_balancing: bool = False
     """Aux-loss-free balancing (DeepSeek): a per-expert selection bias nudged toward balance each step."""
     bias_update_rate: float = 1e-3
-    """Step size of the aux-loss-free bias update."""
+    """Step size of the aux-loss-free bias update (> 0; only with bias_balancing)."""
     expert_choice_scope: str = "sample"
     """Expert choice picks each expert's tokens per 'sample' or over the whole micro-'batch'."""
     capacity_factor: float = 1.0
@@ -61,22 +64,22 @@ class MoEConfig:
     race_threshold_decay: float = 0.99
     """Expert Race: EMA decay of the learned score threshold used at inference."""
     sinkhorn_iterations: int = 3
-    """Sinkhorn router: normalisation rounds before the top-k pick."""
+    """Sinkhorn router: normalisation rounds before the top-k pick; 0 = plain top-k."""
     num_prototypes_per_expert: int = 1
     """ProMoE: learnable prototypes per conditional expert."""
     balance_loss: float = 0.0
-    """Weight of the switch load-balancing loss."""
+    """Weight of the switch load-balancing loss (token-choice routers)."""
     balance_scope: str = "micro_batch"
     """Balance over the 'micro_batch', per 'sequence' (sample), or over the 'global' batch (every data-parallel
-    rank and the step's micro-batches so far; see TokenChoiceRouter._global_counts)."""
+    rank and the step's micro-batches so far; see TokenChoiceRouter._global_counts); only with balance_loss > 0."""
     z_loss: float = 0.0
-    """Weight of the router z-loss (mean squared logsumexp of the logits)."""
+    """Weight of the router z-loss (mean squared logsumexp of the logits; token-choice routers)."""
     similarity_loss: float = 0.0
-    """Weight of Race-DiT's router similarity loss (decorrelates experts' routing patterns)."""
+    """Weight of Race-DiT's router similarity loss (decorrelates experts' routing patterns; expert_race)."""
     layer_reg_loss: float = 0.0
-    """Weight of Race-DiT's per-layer regularization (a router-side head predicting the target)."""
+    """Weight of Race-DiT's per-layer regularization (a router-side head predicting the target; any router)."""
     contrastive_loss: float = 0.0
-    """Weight of ProMoE's routing contrastive loss."""
+    """Weight of ProMoE's routing contrastive loss (promoe)."""
     shared_init: str = "noise"
     """Upcycling: shared experts start at 'zero' (verification: MoE == dense) or tiny 'noise'."""
     shared_init_std: float = 1e-4
@@ -152,7 +155,7 @@ class DataConfig:
     text_len: int = 16
     """Text tokens per caption embedding."""
     format: str = "latent"
-    """Shard kind: 'latent' (precomputed latents + text embeddings) or 'video' (mp4 + caption); ignored when path is null."""
+    """Shard kind: 'latent' (precomputed latents + text embeddings) or 'video' (mp4 + caption); 'latent' when path is null."""
     num_workers: int = 0
     """Loader worker processes per rank; 0 = read in the training process."""
     video_frames: int = 17
@@ -184,9 +187,9 @@ class DiffusionConfig:
     timestep_sampling: str = "logit_normal"
     """How the noise level s in [0, 1] is drawn: 'uniform' or 'logit_normal'."""
     logit_mean: float = 0.0
-    """Mean of the logit-normal distribution."""
+    """Mean of the logit-normal distribution (timestep_sampling=logit_normal only)."""
     logit_std: float = 1.0
-    """Standard deviation of the logit-normal distribution."""
+    """Standard deviation of the logit-normal distribution (> 0; timestep_sampling=logit_normal only)."""
     shift: float = 1.0
     """Timestep shift s' = shift*s / (1 + (shift-1)*s); >1 favours noisier steps (Wan: 5)."""
     text_dropout: float = 0.1
@@ -367,17 +370,19 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(d.micro_batch_size >= 1, f"data.micro_batch_size must be >= 1, got {d.micro_batch_size}")
     _check(d.text_len >= 1, f"data.text_len must be >= 1, got {d.text_len}")
     if d.path is None:
-        pf, ph, pw = m.patch_size
-        _check(d.synthetic_frames % pf == 0 and d.synthetic_size % ph == 0 and d.synthetic_size % pw == 0,
-               f"synthetic clip {d.synthetic_frames}x{d.synthetic_size}x{d.synthetic_size} is not divisible by "
-               f"model.patch_size={m.patch_size}; change data.synthetic_frames / data.synthetic_size")
         _check(d.synthetic_num_clips >= world_size * d.micro_batch_size,
                f"data.synthetic_num_clips={d.synthetic_num_clips} is fewer than one global batch; raise it")
-    _validate_data(d, m)
+    _validate_data(d)
     _validate_model_parallel(cfg)
+    _validate_sample_shapes(cfg)
     _check(cfg.diffusion.timestep_sampling in ("uniform", "logit_normal"),
            f"diffusion.timestep_sampling must be 'uniform' or 'logit_normal', got '{cfg.diffusion.timestep_sampling}'")
     _check(cfg.diffusion.shift > 0, f"diffusion.shift must be > 0, got {cfg.diffusion.shift}")
+    _check(cfg.diffusion.logit_std > 0, f"diffusion.logit_std must be > 0, got {cfg.diffusion.logit_std}")
+    if cfg.diffusion.timestep_sampling != "logit_normal":
+        _refuse_changed(cfg.diffusion, DiffusionConfig(), ("logit_mean", "logit_std"), "diffusion",
+                        f"with diffusion.timestep_sampling={cfg.diffusion.timestep_sampling}",
+                        "set diffusion.timestep_sampling=logit_normal or remove it")
     _check(0.0 <= cfg.diffusion.text_dropout < 1.0,
            f"diffusion.text_dropout must be in [0, 1), got {cfg.diffusion.text_dropout}")
     _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
@@ -393,9 +398,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(t.device in ("auto", "cpu", "cuda"), f"train.device must be 'auto', 'cpu' or 'cuda', got '{t.device}'")
     _check(t.exit_interval >= 0, f"train.exit_interval must be >= 0 (0 = never), got {t.exit_interval}")
     _check(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
-    _check(re.fullmatch(r"none|all|every_[1-9][0-9]*", str(t.activation_checkpointing)) is not None,
-           f"train.activation_checkpointing must be 'none', 'all' or 'every_<n>' (n >= 1, e.g. every_2), "
-           f"got '{t.activation_checkpointing}'")
+    from megamoe.model.activation_checkpointing import checkpointed_blocks  # lazy: that module imports this one
+
+    checkpointed_blocks(t.activation_checkpointing, m.num_layers)  # the model's parser: ConfigError naming the key
     _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1) (0 disables), got {t.ema_decay}")
     _check(cfg.checkpoint.every_steps >= 0, f"checkpoint.every_steps must be >= 0, got {cfg.checkpoint.every_steps}")
     _check(cfg.checkpoint.keep_last >= 1,
@@ -405,7 +410,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
 def _validate_model_parallel(cfg: Config) -> None:
     """Tensor and context parallelism split heads, FFN columns and tokens: the sizes must divide them."""
-    m, p, d = cfg.model, cfg.parallel, cfg.data
+    m, p = cfg.model, cfg.parallel
     tp, cp = p.tensor_parallel_size, p.context_parallel_size
     if tp == 1 and cp == 1:
         return
@@ -422,27 +427,9 @@ def _validate_model_parallel(cfg: Config) -> None:
                f"parallel.tensor_parallel_size={tp} with an MoE model needs parallel.sequence_parallel=true")
         _check(cfg.train.ema_decay == 0, "train.ema_decay > 0 with parallel.tensor_parallel_size > 1 is not "
                "supported yet; set train.ema_decay=0 or parallel.tensor_parallel_size=1")
-    split = cp * (tp if p.sequence_parallel else 1)
-    what = "parallel.context_parallel_size" + (" x parallel.tensor_parallel_size (sequence parallel)"
-                                               if p.sequence_parallel and tp > 1 else "")
-    for name, shape in _known_latent_shapes(d):
-        tokens = 1
-        for size, patch in zip(shape, m.patch_size):
-            tokens *= size // patch
-        _check(tokens % split == 0, f"{name} gives {tokens} tokens per sample, not divisible by {what} = {split}; "
-               f"change {name} or the parallel sizes")
 
 
-def _known_latent_shapes(d: DataConfig) -> list:
-    """(config key, latent [frames, height, width]) of every sample shape known before start-up."""
-    if d.path is None:  # the embedded synthetic data has one shape
-        return [("data.synthetic_frames/data.synthetic_size", [d.synthetic_frames, d.synthetic_size, d.synthetic_size])]
-    if d.format == "latent":  # video buckets are in pixels: their token count depends on the VAE
-        return [(f"data.buckets entry {b}", b) for b in d.buckets]
-    return []
-
-
-def _validate_data(d: DataConfig, m: ModelConfig) -> None:
+def _validate_data(d: DataConfig) -> None:
     _check(d.format in ("latent", "video"), f"data.format must be 'latent' or 'video', got '{d.format}'")
     _check(d.num_workers >= 0, f"data.num_workers must be >= 0 (0 = read in the training process), got {d.num_workers}")
     _check(d.video_frames >= 1 and (d.video_frames - 1) % 4 == 0,
@@ -458,65 +445,104 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
     for bucket in d.buckets:
         _check(len(bucket) == 3 and all(x > 0 for x in bucket),
                f"data.buckets entry {bucket} must be three positive ints [frames, height, width]")
-        if video:
+        if video:  # whether the model and the layout take it: _validate_sample_shapes
             _check((bucket[0] - 1) % 4 == 0 and bucket[0] <= d.video_frames,
                    f"data.buckets entry {bucket}: video frames must be 4k+1 and <= data.video_frames={d.video_frames}")
-        else:
-            _check(all(x % p == 0 for x, p in zip(bucket, m.patch_size)),
-                   f"data.buckets entry {bucket} (latent units) is not divisible by model.patch_size={m.patch_size}")
     if video:
         _check(d.vae_path is not None and d.text_encoder_path is not None,
                "data.format=video encodes clips during training: set data.vae_path and data.text_encoder_path")
+    else:
+        _check(d.format == "latent" or d.path is not None, f"data.format={d.format} has no effect without data.path "
+               f"(the embedded synthetic data is latent); set data.path to the shards or remove it")
+        _refuse_changed(d, DataConfig(), VIDEO_ONLY_DATA_KEYS, "data", "without data.format=video and data.path",
+                        "set data.format=video and data.path, or remove it")
 
 
-ROUTER_NAMES = ("linear", "mlp", "cross_attention", "expert_choice", "expert_race", "promoe", "sinkhorn")
-TOKEN_CHOICE_ROUTERS = ("linear", "mlp", "cross_attention")
+# Read only by the video pipeline (data.format=video with data.path set).
+VIDEO_ONLY_DATA_KEYS = ("video_frames", "video_fps", "decode_timeout_s", "vae_path", "text_encoder_path")
+
+
+def _refuse_changed(section, defaults, keys, prefix: str, why: str, fix: str) -> None:
+    """Settings that take no effect in this configuration must keep their defaults."""
+    for key in keys:
+        value = getattr(section, key)
+        _check(value == getattr(defaults, key), f"{prefix}.{key}={value} has no effect {why}; {fix}")
+
+
+def sequence_shards(p: ParallelConfig) -> tuple[int, str]:
+    """(how many pieces each sample's token sequence is cut into, the keys that decide it): CP,
+    times TP under sequence parallelism (megamoe/parallel/context.py's SequenceSharding)."""
+    tp, cp = p.tensor_parallel_size, p.context_parallel_size
+    if p.sequence_parallel and tp > 1:
+        return cp * tp, "parallel.context_parallel_size x parallel.tensor_parallel_size (sequence parallel)"
+    return cp, "parallel.context_parallel_size"
+
+
+def vae_compression_of(d: DataConfig) -> tuple[int, int] | None:
+    """The (temporal, spatial) downsampling of data.vae_path, read from its config.json (no weights
+    are loaded); None when it cannot be read (loading the VAE reports that)."""
+    from megamoe.data.buckets import vae_compression
+
+    try:
+        with open(os.path.join(os.path.expanduser(d.vae_path or ""), "config.json")) as f:
+            return vae_compression(json.load(f))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _validate_sample_shapes(cfg: Config) -> None:
+    """Every sample shape known before start-up (the synthetic clip, each data.buckets entry) must fit
+    the model and the layout, by the rule the loader skips samples with (data/buckets.shape_problem):
+    otherwise the run, and every resume of it, fails when the first such sample arrives."""
+    from megamoe.data.buckets import shape_problem
+
+    m, d = cfg.model, cfg.data
+    video = d.path is not None and d.format == "video"
+    compression = vae_compression_of(d) if video else (1, 1)
+    if compression is None:  # pixel buckets need the VAE's compression; the loader checks them with it
+        known = []
+    elif d.buckets:  # samples are cut to their bucket: only the buckets' shapes reach the model
+        known = [(f"data.buckets entry {b}", b) for b in d.buckets]
+    elif d.path is None:  # the embedded synthetic data has one shape
+        clip = [d.synthetic_frames, d.synthetic_size, d.synthetic_size]
+        known = [("data.synthetic_frames/data.synthetic_size", clip)]
+    else:  # every sample is its own bucket: the loader checks each one
+        known = []
+    shards, shards_name = sequence_shards(cfg.parallel)
+    for name, shape in known:
+        problem = shape_problem(shape, video, compression, m.patch_size, shards, m.rope_max_seq_len, shards_name)
+        _check(problem is None, f"{name} {problem}; change it, or the setting named")
 
 
 def _validate_moe(m: ModelConfig) -> None:
+    """The MoE layer's own keys here; the router's keys by the router class itself.
+
+    The router registry is the one list of router names and of the keys each router reads,
+    and `moe.layers` goes through the model's own parser: no rule is copied here.
+    """
+    # Lazy: the routers and the MoE layer import this module.
+    from megamoe.moe.layer import moe_layer_indices
+    from megamoe.moe.routers import check_router_config
+
     e = m.moe
     _check(e.num_experts >= 0, f"model.moe.num_experts must be >= 0 (0 = dense), got {e.num_experts}")
+    moe_layer_indices(m)
     if e.num_experts == 0:
+        changed = [f.name for f in dataclasses.fields(MoEConfig) if f.name != "num_experts"]
+        _refuse_changed(e, MoEConfig(), changed, "model.moe", "on a dense model (model.moe.num_experts=0)",
+                        "set model.moe.num_experts > 0 or remove it")
         return
-    _check(e.router in ROUTER_NAMES, f"model.moe.router '{e.router}' is unknown; choose one of {', '.join(ROUTER_NAMES)}")
-    _check(1 <= e.top_k <= e.num_experts + e.num_null_experts,
-           f"model.moe.top_k={e.top_k} must be between 1 and the number of experts "
-           f"({e.num_experts} routed + {e.num_null_experts} null)")
-    _check(e.num_null_experts >= 0 and e.num_shared_experts >= 0,
-           "model.moe.num_null_experts and model.moe.num_shared_experts must be >= 0")
-    if e.router not in TOKEN_CHOICE_ROUTERS:
-        _check(e.num_null_experts == 0, f"model.moe.num_null_experts is for the token-choice routers "
-               f"({', '.join(TOKEN_CHOICE_ROUTERS)}); set it to 0 for router '{e.router}'")
-        _check(not e.bias_balancing, f"model.moe.bias_balancing is for the token-choice routers "
-               f"({', '.join(TOKEN_CHOICE_ROUTERS)}); set it to false for router '{e.router}'")
-    if e.router == "promoe":
-        _check(e.num_experts >= 2 and e.top_k <= e.num_experts - 1,
-               "router 'promoe' keeps its last expert for unconditional tokens: it needs model.moe.num_experts >= 2 "
-               "and model.moe.top_k <= num_experts - 1")
-    if e.layers not in ("all", "every_other"):
-        try:
-            indices = [int(x) for x in e.layers.split(",") if x.strip()]
-        except ValueError:
-            indices = None
-        _check(bool(indices) and all(0 <= i < m.num_layers for i in indices),
-               f"model.moe.layers='{e.layers}' must be 'all', 'every_other' or comma-separated block indices "
-               f"in 0..{m.num_layers - 1}")
     for name in ("expert_ffn_dim", "shared_ffn_dim"):
         value = getattr(e, name)
         _check(value is None or value > 0, f"model.moe.{name} must be positive or null, got {value}")
-    _check(e.score_func in ("softmax", "sigmoid"), f"model.moe.score_func must be 'softmax' or 'sigmoid', got '{e.score_func}'")
-    _check(e.balance_scope in ("micro_batch", "sequence", "global"),
-           f"model.moe.balance_scope must be 'micro_batch', 'sequence' or 'global', got '{e.balance_scope}'")
-    _check(e.expert_choice_scope in ("sample", "batch"),
-           f"model.moe.expert_choice_scope must be 'sample' or 'batch', got '{e.expert_choice_scope}'")
+    _check(e.num_shared_experts >= 0, f"model.moe.num_shared_experts must be >= 0, got {e.num_shared_experts}")
+    _check(e.shared_ffn_dim is None or e.num_shared_experts > 0,
+           f"model.moe.shared_ffn_dim={e.shared_ffn_dim} has no effect without shared experts; "
+           f"set model.moe.num_shared_experts > 0 or remove it")
     _check(e.shared_init in ("zero", "noise"), f"model.moe.shared_init must be 'zero' or 'noise', got '{e.shared_init}'")
-    for name in ("balance_loss", "z_loss", "similarity_loss", "layer_reg_loss", "contrastive_loss",
-                 "bias_update_rate", "shared_init_std"):
-        _check(getattr(e, name) >= 0, f"model.moe.{name} must be >= 0, got {getattr(e, name)}")
-    _check(e.capacity_factor > 0, f"model.moe.capacity_factor must be > 0, got {e.capacity_factor}")
-    _check(0 <= e.race_threshold_decay < 1, f"model.moe.race_threshold_decay must be in [0, 1), got {e.race_threshold_decay}")
-    _check(e.sinkhorn_iterations >= 1, f"model.moe.sinkhorn_iterations must be >= 1, got {e.sinkhorn_iterations}")
+    _check(e.shared_init_std >= 0, f"model.moe.shared_init_std must be >= 0, got {e.shared_init_std}")
     _check(e.diagnostics_every >= 0, f"model.moe.diagnostics_every must be >= 0, got {e.diagnostics_every}")
+    check_router_config(e)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -1,11 +1,16 @@
 """Bad configs fail before start-up with one line that names the key, and exit code 2."""
 
+import dataclasses
+import math
+import os
+
 import pytest
 
 from launcher.pretrain import main
 from megamoe.config import Config, ConfigError, load_config, merge_config, to_yaml, from_yaml_text, validate
 
 TINY = "configs/tiny.yaml"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_yaml_and_overrides_merge_onto_defaults():
@@ -128,3 +133,247 @@ def test_model_parallel_layouts_that_divide_validate():
     # Without sequence parallelism a dense model's tokens are split by CP only (45 tokens under TP=2 is fine).
     validate(load_config(TINY, ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=false",
                                 "data.synthetic_size=6"]), world_size=2)
+
+
+# ---------------------------------------------------------------- one source of truth for config rules
+
+def moe_config(**moe):
+    """A tiny config with an MoE model; `moe` entries set model.moe keys."""
+    return merge_config({"model": {"dim": 32, "num_heads": 2, "num_layers": 2, "ffn_dim": 64,
+                                   "moe": {"num_experts": 4, "top_k": 2, **moe}}})
+
+
+def refusal(cfg, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, **kwargs)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1, message
+    return message
+
+
+# (router, the setting it does not read): each is refused, not accepted and ignored.
+UNREAD = [
+    ("sinkhorn", "z_loss", 0.1), ("sinkhorn", "balance_loss", 0.1), ("expert_race", "balance_loss", 0.1),
+    ("expert_race", "z_loss", 0.1), ("expert_choice", "balance_loss", 0.1), ("expert_choice", "z_loss", 0.1),
+    ("promoe", "z_loss", 0.1), ("promoe", "similarity_loss", 0.1), ("linear", "similarity_loss", 0.1),
+    ("mlp", "contrastive_loss", 0.1), ("linear", "contrastive_loss", 0.1), ("cross_attention", "contrastive_loss", 0.1),
+    ("expert_choice", "contrastive_loss", 0.1), ("expert_race", "contrastive_loss", 0.1),
+    ("sinkhorn", "contrastive_loss", 0.1), ("expert_choice", "score_func", "sigmoid"),
+    ("expert_race", "score_func", "sigmoid"), ("promoe", "score_func", "sigmoid"),
+    ("expert_choice", "renormalize", False), ("expert_race", "renormalize", False), ("linear", "router_hidden_dim", 64),
+    ("sinkhorn", "router_hidden_dim", 64), ("linear", "capacity_factor", 2.0),
+    ("linear", "expert_choice_scope", "batch"),
+    ("linear", "race_threshold_decay", 0.5), ("linear", "sinkhorn_iterations", 5),
+    ("linear", "num_prototypes_per_expert", 2), ("sinkhorn", "bias_balancing", True),
+    ("expert_choice", "num_null_experts", 1),
+]
+
+
+@pytest.mark.parametrize("router, key, value", UNREAD)
+def test_a_setting_the_router_does_not_read_is_refused(router, key, value):
+    from megamoe.moe.routers import build_router
+
+    cfg = moe_config(router=router, **{key: value})
+    message = refusal(cfg)
+    assert f"model.moe.{key}=" in message and router in message, message
+    with pytest.raises(ConfigError) as info:  # the constructor runs the same check
+        build_router(8, cfg.model.moe, layer_reg_out_dim=4)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("cfg, key", [
+    (moe_config(bias_update_rate=0.01), "model.moe.bias_update_rate"),  # without bias_balancing
+    (moe_config(balance_scope="sequence"), "model.moe.balance_scope"),  # without balance_loss
+    (moe_config(shared_ffn_dim=32), "model.moe.shared_ffn_dim"),  # without shared experts
+    (moe_config(num_experts=0, router="expert_race"), "model.moe.router"),  # dense model
+    (moe_config(num_experts=0, balance_loss=0.1), "model.moe.balance_loss"),
+    (moe_config(num_experts=0, layers="0,x"), "model.moe.layers"),  # a typo is caught on a dense model too
+    (merge_config({"model": {"num_layers": 1, "moe": {"num_experts": 4, "layers": "every_other"}}}),
+     "model.moe.layers"),  # selects no block: the model would be dense
+    (merge_config({"diffusion": {"timestep_sampling": "uniform", "logit_std": 2.0}}), "diffusion.logit_std"),
+    (merge_config({"data": {"path": "/shards", "vae_path": "/vae"}}), "data.vae_path"),
+    (merge_config({"data": {"video_fps": 8.0}}), "data.video_fps"),
+    (merge_config({"data": {"format": "video"}}), "data.format"),  # the synthetic data is latent
+])
+def test_other_settings_that_would_take_no_effect_are_refused(cfg, key):
+    assert key in refusal(cfg)
+
+
+def test_refused_setting_end_to_end_is_one_line_and_exit_2(tmp_path):
+    """launcher/pretrain.py as a user runs it: tiny_moe.yaml weights the token-choice losses,
+    which the sinkhorn router does not compute."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "launcher/pretrain.py", "--config", "configs/tiny_moe.yaml",
+                           "model.moe.router=sinkhorn", f"train.output_dir={out}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: model.moe.balance_loss=0.01 has no effect with model.moe.router=sinkhorn (only cross_attention, "
+        "linear, mlp read it); remove it or set it back to 0.0"], done.stderr
+    assert not out.exists()
+
+
+def test_sinkhorn_with_zero_iterations_is_plain_top_k():
+    """sinkhorn_iterations: 0 validates, and routes as a naive per-token top-k of the same logits."""
+    import torch
+
+    from megamoe.moe.routers import RoutingContext, build_router
+
+    n, dim, e, k = 24, 8, 4, 2
+    tokens = torch.randn(n, dim, generator=torch.Generator().manual_seed(0)) + 1.0  # shared offset: unbalanced
+    ctx = RoutingContext(batch_size=2, seq_len=n // 2)
+    for score_func, renormalize in (("softmax", True), ("sigmoid", False)):
+        cfg = moe_config(router="sinkhorn", num_experts=e, top_k=k, sinkhorn_iterations=0, score_func=score_func,
+                         renormalize=renormalize)
+        validate(cfg)
+        torch.manual_seed(1)
+        router = build_router(dim, cfg.model.moe)
+        out = router(tokens, ctx)
+        logits = (tokens @ router.gate.weight.t()).tolist()
+        for t in range(n):  # reference: sort the token's scores, keep the k best
+            scores = [math.exp(x) / sum(math.exp(y) for y in logits[t]) if score_func == "softmax"
+                      else 1 / (1 + math.exp(-x)) for x in logits[t]]
+            best = sorted(range(e), key=lambda i: -scores[i])[:k]
+            total = sum(scores[i] for i in best) if renormalize else 1.0
+            want = [scores[i] / total if i in best else 0.0 for i in range(e)]
+            assert out.routing_map[t].tolist() == [i in best for i in range(e)]
+            assert out.probs[t].tolist() == pytest.approx(want, rel=1e-5)
+        balanced = build_router(dim, dataclasses.replace(cfg.model.moe, sinkhorn_iterations=3))
+        balanced.load_state_dict(router.state_dict())
+        assert not torch.equal(balanced(tokens, ctx).routing_map, out.routing_map)  # the iterations do matter here
+
+
+def test_moe_layers_is_checked_by_the_models_parser():
+    """'0,4,' passed validation and failed at model build; validation now runs the model's parser."""
+    from megamoe.moe.layer import moe_layer_indices
+
+    cfg = merge_config({"model": {"num_layers": 6, "moe": {"num_experts": 4, "layers": "0,4,"}}})
+    assert "model.moe.layers='0,4,'" in refusal(cfg)
+    with pytest.raises(ConfigError, match=r"model\.moe\.layers='0,4,'"):
+        moe_layer_indices(cfg.model)
+    cfg.model.moe.layers = "0, 4"
+    validate(cfg)
+    assert moe_layer_indices(cfg.model) == {0, 4}
+
+
+@pytest.mark.parametrize("spec", ["none", " all ", "every_2", "every_02", "every_0", "every_²", "every_x", "every_"])
+def test_activation_checkpointing_validates_exactly_what_the_model_accepts(spec):
+    from megamoe.model.activation_checkpointing import checkpointed_blocks
+
+    cfg = merge_config({"train": {"activation_checkpointing": spec}})
+    try:
+        checkpointed_blocks(spec, cfg.model.num_layers)
+    except ConfigError as exc:  # the model refuses it: validation gives the same line
+        assert refusal(cfg) == str(exc)
+    else:
+        validate(cfg)
+
+
+def test_every_registered_router_validates_by_name():
+    """Router names come from the registry: also a router registered after config.py was written."""
+    from megamoe.moe.routers import ROUTERS, register_router
+    from megamoe.moe.routers.token_choice import LinearRouter
+
+    for name in ROUTERS:
+        validate(moe_config(router=name))
+    register_router("test_only_linear")(type("TestOnlyLinear", (LinearRouter,), {}))
+    try:
+        validate(moe_config(router="test_only_linear", z_loss=0.1))
+        assert "test_only_linear" in refusal(moe_config(router="nope"))
+    finally:
+        del ROUTERS["test_only_linear"]
+
+
+# A value different from the default (or, for settings on in the baseline, off) for every key a router may read.
+CHANGED = {"top_k": 1, "layer_reg_loss": 0.0, "score_func": "sigmoid", "renormalize": False, "num_null_experts": 1,
+           "bias_balancing": False, "bias_update_rate": 0.5, "balance_loss": 0.0, "balance_scope": "sequence",
+           "z_loss": 0.0, "router_hidden_dim": 8, "expert_choice_scope": "batch", "capacity_factor": 2.0,
+           "race_threshold_decay": 0.5, "similarity_loss": 0.0, "sinkhorn_iterations": 0,
+           "num_prototypes_per_expert": 2, "contrastive_loss": 0.0}
+# Read by the MoE layer, the loop or upcycling, not by routers.
+LAYER_KEYS = {"num_experts", "layers", "expert_ffn_dim", "num_shared_experts", "shared_ffn_dim", "router",
+              "shared_init", "shared_init_std", "diagnostics_every"}
+
+
+def _router_behaviour(cfg) -> list:
+    """Everything a router produces over two training steps and one inference forward."""
+    import torch
+
+    from megamoe.moe.routers import RoutingContext, build_router
+
+    torch.manual_seed(0)
+    router = build_router(16, cfg, layer_reg_out_dim=4).train()
+    g = torch.Generator().manual_seed(1)
+    ctx = RoutingContext(batch_size=2, seq_len=8, temb=torch.randn(2, 16, generator=g),
+                         text=torch.randn(2, 3, 16, generator=g), is_null=torch.tensor([False, True]))
+    seen = []
+    for _ in range(2):
+        out = router(torch.randn(16, 16, generator=g) + 1.0, ctx)
+        seen += [sorted(out.aux), out.probs, out.routing_map, *(out.aux[k] for k in sorted(out.aux))]
+        router.after_step(lambda t: t)
+    out = router.eval()(torch.randn(16, 16, generator=g), ctx)
+    return seen + [out.probs, out.routing_map, sorted(router.state_dict()), *router.state_dict().values()]
+
+
+def _same(a: list, b: list) -> bool:
+    import torch
+
+    return len(a) == len(b) and all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y
+        for x, y in zip(a, b))
+
+
+def test_every_key_a_router_accepts_changes_what_it_does():
+    """The other half of 'refuse what is ignored': each key in a router's config_keys must change
+    its routing, losses or state; and every model.moe field is read by the layer or some router."""
+    from megamoe.config import MoEConfig
+    from megamoe.moe.routers import ROUTERS
+
+    read = set().union(*(cls.config_keys for cls in ROUTERS.values()))
+    assert {f.name for f in dataclasses.fields(MoEConfig)} == LAYER_KEYS | read
+    for name, cls in ROUTERS.items():
+        on = {key: 0.5 for key in cls.config_keys if key.endswith("_loss")}
+        on.update({"bias_balancing": True} if "bias_balancing" in cls.config_keys else {})
+        base = MoEConfig(num_experts=4, top_k=2, router=name, **on)
+        reference = _router_behaviour(base)
+        for key in sorted(cls.config_keys):
+            changed = dataclasses.replace(base, **{key: CHANGED[key]})
+            assert not _same(_router_behaviour(changed), reference), f"{name} ignores model.moe.{key}"
+def test_buckets_that_do_not_fit_the_model_or_the_layout_are_refused(tmp_path, monkeypatch, capsys):
+    """Video buckets (pixels, through the VAE's compression read from data.vae_path/config.json),
+    latent buckets and the synthetic clip are checked by the rule the loader skips samples with; a
+    misfit would otherwise kill the run, and every resume of it, when its first sample arrives."""
+    import json
+
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text(json.dumps({"scale_factor_temporal": 4, "scale_factor_spatial": 16}))
+    video = ["data.format=video", "data.path=/shards", f"data.vae_path={vae}", "data.text_encoder_path=/text"]
+    cases = [  # world size, overrides, message
+        (2, video + ["parallel.context_parallel_size=2", "data.buckets=[[17,96,128],[17,96,160]]"],
+         "data.buckets entry [17, 96, 160] gives 75 tokens per sample, not divisible by "
+         "parallel.context_parallel_size = 2"),  # latent (5, 6, 10), patch grid (5, 3, 5)
+        (1, video + ["data.buckets=[[17,2304,2304]]"],
+         "gives the patch grid (5, 72, 72), beyond model.rope_max_seq_len=64"),
+        (1, video + ["data.buckets=[[17,100,160]]"], "is not 4k+1 frames with sides that are multiples of 16 pixels"),
+        (1, ["data.path=/shards", "data.buckets=[[4,16,16],[4,160,16]]"],
+         "data.buckets entry [4, 160, 16] gives the patch grid (4, 80, 8), beyond model.rope_max_seq_len=64"),
+        (1, ["data.synthetic_size=160"],
+         "data.synthetic_frames/data.synthetic_size gives the patch grid (5, 80, 80), beyond model.rope_max_seq_len=64"),
+    ]
+    for world, overrides, message in cases:
+        with pytest.raises(ConfigError) as info:
+            validate(load_config(TINY, overrides), world_size=world)
+        assert message in str(info.value)
+    # Under a VAE that compresses 8x, [17, 96, 160] is (5, 12, 20) latents: 300 tokens, which do split.
+    (vae / "config.json").write_text(json.dumps({"scale_factor_spatial": 8}))
+    validate(load_config(TINY, cases[0][1]), world_size=2)
+    # Through the launcher: one line, exit 2, nothing written.
+    code = main(["--config", TINY, f"train.output_dir={tmp_path / 'run'}", "train.steps=1", "data.synthetic_size=160"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and cases[-1][2] in err
+    assert not (tmp_path / "run").exists()

@@ -20,6 +20,14 @@ otherwise max(1, tokens_per_batch // tokens_per_sample), where tokens_per_sample
 of the latent (F' / pf) * (H' / ph) * (W' / pw). A batch therefore never exceeds the budget,
 except a single sample larger than the budget, which is batched alone.
 
+Fit (`shape_problem`): a bucket, or with no buckets a sample's own shape, must fit the model and
+the parallel layout, or the model fails on it at every attempt (a resumed run too): the VAE must
+take it (video), its latent must split into whole patches, its patch grid must stay within the
+rotary tables (model.rope_max_seq_len per axis), and its token count must split evenly into the
+sequence shards (CP, times TP under sequence parallelism). Config validation applies this rule to
+every configured bucket before start-up; the loader workers apply it to every sample and skip
+the ones that fail as 'bad_shape'.
+
 Resume (`Bucketer`): pending samples (in buckets not yet full) are part of the resume state as
 the stream cursors they were read at, not as data; a resumed worker re-reads those few samples.
 That is exact (a sample is a pure function of its cursor) and keeps checkpoints tiny, unlike
@@ -37,6 +45,7 @@ Shape = tuple[int, int, int]  # (frames, height, width)
 
 TOO_SHORT = "too_short"  # same string as megamoe.data.errors.TOO_SHORT
 NO_BUCKET = "no_bucket"  # no bucket fits (latent smaller than every bucket)
+BAD_SHAPE = "bad_shape"  # same string as megamoe.data.errors.BAD_SHAPE
 
 
 def latent_shape(shape: Shape, video: bool, compression: tuple[int, int]) -> Shape:
@@ -46,6 +55,40 @@ def latent_shape(shape: Shape, video: bool, compression: tuple[int, int]) -> Sha
     t, s = compression
     f, h, w = shape
     return ((f - 1) // t + 1, h // s, w // s)
+
+
+def vae_compression(vae_config) -> tuple[int, int]:
+    """(temporal, spatial) downsampling of a Wan VAE from its config (a mapping: the loaded model's
+    `.config` or its config.json), with AutoencoderKLWan's defaults (4, 8) for absent keys."""
+    return int(vae_config.get("scale_factor_temporal") or 4), int(vae_config.get("scale_factor_spatial") or 8)
+
+
+def shape_problem(shape: Shape, video: bool, compression: Sequence[int], patch_size: Sequence[int],
+                  sequence_shards: int, rope_max_seq_len: int, shards_name: str = "the sequence shards") -> str | None:
+    """Why a clip of `shape` (frames, height, width) cannot be trained, or None when it can.
+
+    `shape` is in the units of the shards (pixels when `video`, else latent units); `compression`
+    is the VAE's (temporal, spatial) downsampling; `sequence_shards` the number of pieces the token
+    sequence is cut into (parallel.context_parallel_size, times tensor_parallel_size under sequence
+    parallelism), `shards_name` what to call them. The answer continues a sentence whose subject
+    names the shape ("data.buckets entry [..] <answer>"), for a one-line error.
+    """
+    f, h, w = shape
+    if video:
+        t, s = compression
+        if (f - 1) % t or h % s or w % s:
+            return f"is not {t}k+1 frames with sides that are multiples of {s} pixels, as the VAE needs"
+    latent = latent_shape(shape, video, compression)
+    if any(x % p for x, p in zip(latent, patch_size)):
+        unit = f" (in pixels: multiples of {compression[1]}x{patch_size[1]}x{patch_size[2]})" if video else ""
+        return f"gives the latent {tuple(latent)}, not divisible by model.patch_size={list(patch_size)}{unit}"
+    grid = tuple(x // p for x, p in zip(latent, patch_size))
+    if max(grid) > rope_max_seq_len:
+        return f"gives the patch grid {grid}, beyond model.rope_max_seq_len={rope_max_seq_len} on one axis"
+    tokens = math.prod(grid)
+    if tokens % sequence_shards:
+        return f"gives {tokens} tokens per sample, not divisible by {shards_name} = {sequence_shards}"
+    return None
 
 
 def tokens_per_sample(latent: Shape, patch_size: Sequence[int]) -> int:

@@ -9,14 +9,26 @@ from __future__ import annotations
 
 CORRUPT_VIDEO = "corrupt_video"  # zero bytes, truncated, not a video, or no decodable frames
 TOO_SHORT = "too_short"  # decodable, but shorter than the requested clip at the requested fps
-BAD_CAPTION = "bad_caption"  # caption member present but empty, not utf-8, or malformed json
+BAD_CAPTION = "bad_caption"  # caption present but empty, not utf-8, or malformed json (see utf8_caption)
 BAD_LATENT = "bad_latent"  # latent/text .npy member unreadable or of the wrong shape/dtype
 BAD_TAR = "bad_tar"  # the shard itself cannot be read as a tar
 DECODE_TIMEOUT = "decode_timeout"  # the decode worker ran past its time limit and was killed
 MISSING_MEMBER = "missing_member"  # a required member (video, caption, latents) is absent
 WORKER_DIED = "worker_died"  # the decode worker process died (segfault, OOM kill) mid-job
+BAD_SHAPE = "bad_shape"  # readable, but its shape does not fit the model or the parallel layout (buckets.shape_problem)
 
-CAUSES = (CORRUPT_VIDEO, TOO_SHORT, BAD_CAPTION, BAD_LATENT, BAD_TAR, DECODE_TIMEOUT, MISSING_MEMBER, WORKER_DIED)
+CAUSES = (CORRUPT_VIDEO, TOO_SHORT, BAD_CAPTION, BAD_LATENT, BAD_TAR, DECODE_TIMEOUT, MISSING_MEMBER, WORKER_DIED,
+          BAD_SHAPE)
+
+
+def utf8_caption(raw: bytes, key: str | None = None, shard: str | None = None, what: str = "caption") -> str:
+    """The one rule for caption bytes, wherever they are read (make_shards, either loader): they
+    must be UTF-8, or the sample is refused as BAD_CAPTION rather than kept with replacement
+    characters the text encoder would then embed."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SampleError(BAD_CAPTION, key, shard, f"the {what} is not utf-8: {e}") from None
 
 
 class SampleError(Exception):

@@ -292,6 +292,7 @@ def build_loader(cfg, dp_rank: int, dp_size: int, compression: tuple[int, int] =
 
     `compression` is the video VAE's (temporal, spatial) downsampling; it sizes video buckets in tokens.
     """
+    from megamoe.config import sequence_shards
     from megamoe.data.stream import resolve_shards
     from megamoe.data.synthetic import ensure_synthetic_dataset
 
@@ -299,12 +300,6 @@ def build_loader(cfg, dp_rank: int, dp_size: int, compression: tuple[int, int] =
     # Every rank may generate the synthetic dataset concurrently: generation is atomic and deterministic.
     path = ensure_synthetic_dataset(d, m) if d.path is None else d.path
     fmt = "latent" if d.path is None else d.format
-    if fmt == "video":
-        mh, mw = compression[1] * m.patch_size[1], compression[1] * m.patch_size[2]
-        for bucket in d.buckets:
-            if bucket[1] % mh or bucket[2] % mw:
-                raise DataError(f"data.buckets entry {bucket}: height/width must be multiples of {mh}x{mw} "
-                                 f"(VAE compression x model.patch_size)")
     try:
         shards = resolve_shards(path)
     except (ValueError, FileNotFoundError) as exc:
@@ -314,5 +309,11 @@ def build_loader(cfg, dp_rank: int, dp_size: int, compression: tuple[int, int] =
         num_workers=max(1, d.num_workers), micro_batch_size=d.micro_batch_size, tokens_per_batch=d.tokens_per_batch,
         buckets=tuple(tuple(b) for b in d.buckets), patch_size=tuple(m.patch_size), compression=tuple(compression),
         in_channels=m.in_channels, text_dim=m.text_dim, text_len=d.text_len, video_frames=d.video_frames,
-        video_fps=d.video_fps, decode_timeout_s=d.decode_timeout_s)
+        video_fps=d.video_fps, decode_timeout_s=d.decode_timeout_s, sequence_shards=sequence_shards(cfg.parallel)[0],
+        rope_max_seq_len=m.rope_max_seq_len)
+    for bucket in spec.buckets:  # validation checked them already when it could read the VAE's config
+        problem = spec.shape_problem(bucket)
+        if problem is not None:
+            raise DataError(f"data.buckets entry {list(bucket)} {problem} (VAE compression {compression}); "
+                            f"change it, or the setting named")
     return ShardLoader(spec, d.num_workers, d.max_failure_fraction, d.min_samples_before_failure_check)

@@ -5,6 +5,9 @@ Raw shard layout (one sample = one video and its caption):
     <key>.mp4 | .webm | .mov | .mkv   the video file's bytes, unchanged
     <key>.txt                          utf-8 caption   (or <key>.json: {"caption": "..."})
 
+A caption that is not UTF-8 is not stored (with replacement characters, say): its video is skipped
+as 'bad_caption', the cause the loaders count for such a caption (errors.utf8_caption).
+
 `key` is the sample's position among the accepted inputs, `%08d` (a source file name may contain
 dots, which WebDataset would split at). Tars use the fixed headers of synthetic.py's
 `write_shard`, so the same inputs give byte-identical shards. Beside the shards, `index.jsonl`
@@ -21,24 +24,24 @@ import json
 import os
 import tarfile
 
-from .errors import BAD_CAPTION, CORRUPT_VIDEO, MISSING_MEMBER, SampleError
+from .errors import BAD_CAPTION, CORRUPT_VIDEO, MISSING_MEMBER, SampleError, utf8_caption
 from .video import probe_video
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv")
 TAR_BLOCK = 512
 
 
-def _sidecar_caption(video_path: str) -> str | None:
+def _sidecar_caption(video_path: str) -> bytes | None:
     path = os.path.splitext(video_path)[0] + ".txt"
     if not os.path.isfile(path):
         return None
     with open(path, "rb") as f:
-        return f.read().decode("utf-8", errors="replace")
+        return f.read()  # decoded when written: a caption that is not UTF-8 skips its video
 
 
-def collect_inputs(folder: str | None = None, index: str | None = None) -> list[tuple[str, str | None]]:
+def collect_inputs(folder: str | None = None, index: str | None = None) -> list[tuple[str, str | bytes | None]]:
     """(video path, caption or None) pairs, from `folder` (recursively, sidecar `<stem>.txt`
-    captions, sorted by path) or from `index`: CSV with columns path,caption or JSONL lines
+    captions as bytes, sorted by path) or from `index`: CSV with columns path,caption or JSONL lines
     {"path", "caption"}; relative paths are relative to the index file's directory."""
     if (folder is None) == (index is None):
         raise ValueError("give exactly one of a folder of videos or an --index file")
@@ -111,7 +114,7 @@ class TarShardWriter:
         self._close_current()
 
 
-def write_raw_shards(inputs: list[tuple[str, str | None]], out_dir: str, shard_size_mb: float = 256.0,
+def write_raw_shards(inputs: list[tuple[str, str | bytes | None]], out_dir: str, shard_size_mb: float = 256.0,
                      caption_format: str = "txt", log=print) -> dict:
     """Probe each (video, caption), write the usable ones into raw shards of about `shard_size_mb`.
 
@@ -132,6 +135,8 @@ def write_raw_shards(inputs: list[tuple[str, str | None]], out_dir: str, shard_s
             try:
                 if caption is None:
                     raise SampleError(MISSING_MEMBER, detail="no caption (sidecar .txt or index entry)")
+                if isinstance(caption, bytes):
+                    caption = utf8_caption(caption, what="sidecar caption")
                 caption = " ".join(caption.split())
                 if not caption:
                     raise SampleError(BAD_CAPTION, detail="the caption is empty")

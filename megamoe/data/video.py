@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .decode_pool import DecodePool
-from .errors import BAD_CAPTION, CORRUPT_VIDEO, MISSING_MEMBER, TOO_SHORT, SampleError
+from .errors import BAD_CAPTION, CORRUPT_VIDEO, MISSING_MEMBER, TOO_SHORT, SampleError, utf8_caption
 
 VIDEO_EXTS = ("mp4", "webm", "mov", "mkv", "avi")
 BACKENDS = ("auto", "decord", "pyav")
@@ -398,10 +398,7 @@ def parse_caption(members: dict[str, bytes], key: str | None = None, shard: str 
         raw, ext = members["json"], "json"
     else:
         raise SampleError(MISSING_MEMBER, key, shard, "no caption member ('txt' or 'json')")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SampleError(BAD_CAPTION, key, shard, f"the {ext} caption is not utf-8: {e}") from None
+    text = utf8_caption(raw, key, shard, f"{ext} caption")
     if ext == "json":
         try:
             record = json.loads(text)

@@ -8,7 +8,7 @@ because `decode_clip_uint8` resizes while decoding; the probe reads only contain
 from __future__ import annotations
 
 
-from megamoe.data.buckets import NO_BUCKET, TOO_SHORT, assign_bucket
+from megamoe.data.buckets import BAD_SHAPE, NO_BUCKET, TOO_SHORT, assign_bucket
 from megamoe.data.video import probe_video
 
 
@@ -22,6 +22,9 @@ def longest_fitting(num_frames: int, source_fps: float, target_fps: float, lengt
 
 def decode_to_bucket(data: bytes, spec, seed: int) -> dict:
     """{'clip': uint8 [F, H, W, 3], 'bucket': [F, H, W]} or {'skip': cause}; `spec` is a StreamSpec.
+
+    A bucket that does not fit the model or the layout (`StreamSpec.shape_problem`) is skipped as
+    'bad_shape'; with configured buckets, validation has refused such buckets already.
 
     With no buckets configured the bucket is the source size rounded down to a multiple of
     VAE compression x patch size (the centre is cropped), at data.video_frames frames.
@@ -42,6 +45,8 @@ def decode_to_bucket(data: bytes, spec, seed: int) -> dict:
             bucket, cause = None, NO_BUCKET
     if bucket is None:
         return {"skip": cause}
+    if spec.shape_problem(bucket) is not None:  # before the decode it would waste
+        return {"skip": BAD_SHAPE}
     clip, _ = decode_clip_uint8(data, FrameSpec(bucket[0], spec.video_fps, bucket[1], bucket[2]), seed,
                                 source_size=(height, width))
     return {"clip": clip, "bucket": list(bucket)}

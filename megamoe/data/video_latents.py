@@ -36,8 +36,9 @@ class VideoToLatents:
     @property
     def compression(self) -> tuple[int, int]:
         """(temporal, spatial) downsampling of the VAE: sizes video buckets in latent tokens."""
-        config = self.vae.config
-        return int(getattr(config, "scale_factor_temporal", 4) or 4), int(getattr(config, "scale_factor_spatial", 8) or 8)
+        from megamoe.data.buckets import vae_compression
+
+        return vae_compression(self.vae.config)
 
     def check_model(self, model_cfg) -> None:
         z_dim, d_model = self.vae.config.z_dim, self.encoder.config.d_model

@@ -37,7 +37,8 @@ from typing import Optional
 import numpy as np
 
 from megamoe.data import errors
-from megamoe.data.buckets import Bucketer, Shape, assign_bucket, batch_size_for, crop_latents, latent_shape, tokens_per_sample
+from megamoe.data.buckets import (BAD_SHAPE, Bucketer, Shape, assign_bucket, batch_size_for, crop_latents, latent_shape,
+                                  shape_problem, tokens_per_sample)
 from megamoe.data.errors import SampleError
 from megamoe.data.stream import split_member_name
 
@@ -67,10 +68,17 @@ class StreamSpec:
     video_frames: int = 17
     video_fps: float = 16.0
     decode_timeout_s: float = 30.0
+    sequence_shards: int = 1  # pieces each sample's tokens are cut into (CP, x TP under sequence parallelism)
+    rope_max_seq_len: int = 1024  # model.rope_max_seq_len: the largest patch-grid extent per axis
 
     @property
     def video(self) -> bool:
         return self.format == "video"
+
+    def shape_problem(self, bucket: Shape) -> str | None:
+        """Why samples of `bucket` cannot be trained (they are skipped as 'bad_shape'), or None."""
+        return shape_problem(bucket, self.video, self.compression, self.patch_size, self.sequence_shards,
+                             self.rope_max_seq_len)
 
 
 def fresh_state() -> dict:
@@ -150,7 +158,9 @@ class OpenShard:
 
 
 def load_latent_sample(key: str, members: dict[str, bytes], shard: str, spec: StreamSpec) -> dict:
-    """{'latents' [C, F, H, W], 'text' [text_len, text_dim] float32, 'caption', 'key'}; SampleError if bad."""
+    """{'latents' [C, F, H, W], 'text' [text_len, text_dim] float32, 'caption', 'key'}; SampleError if bad.
+
+    The caption.txt member is optional (training uses text.npy); one that is not UTF-8 is BAD_CAPTION."""
     for ext in ("latents.npy", "text.npy"):
         if ext not in members:
             raise SampleError(errors.MISSING_MEMBER, key, shard, f"no '{ext}' member")
@@ -165,13 +175,10 @@ def load_latent_sample(key: str, members: dict[str, bytes], shard: str, spec: St
     if text.ndim != 2 or text.shape[1] != spec.text_dim or text.dtype.kind != "f":
         raise SampleError(errors.BAD_LATENT, key, shard, f"text {text.dtype} {text.shape}, expected float "
                                                          f"[L, {spec.text_dim}] (model.text_dim)")
-    if not spec.buckets and any(x % p for x, p in zip(latents.shape[1:], spec.patch_size)):
-        raise SampleError(errors.BAD_LATENT, key, shard, f"latents {latents.shape} not divisible by the patch "
-                                                         f"size {tuple(spec.patch_size)}; configure data.buckets")
     # Zero rows pad a short text, as Wan pads umT5 outputs; a longer one is cut at text_len.
     fixed = np.zeros((spec.text_len, spec.text_dim), dtype=np.float32)
     fixed[: min(len(text), spec.text_len)] = text[: spec.text_len]
-    caption = members.get("caption.txt", b"").decode("utf-8", errors="replace")
+    caption = errors.utf8_caption(members.get("caption.txt", b""), key, shard, "caption.txt")
     return {"latents": latents.astype(np.float32, copy=False), "text": fixed, "caption": caption, "key": key}
 
 
@@ -245,15 +252,18 @@ class WorkerStream:
         if shard is None:
             self._fail(errors.BAD_TAR, path)
             return None
+        spec = self.spec
         try:
             key, members = shard.members(position)
-            if self.spec.video:
+            if spec.video:  # the decode worker checks the shape, before decoding
                 sample = self._load_video(key, members, path, epoch, shard.file_index[position])
             else:
-                sample = load_latent_sample(key, members, path, self.spec)
-                bucket, cause = assign_bucket(sample["latents"].shape[1:], self.spec.buckets, crop_only=True)
+                sample = load_latent_sample(key, members, path, spec)
+                bucket, cause = assign_bucket(sample["latents"].shape[1:], spec.buckets, crop_only=True)
                 if bucket is None:
                     raise _Skip(cause)
+                if spec.shape_problem(bucket) is not None:
+                    raise _Skip(BAD_SHAPE)
                 sample["latents"], sample["bucket"] = crop_latents(sample["latents"], bucket), bucket
         except SampleError as exc:
             self._fail(exc.cause, path)
@@ -349,7 +359,8 @@ class WorkerStream:
 
 
 class _Skip(Exception):
-    """A readable sample that no bucket takes; carries its cause."""
+    """A readable sample that no bucket takes, or whose bucket does not fit the model or the layout;
+    carries its cause."""
 
     def __init__(self, cause: str):
         super().__init__(cause)

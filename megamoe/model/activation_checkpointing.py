@@ -19,12 +19,15 @@ or not its blocks are checkpointed (tests/model/test_activation_checkpointing.py
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import types
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from megamoe.config import ConfigError
 
 # Per thread: backward (hence recomputation) may run on an autograd worker thread.
 _state = threading.local()
@@ -50,15 +53,21 @@ def _contexts():
 
 
 def checkpointed_blocks(spec: str, num_blocks: int) -> list[int]:
-    """Block indices that `spec` ('none', 'all', 'every_<n>') checkpoints, out of `num_blocks`."""
+    """Block indices that `spec` ('none', 'all', 'every_<n>') checkpoints, out of `num_blocks`.
+
+    The one parser of `train.activation_checkpointing`: config validation calls it too.
+    Raises ConfigError (a ValueError) naming the key.
+    """
     spec = str(spec).strip()
     if spec == "none":
         return []
     if spec == "all":
         return list(range(num_blocks))
-    if spec.startswith("every_") and spec[len("every_"):].isdigit() and int(spec[len("every_"):]) >= 1:
-        return list(range(0, num_blocks, int(spec[len("every_"):])))
-    raise ValueError(f"train.activation_checkpointing='{spec}' must be 'none', 'all' or 'every_<n>' (n >= 1)")
+    every = re.fullmatch(r"every_([1-9][0-9]*)", spec)
+    if every is None:
+        raise ConfigError(f"train.activation_checkpointing='{spec}' must be 'none', 'all' or 'every_<n>' "
+                          f"(n >= 1, e.g. every_2)")
+    return list(range(0, num_blocks, int(every.group(1))))
 
 
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):

@@ -152,8 +152,11 @@ def _resolve(source) -> tuple[dict[str, tuple], dict[str, Callable[[], torch.Ten
         elif os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
             files = {os.path.join(path, WEIGHTS_NAME): None}
         else:
-            raise WeightsError(f"directory '{path}' has neither {WEIGHTS_NAME} nor {INDEX_NAME}; "
-                               f"point to a diffusers transformer folder or a .safetensors file")
+            inside = [os.path.join(path, d) for d in ("weights", "ema_weights", "transformer")
+                      if any(os.path.isfile(os.path.join(path, d, n)) for n in (WEIGHTS_NAME, INDEX_NAME))]
+            fix = (f"it is a checkpoint or pipeline directory: pass '{inside[0]}'" if inside else
+                   "point to a diffusers transformer folder or a .safetensors file")
+            raise WeightsError(f"directory '{path}' has neither {WEIGHTS_NAME} nor {INDEX_NAME}; {fix}")
     elif path.endswith(".index.json"):
         files = _shards(path)
     else:
@@ -244,11 +247,19 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file private (0600); give it the mode any new file gets (0644 under umask 022)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def save_diffusers_weights(model: torch.nn.Module, directory: str) -> None:

@@ -5,7 +5,8 @@ model imports `megamoe.moe.routers.base` (which runs this file first), so an eag
 here would be circular.
 """
 
-__all__ = ["MoEFeedForward", "collect_aux", "moe_layer_indices", "moe_layers", "routers_after_step"]
+__all__ = ["MoEFeedForward", "collect_aux", "moe_layer_indices", "moe_layers", "routers_after_step",
+           "routers_discard_step"]
 
 
 def __getattr__(name):

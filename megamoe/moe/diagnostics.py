@@ -38,6 +38,9 @@ Failure modes and how they show (per layer, scalars named `moe/layerNN/<name>`, 
   timestep dependence `t<b>_max_violation` per timestep bucket; per-bucket per-expert loads in
                       `report.timestep_load` [layers, buckets, experts]
 
+A step skipped for a non-finite loss gets no report: call `discard_step()` instead of
+`measure_bf16_loss()` and `compute()`, and it counts towards no streak.
+
 A failure mode warns once when it starts and again only after it has recovered. Counts come
 from the local micro-batch of the last recorded forward; pass `reduce` (sum over data-parallel
 ranks, as in Router.after_step) to diagnose the global batch instead.
@@ -203,6 +206,18 @@ class RoutingDiagnostics:
         self._bf16_scalars["moe/bf16_lost_update_frac"] = total
         self._snapshot = None
         return total
+
+    def discard_step(self) -> None:
+        """The step was skipped (non-finite loss or gradient norm): drop what was recorded for it
+        (each layer's routing and output norms, the router snapshot), so that no report and no
+        dead/deadlock streak counts a routing that never trained. Call it instead of
+        `measure_bf16_loss` and `compute` for that step."""
+        for _, layer in self.layers:
+            layer.last_routing = None
+            if hasattr(layer, "last_output_norms"):
+                layer.last_output_norms = None
+        self._snapshot = None
+        self._bf16_scalars = {}
 
     # --- the report -------------------------------------------------------------------------
     def _counts(self, probs, routing_map, ctx) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from megamoe.config import MoEConfig, ModelConfig
+from megamoe.config import ConfigError, MoEConfig, ModelConfig
 from megamoe.model.activation_checkpointing import is_recomputing
 from megamoe.model.dit import FeedForward
 from megamoe.moe.dispatch import LocalDispatcher
@@ -29,7 +29,9 @@ def moe_layer_indices(cfg: ModelConfig) -> set[int]:
 
     'all', 'every_other' (odd blocks 1, 3, 5, ...: the first block stays dense, as in
     GShard-style interleaving) or a comma list such as '0,4,8'. The spec is checked even
-    when the model is dense, so a typo fails before it matters.
+    when the model is dense, so a typo fails before it matters. The one parser of
+    `model.moe.layers` (config validation calls it too); raises ConfigError (a ValueError)
+    naming the key, also when an MoE model's spec selects no block.
     """
     spec, n = str(cfg.moe.layers).strip(), cfg.num_layers
     if spec == "all":
@@ -42,8 +44,11 @@ def moe_layer_indices(cfg: ModelConfig) -> set[int]:
         except ValueError:
             indices = None
         if not indices or any(not 0 <= i < n for i in indices):
-            raise ValueError(f"model.moe.layers='{cfg.moe.layers}' is not 'all', 'every_other' or a comma list of "
-                             f"block indices in [0, {n}) like '0,4,8'; fix model.moe.layers")
+            raise ConfigError(f"model.moe.layers='{cfg.moe.layers}' is not 'all', 'every_other' or a comma list of "
+                              f"block indices in [0, {n}) like '0,4,8'; fix model.moe.layers")
+    if cfg.moe.num_experts > 0 and not indices:
+        raise ConfigError(f"model.moe.layers='{cfg.moe.layers}' selects no block of model.num_layers={n}, so the "
+                          f"model would be dense; choose blocks that exist or set model.moe.num_experts=0")
     return indices if cfg.moe.num_experts > 0 else set()
 
 
@@ -121,6 +126,15 @@ def collect_aux(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def routers_after_step(model: nn.Module, reduce: Reduce) -> None:
-    """Once per optimizer step on every rank, after the step: the routers' non-gradient updates."""
+    """Once per applied optimizer step on every rank, after the step: the routers' non-gradient updates."""
     for layer in moe_layers(model):
         layer.router.after_step(reduce)
+
+
+def routers_discard_step(model: nn.Module) -> None:
+    """Instead of `routers_after_step` when the step was skipped: every MoE layer drops the aux
+    losses of its last forward and its router drops the statistics it gathered for the update
+    (Router.discard_step), so the skipped batches leave no trace. Local: no collective."""
+    for layer in moe_layers(model):
+        layer.aux = {}
+        layer.router.discard_step()

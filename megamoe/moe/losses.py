@@ -14,13 +14,11 @@ import torch
 from megamoe.moe.token_shards import ONE_PROCESS, TokenShards
 
 LOSS_NAMES = ("balance", "z", "similarity", "layer_reg", "contrastive")
+BALANCE_SCOPES = ("micro_batch", "sequence", "global")  # model.moe.balance_scope: over what loads are counted
 
 
 # ---------------------------------------------------------------------------------------------
 # Load balance and logit size (token-choice routers)
-
-BALANCE_SCOPES = ("micro_batch", "sequence", "global")
-
 
 def switch_balance_loss(probs_full: torch.Tensor, routing_map: torch.Tensor, num_experts: int,
                         batch_size: int, seq_len: int, scope: str = "micro_batch",
@@ -43,7 +41,7 @@ def switch_balance_loss(probs_full: torch.Tensor, routing_map: torch.Tensor, num
     formed (one all-reduce of 2 * E floats per group), so every rank gets the unsharded loss.
     """
     if scope not in BALANCE_SCOPES:
-        raise ValueError(f"model.moe.balance_scope must be one of {BALANCE_SCOPES}, got '{scope}'")
+        raise ValueError(f"model.moe.balance_scope must be one of {', '.join(BALANCE_SCOPES)}, got '{scope}'")
     if probs_full.shape[0] != batch_size * seq_len:
         raise ValueError(f"balance loss got {probs_full.shape[0]} tokens for batch {batch_size} x seq_len {seq_len}")
     groups = batch_size if scope == "sequence" else 1

@@ -62,19 +62,22 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_PATTERN.match(p.name).group(1)))
 
 
-def inspect_checkpoint(path: str | Path) -> dict:
+def inspect_checkpoint(path: str | Path, or_else: str = "") -> dict:
     """Read meta.json and check every recorded file is present at its recorded size.
 
     Runs before any process group exists, so a bad path costs no start-up time and a
     truncated file is caught here rather than as a hang inside a collective load.
+    `or_else`: the caller's alternative to a missing or incomplete checkpoint, for the message
+    (pretrain: "or --resume latest"); the newest complete checkpoint near `path` is named too.
     """
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint '{path}' does not exist; pass an existing checkpoint directory or --resume latest")
+        raise CheckpointError(f"checkpoint '{path}' does not exist; pass an existing checkpoint directory"
+                              f"{_nearby(path)}{' ' + or_else if or_else else ''}")
     meta_file = path / "meta.json"
     if not meta_file.is_file():
-        raise CheckpointError(f"checkpoint '{path}' is incomplete (no meta.json); pass a complete checkpoint "
-                              f"or --resume latest, which skips incomplete ones")
+        raise CheckpointError(f"checkpoint '{path}' is incomplete (no meta.json); pass a complete checkpoint"
+                              f"{_nearby(path)}{' ' + or_else if or_else else ''}")
     try:
         meta = json.loads(meta_file.read_text())
         files = meta["files"]
@@ -89,6 +92,15 @@ def inspect_checkpoint(path: str | Path) -> dict:
             raise CheckpointError(f"checkpoint '{path}' has '{rel}' of {f.stat().st_size} bytes, expected {size} "
                                   f"(truncated or modified); pass another checkpoint")
     return meta
+
+
+def _nearby(path: Path) -> str:
+    """' (e.g. <the newest complete checkpoint in path, path/checkpoints or beside path>)', or ''."""
+    for root in (path, path / "checkpoints", path.parent):
+        found = complete_checkpoints(root)
+        if found and found[-1] != path:
+            return f" (e.g. '{found[-1]}', the newest there)"
+    return ""
 
 
 def resolve_resume(cfg: Config, resume: str | None, world_size: int | None = None) -> Path | None:
@@ -117,7 +129,7 @@ def resolve_resume(cfg: Config, resume: str | None, world_size: int | None = Non
         path = existing[-1]
     else:
         path = Path(resume)
-    meta = inspect_checkpoint(path)
+    meta = inspect_checkpoint(path, "or --resume latest, which takes the newest complete one")
     check_compatible(cfg, meta, path)
     check_resumable(cfg, meta, path, world_size)
     return path

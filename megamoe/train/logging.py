@@ -2,11 +2,17 @@
 
 The same scalars go to all three, so a test (or a notebook) can read the JSON lines or the
 tensorboard events and see what the console showed.
+
+A resumed run redoes the steps after its checkpoint, which the interrupted run may have logged
+already: `resume_at(step)` drops those lines from metrics.jsonl and diagnostics.jsonl, and makes
+tensorboard hide the old events past the step (SummaryWriter's purge_step), so every step is
+logged once, with the values of the run that carried on.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -22,13 +28,29 @@ class RunLogger:
             return
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        self.out, self.tensorboard = out, tensorboard
         self.metrics_file = open(out / "metrics.jsonl", "a")
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+        self._purge_step = None
         self._last_time = time.perf_counter()
         self._last_step = None
+
+    def resume_at(self, step: int) -> None:
+        """The run continues after (1-based) step `step`: forget what was logged for later steps."""
+        if not self.enabled:
+            return
+        self.metrics_file.close()
+        for name in ("metrics.jsonl", "diagnostics.jsonl"):
+            _truncate_after(self.out / name, step)
+        self.metrics_file = open(self.out / "metrics.jsonl", "a")
+        self._purge_step = step + 1
+
+    def _tensorboard(self):
+        """The event writer, made at first use so that a resume can set its purge step first."""
+        if self.writer is None and self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.out / "tensorboard"), purge_step=self._purge_step)
+        return self.writer
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -56,7 +78,7 @@ class RunLogger:
         data = data or {}
         self.metrics_file.write(json.dumps({"step": step, **scalars, **({"data": data} if data else {})}) + "\n")
         self.metrics_file.flush()
-        if self.writer is not None:
+        if self._tensorboard() is not None:
             for name, value in scalars.items():
                 self.writer.add_scalar(f"train/{name}", value, step)
             for name, value in data.items():
@@ -76,7 +98,7 @@ class RunLogger:
             return
         from megamoe.moe.diagnostics import write_tensorboard
 
-        if self.writer is not None:
+        if self._tensorboard() is not None:
             write_tensorboard(self.writer, report, step)
             self.writer.flush()
         with open(Path(self.metrics_file.name).with_name("diagnostics.jsonl"), "a") as f:
@@ -89,3 +111,19 @@ class RunLogger:
             self.writer.close()
         if self.metrics_file is not None:
             self.metrics_file.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep the JSON lines of steps <= `step` (and drop a line cut short by a kill); atomic."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)

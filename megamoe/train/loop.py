@@ -21,7 +21,7 @@ from megamoe.model.activation_checkpointing import apply_activation_checkpointin
 from megamoe.model.dit import build_model
 from megamoe.model.weights import load_diffusers_weights, write_diffusers_weights
 from megamoe.moe.diagnostics import RoutingDiagnostics
-from megamoe.moe.layer import moe_layers, routers_after_step
+from megamoe.moe.layer import moe_layers, routers_after_step, routers_discard_step
 from megamoe.parallel.parallelize import parallelize, token_batch_group
 from megamoe.parallel.topology import Topology
 from megamoe.train.checkpoint import load_checkpoint, save_checkpoint
@@ -147,6 +147,7 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
         agreement.load_state_dict(rank_state)
         resync_lr(engine)
         start_step = rank_state["step"]
+        log.resume_at(start_step)  # the steps after it are redone: log each once
         loader.load_state_dict(rank_state["data"], restart=cfg.data.restart_stream_on_resume)
         set_rng_states(rank_state["rng"], topology.device)
         log.info(f"resumed from {resume_from} at step {start_step}")
@@ -210,11 +211,16 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
         if skipped:
             log.info(f"warning: step {done}: non-finite loss or gradient norm; step skipped, weights unchanged "
                      f"({agreement.streak} in a row, {agreement.skipped_steps} in all)")
-        else:  # routing statistics and EMA of a skipped step would carry its NaNs forward
+            # Whatever the step's forwards gathered (router statistics, diagnostics recordings) is
+            # dropped, not kept for the next step: it would carry the NaNs forward.
+            routers_discard_step(engine.module)
+            if diagnostics is not None:
+                diagnostics.discard_step()
+        else:
             routers_after_step(engine.module, sum_over_token_shards(cfg))
             if ema is not None:
                 ema.update(engine.module)
-        if diagnose:
+        if diagnose and not skipped:
             diagnostics.measure_bf16_loss(master_weights)
             log.log_diagnostics(diagnostics.compute(done), done)
 

@@ -119,3 +119,19 @@ def test_resume_restores_pending_buckets_exactly(mixed_dir):
     resumed.load_state_dict(state)
     assert [next(resumed)["key"] for _ in range(14)] == expected[11:]
     assert resumed.state_dict() == reference.state_dict()  # pending buckets and counts included
+
+
+def test_raw_video_that_does_not_fit_is_skipped_as_bad_shape_before_decoding():
+    """Without buckets a video's bucket is its own size (rounded to VAE compression x patch); the
+    decode worker applies the layout rule to it and skips a misfit undecoded. Closed form: 1 latent
+    frame, 16x spatial compression, 2x2 patches: H x 32 pixels give H / 32 tokens."""
+    from megamoe.data.synthetic_video import make_video
+    from megamoe.data.video_buckets import decode_to_bucket
+
+    spec = StreamSpec(shards=(), format="video", seed=0, dp_rank=0, dp_size=1, num_workers=1, micro_batch_size=1,
+                      patch_size=PATCH, compression=(4, 16), video_frames=1, video_fps=16.0, sequence_shards=2,
+                      rope_max_seq_len=2)
+    fits = decode_to_bucket(make_video(4, 64, 32, 16.0), spec, seed=0)  # 2 tokens
+    assert fits["bucket"] == [1, 64, 32] and fits["clip"].shape == (1, 64, 32, 3)
+    assert decode_to_bucket(make_video(4, 96, 32, 16.0), spec, seed=0) == {"skip": "bad_shape"}  # 3 tokens
+    assert decode_to_bucket(make_video(4, 128, 32, 16.0), spec, seed=0) == {"skip": "bad_shape"}  # grid 4 > 2

@@ -24,10 +24,10 @@ def shard_dir(tmp_path_factory):
     return str(out)
 
 
-def spec(shards, dp_rank=0, dp_size=1, workers=2, micro_batch_size=3, seed=11):
+def spec(shards, dp_rank=0, dp_size=1, workers=2, micro_batch_size=3, seed=11, **layout):
     return StreamSpec(shards=tuple(shards), format="latent", seed=seed, dp_rank=dp_rank, dp_size=dp_size,
                       num_workers=max(1, workers), micro_batch_size=micro_batch_size, patch_size=(1, 2, 2),
-                      in_channels=3, text_dim=4, text_len=4)
+                      in_channels=3, text_dim=4, text_len=4, **layout)
 
 
 def loader(shards, workers=2, max_failure_fraction=0.05, min_samples=100, **kw):
@@ -221,3 +221,50 @@ def test_data_config_is_validated(override, key):
     video.data.buckets = [[17, 256, 256]]
     with pytest.raises(ConfigError, match="set data.vae_path and data.text_encoder_path"):
         validate(video, world_size=1)
+
+
+def test_samples_that_do_not_fit_the_model_or_the_layout_are_skipped_as_bad_shape(tmp_path):
+    """Under 4 sequence shards and rotary tables of 2 positions per axis, samples whose token count
+    does not split 4 ways or whose patch grid is longer than the tables are skipped and counted as
+    'bad_shape', and the stream goes on: it is the stream without those limits (where the misfits
+    form batches of their own shapes) less the misfits' batches. A latent that does not split into
+    patches fits no layout: 'bad_shape' in both."""
+    def sample(i, frames=2, height=4, width=4):
+        rng = np.random.default_rng(i)
+        return (f"{i:08d}", encode_sample(rng.standard_normal((3, frames, height, width)).astype(np.float32),
+                                          rng.standard_normal((4, 4)).astype(np.float32), f"clip {i}"))
+
+    misfits = [sample(100, 1, 4, 6), sample(101, 1, 4, 6),  # 1 x 2 x 3 = 6 tokens: not a multiple of 4
+               sample(102, 2, 4, 8), sample(103, 2, 4, 8)]  # grid (2, 2, 4): 4 > rope_max_seq_len=2
+    for s in range(4):  # 3 good samples (grid (2, 2, 2), 8 tokens) and a misfit in every shard
+        write_shard(str(tmp_path / f"shard-{s:06d}.tar"), [sample(3 * s + i) for i in range(3)] + misfits[s:s + 1])
+    write_shard(str(tmp_path / "shard-000004.tar"), [sample(12), sample(13), sample(104, 2, 4, 5)])
+    shards = resolve_shards(str(tmp_path))
+    ours = ShardLoader(spec(shards, workers=0, micro_batch_size=2, sequence_shards=4, rope_max_seq_len=2), 0, 1.0)
+    unlimited = ShardLoader(spec(shards, workers=0, micro_batch_size=2), 0, 1.0)
+    reference = (batch for batch in unlimited if batch["bucket"] == [2, 4, 4])
+    for _ in range(20):  # 3 epochs
+        assert same_batches(next(reference), next(ours))
+    done = ours.state_dict()["workers"][0]["epoch"]  # whole epochs read; 5 misfits in each
+    assert done == 2 and set(ours.bad_data_counts()) == {"bad_shape"}
+    assert 5 * done <= ours.bad_data_counts()["bad_shape"] <= 5 * (done + 1)
+    assert unlimited.bad_data_counts()["bad_shape"] <= done + 1
+
+
+def test_a_caption_that_is_not_utf8_is_skipped_as_bad_caption(tmp_path):
+    """The caption rule of make_shards holds in the latent loader too (errors.utf8_caption): the sample
+    is skipped and counted, not kept with replacement characters. The reference: the same shard
+    without that sample."""
+    samples = [(f"{i:08d}", good_sample(i)) for i in range(5)]
+    samples[2][1]["caption.txt"] = "a caf\u00e9".encode("latin-1")
+    write_shard(str(tmp_path / "shard-000000.tar"), samples)
+    write_shard(str(tmp_path / "ref-000000.tar"), samples[:2] + samples[3:])
+    ours = loader([str(tmp_path / "shard-000000.tar")], workers=0, max_failure_fraction=1.0, micro_batch_size=2)
+    reference = loader([str(tmp_path / "ref-000000.tar")], workers=0, micro_batch_size=2)
+    got, want = set(), set()
+    while ours.state_dict()["workers"][0]["epoch"] < 1:  # the whole shard, once
+        got.update(next(ours)["key"])
+        want.update(next(reference)["key"])
+    assert got == want == {"00000000", "00000001", "00000003", "00000004"}
+    assert 1 <= ours.bad_data_counts()["bad_caption"] <= 2 and set(ours.bad_data_counts()) == {"bad_caption"}
+    assert reference.bad_data_counts() == {}

@@ -11,7 +11,7 @@ import torch
 
 from megamoe.data.encode import (decode_latents, encode_text, encode_video, load_text_encoder, load_vae,
                                  sample_rng)
-from megamoe.data.errors import BAD_TAR, CORRUPT_VIDEO, MISSING_MEMBER
+from megamoe.data.errors import BAD_TAR, CORRUPT_VIDEO, MISSING_MEMBER, SampleError
 from megamoe.data.stream import LatentShardStream, read_shard, resolve_shards
 from megamoe.data.synthetic_video import make_video
 from megamoe.data.video import FrameSpec, decode_video_sample
@@ -95,6 +95,30 @@ def test_make_shards_from_csv_and_jsonl(video_folder, tmp_path):
                         "--caption-format", "json", "--quiet"])
     (key, members), = read_shard(str(tmp_path / "b" / report["shards"][0]))
     assert json.loads(members["json"]) == {"caption": "a dog"} and "webm" in members
+
+
+def test_make_shards_skips_a_caption_that_is_not_utf8_as_the_loader_would(tmp_path):
+    """The rule (errors.utf8_caption): such a caption is bad_caption for make_shards (skipped, listed) and
+    for the raw-video loader alike, instead of being stored with replacement characters."""
+    from megamoe.data.video import parse_caption
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    video = make_video(5, 16, 16, 16.0, "libx264")
+    for name, encoding in [("good", "utf-8"), ("latin1", "latin-1")]:
+        caption = "a caf\u00e9 scene".encode(encoding)
+        (folder / f"{name}.mp4").write_bytes(video)
+        (folder / f"{name}.txt").write_bytes(caption)
+    report = load_tool("make_shards").main(["--videos", str(folder), "--out", str(tmp_path / "raw"), "--quiet"])
+    assert report["samples"] == 1 and report["skipped"] == {"bad_caption": 1}
+    skipped = [json.loads(line) for line in (tmp_path / "raw" / "skipped.jsonl").read_text().splitlines()]
+    assert [(os.path.basename(s["source"]), s["cause"]) for s in skipped] == [("latin1.mp4", "bad_caption")]
+    assert "not utf-8" in skipped[0]["detail"]
+    (key, members), = read_shard(str(tmp_path / "raw" / report["shards"][0]))
+    assert parse_caption(members) == "a caf\u00e9 scene"
+    with pytest.raises(SampleError) as info:  # what the loader does with the caption make_shards skipped
+        parse_caption({"txt": (folder / "latin1.txt").read_bytes()})
+    assert info.value.cause == "bad_caption"
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,22 @@
 """Cluster faults on 2 gloo ranks under torchrun: preemption signals, a save killed mid-write,
 a rank killed mid-run under --max-restarts, and non-finite steps. Each is checked against an
-uninterrupted run (or, for a skipped step, against the weights of the step before)."""
+uninterrupted run (for a skipped step: against the weights of the step before, and against a
+run resumed right after the skip, which never held the skipped step's router statistics)."""
 
+import json
 import os
 import signal
+
+import torch
 
 from launch_helpers import REPO, pretrain, read_metrics, start_pretrain, steps_logged, wait_until, worker_pids
 
 TINY = str(REPO / "configs" / "tiny.yaml")
 SMALL = ["model.num_layers=2", "model.dim=32", "model.ffn_dim=64", "data.micro_batch_size=4"]
+MOE = ["model.moe.num_experts=4", "model.moe.top_k=2"]
+RACE = [*MOE, "model.moe.router=expert_race"]
+BIAS = [*MOE, "model.moe.router=linear", "model.moe.num_null_experts=1", "model.moe.bias_balancing=true",
+        "model.moe.bias_update_rate=0.01"]
 
 
 def common(out, data_cache, steps, *extra):
@@ -94,10 +102,11 @@ def test_save_killed_mid_write_is_skipped_by_resume_auto(tmp_path, data_cache):
 def test_max_restarts_brings_a_killed_rank_back_with_identical_final_weights(tmp_path, data_cache):
     job, full = tmp_path / "job", tmp_path / "full"
     extra = [*SMALL, "checkpoint.every_steps=3", "checkpoint.keep_last=10"]
-    # The save of step 6 stalls a few seconds, so the job is surely still running when rank 1 is killed.
+    # The save of step 6 stalls a few seconds, so the job is surely still running when rank 1 is killed,
+    # after step 5 is logged: the restart resumes from step 3 and redoes steps 4 and 5.
     run = start_pretrain(common(job, data_cache, 12, *extra) + ["--resume", "auto"],
                          env={"MEGAMOE_TEST_SLOW_SAVE": "6:5"}, torchrun_args=["--max-restarts", "1"])
-    wait_until(lambda: "step_00000003" in checkpoints(job), "the checkpoint of step 3", run)
+    wait_until(lambda: steps_logged(job) >= 5, "step 5", run)
     os.kill(worker_pids(run)[1], signal.SIGKILL)
     out, err = run.communicate(timeout=900)
     assert run.returncode == 0, err[-4000:]
@@ -105,30 +114,65 @@ def test_max_restarts_brings_a_killed_rank_back_with_identical_final_weights(tmp
 
     pretrain(common(full, data_cache, 12, *extra))
     assert_same_weights(weights(job / "checkpoints" / "step_00000012"), weights(full / "checkpoints" / "step_00000012"))
+    # metrics.jsonl holds each step once, as the uninterrupted run logged it
+    logged = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+    uninterrupted = read_metrics(full)
+    assert [m["step"] for m in logged] == list(range(1, 13))
+    for m in logged:
+        for name in ("loss", "grad_norm", "lr"):
+            assert m[name] == uninterrupted[m["step"]][name], (m["step"], name)
 
 
-def test_nonfinite_step_is_skipped_on_every_rank_and_counted(tmp_path, data_cache):
+def router_buffers(state) -> dict:
+    """The routers' non-gradient state in a weights file: Expert Race thresholds, aux-free biases."""
+    return {k: v for k, v in state.items() if ".router." in k and k.rsplit(".", 1)[1] in
+            ("threshold", "threshold_initialized", "expert_bias")}
+
+
+def test_nonfinite_step_is_skipped_on_every_rank_and_leaves_no_trace(tmp_path, data_cache):
+    """Expert Race, ZeRO-2: the skipped step changes no weight and no threshold and gets no routing
+    report, and its K-th scores (NaN) never reach the threshold, which stays finite for good."""
     out_dir = tmp_path / "run"
+    extra = (*SMALL, *RACE, "optim.zero_stage=2", "checkpoint.every_steps=1", "checkpoint.keep_last=10",
+             "model.moe.diagnostics_every=1")
     # ZeRO-2 reduces gradients during backward; the NaN batch reaches data-parallel rank 0 only.
-    result = pretrain(common(out_dir, data_cache, 5, *SMALL, "optim.zero_stage=2", "checkpoint.every_steps=1",
-                             "checkpoint.keep_last=10"), env={"MEGAMOE_TEST_NAN_AT_STEPS": "3"})
+    result = pretrain(common(out_dir, data_cache, 4, *extra), env={"MEGAMOE_TEST_NAN_AT_STEPS": "3"})
     ckpts = out_dir / "checkpoints"
     assert_same_weights(weights(ckpts / "step_00000002"), weights(ckpts / "step_00000003"))  # no update
     after, before = weights(ckpts / "step_00000004"), weights(ckpts / "step_00000003")
     assert not all(after[k].equal(before[k]) for k in after)  # step 4 trains again
     metrics = read_metrics(out_dir)
-    assert [metrics[s]["skipped_steps"] for s in range(1, 6)] == [0, 0, 1, 1, 1]
+    assert [metrics[s]["skipped_steps"] for s in range(1, 5)] == [0, 0, 1, 1]
     assert "warning: step 3: non-finite loss or gradient norm; step skipped" in result.stdout
     assert "skipped_steps 1" in result.stdout
+    reports = [json.loads(line)["step"] for line in (out_dir / "diagnostics.jsonl").read_text().splitlines()]
+    assert reports == [1, 2, 4]  # none for the skipped step
+
+    thresholds = {s: router_buffers(weights(ckpts / f"step_{s:08d}")) for s in range(1, 5)}
+    assert len(thresholds[4]) == 4  # threshold and its flag in each of the 2 MoE blocks
+    for step, buffers in thresholds.items():
+        assert all(torch.isfinite(v.float()).all() for v in buffers.values()), (step, buffers)
+    assert not all(thresholds[4][k].equal(thresholds[3][k]) for k in thresholds[3])  # it kept learning after the skip
 
 
-def test_nonfinite_step_without_zero_is_skipped_too(tmp_path, data_cache):
+def test_nonfinite_step_without_zero_is_skipped_and_leaves_the_bias_untouched(tmp_path, data_cache):
+    """Aux-free bias balancing with a null expert, without ZeRO (the loop's own skip): the next bias
+    update counts the loads of its own step only. Reference: a run resumed from the checkpoint
+    written right after the skip, which holds no statistics of the skipped step; the two must end
+    bit-identical, expert biases included (an exact resume across the skip)."""
     out_dir = tmp_path / "run"
-    pretrain(common(out_dir, data_cache, 4, *SMALL, "optim.zero_stage=0", "checkpoint.every_steps=1",
-                    "checkpoint.keep_last=10"), env={"MEGAMOE_TEST_NAN_AT_STEPS": "3"})
+    extra = (*SMALL, *BIAS, "optim.zero_stage=0", "checkpoint.every_steps=1", "checkpoint.keep_last=10")
+    pretrain(common(out_dir, data_cache, 4, *extra), env={"MEGAMOE_TEST_NAN_AT_STEPS": "3"})
     ckpts = out_dir / "checkpoints"
     assert_same_weights(weights(ckpts / "step_00000002"), weights(ckpts / "step_00000003"))
     assert read_metrics(out_dir)[4]["skipped_steps"] == 1
+    biases, before = router_buffers(weights(ckpts / "step_00000004")), router_buffers(weights(ckpts / "step_00000003"))
+    assert len(biases) == 2 and not all(biases[k].equal(before[k]) for k in biases)
+
+    resumed = tmp_path / "resumed"  # no NaN hook needed: the bad step is behind the checkpoint
+    result = pretrain(common(resumed, data_cache, 4, *extra) + ["--resume", str(ckpts / "step_00000003")])
+    assert f"resumed from {ckpts / 'step_00000003'} at step 3" in result.stdout
+    assert_same_weights(weights(resumed / "checkpoints" / "step_00000004"), weights(ckpts / "step_00000004"))
 
 
 def test_consecutive_nonfinite_steps_stop_the_run_naming_the_step(tmp_path, data_cache):

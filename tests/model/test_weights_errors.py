@@ -89,3 +89,19 @@ def test_failed_load_leaves_model_untouched():
     del bad["proj_out.bias"]
     load_error(model, bad)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_exported_files_follow_the_umask(state, tmp_path, umask):
+    """weights/ files get the mode of any new file (0644 under umask 022), like the rest of a checkpoint."""
+    old = os.umask(umask)
+    try:
+        save_diffusers_weights(WanDiT(CFG), tmp_path / "weights")
+        with open(tmp_path / "plain", "w"):  # the reference: a file made the ordinary way
+            pass
+    finally:
+        os.umask(old)
+    want = os.stat(tmp_path / "plain").st_mode & 0o777
+    assert want == 0o666 & ~umask
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        assert os.stat(tmp_path / "weights" / name).st_mode & 0o777 == want, name

@@ -25,8 +25,9 @@ VARIANTS = {
 
 
 def make_cfg(router: str, **overrides) -> MoEConfig:
-    base = dict(num_experts=4, top_k=2, router=router, router_hidden_dim=16, num_shared_experts=2,
-                shared_ffn_dim=8, balance_loss=0.01, z_loss=0.001)
+    base = dict(num_experts=4, top_k=2, router=router, num_shared_experts=2, shared_ffn_dim=8)
+    optional = dict(router_hidden_dim=16, balance_loss=0.01, z_loss=0.001)  # where the router reads them
+    base.update({k: v for k, v in optional.items() if k in ROUTERS[router].config_keys})
     base.update(overrides)
     return MoEConfig(**base)
 

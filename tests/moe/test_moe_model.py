@@ -9,8 +9,10 @@ from megamoe.moe.layer import MoEFeedForward, collect_aux, moe_layers, routers_a
 
 
 def tiny(**moe) -> ModelConfig:
-    base = dict(num_experts=4, top_k=2, router_hidden_dim=16)
+    base = dict(num_experts=4, top_k=2)
     base.update(moe)
+    if base.get("router", "linear") in ("mlp", "cross_attention"):
+        base.setdefault("router_hidden_dim", 16)
     return ModelConfig(dim=32, num_layers=4, num_heads=2, ffn_dim=64, in_channels=4, out_channels=4,
                        text_dim=24, freq_dim=16, rope_max_seq_len=32, moe=MoEConfig(**base))
 

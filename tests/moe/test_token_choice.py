@@ -31,7 +31,8 @@ def tokens(n=B * L, seed=1):
 @pytest.mark.parametrize("top_k", [1, 3])
 def test_exactly_k_experts_and_weights_sum_to_one(router, top_k):
     torch.manual_seed(0)
-    r = build_router(DIM, MoEConfig(num_experts=6, top_k=top_k, router=router, router_hidden_dim=16))
+    hidden = {} if router == "linear" else dict(router_hidden_dim=16)
+    r = build_router(DIM, MoEConfig(num_experts=6, top_k=top_k, router=router, **hidden))
     out = r(tokens(), ctx_for())
     assert (out.routing_map.sum(1) == top_k).all()
     assert (out.probs[~out.routing_map] == 0).all() and (out.probs[out.routing_map] > 0).all()

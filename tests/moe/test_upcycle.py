@@ -192,6 +192,13 @@ def test_launcher_writes_weights_and_checks(dense, tmp_path, capsys):
     load_diffusers_weights(fresh, tmp_path / "moe")
     assert main(["--config", str(config), "--dense", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # a training checkpoint directory: its exported weights/ folder is what to pass
+    write_diffusers_weights(dense.state_dict(), CFG, tmp_path / "step_00000010" / "weights")
+    checkpoint = str(tmp_path / "step_00000010")
+    assert main(["--config", str(config), "--dense", checkpoint, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"pass '{tmp_path / 'step_00000010' / 'weights'}'" in err
+    assert not (tmp_path / "x").exists()
 
 
 ROUTER_OPTIONS = {"expert_choice": dict(capacity_factor=1.0), "sinkhorn": dict(sinkhorn_iterations=3),
@@ -205,7 +212,8 @@ def test_every_router_scales_the_dense_ffn_by_its_weight_sum(dense, router):
     the dense FFN output times the sum of its (real-expert) combine weights."""
     from megamoe.moe.routers.base import RoutingContext
 
-    cfg = moe_cfg(router=router, router_hidden_dim=16, **ROUTER_OPTIONS.get(router, {}))
+    hidden = dict(router_hidden_dim=16) if router in ("mlp", "cross_attention") else {}
+    cfg = moe_cfg(router=router, **hidden, **ROUTER_OPTIONS.get(router, {}))
     moe = upcycle_model(dense, cfg, mode="verify", seed=1)
     layer, dense_ffn = moe.blocks[0].ffn, dense.blocks[0].ffn
     g = torch.Generator().manual_seed(4)

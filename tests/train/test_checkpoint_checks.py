@@ -133,3 +133,20 @@ def test_checkpoint_in_deepspeeds_format_is_refused(tmp_path, capsys):
     (path / "meta.json").write_text(json.dumps(meta))
     code, err = run(tmp_path, capsys, "--resume", str(path))
     assert_one_line_error(code, err, "DeepSpeed's own format", "train.init_from=")
+
+
+def test_sampler_with_a_missing_checkpoint_names_one_that_exists(tmp_path, capsys):
+    """launcher/sample.py has no --resume: its message names the newest checkpoint of the run instead."""
+    from launcher.sample import main as sample
+
+    cfg = load_config(TINY)
+    newest = fake_checkpoint(tmp_path, 4, cfg)
+    fake_checkpoint(tmp_path, 2, cfg)
+    for given in (tmp_path / "checkpoints" / "step_00000006", tmp_path):  # a typo; the run directory
+        code = sample(["--checkpoint", str(given), "--caption", "a red circle"])
+        err = capsys.readouterr().err.strip()
+        assert_one_line_error(code, err, f"'{newest}'")
+        assert "--resume" not in err
+    # pretrain does have --resume latest, and still suggests it
+    code, err = run(tmp_path, capsys, "--resume", str(tmp_path / "checkpoints" / "step_00000006"))
+    assert_one_line_error(code, err, "--resume latest", f"'{newest}'")

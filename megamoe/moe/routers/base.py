@@ -16,6 +16,7 @@ Routing math runs in fp32 whatever the model dtype.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -23,8 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megamoe.config import MoEConfig
+from megamoe.config import ConfigError, MoEConfig
 from megamoe.moe.token_shards import ONE_PROCESS, TokenShards
+
+# Token scores from gate logits, for the routers that read `model.moe.score_func`.
+SCORE_FUNCS = ("softmax", "sigmoid")
 
 
 @dataclass
@@ -57,7 +61,16 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Router(nn.Module):
-    """Base class: subclasses implement `route`; `forward` enforces fp32 and output shapes."""
+    """Base class: subclasses implement `route`; `forward` enforces fp32 and output shapes.
+
+    Each router class lists in `config_keys` the `model.moe` fields it reads and checks their
+    values in `check_config`, which both `config.validate()` and the constructor call: a
+    field that only other routers read must keep its default, so no setting is accepted and
+    then ignored. Fields outside every router's `config_keys` belong to the MoE layer.
+    """
+
+    name = "?"  # set by register_router
+    config_keys: frozenset = frozenset({"top_k", "layer_reg_loss"})
 
     token_shards: TokenShards = ONE_PROCESS
     """Where the other tokens of the batch are (set by parallelize()): losses and selections that
@@ -65,6 +78,7 @@ class Router(nn.Module):
 
     def __init__(self, dim: int, cfg: MoEConfig, layer_reg_out_dim: Optional[int] = None):
         super().__init__()
+        self.check_config(cfg)
         self.dim = dim
         self.cfg = cfg
         self.num_experts = cfg.num_experts
@@ -80,6 +94,18 @@ class Router(nn.Module):
                 raise ValueError("model.moe.layer_reg_loss > 0 needs the target width: build the router with "
                                  "layer_reg_out_dim=prod(model.patch_size) * model.out_channels")
             self.layer_reg_head = nn.Linear(dim, layer_reg_out_dim)
+
+    @classmethod
+    def check_config(cls, cfg: MoEConfig) -> None:
+        """Raise ConfigError, one line naming the key and the fix, unless `cfg` is a setting
+        this router runs as written. Subclasses extend it (call super() first)."""
+        _refuse_unread_keys(cls, cfg)
+        require(cfg.num_experts >= 1, f"model.moe.num_experts must be >= 1 for an MoE layer, got {cfg.num_experts}")
+        total = cfg.num_experts + cfg.num_null_experts
+        require(1 <= cfg.top_k <= total, f"model.moe.top_k={cfg.top_k} must be between 1 and the number of experts "
+                   f"({cfg.num_experts} routed + {cfg.num_null_experts} null); lower top_k or add experts")
+        for key in sorted(k for k in cls.config_keys if k.endswith("_loss")):
+            require(getattr(cfg, key) >= 0, f"model.moe.{key} must be >= 0 (0 = off), got {getattr(cfg, key)}")
 
     def route(self, tokens: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
         raise NotImplementedError
@@ -97,9 +123,17 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def after_step(self, reduce: Reduce) -> None:
-        """Called once per optimizer step on every rank: non-gradient state updates
+        """Called once per applied optimizer step on every rank: non-gradient state updates
         (aux-free bias, Expert Race threshold). Statistics gathered during forward must go
-        through `reduce` first so every data-parallel rank applies the same update."""
+        through `reduce` first so every data-parallel rank applies the same update, and are
+        then cleared: they belong to one step."""
+
+    def discard_step(self) -> None:
+        """Called instead of `after_step` when the step was skipped (non-finite loss or gradient
+        norm): drop whatever the step's forwards gathered for `after_step`, so that the next
+        step updates from its own forwards only, exactly as if the skipped batches had never
+        been seen. Local (no collective). A router that gathers statistics in forward must
+        override it; one that keeps no per-step state has nothing to drop."""
 
 
 ROUTERS: dict[str, type[Router]] = {}
@@ -116,7 +150,36 @@ def register_router(name: str):
     return wrap
 
 
+def router_class(cfg: MoEConfig) -> type[Router]:
+    """The registered class of `cfg.router`; ConfigError naming the choices if there is none."""
+    require(cfg.router in ROUTERS,
+               f"model.moe.router '{cfg.router}' is unknown; choose one of {', '.join(sorted(ROUTERS))}")
+    return ROUTERS[cfg.router]
+
+
+def check_router_config(cfg: MoEConfig) -> None:
+    """What `config.validate()` runs for an MoE model: the chosen router's `check_config`."""
+    router_class(cfg).check_config(cfg)
+
+
 def build_router(dim: int, cfg: MoEConfig, **kwargs) -> Router:
-    if cfg.router not in ROUTERS:
-        raise ValueError(f"unknown model.moe.router '{cfg.router}'; choose one of {sorted(ROUTERS)}")
-    return ROUTERS[cfg.router](dim, cfg, **kwargs)
+    return router_class(cfg)(dim, cfg, **kwargs)
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless `condition`: how `check_config` states a rule."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def _refuse_unread_keys(cls: type[Router], cfg: MoEConfig) -> None:
+    """A field that other registered routers read but `cls` does not must keep its default."""
+    defaults = MoEConfig()
+    for f in dataclasses.fields(MoEConfig):
+        value, default = getattr(cfg, f.name), getattr(defaults, f.name)
+        if f.name in cls.config_keys or value == default:
+            continue
+        readers = sorted(name for name, other in ROUTERS.items() if f.name in other.config_keys)
+        if readers:
+            raise ConfigError(f"model.moe.{f.name}={value} has no effect with model.moe.router={cls.name} (only "
+                              f"{', '.join(readers)} read it); remove it or set it back to {default}")

@@ -29,7 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.config import MoEConfig
-from megamoe.moe.routers.base import Router, RouterOutput, RoutingContext, register_router
+from megamoe.moe.routers.base import Router, RouterOutput, RoutingContext, require, register_router
+
+# model.moe.expert_choice_scope: the tokens one expert's top-C selection ranks against each other.
+SCOPES = ("sample", "batch")
 
 
 def expert_capacity(capacity_factor: float, tokens: int, top_k: int, num_experts: int) -> int:
@@ -40,18 +43,19 @@ def expert_capacity(capacity_factor: float, tokens: int, top_k: int, num_experts
 
 @register_router("expert_choice")
 class ExpertChoiceRouter(Router):
+    # Balanced by construction: no balance loss or bias; scores are always a softmax, never
+    # renormalised; no z-loss is computed here.
+    config_keys = Router.config_keys | {"expert_choice_scope", "capacity_factor"}
+
+    @classmethod
+    def check_config(cls, cfg: MoEConfig) -> None:
+        super().check_config(cfg)
+        require(cfg.expert_choice_scope in SCOPES, f"model.moe.expert_choice_scope must be one of "
+                   f"{', '.join(SCOPES)}, got '{cfg.expert_choice_scope}'")
+        require(cfg.capacity_factor > 0, f"model.moe.capacity_factor must be > 0, got {cfg.capacity_factor}")
+
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
         super().__init__(dim, cfg, **kwargs)
-        if cfg.num_null_experts > 0:
-            raise ValueError(f"model.moe.num_null_experts={cfg.num_null_experts} is only meaningful for token-choice "
-                             "routers; set it to 0 for router 'expert_choice'")
-        if cfg.bias_balancing:
-            raise ValueError("model.moe.bias_balancing is for token-choice routers; expert choice is balanced by "
-                             "construction, set it to false")
-        if cfg.expert_choice_scope not in ("sample", "batch"):
-            raise ValueError(f"model.moe.expert_choice_scope must be 'sample' or 'batch', got '{cfg.expert_choice_scope}'")
-        if cfg.capacity_factor <= 0:
-            raise ValueError(f"model.moe.capacity_factor must be > 0, got {cfg.capacity_factor}")
         self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
 
     def route(self, tokens: torch.Tensor, ctx: RoutingContext) -> RouterOutput:

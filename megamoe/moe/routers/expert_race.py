@@ -22,7 +22,8 @@ Inference: the top-K of a batch depends on the other samples in it (the CFG-null
 other prompts), so at `eval()` a pair (t, e) is selected iff scores[t, e] >= threshold, a
 buffer tracking an EMA (decay `race_threshold_decay`) of the K-th largest training score.
 `after_step` updates it from the mean K-th score of the step's forwards, averaged over the
-data-parallel ranks, so every rank holds the same threshold; it is saved with the model.
+data-parallel ranks, so every rank holds the same threshold; it is saved with the model. A
+skipped step's scores are dropped (`discard_step`) and never reach it.
 The first update copies the value (no warm-up from zero). Before any update, eval falls
 back to the training rule.
 
@@ -47,22 +48,24 @@ from torch import nn
 from megamoe.config import MoEConfig
 from megamoe.model.activation_checkpointing import is_recomputing
 from megamoe.moe.router_losses import router_similarity_loss
-from megamoe.moe.routers.base import Reduce, Router, RouterOutput, RoutingContext, register_router
+from megamoe.moe.routers.base import Reduce, Router, RouterOutput, RoutingContext, require, register_router
 
 
 @register_router("expert_race")
 class ExpertRaceRouter(Router):
+    # Not read: num_null_experts (a token may already take zero experts), bias_balancing,
+    # score_func and renormalize (raw scores are the weights), balance_loss and z_loss
+    # (a logsumexp penalty would only shrink the raw combine weights).
+    config_keys = Router.config_keys | {"race_threshold_decay", "similarity_loss"}
+
+    @classmethod
+    def check_config(cls, cfg: MoEConfig) -> None:
+        super().check_config(cfg)
+        require(0.0 <= cfg.race_threshold_decay < 1.0,
+                   f"model.moe.race_threshold_decay must be in [0, 1), got {cfg.race_threshold_decay}")
+
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
         super().__init__(dim, cfg, **kwargs)
-        if cfg.num_null_experts > 0:
-            raise ValueError(f"model.moe.num_null_experts={cfg.num_null_experts} is only meaningful for token-choice "
-                             "routers; Expert Race already lets a token take zero experts, set it to 0")
-        if cfg.bias_balancing:
-            raise ValueError("model.moe.bias_balancing is for token-choice routers; set it to false for 'expert_race'")
-        if not 1 <= cfg.top_k <= cfg.num_experts:
-            raise ValueError(f"model.moe.top_k={cfg.top_k} must be in [1, num_experts={cfg.num_experts}]")
-        if not 0.0 <= cfg.race_threshold_decay < 1.0:
-            raise ValueError(f"model.moe.race_threshold_decay must be in [0, 1), got {cfg.race_threshold_decay}")
         self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
         # Persistent: inference routing depends on it, so it must survive checkpoints.
         self.register_buffer("threshold", torch.zeros(()))
@@ -127,3 +130,8 @@ class ExpertRaceRouter(Router):
             new = step_threshold
         self.threshold.copy_(new)
         self.threshold_initialized.fill_(True)
+
+    def discard_step(self) -> None:
+        """A skipped step's K-th scores (NaN for a NaN batch) must not reach the threshold EMA,
+        where a NaN would stay for good (see Router.discard_step)."""
+        self._kth_sum, self._kth_count = None, 0

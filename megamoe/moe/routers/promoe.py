@@ -43,7 +43,7 @@ from torch import nn
 
 from megamoe.config import MoEConfig
 from megamoe.moe.router_losses import routing_contrastive_loss
-from megamoe.moe.routers.base import Router, RouterOutput, RoutingContext, register_router
+from megamoe.moe.routers.base import Router, RouterOutput, RoutingContext, require, register_router
 
 
 @register_router("promoe")
@@ -51,21 +51,22 @@ class ProMoERouter(Router):
     contrastive_temperature = 0.1
     max_scale = 100.0
 
+    # Not read: num_null_experts, bias_balancing, score_func (scores are a softmax of scaled
+    # cosines), balance_loss and z_loss (the cosine logits are bounded by the learned scale).
+    config_keys = Router.config_keys | {"num_prototypes_per_expert", "renormalize", "contrastive_loss"}
+
+    @classmethod
+    def check_config(cls, cfg: MoEConfig) -> None:
+        require(cfg.num_experts >= 2, f"router 'promoe' needs model.moe.num_experts >= 2 (the last one is the "
+                   f"unconditional expert), got {cfg.num_experts}")
+        super().check_config(cfg)
+        require(cfg.top_k <= cfg.num_experts - 1, f"model.moe.top_k={cfg.top_k} must be in [1, num_experts - 1 = "
+                   f"{cfg.num_experts - 1}] for router 'promoe' (the last expert is reserved for unconditional tokens)")
+        require(cfg.num_prototypes_per_expert >= 1,
+                   f"model.moe.num_prototypes_per_expert must be >= 1, got {cfg.num_prototypes_per_expert}")
+
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
         super().__init__(dim, cfg, **kwargs)
-        if cfg.num_null_experts > 0:
-            raise ValueError(f"model.moe.num_null_experts={cfg.num_null_experts} is only meaningful for token-choice "
-                             "routers; set it to 0 for router 'promoe'")
-        if cfg.bias_balancing:
-            raise ValueError("model.moe.bias_balancing is for token-choice routers; set it to false for 'promoe'")
-        if cfg.num_experts < 2:
-            raise ValueError(f"router 'promoe' needs model.moe.num_experts >= 2 (the last one is the unconditional "
-                             f"expert), got {cfg.num_experts}")
-        if not 1 <= cfg.top_k <= cfg.num_experts - 1:
-            raise ValueError(f"model.moe.top_k={cfg.top_k} must be in [1, num_experts - 1 = {cfg.num_experts - 1}] for "
-                             "'promoe' (the last expert is reserved for unconditional tokens)")
-        if cfg.num_prototypes_per_expert < 1:
-            raise ValueError(f"model.moe.num_prototypes_per_expert must be >= 1, got {cfg.num_prototypes_per_expert}")
         self.num_conditional = cfg.num_experts - 1
         self.unconditional_expert = cfg.num_experts - 1
         self.num_prototypes = cfg.num_prototypes_per_expert

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.config import MoEConfig
-from megamoe.moe.routers.base import Router, RouterOutput, RoutingContext, register_router
+from megamoe.moe.routers.base import SCORE_FUNCS, Router, RouterOutput, RoutingContext, require, register_router
 from megamoe.moe.token_shards import ONE_PROCESS, TokenShards
 
 
@@ -55,19 +55,20 @@ def sinkhorn_log(logits: torch.Tensor, iterations: int, shards: TokenShards = ON
 
 @register_router("sinkhorn")
 class SinkhornRouter(Router):
+    # Not read: num_null_experts (Sinkhorn would balance them like real experts), bias_balancing
+    # (Sinkhorn already balances), balance_loss and z_loss (no loss is computed here).
+    config_keys = Router.config_keys | {"sinkhorn_iterations", "score_func", "renormalize"}
+
+    @classmethod
+    def check_config(cls, cfg: MoEConfig) -> None:
+        super().check_config(cfg)
+        require(cfg.sinkhorn_iterations >= 0,
+                   f"model.moe.sinkhorn_iterations must be >= 0 (0 = plain top-k), got {cfg.sinkhorn_iterations}")
+        require(cfg.score_func in SCORE_FUNCS,
+                   f"model.moe.score_func must be one of {', '.join(SCORE_FUNCS)}, got '{cfg.score_func}'")
+
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
         super().__init__(dim, cfg, **kwargs)
-        if cfg.num_null_experts > 0:
-            raise ValueError(f"model.moe.num_null_experts={cfg.num_null_experts} would be balanced like real experts "
-                             "by Sinkhorn; set it to 0 for router 'sinkhorn'")
-        if cfg.bias_balancing:
-            raise ValueError("model.moe.bias_balancing duplicates what Sinkhorn does; set it to false for 'sinkhorn'")
-        if not 1 <= cfg.top_k <= cfg.num_experts:
-            raise ValueError(f"model.moe.top_k={cfg.top_k} must be in [1, num_experts={cfg.num_experts}]")
-        if cfg.sinkhorn_iterations < 0:
-            raise ValueError(f"model.moe.sinkhorn_iterations must be >= 0, got {cfg.sinkhorn_iterations}")
-        if cfg.score_func not in ("softmax", "sigmoid"):
-            raise ValueError(f"model.moe.score_func must be 'softmax' or 'sigmoid', got '{cfg.score_func}'")
         self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
 
     def route(self, tokens: torch.Tensor, ctx: RoutingContext) -> RouterOutput:

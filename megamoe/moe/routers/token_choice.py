@@ -21,8 +21,9 @@ from torch import nn
 
 from megamoe.config import MoEConfig
 from megamoe.model.activation_checkpointing import is_recomputing
-from megamoe.moe.losses import switch_balance_loss, z_loss
-from megamoe.moe.routers.base import Reduce, Router, RouterOutput, RoutingContext, register_router
+from megamoe.moe.losses import BALANCE_SCOPES, switch_balance_loss, z_loss
+from megamoe.moe.routers.base import (SCORE_FUNCS, Reduce, Router, RouterOutput, RoutingContext, require,
+                                     register_router)
 
 
 def _linear32(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
@@ -53,13 +54,31 @@ def select_top_k(logits: torch.Tensor, cfg: MoEConfig, expert_bias: Optional[tor
 class TokenChoiceRouter(Router):
     """Shared part of the token-choice routers; subclasses implement `logits`."""
 
+    config_keys = Router.config_keys | {"score_func", "renormalize", "num_null_experts", "bias_balancing",
+                                        "bias_update_rate", "balance_loss", "balance_scope", "z_loss"}
+
+    @classmethod
+    def check_config(cls, cfg: MoEConfig) -> None:
+        require(cfg.num_null_experts >= 0, f"model.moe.num_null_experts must be >= 0, got {cfg.num_null_experts}")
+        super().check_config(cfg)
+        require(cfg.score_func in SCORE_FUNCS,
+                   f"model.moe.score_func must be one of {', '.join(SCORE_FUNCS)}, got '{cfg.score_func}'")
+        require(cfg.balance_scope in BALANCE_SCOPES,
+                   f"model.moe.balance_scope must be one of {', '.join(BALANCE_SCOPES)}, got '{cfg.balance_scope}'")
+        default = MoEConfig()
+        require(cfg.balance_loss > 0 or cfg.balance_scope == default.balance_scope,
+                   f"model.moe.balance_scope={cfg.balance_scope} has no effect while model.moe.balance_loss=0; "
+                   f"set balance_loss > 0 or remove balance_scope")
+        if cfg.bias_balancing:
+            require(cfg.bias_update_rate > 0, f"model.moe.bias_update_rate must be > 0 with "
+                       f"model.moe.bias_balancing=true, got {cfg.bias_update_rate}")
+        else:
+            require(cfg.bias_update_rate == default.bias_update_rate,
+                       f"model.moe.bias_update_rate={cfg.bias_update_rate} has no effect while "
+                       f"model.moe.bias_balancing=false; set bias_balancing=true or remove bias_update_rate")
+
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
         super().__init__(dim, cfg, **kwargs)
-        if cfg.score_func not in ("softmax", "sigmoid"):
-            raise ValueError(f"model.moe.score_func must be 'softmax' or 'sigmoid', got '{cfg.score_func}'")
-        if not 1 <= cfg.top_k <= self.num_total:
-            raise ValueError(f"model.moe.top_k={cfg.top_k} must be in [1, num_experts + num_null_experts = "
-                             f"{self.num_total}]; lower top_k or add experts")
         if cfg.bias_balancing:
             # Persistent: the bias is training state that an exact resume must restore.
             self.register_buffer("expert_bias", torch.zeros(self.num_total, dtype=torch.float32))
@@ -125,6 +144,13 @@ class TokenChoiceRouter(Router):
         self.expert_bias[: self.num_experts] += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
         self.load_counts = None
 
+    def discard_step(self) -> None:
+        """A skipped step's loads must not steer the next bias update, nor its assignments the next
+        step's `global` balance loss (see Router.discard_step)."""
+        self.balance_counts = None
+        if self.cfg.bias_balancing:
+            self.load_counts = None
+
     def _apply(self, fn, recurse=True):
         # `module.bfloat16()` (how DeepSpeed makes a bf16 model) would round the bias to bf16,
         # where the 1e-3 updates vanish next to biases of ~0.1; keep its dtype, follow the device.
@@ -145,8 +171,19 @@ class LinearRouter(TokenChoiceRouter):
         return _linear32(tokens, self.gate)
 
 
+def _check_hidden_dim(cfg: MoEConfig) -> None:
+    require(cfg.router_hidden_dim >= 1, f"model.moe.router_hidden_dim must be >= 1, got {cfg.router_hidden_dim}")
+
+
 @register_router("mlp")
 class MLPRouter(TokenChoiceRouter):
+    config_keys = TokenChoiceRouter.config_keys | {"router_hidden_dim"}
+
+    @classmethod
+    def check_config(cls, cfg: MoEConfig) -> None:
+        super().check_config(cfg)
+        _check_hidden_dim(cfg)
+
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
         super().__init__(dim, cfg, **kwargs)
         self.gate = nn.Sequential(nn.Linear(dim, cfg.router_hidden_dim), nn.GELU(approximate="tanh"),
@@ -165,6 +202,12 @@ class CrossAttentionRouter(TokenChoiceRouter):
     """
 
     head_dim = 64
+    config_keys = TokenChoiceRouter.config_keys | {"router_hidden_dim"}
+
+    @classmethod
+    def check_config(cls, cfg: MoEConfig) -> None:
+        super().check_config(cfg)
+        _check_hidden_dim(cfg)
 
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
         super().__init__(dim, cfg, **kwargs)
