@@ -6,9 +6,11 @@
 to-safetensors: the full model of CHECKPOINT (a `checkpoints/step_*` directory, written at any
 parallel layout) with every expert and every tensor-parallel block in place, keys as diffusers'
 WanTransformer3DModel. OUT ending in .safetensors gets one file; any other OUT becomes a diffusers
-model folder (config.json + diffusion_pytorch_model.safetensors) that `train.init_from`, the
-sampler and diffusers' `from_pretrained` read. --master takes the fp32 master weights instead of
-the module's (they differ in bf16 runs). One process, no process group, no GPU.
+model folder (config.json + diffusion_pytorch_model.safetensors) that `train.init_from` and the
+sampler read, and diffusers' `from_pretrained` too for a dense model (it refuses an MoE one). The
+checkpoint's own weights/ folder holds the same model, sharded with an index. --master takes the
+fp32 master weights instead of the module's (they differ in bf16 runs). One process, no process
+group, no GPU.
 
 from-safetensors: WEIGHTS (a .safetensors file, an index, or a diffusers folder, e.g. edited or
 merged outside megamoe) is checked against the model that --config describes, every key and

@@ -2,8 +2,9 @@
 
     torchrun --nproc-per-node 2 launcher/pretrain.py --config configs/tiny.yaml [key=value ...]
 
-Everything that can be checked before start-up (config, resume checkpoint) is checked
-before any process group exists; a problem prints one line and exits with code 2.
+Everything that can be checked before start-up (config, resume checkpoint, the headers and
+shapes of every file of train.init_from) is checked before any process group exists; a problem
+prints one line and exits with code 2.
 SIGTERM or SIGUSR1 (preemption) makes every rank finish its step, write a checkpoint and exit 0;
 `--resume auto` then continues from it.
 """
@@ -16,6 +17,7 @@ import sys
 import warnings
 
 from megamoe.config import ConfigError, load_config, validate
+from megamoe.model.weights import WeightsError
 from megamoe.train.checkpoint import CheckpointError, resolve_resume
 
 EXIT_BAD_INPUT = 2
@@ -39,7 +41,11 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         resume_from = resolve_resume(cfg, args.resume, int(os.environ.get("WORLD_SIZE", "1")))
-    except (ConfigError, CheckpointError) as exc:
+        if cfg.train.init_from and resume_from is None:
+            from megamoe.parallel.sharded_weights import open_init_source
+
+            open_init_source(cfg.train.init_from, cfg.model)  # headers and shapes only; reads no tensor
+    except (ConfigError, CheckpointError, WeightsError) as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

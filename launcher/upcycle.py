@@ -4,8 +4,10 @@
         [--mode verify|train] [--seed N] [--dtype fp32|bf16] [--check] [key=value ...]
 
 PATH: the dense model as a diffusers transformer directory, a .safetensors file or an index.
-DIR receives config.json + diffusion_pytorch_model.safetensors + megamoe_config.json; start
-training from it with `train.init_from=DIR`. --mode defaults to the config's
+DIR receives config.json (with the moe section) + diffusion_pytorch_model.safetensors; start
+training from it with `train.init_from=DIR`. Training straight from the dense checkpoint
+(`train.init_from=PATH` with the MoE config) upcycles on the fly to the same weights (seed =
+train.seed), each rank reading only its slices; this tool stays to inspect and verify. --mode defaults to the config's
 model.moe.shared_init ('zero' -> verify, 'noise' -> train). --check runs the dense and the
 upcycled model on one random input and prints the largest output difference, which is ~0 in
 verify mode when the experts are cloned and the router's weights sum to one per token.
@@ -69,22 +71,21 @@ def main(argv=None) -> int:
     from megamoe.config import ConfigError, load_config
     from megamoe.model.dit import build_model
     from megamoe.model.weights import load_diffusers_weights
-    from megamoe.moe.upcycle import dense_config, parameter_counts, save_moe_weights, slices_per_ffn, upcycle_model
+    from megamoe.model.weights import write_diffusers_weights
+    from megamoe.moe.upcycle import dense_config, mode_of, parameter_counts, slices_per_ffn, upcycle_model
 
     try:
         cfg = load_config(args.config, args.overrides)
-        mode = args.mode or ("verify" if cfg.model.moe.shared_init == "zero" else "train")
+        mode = args.mode or mode_of(cfg.model)
         model = upcycle_model(args.dense, cfg.model, mode=mode, seed=args.seed)
     except (ConfigError, ValueError) as exc:  # WeightsError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
+    state = model.state_dict()
     if args.dtype == "bf16":
-        state = {k: v if ".router." in k else v.bfloat16() for k, v in model.state_dict().items()}
-        model_to_save = _StateView(model, state)
-    else:
-        model_to_save = model
-    save_moe_weights(model_to_save, args.out)
+        state = {k: v if ".router." in k else v.bfloat16() for k, v in state.items()}
+    write_diffusers_weights(state, cfg.model, args.out)
 
     counts = parameter_counts(model)
     moe = cfg.model.moe
@@ -109,16 +110,6 @@ def main(argv=None) -> int:
             print("check FAILED: the upcycled model does not reproduce the dense one", file=sys.stderr)
             return 1
     return 0
-
-
-class _StateView:
-    """What save_moe_weights needs from a model (state_dict, cfg), with a cast state dict."""
-
-    def __init__(self, model, state):
-        self.cfg, self._state = model.cfg, state
-
-    def state_dict(self):
-        return self._state
 
 
 if __name__ == "__main__":

@@ -357,8 +357,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if p.expert_parallel_size > 1:
         _check(m.moe.num_experts > 0, f"parallel.expert_parallel_size={p.expert_parallel_size} needs an MoE model; "
                f"set model.moe.num_experts or parallel.expert_parallel_size=1")
-        _check(cfg.train.ema_decay == 0, "train.ema_decay > 0 with parallel.expert_parallel_size > 1 is not "
-               "supported yet; set train.ema_decay=0 or parallel.expert_parallel_size=1")
         _check(m.moe.num_experts % p.expert_parallel_size == 0,
                f"model.moe.num_experts={m.moe.num_experts} is not divisible by parallel.expert_parallel_size="
                f"{p.expert_parallel_size}; choose sizes that divide")
@@ -425,8 +423,6 @@ def _validate_model_parallel(cfg: Config) -> None:
         # experts TP times (Megatron refuses MoE + TP without SP for the same reason).
         _check(m.moe.num_experts == 0 or p.sequence_parallel,
                f"parallel.tensor_parallel_size={tp} with an MoE model needs parallel.sequence_parallel=true")
-        _check(cfg.train.ema_decay == 0, "train.ema_decay > 0 with parallel.tensor_parallel_size > 1 is not "
-               "supported yet; set train.ema_decay=0 or parallel.tensor_parallel_size=1")
 
 
 def _validate_data(d: DataConfig) -> None:

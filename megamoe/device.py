@@ -45,3 +45,20 @@ def set_rng_states(states: dict, device: torch.device) -> None:
     torch.set_rng_state(states["torch_cpu"])
     if device.type == "cuda" and "torch_cuda" in states:
         torch.cuda.set_rng_state(states["torch_cuda"], device)
+
+
+def device_name(device: torch.device) -> str:
+    """The accelerator's product name ('NVIDIA H100 80GB HBM3'), or 'cpu'."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak for `peak_memory_allocated` (CUDA only; a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_allocated(device: torch.device) -> int | None:
+    """Bytes of tensors allocated at the peak since the last reset (torch.cuda.max_memory_allocated);
+    None on the CPU, where torch keeps no such count."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

@@ -113,8 +113,6 @@ def test_validate_raises_config_error_directly():
                                      "parallel.tensor_parallel_size (sequence parallel) = 4"),
     (2, ["parallel.context_parallel_size=2", "data.path=/shards", "data.buckets=[[4,8,8],[5,6,6]]"],
      "data.buckets entry [5, 6, 6] gives 45 tokens per sample"),
-    (2, ["parallel.tensor_parallel_size=2", "train.ema_decay=0.99"],
-     "train.ema_decay > 0 with parallel.tensor_parallel_size > 1 is not supported yet"),
     (2, ["parallel.expert_parallel_size=2", "model.moe.num_experts=4", "optim.zero_stage=0"],
      "optim.zero_stage=0 with parallel.expert_parallel_size > 1 clips by a wrong gradient norm"),
 ])
@@ -130,6 +128,10 @@ def test_model_parallel_layouts_that_divide_validate():
     validate(load_config(TINY, ["parallel.tensor_parallel_size=2", "parallel.context_parallel_size=2"]), world_size=8)
     validate(load_config("configs/tiny_moe.yaml", ["parallel.tensor_parallel_size=2", "parallel.expert_parallel_size=4"]),
              world_size=4)
+    # EMA is kept per shard under every layout (tests/distributed/test_parallel_training.py)
+    validate(load_config("configs/tiny_moe.yaml", ["parallel.tensor_parallel_size=2", "parallel.expert_parallel_size=2",
+                                                   "parallel.context_parallel_size=2", "train.ema_decay=0.99"]),
+             world_size=8)
     # Without sequence parallelism a dense model's tokens are split by CP only (45 tokens under TP=2 is fine).
     validate(load_config(TINY, ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=false",
                                 "data.synthetic_size=6"]), world_size=2)

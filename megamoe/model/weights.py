@@ -1,14 +1,22 @@
 """Import/export of WanDiT weights in diffusers' `WanTransformer3DModel` layout.
 
 WanDiT's state-dict keys equal diffusers', so import and export are 1:1 copies; what this
-module adds is checking. Loading is strict and fails with one line naming the offending keys
-and the config field to change, because a silently half-loaded checkpoint wastes a training
-run. Only safetensors is read (never pickle), and headers are checked before any tensor is
-read, so a wrong 5B checkpoint fails in milliseconds.
+module adds is checking and partial reads. Loading is strict and fails with one line naming
+the offending keys and the config field to change, because a silently half-loaded checkpoint
+wastes a training run. Only safetensors is read (never pickle), and every file's header is
+checked before any tensor is read, so a wrong, truncated or incomplete 5B checkpoint fails in
+milliseconds. A rank that holds only a block of a tensor (tensor or expert parallelism) reads
+only that block (safetensors slice reads), see `LocalShard`.
+
+An MoE model is written in the same file layout (its extra keys included), but its config.json
+names it `WanMoETransformer3DModel`, carries the `moe` section, and makes diffusers'
+`WanTransformer3DModel.from_pretrained` refuse it (see `diffusers_config`): diffusers would
+otherwise load it with random FFNs and only a warning.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,6 +34,13 @@ from megamoe.config import ModelConfig
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 CONFIG_NAME = "config.json"
+DENSE_CLASS_NAME = "WanTransformer3DModel"
+MOE_CLASS_NAME = "WanMoETransformer3DModel"
+MOE_REFUSAL = ("none: this is a megamoe Mixture-of-Experts WanDiT, whose routed experts replace the dense FFNs, "
+               "so WanTransformer3DModel cannot hold it; load it with megamoe (train.init_from, launcher/sample.py)")
+STRUCTURAL_MOE_FIELDS = ("num_experts", "layers", "expert_ffn_dim", "num_shared_experts", "shared_ffn_dim",
+                         "num_null_experts", "router", "router_hidden_dim", "num_prototypes_per_expert")
+"""The moe fields that change the parameter set; losses, schedules and diagnostics may differ."""
 
 
 class WeightsError(ValueError):
@@ -33,9 +48,15 @@ class WeightsError(ValueError):
 
 
 def diffusers_config(cfg: ModelConfig) -> dict:
-    """The config.json that `WanTransformer3DModel.from_pretrained` reads for this model."""
-    return {
-        "_class_name": "WanTransformer3DModel",
+    """The config.json that `WanTransformer3DModel.from_pretrained` reads for this model.
+
+    For an MoE model it is deliberately one diffusers refuses: another `_class_name` alone is
+    ignored by `from_pretrained`, so a `quantization_config` whose method names the reason is
+    added; diffusers checks it before building anything and raises
+    "ValueError: Unknown quantization type, got none: this is a megamoe Mixture-of-Experts ...".
+    """
+    conf = {
+        "_class_name": DENSE_CLASS_NAME,
         "patch_size": [int(p) for p in cfg.patch_size],
         "num_attention_heads": cfg.num_heads,
         "attention_head_dim": cfg.dim // cfg.num_heads,
@@ -53,13 +74,17 @@ def diffusers_config(cfg: ModelConfig) -> dict:
         "rope_max_seq_len": cfg.rope_max_seq_len,
         "pos_embed_seq_len": None,
     }
+    if cfg.moe.num_experts > 0:
+        conf.update(_class_name=MOE_CLASS_NAME, moe=dataclasses.asdict(cfg.moe),
+                    quantization_config={"quant_method": MOE_REFUSAL})
+    return conf
 
 
 # ---------------------------------------------------------------------------------------------
 # What a checkpoint implies about the model config, for error messages that name the fix.
 
 def _fields_from_diffusers_config(conf: dict, where: str) -> dict:
-    if conf.get("_class_name", "WanTransformer3DModel") != "WanTransformer3DModel":
+    if conf.get("_class_name", DENSE_CLASS_NAME) not in (DENSE_CLASS_NAME, MOE_CLASS_NAME):
         raise WeightsError(f"{where} describes a {conf['_class_name']}, not a WanTransformer3DModel; "
                            f"point to the transformer/ folder of a Wan checkpoint")
     for key in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
@@ -115,7 +140,25 @@ def _first(keys, n: int = 3) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading checkpoints: {key: shape} first (headers only), tensors later.
+# Reading checkpoints: every file's header first, tensors (or blocks of them) later.
+
+@dataclasses.dataclass(frozen=True)
+class LocalShard:
+    """The block of a full tensor that one rank holds: rows [start, stop) along `dim` (whole if dim is None)."""
+
+    shape: tuple
+    """The full tensor's shape."""
+    dim: int | None = None
+    start: int = 0
+    stop: int = 0
+
+    @property
+    def index(self) -> tuple:
+        """The block as an index into the full tensor (empty: all of it)."""
+        if self.dim is None:
+            return ()
+        return (slice(None),) * self.dim + (slice(self.start, self.stop),)
+
 
 def _header(path: str) -> dict[str, tuple]:
     if not os.path.isfile(path):
@@ -125,102 +168,126 @@ def _header(path: str) -> dict[str, tuple]:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as exc:  # safetensors raises several types for corrupt files
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if "not fully covered" in reason:
+            raise WeightsError(f"'{path}' is truncated: its header describes more bytes than the file holds "
+                               f"(an interrupted download or copy); re-download or re-export it") from None
         raise WeightsError(f"'{path}' is not a valid safetensors file ({reason}); "
                            f"re-download or re-export it") from None
 
 
-def _resolve(source) -> tuple[dict[str, tuple], dict[str, Callable[[], torch.Tensor]], str, dict | None]:
-    """-> (shapes, loaders, description, diffusers config or None) for any supported source."""
-    if isinstance(source, Mapping):
-        return ({k: tuple(v.shape) for k, v in source.items()}, {k: (lambda v=v: v) for k, v in source.items()},
-                "state dict", None)
-    path = os.fspath(source)
-    conf = None
-    if os.path.isdir(path):
-        conf_path = os.path.join(path, CONFIG_NAME)
-        if os.path.isfile(conf_path):
-            try:
-                with open(conf_path) as f:
-                    conf = json.load(f)
-            except (OSError, ValueError) as exc:
-                raise WeightsError(f"'{conf_path}' is not valid JSON ({exc}); re-export the checkpoint") from None
-            if not isinstance(conf, dict):
-                raise WeightsError(f"'{conf_path}' is not a JSON object; re-export the checkpoint")
-        # Index first, as diffusers' from_pretrained does, so both load the same tensors.
-        if os.path.isfile(os.path.join(path, INDEX_NAME)):
-            files = _shards(os.path.join(path, INDEX_NAME))
-        elif os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
-            files = {os.path.join(path, WEIGHTS_NAME): None}
-        else:
-            inside = [os.path.join(path, d) for d in ("weights", "ema_weights", "transformer")
-                      if any(os.path.isfile(os.path.join(path, d, n)) for n in (WEIGHTS_NAME, INDEX_NAME))]
-            fix = (f"it is a checkpoint or pipeline directory: pass '{inside[0]}'" if inside else
-                   "point to a diffusers transformer folder or a .safetensors file")
-            raise WeightsError(f"directory '{path}' has neither {WEIGHTS_NAME} nor {INDEX_NAME}; {fix}")
-    elif path.endswith(".index.json"):
-        files = _shards(path)
-    else:
-        files = {path: None}
-
-    shapes, loaders = {}, {}
-    for file, keys in files.items():
-        header = _header(file)
-        if keys is not None and not keys <= header.keys():
-            raise WeightsError(f"shard '{file}' lacks {_first(keys - header.keys())} that its index lists; "
-                               f"re-download the shard")
-        for k in (header if keys is None else keys):
-            shapes[k] = header[k]
-            loaders[k] = (lambda file=file, k=k: _read(file, k))
-    return shapes, loaders, f"checkpoint '{path}'", conf
-
-
 def _shards(index_path: str) -> dict[str, set]:
+    """{shard file: keys the index assigns to it}; every shard must exist."""
     if not os.path.isfile(index_path):
         raise WeightsError(f"index file '{index_path}' does not exist; check the path")
     try:
         with open(index_path) as f:
             weight_map = json.load(f)["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        files: dict[str, set] = {}
+        for key, name in weight_map.items():
+            files.setdefault(os.path.join(os.path.dirname(index_path), name), set()).add(key)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise WeightsError(f"'{index_path}' is not a valid safetensors index ({exc!r}); re-download it") from None
-    files: dict[str, set] = {}
-    for key, name in weight_map.items():
-        files.setdefault(os.path.join(os.path.dirname(index_path), name), set()).add(key)
+    for file in files:
+        if not os.path.isfile(file):
+            raise WeightsError(f"index '{index_path}' names shard '{os.path.basename(file)}', which does not exist; "
+                               f"re-download or re-export the checkpoint (the index lists every shard)")
     return files
 
 
-def _read(file: str, key: str) -> torch.Tensor:
-    with safe_open(file, framework="pt") as f:
-        return f.get_tensor(key)
+def _read_config(path: str) -> dict | None:
+    conf_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(conf_path):
+        return None
+    try:
+        with open(conf_path) as f:
+            conf = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"'{conf_path}' is not valid JSON ({exc}); re-export the checkpoint") from None
+    if not isinstance(conf, dict):
+        raise WeightsError(f"'{conf_path}' is not a JSON object; re-export the checkpoint")
+    return conf
 
 
-# ---------------------------------------------------------------------------------------------
+class WeightSource:
+    """A checkpoint opened for reading: each tensor's full shape now, its values (or a block) on demand.
 
-@torch.no_grad()
-def load_diffusers_weights(model: torch.nn.Module, source) -> None:
-    """Copy a diffusers-layout checkpoint into `model` (cast to each parameter's dtype and device).
-
-    source: a state dict, a .safetensors file, a .safetensors.index.json, or a diffusers model
-    directory (config.json + single or sharded safetensors). Raises WeightsError on any mismatch.
+    source: a state dict, a .safetensors file, a .safetensors.index.json, a diffusers model
+    directory (config.json + one or sharded safetensors, as diffusers reads it: the index first),
+    or a megamoe checkpoint directory (its weights/ export is read). Opening reads headers only
+    and checks every file (a missing shard, a truncated or corrupt file): WeightsError.
     """
-    cfg: ModelConfig = model.cfg
-    shapes, loaders, what, conf = _resolve(source)
 
-    if conf is not None:
-        fix = _config_fix(cfg, _fields_from_diffusers_config(conf, f"config.json of {what}"))
+    def __init__(self, source):
+        self.config: dict | None = None
+        """config.json of a model directory, else None."""
+        self._tensors: Mapping | None = None
+        self._file_of: dict[str, str] = {}
+        if isinstance(source, Mapping):
+            self._tensors, self.what = source, "state dict"
+            self.shapes = {k: tuple(v.shape) for k, v in source.items()}
+            return
+        path = os.fspath(source)
+        if os.path.isfile(os.path.join(path, "meta.json")) and os.path.isdir(os.path.join(path, "weights")):
+            path = os.path.join(path, "weights")  # a megamoe checkpoint: its diffusers-layout export
+        self.what = f"checkpoint '{path}'"
+        if os.path.isdir(path):
+            self.config = _read_config(path)
+            if os.path.isfile(os.path.join(path, INDEX_NAME)):  # as diffusers' from_pretrained: index first
+                files = _shards(os.path.join(path, INDEX_NAME))
+            elif os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
+                files = {os.path.join(path, WEIGHTS_NAME): None}
+            else:
+                inside = [os.path.join(path, d) for d in ("weights", "ema_weights", "transformer")
+                          if any(os.path.isfile(os.path.join(path, d, n)) for n in (WEIGHTS_NAME, INDEX_NAME))]
+                fix = (f"it is a checkpoint or pipeline directory: pass '{inside[0]}'" if inside else
+                       "point to a diffusers transformer folder or a .safetensors file")
+                raise WeightsError(f"directory '{path}' has neither {WEIGHTS_NAME} nor {INDEX_NAME}; {fix}")
+        elif path.endswith(".index.json"):
+            files = _shards(path)
+        else:
+            files = {path: None}
+        self.shapes = {}
+        for file, keys in files.items():
+            header = _header(file)
+            if keys is not None and not keys <= header.keys():
+                raise WeightsError(f"shard '{file}' lacks {_first(keys - header.keys())} that its index lists; "
+                                   f"re-download the shard")
+            for k in (header if keys is None else keys):
+                self.shapes[k], self._file_of[k] = header[k], file
+
+    def read(self, key: str, index: tuple = ()) -> torch.Tensor:
+        """Tensor `key`, or only `full[index]` (a tuple of slices): a slice read touches only its bytes."""
+        if self._tensors is not None:
+            return self._tensors[key][index] if index else self._tensors[key]
+        with safe_open(self._file_of[key], framework="pt") as f:
+            return f.get_slice(key)[index] if index else f.get_tensor(key)
+
+
+def check_matches(source: WeightSource, cfg: ModelConfig, expected: Mapping[str, tuple]) -> None:
+    """Raise WeightsError unless `source` holds exactly the keys and full shapes in `expected`
+    (those of the model `cfg` describes), and its config.json, if any, describes that model."""
+    what, shapes = source.what, source.shapes
+    if source.config is not None:
+        fix = _config_fix(cfg, _fields_from_diffusers_config(source.config, f"config.json of {what}"))
         if fix:
             raise WeightsError(f"config.json of {what} describes a different model; {fix}")
-
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        saved = source.config.get("moe")
+        if isinstance(saved, dict) and cfg.moe.num_experts > 0:
+            current = dataclasses.asdict(cfg.moe)
+            diffs = [f"model.moe.{k}={saved[k]}" for k in STRUCTURAL_MOE_FIELDS
+                     if k in saved and saved[k] != current[k]]
+            if diffs:
+                raise WeightsError(f"MoE weights in {what} were saved with {', '.join(diffs)}; set that to load them")
     missing, unexpected = expected.keys() - shapes.keys(), shapes.keys() - expected.keys()
     # Weights before biases: a weight's shape shows which config field differs.
-    wrong = sorted((k for k in expected.keys() & shapes.keys() if expected[k] != shapes[k]),
+    wrong = sorted((k for k in expected.keys() & shapes.keys() if tuple(expected[k]) != tuple(shapes[k])),
                    key=lambda k: (k.endswith("bias"), k))
     fix = _config_fix(cfg, _fields_from_shapes(shapes))
     if wrong:
         k = wrong[0]
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
-        raise WeightsError(f"{what} has {k} of shape {shapes[k]} but the model expects {expected[k]}{more}; "
-                           f"{fix or 'the checkpoint is not a WanTransformer3DModel of this shape'}")
+        raise WeightsError(f"{what} has {k} of shape {tuple(shapes[k])} but the model expects {tuple(expected[k])}"
+                           f"{more}; {fix or 'the checkpoint is not a WanTransformer3DModel of this shape'}")
     if missing or unexpected:
         parts = ([f"lacks {_first(missing)}"] if missing else []) + \
                 ([f"has unexpected {_first(unexpected)}"] if unexpected else [])
@@ -234,13 +301,38 @@ def load_diffusers_weights(model: torch.nn.Module, source) -> None:
                 fix = "the checkpoint is incomplete or a different Wan variant; re-export it from a matching model"
         raise WeightsError(f"{what} does not match the model: {'; '.join(parts)}; {fix}")
 
-    targets = dict(model.named_parameters())
-    targets.update(model.named_buffers())
-    if any(targets[k].is_meta for k in expected):
-        raise WeightsError("the model is on the meta device; call model.to_empty(device=...) before loading weights")
-    for key in expected:
-        targets[key].copy_(loaders[key]())  # copy_ casts to the parameter's dtype and device
 
+def whole_shards(model: torch.nn.Module) -> dict[str, LocalShard]:
+    """Every tensor of an unsharded model as its own full block."""
+    return {k: LocalShard(tuple(t.shape)) for k, t in model.state_dict().items()}
+
+
+@torch.no_grad()
+def load_diffusers_weights(model: torch.nn.Module, source, shards: Mapping[str, LocalShard] | None = None) -> None:
+    """Copy a diffusers-layout checkpoint of this very model into `model` (cast to each tensor's dtype and device).
+
+    source: anything `WeightSource` opens (or an open WeightSource). shards: which block of each
+    full tensor `model` holds (default: all of it, an unsharded model); only those blocks are
+    read. Raises WeightsError on any mismatch, before anything is read.
+    """
+    source = source if isinstance(source, WeightSource) else WeightSource(source)
+    shards = whole_shards(model) if shards is None else shards
+    check_matches(source, model.cfg, {k: s.shape for k, s in shards.items()})
+    targets = model.state_dict(keep_vars=True)
+    if any(t.is_meta for t in targets.values()):
+        raise WeightsError("the model is on the meta device; call model.to_empty(device=...) before loading weights")
+    for key, target in targets.items():
+        target.copy_(source.read(key, shards[key].index))  # copy_ casts to the tensor's dtype and device
+
+
+def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
+    """The tensors of a diffusers model directory (single or sharded), by key, on the CPU."""
+    source = WeightSource(os.fspath(directory))
+    return {key: source.read(key) for key in source.shapes}
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing, in one process (the sharded writer of a parallel run is megamoe/parallel/sharded_weights.py).
 
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
@@ -262,21 +354,31 @@ def _umask() -> int:
     return mask
 
 
+def write_config(cfg: ModelConfig, directory: str) -> None:
+    text = json.dumps(diffusers_config(cfg), indent=2, sort_keys=True) + "\n"
+    _atomic_write(os.path.join(os.fspath(directory), CONFIG_NAME), lambda tmp: open(tmp, "w").write(text))
+
+
+def remove_stale_weights(directory: str, keep: set[str]) -> None:
+    """Delete weight files (single, shards, index) of an earlier export that `keep` does not name:
+    diffusers reads an index before a single file, so a stale one would shadow what was just written."""
+    directory = os.fspath(directory)
+    for name in os.listdir(directory):
+        if name.startswith("diffusion_pytorch_model") and name.endswith((".safetensors", ".index.json")) \
+                and name not in keep:
+            os.remove(os.path.join(directory, name))
+
+
 def save_diffusers_weights(model: torch.nn.Module, directory: str) -> None:
     """Write `model` as config.json + diffusion_pytorch_model.safetensors (see write_diffusers_weights)."""
     write_diffusers_weights(model.state_dict(), model.cfg, directory)
 
 
-def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
-    """The tensors of a diffusers model directory (single or sharded), by key, on the CPU."""
-    shapes, loaders, _, _ = _resolve(os.fspath(directory))
-    return {key: loaders[key]() for key in shapes}
-
-
 def write_diffusers_weights(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, directory: str) -> None:
-    """Write config.json + diffusion_pytorch_model.safetensors loadable by
-    `WanTransformer3DModel.from_pretrained(directory)`. Each file is written to a temporary name
-    and renamed, so a crash never leaves a truncated file under the final name."""
+    """Write config.json + diffusion_pytorch_model.safetensors, which
+    `WanTransformer3DModel.from_pretrained(directory)` loads for a dense model (and refuses for an
+    MoE one). Each file is written to a temporary name and renamed, so a crash never leaves a
+    truncated file under the final name."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     state = {}
@@ -285,16 +387,5 @@ def write_diffusers_weights(state_dict: Mapping[str, torch.Tensor], cfg: ModelCo
             raise WeightsError(f"model parameter {k} is on the meta device; materialise the model before saving")
         state[k] = v.detach().to("cpu").contiguous()
     _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    config_text = json.dumps(diffusers_config(cfg), indent=2, sort_keys=True) + "\n"
-    _atomic_write(os.path.join(directory, CONFIG_NAME), lambda tmp: open(tmp, "w").write(config_text))
-    # diffusers prefers a sharded index over the single file, so a stale one would shadow what we wrote.
-    index = os.path.join(directory, INDEX_NAME)
-    if os.path.isfile(index):
-        try:
-            stale = set(_shards(index))
-        except WeightsError:
-            stale = set()
-        for shard in stale:
-            if os.path.isfile(shard):
-                os.remove(shard)
-        os.remove(index)
+    write_config(cfg, directory)
+    remove_stale_weights(directory, keep={WEIGHTS_NAME})

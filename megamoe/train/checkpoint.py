@@ -4,12 +4,13 @@ Layout of one checkpoint, `<output_dir>/checkpoints/step_00000100/`:
 
     meta.json          format, step, layout, resolved config, engine counters and LR schedule,
                        and the size of every file below
-    state/             model weights, fp32 master weights and Adam moments by parameter name, in
-                       the full tensors' coordinates (experts by global index): readable at any
-                       parallel layout; see train/sharded_state.py
+    state/             model weights, fp32 master weights, Adam moments and the EMA by parameter
+                       name, in the full tensors' coordinates (experts by global index): readable
+                       at any parallel layout; see train/sharded_state.py
     rank_00000.pt      per-rank state: data-stream position, RNG states (tensors and ints only)
-    weights/           the model in diffusers WanTransformer3DModel layout (safetensors)
-    ema_weights/       the EMA weights in the same layout, when EMA is on
+    weights/           the model in diffusers WanTransformer3DModel layout: config.json, an index and
+                       one safetensors shard per writing rank (see parallel/sharded_weights.py)
+    ema_weights/       the EMA weights in the same layout (fp32, buffers as in weights/), when EMA is on
 
 Writing goes to a hidden `.step_00000100.tmp` directory that is renamed into place after
 every rank has finished and `meta.json` is written, so a crash mid-save leaves the
@@ -199,9 +200,9 @@ def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
 def save_checkpoint(engine, cfg: Config, step: int, rank_state: dict, topology, export_weights, ema=None) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory.
 
-    `export_weights(state_dict, directory)` writes weights in the diffusers layout (rank 0 only).
+    `export_weights(module, directory, tensors=None)` writes the module's weights (or `tensors`,
+    sharded like its parameters) in the diffusers layout; collective (see parallel/sharded_weights.py).
     """
-    from megamoe.parallel.parallelize import full_state_dict
     from megamoe.train.sharded_state import save_state
 
     root = checkpoint_root(cfg)
@@ -214,17 +215,16 @@ def save_checkpoint(engine, cfg: Config, step: int, rank_state: dict, topology, 
         tmp.mkdir()
     dist.barrier()
 
-    save_state(engine, tmp / STATE_DIR)
+    save_state(engine, tmp / STATE_DIR, ema)
     torch.save(rank_state, tmp / f"rank_{topology.rank:05d}.pt")
     dp_ranks = [None] * topology.world_size  # which saved rank file continues which data-parallel rank
     dist.all_gather_object(dp_ranks, topology.dp_rank)
     train_state = engine_state(engine)
-    full_state = full_state_dict(engine.module)  # collective: TP blocks and expert slices gathered whole
-    if topology.is_main:
-        export_weights(full_state, tmp / "weights")
-        if ema is not None:
-            export_weights(ema.state_dict(), tmp / "ema_weights")
-    del full_state
+    # Collective, without a full gather: each tensor is written by one rank that holds it.
+    export_weights(engine.module, tmp / "weights")
+    if ema is not None:
+        # The model's state dict with each parameter replaced by its EMA (sharded like the parameter).
+        export_weights(engine.module, tmp / "ema_weights", {**engine.module.state_dict(), **ema.state_dict()})
     dist.barrier()
 
     if topology.is_main:
@@ -248,7 +248,7 @@ def load_checkpoint(engine, path: Path, topology, ema=None) -> dict:
 
     The checkpoint may come from another parallel layout; see `rank_file_for` for the per-rank state.
     """
-    from megamoe.train.sharded_state import load_state, mismatch, stored_shapes
+    from megamoe.train.sharded_state import has_ema, load_state, mismatch, stored_shapes
 
     path = Path(path)
     meta = inspect_checkpoint(path)
@@ -261,9 +261,13 @@ def load_checkpoint(engine, path: Path, topology, ema=None) -> dict:
     try:
         source = rank_file_for(meta, topology)
         rank_state = torch.load(path / f"rank_{source:05d}.pt", weights_only=True)
-        why = mismatch(engine.module, stored_shapes(path / STATE_DIR))
+        stored = stored_shapes(path / STATE_DIR)
+        why = mismatch(engine.module, stored, ema if ema is not None and has_ema(stored) else None)
         if why:
             problem = f"its state does not fit the model: {why}"
+        elif ema is not None and not has_ema(stored):
+            problem = ("it has no EMA but train.ema_decay > 0; set train.ema_decay=0 "
+                       "or pass a checkpoint written with EMA")
     except Exception as exc:  # torch and safetensors raise many types for a bad file; the user needs one line
         problem = _describe(exc)
     failed = torch.tensor([0.0 if problem is None else 1.0], device=topology.device)
@@ -272,21 +276,13 @@ def load_checkpoint(engine, path: Path, topology, ema=None) -> dict:
         detail = problem or "another rank could not read its part"
         raise CheckpointError(f"checkpoint '{path}' could not be loaded ({detail}); pass another checkpoint")
     try:
-        load_state(engine, path / STATE_DIR)
+        load_state(engine, path / STATE_DIR, ema)
         restore_engine_state(engine, meta["train_state"])
     except CheckpointError:
         raise
     except Exception as exc:
         raise CheckpointError(f"checkpoint '{path}' could not be loaded ({_describe(exc)}); "
                               f"pass another checkpoint") from None
-    if ema is not None:
-        ema_dir = path / "ema_weights"
-        if not ema_dir.is_dir():
-            raise CheckpointError(f"checkpoint '{path}' has no EMA weights but train.ema_decay > 0; "
-                                  f"set train.ema_decay=0 or pass a checkpoint written with EMA")
-        from megamoe.model.weights import read_state_dict
-
-        ema.load_state_dict(read_state_dict(ema_dir))
     return rank_state
 
 

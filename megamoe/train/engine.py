@@ -117,10 +117,18 @@ def resync_lr(engine) -> None:
 
 
 class EMA:
-    """Exponential moving average of the weights, kept in fp32 on every rank.
+    """Exponential moving average of the weights, in fp32, of what this rank holds.
 
-    Under ZeRO-1/2 every rank holds the full (replicated) weights after a step, so every
-    rank can update its copy without communication; rank 0 saves it.
+    After parallelize() a rank's module holds its TP blocks, its EP experts and the replicated
+    rest, and after each ZeRO-1/2 step it holds those whole (ZeRO partitions only the optimizer
+    state). So each rank averages exactly its own parameters without communication, and the
+    shadow tensors are sharded like the parameters they follow: `shadow[name]` has the shape of
+    the rank's `name`, and split_of(param) says which block of the full tensor it is. The
+    checkpoint stores them that way (train/sharded_state.py, kind `ema`), so the EMA is resharded
+    like the weights, and `parallelize.full_state_dict(model, ema.state_dict())` is the
+    one-process EMA.
+
+    decay: shadow <- decay * shadow + (1 - decay) * weight after each applied optimizer step.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):

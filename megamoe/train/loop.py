@@ -19,10 +19,10 @@ from megamoe.data.video_latents import VideoToLatents
 from megamoe.device import rng_states, set_rng_states
 from megamoe.model.activation_checkpointing import apply_activation_checkpointing
 from megamoe.model.dit import build_model
-from megamoe.model.weights import load_diffusers_weights, write_diffusers_weights
 from megamoe.moe.diagnostics import RoutingDiagnostics
 from megamoe.moe.layer import moe_layers, routers_after_step, routers_discard_step
 from megamoe.parallel.parallelize import parallelize, token_batch_group
+from megamoe.parallel.sharded_weights import export_weights, init_from
 from megamoe.parallel.topology import Topology
 from megamoe.train.checkpoint import load_checkpoint, save_checkpoint
 from megamoe.train.engine import EMA, build_engine, resync_lr
@@ -128,14 +128,14 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     model = build_model(cfg.model).to(topology.device)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
-    if cfg.train.init_from:
-        load_diffusers_weights(model, cfg.train.init_from)
     layout = cfg.parallel
     log.info(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
              f"{topology.world_size} rank(s) as {topology.describe()}"
              f"{', sequence parallel' if layout.sequence_parallel and layout.tensor_parallel_size > 1 else ''}, "
              f"device {topology.device.type}")
     parallelize(model, layout)  # each rank keeps its shard of the weights, tokens and experts
+    if cfg.train.init_from and resume_from is None:  # each rank reads only its blocks; dense into MoE upcycles
+        log.info(init_from(model, cfg.train.init_from, cfg.train.seed))
     engine = build_engine(model, cfg)
     ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     loader, to_latents = build_data(cfg, topology)
@@ -153,8 +153,8 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
         log.info(f"resumed from {resume_from} at step {start_step}")
 
     def checkpoint(step):
-        def export(state_dict, directory):
-            write_diffusers_weights(state_dict, cfg.model, directory)
+        def export(module, directory, tensors=None):  # collective: each rank writes what it holds
+            export_weights(module, directory, tensors)
             slow_save(step)  # test hook (a save killed mid-write); does nothing unless its variable is set
 
         state = {"step": step, "data": loader.state_dict(), "rng": rng_states(topology.device),

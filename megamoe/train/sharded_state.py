@@ -7,6 +7,7 @@ model (and every persistent buffer):
     master/<name>       DeepSpeed's fp32 master weight
     exp_avg/<name>      Adam's first moment
     exp_avg_sq/<name>   Adam's second moment
+    ema/<name>          the fp32 EMA of the weight (train/engine.py EMA), when EMA is on
 
 each with the FULL tensor's shape. A tensor that a rank holds only a slice of is written as
 that slice at its global offset: expert weights (tagged `allreduce=False`) are rows
@@ -183,13 +184,23 @@ def write_full(engine, param, kind: str, value: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 # Saving and loading.
 
-def _entries(module) -> Iterator[tuple[str, str, torch.Tensor, bool]]:
-    """(key, kind, tensor, is_parameter) in the same order on every rank."""
+def _entries(module, ema=None) -> Iterator[tuple[str, str, torch.Tensor, bool]]:
+    """(key, kind, tensor, is_parameter) in the same order on every rank.
+
+    With `ema`, each parameter also yields `ema/<name>`, whose tensor is the parameter itself:
+    the EMA is sharded like it (same split, same shape); `_ema_tensor` finds the EMA's tensor.
+    """
     params = dict(module.named_parameters())
     for name, tensor in module.state_dict(keep_vars=True).items():
         is_param = name in params and params[name].requires_grad
         for kind in (KINDS if is_param else ("model",)):
             yield f"{kind}/{name}", kind, tensor, is_param
+        if ema is not None and name in ema.shadow:
+            yield f"ema/{name}", "ema", tensor, is_param
+
+
+def _ema_tensor(ema, key: str) -> torch.Tensor:
+    return ema.shadow[key.partition("/")[2]]
 
 
 class _Owners:
@@ -225,16 +236,17 @@ class _Owners:
         return turn % count == index
 
 
-def save_state(engine, directory: Path) -> None:
-    """Collective: write the module and optimizer state of `engine` to `directory` (DCP)."""
+def save_state(engine, directory: Path, ema=None) -> None:
+    """Collective: write the module and optimizer state of `engine` (and `ema`'s shadow) to `directory` (DCP)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
 
     ensure_optimizer_state(engine)
     owners, state = _Owners(), {}
-    for key, kind, tensor, _ in _entries(engine.module):
+    for key, kind, tensor, _ in _entries(engine.module, ema):
         split = split_of(tensor)
-        value = read_full(engine, tensor, kind)  # collective: every rank, same order
+        # read_full is collective: every rank, same order
+        value = _ema_tensor(ema, key) if kind == "ema" else read_full(engine, tensor, kind)
         if owners.writes(split):
             state[key] = as_dcp_value(value.detach().to("cpu", copy=True).contiguous(), split)
     dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True))
@@ -248,14 +260,19 @@ def stored_shapes(directory: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
     return {k: (md.size, md.properties.dtype) for k, md in metadata.state_dict_metadata.items()}
 
 
-def expected_shapes(module) -> dict[str, torch.Size]:
-    """{key: full shape} this rank's module needs (local only: no communication)."""
-    return {key: global_shape(tensor, split_of(tensor)) for key, _, tensor, _ in _entries(module)}
+def expected_shapes(module, ema=None) -> dict[str, torch.Size]:
+    """{key: full shape} this rank's module (and `ema`) needs (local only: no communication)."""
+    return {key: global_shape(tensor, split_of(tensor)) for key, _, tensor, _ in _entries(module, ema)}
 
 
-def mismatch(module, stored: dict) -> str | None:
-    """Why the stored tensors cannot fill `module`, in a few words, or None."""
-    expected = expected_shapes(module)
+def has_ema(stored: dict) -> bool:
+    """Whether a checkpoint's stored keys (see `stored_shapes`) include an EMA."""
+    return any(key.startswith("ema/") for key in stored)
+
+
+def mismatch(module, stored: dict, ema=None) -> str | None:
+    """Why the stored tensors cannot fill `module` (and `ema`), in a few words, or None."""
+    expected = expected_shapes(module, ema)
     missing = sorted(expected.keys() - stored.keys())
     if missing:
         return f"it lacks {missing[0]}" + (f" and {len(missing) - 1} more tensors" if len(missing) > 1 else "")
@@ -266,8 +283,8 @@ def mismatch(module, stored: dict) -> str | None:
     return None
 
 
-def load_state(engine, directory: Path) -> None:
-    """Collective: restore module and optimizer state from `directory`, whatever layout wrote it.
+def load_state(engine, directory: Path, ema=None) -> None:
+    """Collective: restore module and optimizer state (and `ema`) from `directory`, whatever layout wrote it.
 
     Call `mismatch` first on every rank and agree on the answer: DCP's load is collective.
     """
@@ -275,7 +292,7 @@ def load_state(engine, directory: Path) -> None:
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
 
     ensure_optimizer_state(engine)
-    entries = list(_entries(engine.module))
+    entries = list(_entries(engine.module, ema))
     start = 0
     while start < len(entries):  # a bucket of tensors per DCP call bounds the memory
         stop, size = start, 0
@@ -291,7 +308,9 @@ def load_state(engine, directory: Path) -> None:
             state[key] = as_dcp_value(buffer, split_of(tensor))
         dcp.load(state, storage_reader=HuggingFaceStorageReader(str(directory)))
         for (key, kind, tensor, is_param), buffer in zip(bucket, buffers):
-            if is_param:
+            if kind == "ema":
+                _ema_tensor(ema, key).copy_(buffer)
+            elif is_param:
                 write_full(engine, tensor, kind, buffer)
             else:
                 with torch.no_grad():

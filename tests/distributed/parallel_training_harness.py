@@ -10,8 +10,9 @@ single-process reference (D = 1) trains all of them as accumulation micro-batche
 averages accumulated gradients exactly as it averages data-parallel ones, so both runs take the
 same optimizer steps (the same clipping included) if the parallel layout is correct.
 
-Everything else is the production path: `parallelize`, `build_engine` (ZeRO, expert-aware groups,
-clipping, LR schedule), `training_loss`, `routers_after_step`, and the loop's own metric reductions.
+Everything else is the production path: config validation, `parallelize`, `build_engine` (ZeRO,
+expert-aware groups, clipping, LR schedule), `training_loss`, `routers_after_step`, the EMA (when
+train.ema_decay > 0) and the loop's own metric reductions.
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ FRAMES, SIZE, TEXT_LEN = 2, 8, 5  # 2 x 4 x 4 = 32 tokens per sample with patch 
 
 
 def make_config(parallel: dict, model: ModelConfig = SMALL_MOE, steps: int = 4, zero_stage: int = 2,
-                grad_clip: float = 0.05, micro_batch_size: int = 2, seed: int = 0) -> Config:
+                grad_clip: float = 0.05, micro_batch_size: int = 2, seed: int = 0, ema_decay: float = 0.0) -> Config:
     """A run config; grad_clip is small enough that clipping acts on most steps."""
     return Config(model=model, parallel=ParallelConfig(**parallel),
                   data=DataConfig(micro_batch_size=micro_batch_size, text_len=TEXT_LEN),
                   diffusion=DiffusionConfig(text_dropout=0.25),
                   optim=OptimConfig(lr=3e-3, warmup_steps=2, grad_clip=grad_clip, zero_stage=zero_stage,
                                     weight_decay=0.01),
-                  train=dataclasses.replace(Config().train, steps=steps, seed=seed))
+                  train=dataclasses.replace(Config().train, steps=steps, seed=seed, ema_decay=ema_decay))
 
 
 def global_batch(cfg: Config, step: int, slices: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,16 +70,18 @@ def build_reference_model(cfg: Config):
 
 
 def train_worker(rank: int, world: int, cfg: Config, slices: int, out_file: str) -> None:
-    """One rank of a harness run (spawned); rank 0 saves losses, grad norms and the full weights."""
+    """One rank of a harness run (spawned); rank 0 saves losses, grad norms, the full weights and EMA."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     from megamoe.moe.layer import routers_after_step
     from megamoe.parallel.parallelize import full_state_dict, parallelize
     from megamoe.parallel.topology import destroy_distributed, init_distributed
-    from megamoe.train.engine import build_engine
+    from megamoe.config import validate
+    from megamoe.train.engine import EMA, build_engine
     from megamoe.train.loop import mean_loss_parts, step_generator, sum_over_token_shards
     from megamoe.train.objective import training_loss
 
+    validate(cfg, world_size=world)  # only layouts a user can launch
     topology = init_distributed(cfg.parallel, torch.device("cpu"))
     if slices % topology.dp_size:
         raise ValueError(f"{slices} slices cannot be split over data-parallel size {topology.dp_size}")
@@ -87,6 +90,7 @@ def train_worker(rank: int, world: int, cfg: Config, slices: int, out_file: str)
     model = build_reference_model(cfg)
     parallelize(model, cfg.parallel)
     engine = build_engine(model, cfg)
+    ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     engine.train()
     mb = cfg.data.micro_batch_size
     history = {"loss": [], "grad_norm": [], "flow": []}
@@ -103,14 +107,18 @@ def train_worker(rank: int, world: int, cfg: Config, slices: int, out_file: str)
             for name, value in parts.items():
                 sums[name] = sums[name] + value / accum if name in sums else value.float() / accum
         routers_after_step(engine.module, sum_over_token_shards(cfg))
+        if ema is not None:
+            ema.update(engine.module)
         means = mean_loss_parts(cfg, sums)
         history["loss"].append(means["loss"])
         history["flow"].append(means["flow"])
         norm = engine.get_global_grad_norm()  # None under ZeRO-0, which does not report it
         history["grad_norm"].append(float("nan") if norm is None else float(norm))
     weights = full_state_dict(engine.module)  # collective
+    averaged = full_state_dict(engine.module, ema.state_dict()) if ema is not None else {}
     if rank == 0:
-        torch.save({**history, "weights": {k: v.clone() for k, v in weights.items()}}, out_file)
+        torch.save({**history, "weights": {k: v.clone() for k, v in weights.items()},
+                    "ema": {k: v.clone() for k, v in averaged.items()}}, out_file)
     destroy_distributed()
 
 

@@ -1,12 +1,12 @@
 """Training steps through DeepSpeed ZeRO-2 at tensor / context / expert parallel layouts match
 the single-process run on the same global batches: losses, DeepSpeed's global gradient norm
-(which drives clipping) and the final weights. See parallel_training_harness.py for how the
-two runs see the same data and noise."""
+(which drives clipping) and the final weights, and the EMA of the weights. See
+parallel_training_harness.py for how the two runs see the same data and noise."""
 
 import dataclasses
 
 import pytest
-from parallel_training_harness import SMALL_MOE, compare_with_single_process, make_config
+from parallel_training_harness import SMALL_MOE, compare_with_single_process, make_config, run
 
 
 TOLERANCE = 1e-5
@@ -35,13 +35,35 @@ def test_ep2_on_four_ranks_ten_steps_match_single_process(tmp_path):
     assert_same_run(parallel, reference, steps=10)
 
 
+EMA_DECAY = 0.5
+"""Low enough that 4 steps move the EMA well away from both the first and the last weights."""
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    """The one-process reference of the 4-step layouts below: the same run for all of them."""
+    cfg = make_config({}, steps=4, ema_decay=EMA_DECAY)
+    return run(cfg, 1, 2, tmp_path_factory.mktemp("single") / "reference.pt")
+
+
 @pytest.mark.parametrize("world, parallel", [
     (4, {"tensor_parallel_size": 2, "expert_parallel_size": 2}),  # TP x EP x DP = 2 x 2 (folded) x 2
     (2, {"context_parallel_size": 2}),
+    (2, {"context_parallel_size": 2, "expert_parallel_size": 2}),  # experts split over the CP ranks
     (4, {"tensor_parallel_size": 2, "context_parallel_size": 2}),
-], ids=["tp2_ep2_dp2", "cp2", "tp2_cp2"])
-def test_model_parallel_layouts_match_single_process(world, parallel, tmp_path):
-    cfg = make_config(parallel, steps=4)
-    run, reference = compare_with_single_process(cfg, world=world, slices=2, tmp_path=tmp_path)
+], ids=["tp2_ep2_dp2", "cp2", "cp2_ep2", "tp2_cp2"])
+def test_model_parallel_layouts_match_single_process(world, parallel, single_process, tmp_path):
+    """Losses, grad norms and weights to 1e-5; the EMA, kept per shard (TP blocks, EP experts, the
+    replicated rest) and gathered whole, equals the one-process EMA to 1e-6."""
+    cfg = make_config(parallel, steps=4, ema_decay=EMA_DECAY)
+    sharded = run(cfg, world, 2, tmp_path / "parallel.pt")
+    reference = single_process
     assert sum(norm > cfg.optim.grad_clip for norm in reference["grad_norm"]) >= 2  # clipping acts
-    assert_same_run(run, reference, steps=4)
+    assert_same_run(sharded, reference, steps=4)
+    a, b = sharded["ema"], reference["ema"]
+    assert a.keys() == b.keys()
+    assert b["blocks.0.ffn.experts.w1"].shape[0] == SMALL_MOE.moe.num_experts  # every expert, gathered
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-6, worst
+    # An average, not a copy of the final weights.
+    assert max((b[k] - reference["weights"][k]).abs().max().item() for k in b) > 1e-4

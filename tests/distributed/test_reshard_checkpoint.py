@@ -3,7 +3,7 @@
 One run on 4 gloo ranks with expert parallelism 2 (ZeRO-2, so the optimizer state is partitioned
 too) trains 5 steps and saves at step 3. At save time every rank also hands the live engine to
 an independent gatherer (DeepSpeed's public getters + an all-gather of the expert slices), which
-writes the full state: model weights, fp32 master weights, exp_avg, exp_avg_sq of every
+writes the full state: model weights, fp32 master weights, exp_avg, exp_avg_sq and EMA of every
 parameter with all experts in global order, Adam's step counts and the LR schedule position.
 
 That checkpoint is resumed on 2 ranks with EP=1, on 2 ranks with EP=2, on 4 ranks with EP=4 and
@@ -33,8 +33,8 @@ CONFIG = str(REPO / "configs" / "tiny_moe.yaml")
 SAVED_STEP, STEPS = 3, 5
 SMALL = ["model.dim=64", "model.num_layers=2", "model.ffn_dim=256", "model.moe.num_experts=4",
          "model.moe.bias_balancing=true", "optim.zero_stage=2", "optim.warmup_steps=2", "optim.grad_clip=1.0",
-         "logging.every_steps=1", "model.moe.diagnostics_every=0", f"train.steps={STEPS}"]
-KINDS = ("model", "master", "exp_avg", "exp_avg_sq")
+         "logging.every_steps=1", "model.moe.diagnostics_every=0", f"train.steps={STEPS}", "train.ema_decay=0.7"]
+KINDS = ("model", "master", "exp_avg", "exp_avg_sq", "ema")
 
 
 def split(param):
@@ -48,8 +48,9 @@ def split(param):
     return None
 
 
-def gathered_state(engine) -> dict:
-    """Collective: the full training state of `engine`, experts in global order (independent of megamoe's checkpoint code)."""
+def gathered_state(engine, ema) -> dict:
+    """Collective: the full training state of `engine` and `ema`, experts in global order (independent
+    of megamoe's checkpoint code)."""
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
@@ -57,7 +58,7 @@ def gathered_state(engine) -> dict:
     for name, p in engine.module.named_parameters():
         values = {"model": p.detach().float(), "master": safe_get_full_fp32_param(p),
                   "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
-                  "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq")}
+                  "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq"), "ema": ema.shadow[name]}
         if split(p) is not None:
             group, dim = split(p)
             for kind, value in values.items():
@@ -73,7 +74,7 @@ def gathered_state(engine) -> dict:
 
 
 @torch.no_grad()
-def load_from_dump(engine, dump: dict) -> None:
+def load_from_dump(engine, ema, dump: dict) -> None:
     """The reference's way in: the save-time dump through DeepSpeed's public setters, sliced by hand."""
     import torch.distributed as dist
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
@@ -91,6 +92,7 @@ def load_from_dump(engine, dump: dict) -> None:
         safe_set_full_fp32_param(p, full["master"])
         safe_set_full_optimizer_state(p, full["exp_avg"], "exp_avg")
         safe_set_full_optimizer_state(p, full["exp_avg_sq"], "exp_avg_sq")
+        ema.shadow[name].copy_(full["ema"])
     for name, b in engine.module.named_buffers():
         if name in dump["buffers"]:
             b.copy_(dump["buffers"][name])
@@ -115,10 +117,16 @@ def _train(rank, world, overrides, out, resume, reference_dump):
     validate(cfg, world_size=world)
     topology = init_distributed(cfg.parallel, torch.device("cpu"))
     real_save, real_load = loop.save_checkpoint, loop.load_checkpoint
+    averages = []
+
+    class RecordedEMA(loop.EMA):  # the loop's EMA, for the gatherer
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            averages.append(self)
 
     def save(engine, cfg, step, *args, **kwargs):
         path = real_save(engine, cfg, step, *args, **kwargs)
-        dump = gathered_state(engine)
+        dump = gathered_state(engine, averages[0])
         if rank == 0:
             torch.save(dump, out / f"saved_{step}.pt")
         return path
@@ -127,14 +135,14 @@ def _train(rank, world, overrides, out, resume, reference_dump):
         if reference_dump is None:
             rank_state = real_load(engine, path, topology, ema)
         else:
-            load_from_dump(engine, torch.load(reference_dump, weights_only=True))
+            load_from_dump(engine, ema, torch.load(reference_dump, weights_only=True))
             rank_state = torch.load(Path(path) / f"rank_{rank:05d}.pt", weights_only=True)
-        dump = gathered_state(engine)
+        dump = gathered_state(engine, ema)
         if rank == 0:
             torch.save(dump, out / "loaded.pt")
         return rank_state
 
-    loop.save_checkpoint, loop.load_checkpoint = save, load
+    loop.save_checkpoint, loop.load_checkpoint, loop.EMA = save, load, RecordedEMA
     try:
         history = loop.train(cfg, topology, resume)
         if rank == 0:
@@ -207,7 +215,7 @@ def test_convert_to_one_safetensors_file_and_back(saved, tmp_path, capsys):
     from launcher.convert_checkpoint import main
     from megamoe.config import load_config
     from megamoe.model.dit import build_model
-    from megamoe.model.weights import load_diffusers_weights
+    from megamoe.model.weights import load_diffusers_weights, read_state_dict
 
     path, dump, _ = saved
     params = [k for k in dump if k not in ("buffers", "adam_steps", "schedule")]
@@ -215,8 +223,14 @@ def test_convert_to_one_safetensors_file_and_back(saved, tmp_path, capsys):
     full = load_file(tmp_path / "full.safetensors")
     assert all(torch.equal(full[n].float(), dump[n]["model"]) for n in params)
     assert all(torch.equal(full[n], b) for n, b in dump["buffers"].items())
-    exported = load_file(path / "weights" / "diffusion_pytorch_model.safetensors")  # the gathered export
+    exported = read_state_dict(path / "weights")  # the sharded export, each tensor written by one rank
     assert exported.keys() == full.keys() and all(torch.equal(exported[k], full[k]) for k in full)
+    # The EMA export: the same model (buffers included) with every parameter's EMA, experts in global order.
+    averaged = load_file(path / "ema_weights" / "diffusion_pytorch_model.safetensors")
+    assert averaged.keys() == full.keys()
+    assert all(torch.equal(averaged[n], dump[n]["ema"]) for n in params)
+    assert all(torch.equal(averaged[n], b) for n, b in dump["buffers"].items())
+    assert not all(torch.equal(dump[n]["ema"], dump[n]["master"]) for n in params)
     assert main(["to-safetensors", str(path), str(tmp_path / "master.safetensors"), "--master"]) == 0
     master = load_file(tmp_path / "master.safetensors")
     assert all(torch.equal(master[n], dump[n]["master"]) for n in params)

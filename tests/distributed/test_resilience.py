@@ -29,10 +29,13 @@ def checkpoints(out) -> list[str]:
     return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
 
 
-def weights(checkpoint):
-    from safetensors.torch import load_file
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"  # the sharded export's index
 
-    return load_file(checkpoint / "weights" / "diffusion_pytorch_model.safetensors")
+
+def weights(checkpoint):
+    from megamoe.model.weights import read_state_dict
+
+    return read_state_dict(checkpoint / "weights")
 
 
 def assert_same_weights(a, b):
@@ -86,7 +89,7 @@ def test_save_killed_mid_write_is_skipped_by_resume_auto(tmp_path, data_cache):
     args = common(out_dir, data_cache, 6, *SMALL, "checkpoint.every_steps=2")
     # the checkpoint of step 4 stalls after its weights are written, before its rename
     run = start_pretrain(args + ["--resume", "auto"], env={"MEGAMOE_TEST_SLOW_SAVE": "4:600"})
-    stalled = out_dir / "checkpoints" / ".step_00000004.tmp" / "weights" / "diffusion_pytorch_model.safetensors"
+    stalled = out_dir / "checkpoints" / ".step_00000004.tmp" / "weights" / INDEX_NAME
     wait_until(stalled.is_file, "the save of step 4", run)
     pids = worker_pids(run)
     for pid in [run.pid, *pids.values()]:

@@ -137,6 +137,25 @@ def test_export_loads_in_diffusers(tmp_path):
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "diffusion_pytorch_model.safetensors"]
 
 
+def test_moe_export_is_refused_by_diffusers_and_loaded_by_megamoe(tmp_path):
+    """diffusers would load an MoE export as a dense model with random FFNs and a warning; its
+    config.json must make from_pretrained raise, naming what it is."""
+    import dataclasses
+
+    from megamoe.config import MoEConfig
+
+    cfg = dataclasses.replace(CFG_A, moe=MoEConfig(num_experts=2, num_shared_experts=1))
+    torch.manual_seed(0)
+    moe = build_model(cfg)
+    save_diffusers_weights(moe, tmp_path)
+    with pytest.raises(ValueError, match="megamoe Mixture-of-Experts WanDiT") as info:
+        from_pretrained(tmp_path)
+    print(info.value)
+    back = build_model(cfg)
+    load_diffusers_weights(back, tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), moe.state_dict().values()))
+
+
 @torch.no_grad()
 def test_sharded_directory_loads(tmp_path):
     ref = diffusers_model(CFG_B)

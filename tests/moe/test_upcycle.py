@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from megamoe.config import ModelConfig, MoEConfig
 from megamoe.model.dit import WanDiT, build_model, count_parameters
 from megamoe.model.weights import load_diffusers_weights, write_diffusers_weights
-from megamoe.moe.upcycle import (load_moe_weights, parameter_counts, save_moe_weights, upcycle_model,
-                                 upcycle_state_dict)
+from megamoe.moe.upcycle import parameter_counts, upcycle_model, upcycle_state_dict
 
 CFG = ModelConfig(dim=24, num_layers=2, num_heads=2, ffn_dim=64, in_channels=4, out_channels=4,
                   text_dim=8, freq_dim=8, rope_max_seq_len=16)
@@ -82,7 +81,7 @@ def test_train_mode_adds_tiny_shared_noise(dense):
 def test_only_routers_are_new(dense):
     cfg = moe_cfg(layers="1")  # block 0 keeps its dense FFN
     dense_sd = dense.state_dict()
-    sd0 = upcycle_state_dict(dense_sd, cfg, "train", torch.Generator().manual_seed(0))
+    sd0 = upcycle_state_dict(dense_sd, cfg, "train", 0)
     for key, value in dense_sd.items():
         if not key.startswith("blocks.1.ffn."):
             assert torch.equal(sd0[key], value), key  # attention, norms, embeddings, modulation, dense FFN
@@ -93,8 +92,8 @@ def test_only_routers_are_new(dense):
         assert torch.equal(sd0["blocks.1.ffn.experts.b1"][e], b_in)
         assert torch.equal(sd0["blocks.1.ffn.experts.w2"][e], w_out.t())
         assert torch.equal(sd0["blocks.1.ffn.experts.b2"][e], b_out)
-    sd0_again = upcycle_state_dict(dense_sd, cfg, "train", torch.Generator().manual_seed(0))
-    sd1 = upcycle_state_dict(dense_sd, cfg, "train", torch.Generator().manual_seed(1))
+    sd0_again = upcycle_state_dict(dense_sd, cfg, "train", 0)
+    sd1 = upcycle_state_dict(dense_sd, cfg, "train", 1)
     gate = "blocks.1.ffn.router.gate.weight"
     assert torch.equal(sd0[gate], sd0_again[gate]) and not torch.equal(sd0[gate], sd1[gate])
     assert sd0[gate].dtype == torch.float32 and sd0[gate].std() > 0
@@ -129,14 +128,13 @@ def test_sources_save_and_load(dense, tmp_path):
     for key, value in from_module.state_dict().items():
         assert torch.equal(from_dir.state_dict()[key], value) and torch.equal(from_file.state_dict()[key], value)
 
-    save_moe_weights(from_module, tmp_path / "moe")
-    assert json.loads((tmp_path / "moe" / "megamoe_config.json").read_text())["model"]["moe"]["num_experts"] == 4
-    for load in (load_moe_weights, load_diffusers_weights):  # the training loop's train.init_from path
-        fresh = build_model(cfg)
-        load(fresh, tmp_path / "moe")
-        assert all(torch.equal(fresh.state_dict()[k], v) for k, v in from_module.state_dict().items())
+    write_diffusers_weights(from_module.state_dict(), cfg, tmp_path / "moe")
+    assert json.loads((tmp_path / "moe" / "config.json").read_text())["moe"]["num_experts"] == 4
+    fresh = build_model(cfg)
+    load_diffusers_weights(fresh, tmp_path / "moe")  # the training loop's train.init_from path
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in from_module.state_dict().items())
     with pytest.raises(ValueError, match=r"model\.moe\.num_experts=4") as info:
-        load_moe_weights(build_model(moe_cfg(num_experts=8)), tmp_path / "moe")
+        load_diffusers_weights(build_model(moe_cfg(num_experts=8)), tmp_path / "moe")
     assert "\n" not in str(info.value)
 
 
@@ -158,20 +156,20 @@ def test_parameter_counts(dense):
 ])
 def test_config_errors(dense, change, mode, match):
     with pytest.raises(ValueError, match=match) as info:
-        upcycle_state_dict(dense.state_dict(), moe_cfg(**change), mode, torch.Generator())
+        upcycle_state_dict(dense.state_dict(), moe_cfg(**change), mode, 0)
     assert "\n" not in str(info.value)
 
 
 def test_dense_checkpoint_errors(dense):
     small = WanDiT(dataclasses.replace(CFG, ffn_dim=32)).state_dict()
     with pytest.raises(ValueError, match=r"ffn\.net\.0\.proj\.weight of shape \(32, 24\).*model\.ffn_dim=32"):
-        upcycle_state_dict(small, moe_cfg(), "verify", torch.Generator())
+        upcycle_state_dict(small, moe_cfg(), "verify", 0)
     partial = {k: v for k, v in dense.state_dict().items() if "attn2.to_k" not in k}
     with pytest.raises(ValueError, match=r"lacks blocks\.0\.attn2\.to_k\.bias"):
-        upcycle_state_dict(partial, moe_cfg(), "verify", torch.Generator())
-    already = upcycle_state_dict(dense.state_dict(), moe_cfg(), "verify", torch.Generator())
+        upcycle_state_dict(partial, moe_cfg(), "verify", 0)
+    already = upcycle_state_dict(dense.state_dict(), moe_cfg(), "verify", 0)
     with pytest.raises(ValueError, match="already an MoE checkpoint"):
-        upcycle_state_dict(already, moe_cfg(), "verify", torch.Generator())
+        upcycle_state_dict(already, moe_cfg(), "verify", 0)
 
 
 def test_launcher_writes_weights_and_checks(dense, tmp_path, capsys):
