@@ -27,10 +27,9 @@ from megamoe.config import Config, DataConfig, DiffusionConfig, ModelConfig, MoE
 SMALL_MOE = ModelConfig(dim=32, num_layers=2, num_heads=4, ffn_dim=64, in_channels=4, out_channels=4, text_dim=24,
                         freq_dim=16, rope_max_seq_len=32,
                         moe=MoEConfig(num_experts=4, layers="all", router="linear", top_k=2, num_shared_experts=1,
-                                      balance_loss=0.1, z_loss=0.01, diagnostics_every=0))
-"""Two MoE blocks of 4 experts (top-2) and a shared expert, with the token-choice router losses on
-(balance, z): under sequence sharding each must still equal the single-process loss. (The per-layer
-regularization is checked, with every router family, in test_tensor_context_parallel.py.)"""
+                                      z_loss=0.01, diagnostics_every=0))
+"""Two MoE blocks of 4 experts (top-2) and a shared expert. Only per-token router losses (z): a
+sharded run computes router losses per sequence shard, and only token means are unchanged by that."""
 FRAMES, SIZE, TEXT_LEN = 2, 8, 5  # 2 x 4 x 4 = 32 tokens per sample with patch (1, 2, 2)
 
 
