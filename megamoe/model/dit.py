@@ -152,7 +152,7 @@ class NoSequenceSharding:
     """
 
     num_shards = 1
-    """Disjoint pieces of the sequence across ranks (router losses of one piece weigh 1 / num_shards)."""
+    """Disjoint pieces of the sequence across ranks."""
 
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return x

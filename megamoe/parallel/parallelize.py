@@ -20,11 +20,10 @@ must give its data-parallel replica's full gradient.
 - TP-sharded parameters hold the gradient of their shard; experts the sum over every token that
   reached them.
 
-Router losses under sequence sharding are computed per shard (each rank's routers see its
-tokens); the objective weighs each by 1 / num_shards, making it the mean of the per-shard losses
-(see megamoe/train/objective.py). Routers whose choice depends on other tokens (expert choice,
-Expert Race, Sinkhorn, ProMoE's batch statistics) then choose among a shard's tokens, as they
-already choose among one data-parallel rank's tokens.
+Routers see their rank's tokens; every router loss, and every selection that ranks tokens against
+each other (expert choice, Expert Race, Sinkhorn, ProMoE's centroids), is formed from statistics
+summed over the sequence shards, so it equals the unsharded computation. Each router learns where
+the other tokens are from the `TokenShards` set here (megamoe/moe/token_shards.py).
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ from torch import nn
 from megamoe.config import ParallelConfig
 from megamoe.model.dit import FeedForward, WanDiT
 from megamoe.moe.layer import moe_layers
+from megamoe.moe.token_shards import TokenShards
 from megamoe.parallel.collectives import gather_along_dim
 from megamoe.parallel.context import SequenceSharding, UlyssesAttend
 from megamoe.parallel.expert import apply_expert_parallel
@@ -77,12 +77,26 @@ def parallelize(model: WanDiT, parallel: ParallelConfig) -> WanDiT:
             block.attn1.attend = UlyssesAttend(cp_group, inner=block.attn1.attend)
     if cp > 1 or sp:
         model.sequence_sharding = _sequence_sharding(sp)
+    shard_group = model.sequence_sharding.group if cp > 1 or sp else None
+    batch_group = token_batch_group(parallel)
+    shards = TokenShards(shard_group, batch_group if dist.get_world_size(batch_group) > 1 else None)
+    for layer in moe_layers(model):
+        layer.router.token_shards = shards
     if ep > 1:
         apply_expert_parallel(model, parallel_state.get_expert_model_parallel_group())
     if sp:  # after EP, so expert parameters are already tagged and skipped
         sum_partial_gradients(model, parallel_state.get_tensor_model_parallel_group())
     model.parallelized = True
     return model
+
+
+def token_batch_group(parallel: ParallelConfig):
+    """The ranks that hold different tokens of the global batch: data x context parallel, and the
+    tensor-parallel ranks too under sequence parallelism (every rank then, as pipeline size is 1).
+    Without SP the TP ranks of a group hold the same tokens and must be counted once."""
+    if parallel.sequence_parallel and parallel.tensor_parallel_size > 1:
+        return dist.group.WORLD
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
 def _sizes(parallel: ParallelConfig) -> tuple[int, int, int]:

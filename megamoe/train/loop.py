@@ -22,7 +22,7 @@ from megamoe.model.dit import build_model
 from megamoe.model.weights import WeightsError
 from megamoe.moe.diagnostics import RoutingDiagnostics
 from megamoe.moe.layer import moe_layers, routers_after_step, routers_discard_step
-from megamoe.parallel.parallelize import parallelize
+from megamoe.parallel.parallelize import parallelize, token_batch_group
 from megamoe.parallel.sharded_weights import export_weights, init_from
 from megamoe.parallel.topology import Topology
 from megamoe.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -62,12 +62,8 @@ def build_data(cfg: Config, topology: Topology) -> tuple[ShardLoader, VideoToLat
 
 
 def token_shard_group(cfg: Config):
-    """The ranks that hold different tokens of the global batch: data x context parallel, and the
-    tensor-parallel ranks too under sequence parallelism (every rank then, as pipeline size is 1).
-    Without SP the TP ranks of a group hold the same tokens and must be counted once."""
-    if cfg.parallel.sequence_parallel and cfg.parallel.tensor_parallel_size > 1:
-        return dist.group.WORLD
-    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+    """The ranks that hold different tokens of the global batch (see parallelize.token_batch_group)."""
+    return token_batch_group(cfg.parallel)
 
 
 def sum_over_token_shards(cfg: Config):
@@ -86,10 +82,9 @@ def sum_over_token_shards(cfg: Config):
 def mean_loss_parts(cfg: Config, parts: dict[str, torch.Tensor]) -> dict[str, float]:
     """The logged losses of a step: each part averaged over every token shard and data-parallel rank.
 
-    The flow loss is the same on the ranks of one TP/CP group (the prediction is gathered), so
-    this is its data-parallel mean. Router losses are per shard; their mean over shards is what
-    the objective optimizes (see train/objective.py), and the total is rebuilt from the means as
-    flow + sum of weight x part, which is each rank's `loss` when nothing is sharded.
+    Every part is the same on the ranks of one TP/CP group (the prediction is gathered, router
+    losses reduce their statistics over the shards; see train/objective.py), so this is its
+    data-parallel mean; the total is rebuilt from the means as flow + sum of weight x part.
     """
     group = token_shard_group(cfg)
     names = sorted(parts)
@@ -178,8 +173,7 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
              f"{topology.world_size} rank(s) as {topology.describe()}"
              f"{', sequence parallel' if layout.sequence_parallel and layout.tensor_parallel_size > 1 else ''}, "
              f"device {topology.device.type}")
-    if max(layout.tensor_parallel_size, layout.context_parallel_size, layout.expert_parallel_size) > 1:
-        parallelize(model, layout)  # each rank keeps its shard of the weights, tokens and experts
+    parallelize(model, layout)  # each rank keeps its shard of the weights, tokens and experts
     if cfg.train.init_from and resume_from is None:  # each rank reads only its blocks; dense into MoE upcycles
         log.info(init_from(model, cfg.train.init_from, cfg.train.seed))
     engine = build_engine(model, cfg)

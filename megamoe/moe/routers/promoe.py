@@ -26,6 +26,9 @@ between each used prototype and the centroid of the conditional tokens it won (a
 prototype is the best-matching prototype of its top-1 expert), temperature 0.1 as in the
 reference code; see router_losses.routing_contrastive_loss.
 
+Under sequence sharding the centroids are those of the conditional tokens of every shard
+(their sums and counts are all-reduced, see router_losses.routing_contrastive_loss).
+
 If ctx.is_null is None every sample is treated as conditional: the training loop must pass
 it, or the unconditional expert never trains.
 """
@@ -112,5 +115,6 @@ class ProMoERouter(Router):
                 best = cos_all.view(n, self.num_conditional, p)[torch.arange(n, device=tokens.device), top1].argmax(-1)
                 assignment = top1 * p + best
             aux["contrastive"] = routing_contrastive_loss(tokens[cond], prototypes, assignment[cond],
-                                                          self.contrastive_temperature, groups=self.prototype_expert)
+                                                          self.contrastive_temperature, groups=self.prototype_expert,
+                                                          shards=self.token_shards)
         return RouterOutput(probs=probs, routing_map=routing_map, aux=aux)
