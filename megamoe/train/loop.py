@@ -18,11 +18,11 @@ from megamoe.data.loader import ShardLoader, build_loader
 from megamoe.data.video_latents import VideoToLatents
 from megamoe.device import rng_states, set_rng_states
 from megamoe.model.activation_checkpointing import apply_activation_checkpointing
-from megamoe.model.dit import build_model
+from megamoe.model.dit import build_model, count_parameters
 from megamoe.model.weights import load_diffusers_weights, write_diffusers_weights
 from megamoe.moe.diagnostics import RoutingDiagnostics
 from megamoe.moe.layer import moe_layers, routers_after_step
-from megamoe.parallel.parallelize import parallelize
+from megamoe.parallel.parallelize import build_sharded_model, parallelize
 from megamoe.parallel.topology import Topology
 from megamoe.train.checkpoint import load_checkpoint, save_checkpoint
 from megamoe.train.engine import EMA, build_engine, resync_lr
@@ -130,18 +130,21 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
     """Run (or continue) training; returns the logged scalars of rank 0 (empty elsewhere)."""
     log = RunLogger(cfg.train.output_dir, cfg.train.steps, cfg.logging.tensorboard, enabled=topology.is_main)
 
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    model = build_model(cfg.model).to(topology.device)
-    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
-    if cfg.train.init_from:
-        load_diffusers_weights(model, cfg.train.init_from)
+    torch.manual_seed(cfg.train.seed)  # the global RNG a run checkpoints; the weights do not draw from it
     layout = cfg.parallel
-    log.info(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+    if cfg.train.init_from:
+        # Loading reads whole tensors: build the whole model, load it, then keep this rank's shard.
+        model = build_model(cfg.model, topology.device, cfg.train.seed)
+        load_diffusers_weights(model, cfg.train.init_from)
+        if max(layout.tensor_parallel_size, layout.context_parallel_size, layout.expert_parallel_size) > 1:
+            parallelize(model, layout)
+    else:  # each rank allocates and draws only its shard of the weights
+        model = build_sharded_model(cfg, topology.device)
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    log.info(f"model: {count_parameters(build_model(cfg.model, 'meta')) / 1e6:.2f}M parameters, "
              f"{topology.world_size} rank(s) as {topology.describe()}"
              f"{', sequence parallel' if layout.sequence_parallel and layout.tensor_parallel_size > 1 else ''}, "
              f"device {topology.device.type}")
-    if max(layout.tensor_parallel_size, layout.context_parallel_size, layout.expert_parallel_size) > 1:
-        parallelize(model, layout)  # each rank keeps its shard of the weights, tokens and experts
     engine = build_engine(model, cfg)
     ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     loader, to_latents = build_data(cfg, topology)
