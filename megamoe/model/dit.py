@@ -284,16 +284,19 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> WanDiT:
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0,
+                initialize: bool = True) -> WanDiT:
     """Build and initialise a WanDiT in one process.
 
     Built on the meta device, then each parameter is allocated on `device` and drawn as a pure
     function of (seed, its name, each value's position): see megamoe/model/init.py. The model
     sharded over ranks by `megamoe.parallel.parallelize.build_sharded_model` holds exactly these
-    values. device="meta" allocates nothing (for counting, or to materialise later).
+    values. initialize=False leaves the parameters uninitialised (buffers are computed), for a
+    caller that loads every weight next. device="meta" allocates nothing (for counting, or to
+    materialise later).
     """
     with torch.device("meta"):
         model = WanDiT(cfg)
     if torch.device(device).type == "meta":
         return model
-    return materialize(model, inits_of(model), device, seed)
+    return materialize(model, inits_of(model), device, seed, initialize=initialize)

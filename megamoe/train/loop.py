@@ -134,7 +134,7 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
     layout = cfg.parallel
     if cfg.train.init_from:
         # Loading reads whole tensors: build the whole model, load it, then keep this rank's shard.
-        model = build_model(cfg.model, topology.device, cfg.train.seed)
+        model = build_model(cfg.model, topology.device, initialize=False)
         load_diffusers_weights(model, cfg.train.init_from)
         if max(layout.tensor_parallel_size, layout.context_parallel_size, layout.expert_parallel_size) > 1:
             parallelize(model, layout)
