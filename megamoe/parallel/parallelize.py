@@ -28,13 +28,16 @@ the other tokens are from the `TokenShards` set here (megamoe/moe/token_shards.p
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import nn
 
-from megamoe.config import ParallelConfig
-from megamoe.model.dit import FeedForward, WanDiT
+from megamoe.config import Config, ParallelConfig
+from megamoe.model.dit import FeedForward, WanDiT, build_model
+from megamoe.model.init import inits_of, materialize
 from megamoe.moe.layer import moe_layers
 from megamoe.moe.token_shards import TokenShards
 from megamoe.parallel.collectives import gather_along_dim
@@ -43,12 +46,45 @@ from megamoe.parallel.expert import apply_expert_parallel
 from megamoe.parallel.tensor import shard_attention, shard_feed_forward, sum_partial_gradients
 
 
+def build_sharded_model(cfg: Config, device: str | torch.device,
+                        initialize: bool | Callable[[str], bool] = True) -> WanDiT:
+    """This rank's shard of the model of `cfg`, allocated on `device` only, initialised.
+
+    Built on the meta device, sharded by `parallelize` for cfg.parallel (the process groups of
+    `topology.init_distributed` must exist when any size is > 1), then each parameter is
+    allocated and drawn where it lives: the full state dict gathered from any layout
+    (`full_state_dict`) equals `build_model(cfg.model, device, cfg.train.seed)` bit for bit,
+    and no rank ever holds more than its shard. initialize: see `megamoe.model.init.materialize`
+    (False leaves the parameters uninitialised, to load a checkpoint into).
+    """
+    model = build_model(cfg.model, "meta")
+    inits = inits_of(model)  # before sharding: the fans of the full layers
+    layout = cfg.parallel
+    sharded = max(layout.tensor_parallel_size, layout.context_parallel_size, layout.expert_parallel_size) > 1
+    # With every size 1 sharding changes no weight, but still tells the routers their data-parallel
+    # batch group (the `global` balance scope): whenever the groups exist.
+    if sharded or parallel_state.model_parallel_is_initialized():
+        _shard(model, layout)
+    materialize(model, inits, device, cfg.train.seed, locate=shard_coordinates, initialize=initialize)
+    if sharded:  # gradient hooks hold the parameters themselves: only once they are real
+        _attach_gradient_hooks(model, layout)
+    return model
+
+
 def parallelize(model: WanDiT, parallel: ParallelConfig) -> WanDiT:
     """Shard `model` for this rank's place in the layout (in place; returns it).
 
     Call once, after the weights are initialised or loaded (all ranks equal) and before the
     optimizer sees the parameters. With every size 1 the model is left exactly as it was.
+    `build_sharded_model` shards a model that is not yet allocated instead.
     """
+    _shard(model, parallel)
+    _attach_gradient_hooks(model, parallel)
+    return model
+
+
+def _shard(model: WanDiT, parallel: ParallelConfig) -> None:
+    """Everything `parallelize` does but the gradient hooks; works on the meta device."""
     if getattr(model, "parallelized", False):
         raise RuntimeError("parallelize() was already applied to this model; it shards in place, call it once")
     tp, cp, ep = _sizes(parallel)
@@ -84,10 +120,12 @@ def parallelize(model: WanDiT, parallel: ParallelConfig) -> WanDiT:
         layer.router.token_shards = shards
     if ep > 1:
         apply_expert_parallel(model, parallel_state.get_expert_model_parallel_group())
-    if sp:  # after EP, so expert parameters are already tagged and skipped
-        sum_partial_gradients(model, parallel_state.get_tensor_model_parallel_group())
     model.parallelized = True
-    return model
+
+
+def _attach_gradient_hooks(model: WanDiT, parallel: ParallelConfig) -> None:
+    if parallel.sequence_parallel and parallel.tensor_parallel_size > 1:  # after EP: experts are tagged, skipped
+        sum_partial_gradients(model, parallel_state.get_tensor_model_parallel_group())
 
 
 def token_batch_group(parallel: ParallelConfig):
@@ -139,6 +177,16 @@ def full_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor] | None = 
             group, dim = split
             state[name] = gather_along_dim(state[name].detach(), dim, group)
     return state
+
+
+def shard_coordinates(param: torch.Tensor) -> tuple[int, int, int] | None:
+    """(dim, index, count): `param` is block `index` of the `count` equal blocks along `dim` that
+    make up the full tensor (see `split_of`), or None when this rank holds it whole."""
+    split = split_of(param)
+    if split is None:
+        return None
+    group, dim = split
+    return dim, dist.get_rank(group), dist.get_world_size(group)
 
 
 def split_of(param: torch.Tensor) -> tuple | None:

@@ -18,11 +18,11 @@ from megamoe.data.loader import DataError, ShardLoader, StreamStateError, build_
 from megamoe.data.video_latents import VideoToLatents
 from megamoe.device import rng_states, set_rng_states
 from megamoe.model.activation_checkpointing import apply_activation_checkpointing
-from megamoe.model.dit import build_model
+from megamoe.model.dit import build_model, count_parameters
 from megamoe.model.weights import WeightsError
 from megamoe.moe.diagnostics import RoutingDiagnostics
 from megamoe.moe.layer import moe_layers, routers_after_step, routers_discard_step
-from megamoe.parallel.parallelize import parallelize, token_batch_group
+from megamoe.parallel.parallelize import build_sharded_model, token_batch_group
 from megamoe.parallel.sharded_weights import export_weights, init_from
 from megamoe.parallel.topology import Topology
 from megamoe.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -165,17 +165,20 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
     """Run (or continue) training; returns the logged scalars of rank 0 (empty elsewhere)."""
     log = RunLogger(cfg.train.output_dir, cfg.train.steps, cfg.logging.tensorboard, enabled=topology.is_main)
 
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    model = build_model(cfg.model).to(topology.device)
-    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    torch.manual_seed(cfg.train.seed)  # the global RNG a run checkpoints; the weights do not draw from it
     layout = cfg.parallel
-    log.info(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+    loading = bool(cfg.train.init_from) and resume_from is None
+    # Each rank allocates only its shard of the weights, and draws it from the seed unless something
+    # fills it next: train.init_from (each rank reads only its blocks; dense into MoE upcycles, drawing
+    # the gates and shared-expert noise by coordinate) or the checkpoint it resumes from.
+    model = build_sharded_model(cfg, topology.device, initialize=not loading and resume_from is None)
+    if loading:
+        log.info(init_from(model, cfg.train.init_from, cfg.train.seed))
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    log.info(f"model: {count_parameters(build_model(cfg.model, 'meta')) / 1e6:.2f}M parameters, "
              f"{topology.world_size} rank(s) as {topology.describe()}"
              f"{', sequence parallel' if layout.sequence_parallel and layout.tensor_parallel_size > 1 else ''}, "
              f"device {topology.device.type}")
-    parallelize(model, layout)  # each rank keeps its shard of the weights, tokens and experts
-    if cfg.train.init_from and resume_from is None:  # each rank reads only its blocks; dense into MoE upcycles
-        log.info(init_from(model, cfg.train.init_from, cfg.train.seed))
     engine = build_engine(model, cfg)
     ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     # Start-up work a rank may fail alone ends in an agreement: every rank stops, or none (see resilience.py).

@@ -1,16 +1,18 @@
 """Tensor (+ sequence), context and expert parallelism of the whole DiT against the single-process model.
 
-Each layout runs the training objective (flow loss + router losses) on gloo ranks and must give
-the single-process loss and, once every rank's gradients are reduced the way DeepSpeed reduces
-them (ordinary parameters: summed over data x context parallel ranks, divided by the data-parallel
-size; experts: summed over the expert-data-parallel group, divided by the data-parallel size) and
-the TP shards / EP slices are put together, the single-process gradient of every parameter.
+Each rank builds its shard as training does (`build_sharded_model`: on the meta device, sharded,
+then only what the rank holds allocated and drawn); the shards put together must equal the
+one-process build bit for bit. Each layout then runs the training objective (flow loss + router
+losses) on gloo ranks and must give the single-process loss and, once every rank's gradients are
+reduced the way DeepSpeed reduces them (ordinary parameters: summed over data x context parallel
+ranks, divided by the data-parallel size; experts: summed over the expert-data-parallel group,
+divided by the data-parallel size) and the TP shards / EP slices are put together, the
+single-process gradient of every parameter.
 
 The reference is the single-process model on the global batch: each data-parallel rank takes its
 slice (and its own noise generator), the reference loss and gradients are the mean over slices.
 """
 
-import copy
 import dataclasses
 
 import pytest
@@ -56,6 +58,11 @@ LAYOUTS = {  # name: (ranks, ParallelConfig fields, model)
     "tp2_sp_moe": (2, dict(tensor_parallel_size=2), MOE),  # experts replicated: summed by the SP hooks
     "tp2_sp_ep2_moe": (2, dict(tensor_parallel_size=2, expert_parallel_size=2), MOE),
     "cp2_ep2_moe": (2, dict(context_parallel_size=2, expert_parallel_size=2), MOE),
+    "ep2_moe": (2, dict(expert_parallel_size=2), MOE),
+    "tp2_sp_ep2_dp2_moe": (4, dict(tensor_parallel_size=2, expert_parallel_size=2), MOE),
+    "cp2_ep2_dp2_moe": (4, dict(context_parallel_size=2, expert_parallel_size=2), MOE),
+    "ep4_moe": (4, dict(expert_parallel_size=4), MOE),
+    "tp2_cp2_sp_ep4_moe": (4, dict(tensor_parallel_size=2, context_parallel_size=2, expert_parallel_size=4), MOE),
 }
 
 
@@ -74,11 +81,17 @@ class PerTokenTimesteps(nn.Module):
 
 
 def build(model_cfg):
+    """The one-process model (seed 0)."""
     from megamoe.model.dit import build_model
 
+    return with_trainable_head(build_model(model_cfg, seed=0))
+
+
+def with_trainable_head(model):
+    """proj_out starts at zero, which would leave the trunk without gradient: draw it (it is
+    replicated in every layout, so every rank draws the same)."""
     torch.manual_seed(0)
-    model = build_model(model_cfg)
-    with torch.no_grad():  # proj_out starts at zero, which would leave the trunk without gradient
+    with torch.no_grad():
         nn.init.normal_(model.proj_out.weight, std=0.1)
         nn.init.normal_(model.proj_out.bias, std=0.1)
     return model
@@ -146,16 +159,15 @@ def check_layout(layout, model_cfg, per_token=False, checkpointing=False) -> tup
     """Parallel vs single-process objective on this rank; (loss, |loss diff|, max |grad diff|)."""
     from megatron.core import parallel_state as ps
 
-    from megamoe.parallel.parallelize import full_state_dict, parallelize
+    from megamoe.parallel.parallelize import build_sharded_model, full_state_dict
     from megamoe.parallel.topology import init_distributed
 
     parallel = ParallelConfig(**LAYOUTS[layout][1])
     init_distributed(parallel, torch.device("cpu"))
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
 
-    model = build(model_cfg)
-    single = copy.deepcopy(model)
-    parallelize(model, parallel)
+    single = build(model_cfg)
+    model = with_trainable_head(build_sharded_model(Config(model=model_cfg, parallel=parallel), "cpu"))
     if checkpointing:  # the blocks' collectives then run again inside backward
         from megamoe.model.activation_checkpointing import apply_activation_checkpointing
 
@@ -316,11 +328,14 @@ def test_four_rank_layouts_match_single_process():
 
 
 def _identity_worker(rank, world):
-    from megamoe.parallel.parallelize import full_state_dict, parallelize
+    from megamoe.parallel.parallelize import build_sharded_model, full_state_dict, parallelize
     from megamoe.parallel.topology import destroy_distributed, init_distributed
 
     init_distributed(ParallelConfig(), torch.device("cpu"))
     model = build(MOE)
+    own = with_trainable_head(build_sharded_model(Config(model=MOE), "cpu")).state_dict()
+    assert list(own) == list(model.state_dict())
+    assert all(torch.equal(value, own[name]) for name, value in model.state_dict().items())
     latents, text = batch(MOE, 0)
     t = torch.tensor([300.0, 700.0])
     before = model(latents, t, text)
@@ -333,7 +348,7 @@ def _identity_worker(rank, world):
 
 
 def test_one_process_is_left_bit_identical():
-    """All sizes 1: parallelize changes nothing, to the bit."""
+    """All sizes 1: the rank's own build is the one-process build, and parallelize changes nothing, to the bit."""
     spawn(_identity_worker, 1)
 
 

@@ -68,12 +68,19 @@ class ExpertRaceRouter(Router):
         super().__init__(dim, cfg, **kwargs)
         self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
         # Persistent: inference routing depends on it, so it must survive checkpoints.
-        self.register_buffer("threshold", torch.zeros(()))
-        self.register_buffer("threshold_initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("threshold", torch.empty(()))
+        self.register_buffer("threshold_initialized", torch.empty((), dtype=torch.bool))
+        self.reset_buffers()
         # K-th scores seen since the last optimizer step (one per forward, e.g. per micro-batch
         # under gradient accumulation). Plain attributes: per-step scratch, not model state.
         self._kth_sum: Optional[torch.Tensor] = None
         self._kth_count = 0
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """No threshold yet: the first step's sets it (also after a meta-device build, see megamoe/model/init.py)."""
+        self.threshold.zero_()
+        self.threshold_initialized.fill_(False)
 
     def _apply(self, fn, recurse=True):
         # Module-wide casts (model.bfloat16(), DeepSpeed bf16) would round the threshold, and a

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.config import MoEConfig
+from megamoe.model.init import Init
 from megamoe.moe.router_losses import routing_contrastive_loss
 from megamoe.moe.routers.base import Router, RouterOutput, RoutingContext, require, register_router
 
@@ -71,11 +72,27 @@ class ProMoERouter(Router):
         self.unconditional_expert = cfg.num_experts - 1
         self.num_prototypes = cfg.num_prototypes_per_expert
         # Expert-major: rows e*P .. (e+1)*P - 1 belong to conditional expert e.
-        self.prototypes = nn.Parameter(torch.randn(self.num_conditional * self.num_prototypes, dim) * 0.02)
+        self.prototypes = nn.Parameter(torch.empty(self.num_conditional * self.num_prototypes, dim))
         # Shape [1], not a 0-dim scalar: DeepSpeed broadcasts parameters as byte views, which 0-dim tensors refuse.
-        self.log_scale = nn.Parameter(torch.full((1,), math.log(10.0)))
-        self.register_buffer("prototype_expert", torch.arange(self.num_conditional).repeat_interleave(
-            self.num_prototypes), persistent=False)
+        self.log_scale = nn.Parameter(torch.empty(1))
+        self.register_buffer("prototype_expert", torch.empty(self.num_conditional * self.num_prototypes,
+                                                             dtype=torch.long), persistent=False)
+        for name, init in self.parameter_inits().items():
+            init.fill_(getattr(self, name))
+        self.reset_buffers()
+
+    def parameter_inits(self) -> dict[str, Init]:
+        """Prototypes N(0, 0.02^2) (small random directions: cosine routing ignores their norm);
+        scale 10 (see the module docstring)."""
+        return {"prototypes": Init.normal(0.02), "log_scale": Init.constant(math.log(10.0))}
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """prototype_expert[row]: the conditional expert that prototype row belongs to (expert-major)."""
+        if self.prototype_expert.is_meta:  # computed when materialised (meta arange would load torch's compiler)
+            return
+        self.prototype_expert.copy_(torch.arange(self.num_conditional, device=self.prototype_expert.device)
+                                    .repeat_interleave(self.num_prototypes))
 
     def route(self, tokens: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
         n, e, p, k = tokens.shape[0], self.num_experts, self.num_prototypes, self.cfg.top_k

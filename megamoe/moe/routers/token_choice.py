@@ -81,7 +81,7 @@ class TokenChoiceRouter(Router):
         super().__init__(dim, cfg, **kwargs)
         if cfg.bias_balancing:
             # Persistent: the bias is training state that an exact resume must restore.
-            self.register_buffer("expert_bias", torch.zeros(self.num_total, dtype=torch.float32))
+            self.register_buffer("expert_bias", torch.empty(self.num_total, dtype=torch.float32))
             # Selections accumulated over the micro-batches of one optimizer step. A plain
             # attribute rather than a non-persistent buffer: a model built on the meta device and
             # materialised with `to_empty` would hold garbage there (see model/rope.py).
@@ -89,6 +89,13 @@ class TokenChoiceRouter(Router):
             self.load_counts: Optional[torch.Tensor] = None
         # `global` balance scope: the step's assignments per expert so far, over the global batch.
         self.balance_counts: Optional[torch.Tensor] = None
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """The aux-free bias starts at zero (also after a meta-device build, see megamoe/model/init.py)."""
+        if self.cfg.bias_balancing:
+            self.expert_bias.zero_()
 
     def logits(self, tokens: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         raise NotImplementedError
