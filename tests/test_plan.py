@@ -16,7 +16,7 @@ from megamoe.model.activation_checkpointing import SavedActivationMeter, apply_a
 from megamoe.model.dit import build_model
 from megamoe.model.dit import count_parameters as model_parameters
 from megamoe.moe.layer import moe_layers
-from megamoe.plan import GB, Layout, count_parameters, make_plan, zero_gradient_bytes
+from megamoe.plan import GB, Layout, count_parameters, make_plan, optimizer_groups, zero_gradient_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The 5B configs and the cluster each is laid out for (their header comments say the same).
@@ -171,6 +171,27 @@ def test_gradients_of_one_rank_match_deepspeed_on_the_fake_process_group(tmp_pat
         cfg = load_config(os.path.join(ROOT, case["path"]), case["overrides"])
         planned = zero_gradient_bytes(cfg, Layout.of(cfg), 8, case["rank"])
         assert abs(planned - measured["gradients"]) <= 0.02 * measured["gradients"], (case, planned, measured)
+
+
+def test_optimizer_groups_are_deepspeeds_for_the_5b_moe():
+    """The planner's groups against DeepSpeed's own split of the local parameters (order, expert chunks
+    of at most max_group_size elements), on the meta model as EP rank 0 of the config's EP=8 holds it."""
+    from deepspeed.moe.utils import configure_moe_param_groups
+
+    from megamoe.parallel.expert import shard_experts
+
+    cfg = load_config(os.path.join(ROOT, "configs/wan2.2_ti2v_5b_moe.yaml"))
+    ep = cfg.parallel.expert_parallel_size
+    model = build_model(cfg.model, "meta")
+    for layer in moe_layers(model):
+        with torch.device("meta"):
+            layer.experts = shard_experts(layer.experts, 0, ep)
+        for param in layer.experts.parameters():  # DeepSpeed's expert tags, as apply_expert_parallel sets them
+            param.allreduce, param.group_name = False, f"ep_size_{ep}"
+    groups = configure_moe_param_groups([p for p in model.parameters() if p.requires_grad])
+    ours = optimizer_groups(cfg, Layout.of(cfg))
+    assert len(ours) > 2  # the experts span several groups
+    assert ours == [(tuple(p.numel() for p in g["params"]), bool(g.get("moe"))) for g in groups if g["params"]]
 
 
 # ---------------------------------------------------------------- memory: activations
