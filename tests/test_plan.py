@@ -107,9 +107,10 @@ for case in json.loads(sys.argv[1]):
     text = torch.randn(2, 8, m.text_dim, dtype=dtype)
     seen = {}
     def add(kind, tensors):
+        # Storages are held until the end, so that a freed gradient's address cannot come back as Adam state.
         for t in tensors:
             if isinstance(t, torch.Tensor) and t.numel():
-                seen.setdefault(t.untyped_storage().data_ptr(), (kind, t.untyped_storage().nbytes()))
+                seen.setdefault(t.untyped_storage().data_ptr(), (kind, t.untyped_storage().nbytes(), t))
     add("weights", engine.module.parameters())
     engine.backward(engine(x, torch.rand(2) * 1000, text).float().square().mean())
     # After backward, before the step: the gradients DeepSpeed keeps (at an accumulation boundary the
@@ -122,7 +123,7 @@ for case in json.loads(sys.argv[1]):
     add("optimizer", engine.optimizer.single_partition_of_fp32_groups)
     add("optimizer", [v for s in engine.optimizer.optimizer.state.values() for v in s.values() if v.dim() > 0])
     out = {}
-    for kind, n in seen.values():
+    for kind, n, _ in seen.values():
         out[kind] = out.get(kind, 0) + n
     print("BYTES " + json.dumps(out), flush=True)
     del engine, model, seen
