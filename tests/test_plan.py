@@ -171,7 +171,8 @@ def test_gradients_of_one_rank_match_deepspeed_on_the_fake_process_group(tmp_pat
     for case, measured in zip(cases, engine_bytes(cases, tmp_path)):
         cfg = load_config(os.path.join(ROOT, case["path"]), case["overrides"])
         planned = zero_gradient_bytes(cfg, Layout.of(cfg), 8, case["rank"])
-        assert abs(planned - measured["gradients"]) <= 0.02 * measured["gradients"], (case, planned, measured)
+        # Exact up to a few bytes of storage rounding; numel / ranks alone is 1-2.5% off here.
+        assert abs(planned - measured["gradients"]) <= 0.001 * measured["gradients"], (case, planned, measured)
 
 
 def test_optimizer_groups_are_deepspeeds_for_the_5b_moe():
