@@ -317,7 +317,8 @@ def zero_gradient_bytes(cfg: Config, layout: Layout, world: int, rank: int) -> i
         return local * w_bytes + (local * 4 if layout.zero_stage == 0 and w_bytes == 2 else 0)
     kept = 0
     for numels, expert in groups:
-        partitions, place = (world // layout.ep, rank // layout.ep) if expert else (world // layout.tp, rank // layout.tp)
+        divisor = layout.ep if expert else layout.tp
+        partitions, place = world // divisor, rank // divisor
         kept += _partition_gradient_numels(numels, partitions)[place]
     return kept * w_bytes
 

@@ -147,7 +147,8 @@ def shard_module(module: nn.Module, shards: dict, group, sequence_parallel: bool
     size = dist.get_world_size(group)
     if hasattr(module, "num_heads"):
         if module.num_heads % size:
-            raise ValueError(f"model.num_heads={module.num_heads} is not divisible by parallel.tensor_parallel_size={size}")
+            raise ValueError(f"model.num_heads={module.num_heads} is not divisible by "
+                             f"parallel.tensor_parallel_size={size}")
         module.num_heads //= size
     for path, cls in shards.items():
         module.set_submodule(path, cls(module.get_submodule(path), group, sequence_parallel))
@@ -161,7 +162,7 @@ def tensor_parallel_modules(model: nn.Module) -> list[tuple[str, nn.Module, dict
 
     found = []
     for i, block in enumerate(model.blocks):
-        found += [(f"blocks.{i}.attn1", block.attn1, ATTENTION_SHARDS), (f"blocks.{i}.attn2", block.attn2, ATTENTION_SHARDS)]
+        found += [(f"blocks.{i}.{name}", getattr(block, name), ATTENTION_SHARDS) for name in ("attn1", "attn2")]
         if isinstance(block.ffn, FeedForward):
             found.append((f"blocks.{i}.ffn", block.ffn, FEED_FORWARD_SHARDS))
         elif block.ffn.shared is not None:  # routed experts stay whole (expert TP = 1); shared ones split
