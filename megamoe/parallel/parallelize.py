@@ -36,14 +36,14 @@ from megatron.core import parallel_state
 from torch import nn
 
 from megamoe.config import Config, ParallelConfig
-from megamoe.model.dit import FeedForward, WanDiT, build_model
+from megamoe.model.dit import WanDiT, build_model
 from megamoe.model.init import inits_of, materialize
 from megamoe.moe.layer import moe_layers
 from megamoe.moe.token_shards import TokenShards
 from megamoe.parallel.collectives import gather_along_dim
 from megamoe.parallel.context import SequenceSharding, UlyssesAttend
 from megamoe.parallel.expert import apply_expert_parallel
-from megamoe.parallel.tensor import shard_attention, shard_feed_forward, sum_partial_gradients
+from megamoe.parallel.tensor import shard_module, sum_partial_gradients, tensor_parallel_modules
 
 
 def build_sharded_model(cfg: Config, device: str | torch.device,
@@ -99,13 +99,8 @@ def _shard(model: WanDiT, parallel: ParallelConfig) -> None:
 
     if tp > 1:
         tp_group = parallel_state.get_tensor_model_parallel_group()
-        for block in model.blocks:
-            shard_attention(block.attn1, tp_group, sp)
-            shard_attention(block.attn2, tp_group, sp)
-            if isinstance(block.ffn, FeedForward):
-                shard_feed_forward(block.ffn, tp_group, sp)
-            elif block.ffn.shared is not None:  # routed experts stay whole (expert TP = 1); shared ones split
-                shard_feed_forward(block.ffn.shared, tp_group, sp)
+        for _, module, shards in tensor_parallel_modules(model):
+            shard_module(module, shards, tp_group, sp)
     if cp > 1:
         cp_group = parallel_state.get_context_parallel_group()
         for block in model.blocks:
