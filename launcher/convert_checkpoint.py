@@ -106,7 +106,7 @@ def from_safetensors(weights, out, config, overrides=()) -> None:
     from megamoe.model.weights import load_diffusers_weights, write_diffusers_weights
 
     cfg = load_config(config, list(overrides))
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, initialize=False)  # every weight is loaded next
     load_diffusers_weights(model, weights)  # strict: names the first wrong key or shape and the fix
     write_diffusers_weights(model.state_dict(), cfg.model, out)
 

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     which = args.weights
     if which == "auto":
         which = "ema" if (Path(args.checkpoint) / "ema_weights").is_dir() else "model"
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, initialize=False)  # every weight is loaded next
     load_diffusers_weights(model, Path(args.checkpoint) / ("ema_weights" if which == "ema" else "weights"))
     model.eval()
 

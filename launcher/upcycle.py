@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     print(f"train from it with: train.init_from={args.out}")
 
     if args.check:
-        dense = build_model(dense_config(cfg.model))
+        dense = build_model(dense_config(cfg.model), initialize=False)  # every weight is loaded next
         load_diffusers_weights(dense, args.dense)
         diff, scale, sums_to_one = check(dense, model, cfg, args.seed)
         noisy = mode == "train" and moe.num_shared_experts > 0

@@ -70,7 +70,8 @@ class MoEConfig:
     balance_loss: float = 0.0
     """Weight of the switch load-balancing loss (token-choice routers)."""
     balance_scope: str = "micro_batch"
-    """Balance over the 'micro_batch' or per 'sequence' (sample); only with balance_loss > 0."""
+    """Balance over the 'micro_batch', per 'sequence' (sample), or over the 'global' batch (every data-parallel
+    rank and the step's micro-batches so far; see TokenChoiceRouter._global_counts); only with balance_loss > 0."""
     z_loss: float = 0.0
     """Weight of the router z-loss (mean squared logsumexp of the logits; token-choice routers)."""
     similarity_loss: float = 0.0

@@ -14,7 +14,11 @@ Bytes per GPU, for layout TP x CP x EP on W GPUs (data-parallel DP = W / (TP x C
   weights     model dtype (2 bytes under train.precision=bf16, else 4). TP divides the TP-sharded
               parameters (attention q/k/v/out, the dense FFN and the shared experts); EP divides the
               routed experts (EP folds over all TP x CP x DP ranks: megatron-core's parallel folding).
-  gradients   model dtype, as DeepSpeed keeps them; ZeRO-2 shards them like the optimizer state.
+  gradients   model dtype, as DeepSpeed keeps them. ZeRO-1 keeps every local gradient. ZeRO-2 keeps,
+              per optimizer parameter group, the WHOLE gradient of every parameter that touches the
+              rank's partition of the group's flat buffer (DeepSpeed 0.19's `grads_in_partition`,
+              runtime/zero/stage_1_and_2.py): see `zero_gradient_bytes`; `Plan.gradients` is the
+              worst rank.
   optimizer   fp32 master copy + Adam's two moments = 12 bytes per parameter (DeepSpeed keeps the
               fp32 copy under fp32 training too), sharded by ZeRO-1/2 over the DP x CP ranks for
               non-expert parameters and over the W / EP expert-data-parallel ranks for experts.
@@ -40,6 +44,7 @@ through the VAE's 4x16x16 compression), else the synthetic clip size; --latent F
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -51,6 +56,11 @@ from megamoe.moe.layer import moe_layer_indices
 GB = 1e9
 VAE_COMPRESSION = (4, 16)  # Wan2.2 VAE: (temporal, spatial); the loader's default
 CHECKPOINTING = ("none", "every_2", "all")  # what the search tries
+# DeepSpeed 0.19's ZeRO-1/2 layout (runtime/zero/stage_1_and_2.py, moe/utils.py): a group's flat
+# buffer is padded to a multiple of nccl_start_alignment_factor (2) x its data-parallel size, and
+# expert parameters are split into optimizer groups of at most `max_group_size` elements.
+NCCL_START_ALIGNMENT = 2
+MOE_MAX_GROUP_SIZE = 178956971
 
 
 @dataclass(frozen=True)
@@ -116,7 +126,7 @@ class Plan:
     weights: float
     """Model weights kept on one GPU, in the model dtype."""
     gradients: float
-    """Gradients kept on one GPU (ZeRO-2: its shard)."""
+    """Gradients kept on one GPU (ZeRO-2: the whole parameters touching its partitions), worst rank."""
     optimizer: float
     """fp32 master weights and Adam moments kept on one GPU (ZeRO-1/2: its shard)."""
     activations: float
@@ -215,6 +225,102 @@ def checkpoint_bytes(cfg: Config, world: int) -> int:
     w_bytes = 2 if cfg.train.precision == "bf16" else 4
     per_param = w_bytes + 12 + w_bytes + (4 if cfg.train.ema_decay > 0 else 0)
     return count_parameters(cfg.model).total * per_param + world * RANK_FILE_BYTES + CHECKPOINT_FIXED_BYTES
+
+
+_PARAMETERS: dict[str, list] = {}
+
+
+def parameter_shapes(m: ModelConfig) -> list[tuple[tuple, bool, Optional[int]]]:
+    """(shape, is a routed-expert parameter, dimension TP splits or None) of each trainable
+    parameter of `WanDiT(m)`, in the model's order (the order DeepSpeed flattens them in).
+
+    Read off the model built on the meta device, once per model config; which parameters TP
+    splits comes from megamoe.parallel.tensor.tensor_parallel_dims.
+    """
+    key = repr(m)
+    if key not in _PARAMETERS:
+        from megamoe.model.dit import build_model
+        from megamoe.moe.layer import moe_layers
+        from megamoe.parallel.tensor import tensor_parallel_dims
+
+        model = build_model(m, "meta")
+        tp_dims = tensor_parallel_dims(model)
+        experts = {id(p) for layer in moe_layers(model) for p in layer.experts.parameters()}
+        _PARAMETERS[key] = [(tuple(p.shape), id(p) in experts, tp_dims.get(name))
+                            for name, p in model.named_parameters() if p.requires_grad]
+    return _PARAMETERS[key]
+
+
+def optimizer_groups(cfg: Config, layout: Layout) -> list[tuple[tuple, bool]]:
+    """(numel of each local parameter, in order; is an expert group) of each parameter group of
+    DeepSpeed's optimizer on one rank.
+
+    With EP > 1 megamoe's engine has DeepSpeed split the parameters the way
+    `split_params_into_different_moe_groups_for_optimizer` does: the non-expert parameters, then
+    the experts in chunks of at most MOE_MAX_GROUP_SIZE elements; with EP = 1 the experts are
+    ordinary parameters and there is one group. TP splits its parameters, EP the expert dimension.
+    """
+    dense, experts = [], []
+    for shape, expert, tp_dim in parameter_shapes(cfg.model):
+        shape = list(shape)
+        if expert and layout.ep > 1:
+            shape[0] //= layout.ep
+            experts.append(math.prod(shape))
+            continue
+        if tp_dim is not None:
+            shape[tp_dim] //= layout.tp
+        dense.append(math.prod(shape))
+    chunks, size = [[]], 0
+    for n in experts:
+        if size + n > MOE_MAX_GROUP_SIZE:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(n)
+        size += n
+    groups = [(tuple(dense), False)] + [(tuple(c), True) for c in chunks]
+    return [g for g in groups if g[0]]  # DeepSpeed drops empty groups
+
+
+@functools.lru_cache(maxsize=256)
+def _partition_gradient_numels(numels: tuple, partitions: int) -> tuple:
+    """Per partition of one flat group: gradient elements ZeRO-2 keeps (`grads_in_partition`).
+
+    The flat buffer is padded to a multiple of NCCL_START_ALIGNMENT x partitions and cut into
+    equal partitions; a parameter belongs to every partition from the one holding its first
+    element to the one holding its last, and each counts its whole numel (DeepSpeed's
+    `get_partition_info`: a parameter starting inside the partition, or straddling its start).
+    """
+    align = NCCL_START_ALIGNMENT * partitions
+    size = -(-sum(numels) // align) * align // partitions
+    kept, start = [0] * partitions, 0
+    for n in numels:
+        for p in range(start // size, (start + max(n, 1) - 1) // size + 1):
+            kept[p] += n
+        start += n
+    return tuple(kept)
+
+
+def zero_gradient_bytes(cfg: Config, layout: Layout, world: int, rank: int) -> int:
+    """Gradient bytes DeepSpeed's ZeRO optimizer holds on global rank `rank` of `world` GPUs.
+
+    ZeRO-2: per optimizer group (`optimizer_groups`), the whole numel of each parameter touching
+    the rank's partition, in the model dtype. Non-expert groups are partitioned over the
+    data x context ranks (the rank's place there is rank // TP: megatron-core orders TP fastest,
+    then CP, then DP), expert groups over the world / EP expert-data-parallel ranks (place
+    rank // EP: experts fold over all ranks, EP fastest). ZeRO-0/1: every local gradient (plus
+    DeepSpeed's fp32 copy under bf16 without ZeRO).
+    """
+    w_bytes = 2 if cfg.train.precision == "bf16" else 4
+    groups = optimizer_groups(cfg, layout)
+    if layout.zero_stage < 2:
+        local = sum(sum(numels) for numels, _ in groups)
+        return local * w_bytes + (local * 4 if layout.zero_stage == 0 and w_bytes == 2 else 0)
+    kept = 0
+    for numels, expert in groups:
+        divisor = layout.ep if expert else layout.tp
+        partitions, place = world // divisor, rank // divisor
+        kept += _partition_gradient_numels(numels, partitions)[place]
+    return kept * w_bytes
 
 
 def planned_latent(cfg: Config) -> tuple:
@@ -328,10 +434,9 @@ def make_plan(cfg: Config, world: int, layout: Optional[Layout] = None, gpu_memo
     zero = layout.zero_stage
     shard_dense, shard_experts = (dp * layout.cp, world // layout.ep) if zero >= 1 else (1, 1)
     sharded = dense_local / shard_dense + experts_local / shard_experts
-    grads = (sharded if zero >= 2 else dense_local + experts_local) * w_bytes
     optimizer = sharded * (12 if zero >= 1 or w_bytes == 2 else 8)
-    if zero == 0 and w_bytes == 2:
-        grads += (dense_local + experts_local) * 4  # DeepSpeed's bf16 optimizer keeps fp32 gradients
+    # Ranks differ only by their place in the sharding groups; the worst one decides the fit.
+    grads = max(zero_gradient_bytes(cfg, layout, world, r) for r in range(world if zero >= 2 else 1))
     by_ckpt = {spec: activation_bytes(cfg, layout, tokens, spec)
                for spec in dict.fromkeys(("none", layout.activation_checkpointing, "all"))}
     return Plan(cfg=cfg, layout=layout, world=world, params=params, latent=latent, tokens_per_sample=tokens,

@@ -21,6 +21,8 @@ from torch import nn
 
 from megamoe.config import ModelConfig
 from megamoe.model.attention import WanAttention
+from megamoe.model.init import ZEROS, Init, inits_of, materialize
+from megamoe.model.init import reset_parameters as reset_with_torch_rng
 from megamoe.model.rope import WanRotaryEmbedding
 from megamoe.moe.routers.base import RoutingContext
 
@@ -124,7 +126,11 @@ class WanBlock(nn.Module):
             self.ffn = FeedForward(dim, cfg.ffn_dim)
         # Per-block offset added to the shared time projection: each block gets its own
         # shift/scale/gate while the timestep MLP is shared (Wan's cheap adaLN).
-        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.scale_shift_table = nn.Parameter(torch.empty(1, 6, dim))
+
+    def parameter_inits(self) -> dict[str, Init]:
+        """N(0, 1/dim) modulation offsets, as Wan (WanDiT.parameter_inits says why)."""
+        return {"scale_shift_table": Init.normal(self.scale_shift_table.shape[-1] ** -0.5)}
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, modulation: torch.Tensor, rope,
                 ctx: RoutingContext | None = None) -> torch.Tensor:
@@ -152,7 +158,7 @@ class NoSequenceSharding:
     """
 
     num_shards = 1
-    """Disjoint pieces of the sequence across ranks (router losses of one piece weigh 1 / num_shards)."""
+    """Disjoint pieces of the sequence across ranks."""
 
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return x
@@ -181,35 +187,38 @@ class WanDiT(nn.Module):
         self.norm_out = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(self.patch_size))
         # The head is modulated by temb itself (not the 6-way projection): shift, scale.
-        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.scale_shift_table = nn.Parameter(torch.empty(1, 2, dim))
         self.sequence_sharding = NoSequenceSharding()
         self.reset_parameters()
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Wan's from-scratch initialisation (deterministic given the torch seed).
+    def parameter_inits(self) -> dict[str, Init]:
+        """Wan's from-scratch initialisation, where it differs from megamoe.model.init's defaults
+        (Xavier-uniform linears with zero bias, which keep activations O(1) through the residual
+        stream; norms at one; routed experts as dense FFNs, see GroupedExperts).
 
-        Xavier-uniform linears with zero bias keep activations O(1) through the residual stream.
         The timestep and text MLPs get N(0, 0.02) as in the original Wan code, which keeps the
         conditioning signals small while the trunk is still random. proj_out is zero so the untrained
         model predicts exactly 0 (the mean velocity for zero-mean data) instead of a random field
         that the first steps would have to unlearn, as in DiT's zero-initialised final layer. The
-        modulation tables keep the randn/sqrt(dim) set in __init__ (as Wan) rather than DiT's
-        zero gates: the trunk then gets gradient as soon as proj_out leaves zero (after the first
-        step) instead of also waiting for its gates to grow.
+        modulation tables get N(0, 1/dim) (as Wan) rather than DiT's zero gates: the trunk then gets
+        gradient as soon as proj_out leaves zero (after the first step) instead of also waiting for
+        its gates to grow. The patch embedding is Xavier over its flattened [dim, C * prod(patch)]
+        kernel (fan_out = dim, not dim * prod(patch) as torch counts a convolution's).
         """
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:  # router gates have none
-                    nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.patch_embedding.weight.view(self.cfg.dim, -1))
-        nn.init.zeros_(self.patch_embedding.bias)
-        for m in self.condition_embedder.modules():
-            if isinstance(m, nn.Linear) and m is not self.condition_embedder.time_proj:
-                nn.init.normal_(m.weight, std=0.02)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
+        embed = self.patch_embedding
+        inits = {"scale_shift_table": Init.normal(self.cfg.dim ** -0.5),
+                 "proj_out.weight": ZEROS, "proj_out.bias": ZEROS,
+                 "patch_embedding.weight": Init.xavier_uniform(embed.weight[0].numel(), embed.out_channels),
+                 "patch_embedding.bias": ZEROS}
+        for mlp in ("time_embedder", "text_embedder"):
+            for linear in ("linear_1", "linear_2"):
+                inits[f"condition_embedder.{mlp}.{linear}.weight"] = Init.normal(0.02)
+        return inits
+
+    def reset_parameters(self) -> None:
+        """Draw every parameter from `parameter_inits` (and the defaults) with torch's global RNG.
+        `build_model` draws the same distributions as a function of a seed instead."""
+        reset_with_torch_rng(self)
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """latents [B, C_in, F, H, W]; timestep [B] in 0..1000 (or [B, L] per token, Wan2.2 TI2V style);
@@ -275,14 +284,19 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> WanDiT:
-    """Build and initialise a WanDiT.
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0,
+                initialize: bool = True) -> WanDiT:
+    """Build and initialise a WanDiT in one process.
 
-    Initialised on the CPU and then moved, so one seed gives bit-identical weights on any
-    device (CPU tests, every GPU rank). device="meta" allocates nothing (for counting, or for
-    `to_empty` + loading a checkpoint).
+    Built on the meta device, then each parameter is allocated on `device` and drawn as a pure
+    function of (seed, its name, each value's position): see megamoe/model/init.py. The model
+    sharded over ranks by `megamoe.parallel.parallelize.build_sharded_model` holds exactly these
+    values. initialize=False leaves the parameters uninitialised (buffers are computed), for a
+    caller that loads every weight next. device="meta" allocates nothing (for counting, or to
+    materialise later).
     """
+    with torch.device("meta"):
+        model = WanDiT(cfg)
     if torch.device(device).type == "meta":
-        with torch.device("meta"):
-            return WanDiT(cfg)
-    return WanDiT(cfg).to(device)
+        return model
+    return materialize(model, inits_of(model), device, seed, initialize=initialize)

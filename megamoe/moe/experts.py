@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megamoe.model.init import ZEROS, Init, reset_parameters
+
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -57,18 +59,17 @@ class GroupedExperts(nn.Module):
         (the reference); True: grouped_mm or an error (zero tokens still take the loop)."""
         self.reset_parameters()
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Each expert as the model initialises a dense FFN: xavier-uniform weights, zero bias.
+    def parameter_inits(self) -> dict[str, Init]:
+        """Each expert as the model initialises a dense FFN: Xavier-uniform weights, zero bias.
 
-        Per-expert xavier (fan = dim + hidden) rather than over the stacked tensor, whose
+        Per-expert Xavier (fans dim and hidden) rather than over the stacked tensor, whose
         fans would include E and shrink the weights as experts are added.
         """
-        for e in range(self.num_experts):
-            nn.init.xavier_uniform_(self.w1[e])
-            nn.init.xavier_uniform_(self.w2[e])
-        nn.init.zeros_(self.b1)
-        nn.init.zeros_(self.b2)
+        expert = Init.xavier_uniform(self.dim, self.hidden)
+        return {"w1": expert, "b1": ZEROS, "w2": expert, "b2": ZEROS}
+
+    def reset_parameters(self) -> None:
+        reset_parameters(self)
 
     def forward(self, tokens: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """tokens [M, dim] grouped by expert in expert order; tokens_per_expert [E] ints summing

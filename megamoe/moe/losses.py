@@ -7,40 +7,55 @@ the weights out of the routers lets the loop log raw values that are comparable 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from megamoe.moe.token_shards import ONE_PROCESS, TokenShards
+
 LOSS_NAMES = ("balance", "z", "similarity", "layer_reg", "contrastive")
-BALANCE_SCOPES = ("micro_batch", "sequence")  # model.moe.balance_scope: over what the balance loss counts loads
+BALANCE_SCOPES = ("micro_batch", "sequence", "global")  # model.moe.balance_scope: over what loads are counted
 
 
 # ---------------------------------------------------------------------------------------------
 # Load balance and logit size (token-choice routers)
 
 def switch_balance_loss(probs_full: torch.Tensor, routing_map: torch.Tensor, num_experts: int,
-                        batch_size: int, seq_len: int, scope: str = "micro_batch") -> torch.Tensor:
+                        batch_size: int, seq_len: int, scope: str = "micro_batch",
+                        shards: TokenShards = ONE_PROCESS, counts: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Switch/GShard load balance: E * sum_i f_i * P_i over the real experts.
 
     probs_full [N, E_total]: each token's full score distribution (before top-k);
-    routing_map [N, E_total]: the selection. f_i = share of the real-expert assignments that
-    went to expert i (non-differentiable), P_i = mean probability of expert i (carries the
-    gradient). Equals 1 under uniform routing; null-expert columns (>= num_experts) are
-    ignored because they cost nothing to overload. scope 'sequence' computes the loss per
-    sample and averages (DeepSeek-V3's sequence-wise variant): it also balances within
-    each video, not just across the micro-batch.
+    routing_map [N, E_total]: the selection; N = batch_size * seq_len tokens, sample-major.
+    f_i = share of the real-expert assignments that went to expert i (non-differentiable),
+    P_i = mean probability of expert i (carries the gradient). Equals 1 under uniform routing;
+    null-expert columns (>= num_experts) are ignored because they cost nothing to overload.
+
+    scope 'micro_batch': f and P over every token of the micro-batch. 'sequence': computed per
+    sample and averaged (DeepSeek-V3's sequence-wise variant): it also balances within each
+    video. 'global': P over the micro-batch, f from `counts` [E] (assignments per real expert
+    gathered by the caller over a wider set of tokens, see TokenChoiceRouter).
+
+    Under sequence sharding (`shards`, this rank holds one chunk of every sample) the per-expert
+    assignment counts and probability sums are summed over the shards before f and P are
+    formed (one all-reduce of 2 * E floats per group), so every rank gets the unsharded loss.
     """
     if scope not in BALANCE_SCOPES:
         raise ValueError(f"model.moe.balance_scope must be one of {', '.join(BALANCE_SCOPES)}, got '{scope}'")
     if probs_full.shape[0] != batch_size * seq_len:
         raise ValueError(f"balance loss got {probs_full.shape[0]} tokens for batch {batch_size} x seq_len {seq_len}")
-    groups, per_group = (batch_size, seq_len) if scope == "sequence" else (1, batch_size * seq_len)
-    probs = probs_full[:, :num_experts].float().reshape(groups, per_group, num_experts)
-    chosen = routing_map[:, :num_experts].float().reshape(groups, per_group, num_experts)
-    f = chosen.sum(1) / chosen.sum((1, 2)).clamp_min(1.0)[:, None]  # [groups, E]
-    p = probs.mean(1)
+    groups = batch_size if scope == "sequence" else 1
+    probs = probs_full[:, :num_experts].float().reshape(groups, -1, num_experts)
+    chosen = routing_map[:, :num_experts].float().reshape(groups, -1, num_experts)
+    stats = shards.sum(torch.cat([chosen.sum(1), probs.sum(1)], dim=-1))  # [groups, 2E]; one collective
+    assigned = stats[:, :num_experts].detach() if counts is None else counts.float().reshape(1, num_experts)
+    f = assigned / assigned.sum(-1, keepdim=True).clamp_min(1.0)  # [groups, E]
+    p = stats[:, num_experts:] / (probs.shape[1] * shards.num)
     return (num_experts * (f * p).sum(-1)).mean()
 
 
-def z_loss(logits: torch.Tensor) -> torch.Tensor:
+def z_loss(logits: torch.Tensor, shards: TokenShards = ONE_PROCESS) -> torch.Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2; keeps logits small so
-    the softmax stays out of its saturated, round-off-prone range."""
-    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+    the softmax stays out of its saturated, round-off-prone range. The mean runs over the tokens
+    of every shard."""
+    return shards.mean(torch.logsumexp(logits.float(), dim=-1).square().mean())

@@ -16,8 +16,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megamoe.moe.token_shards import ONE_PROCESS, TokenShards
 
-def router_similarity_loss(logits: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
+
+def router_similarity_loss(logits: torch.Tensor, routing_map: torch.Tensor,
+                           shards: TokenShards = ONE_PROCESS) -> torch.Tensor:
     """Race-DiT router similarity loss: the switch balance loss extended to pairs of experts.
 
         P    = softmax_e(logits)                 [N, E]  soft assignment (carries the gradient)
@@ -35,6 +38,9 @@ def router_similarity_loss(logits: torch.Tensor, routing_map: torch.Tensor) -> t
     routing gives 1 whenever some token has two or more experts. A part (diagonal or
     off-diagonal) with no selections gets weight 0.
 
+    Under sequence sharding P', M' and N are summed over the shards (one all-reduce of 2 E^2
+    floats), so every rank gets the unsharded loss.
+
     We could not read the equations in the paper itself; this follows the description there
     and agrees with independent public re-implementations (normalised by the token count N).
     """
@@ -44,13 +50,14 @@ def router_similarity_loss(logits: torch.Tensor, routing_map: torch.Tensor) -> t
     n, e = logits.shape
     p = F.softmax(logits.float(), dim=-1)
     m = routing_map.to(p.dtype)
-    soft = p.t() @ p
+    pairs = shards.sum(torch.stack([p.t() @ p, m.t() @ m]))  # [2, E, E]: soft, hard; one collective
+    soft = pairs[0]
     with torch.no_grad():
-        hard = m.t() @ m
+        hard = pairs[1]
         eye = torch.eye(e, dtype=torch.bool, device=hard.device)
         diag, off = hard * eye, hard * ~eye
         weights = diag / diag.sum().clamp_min(1.0) * e + off / off.sum().clamp_min(1.0) * (e * e - e)
-    return (weights * soft).sum() / max(n, 1)
+    return (weights * soft).sum() / max(n * shards.num, 1)
 
 
 def layer_reg_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -76,6 +83,7 @@ def routing_contrastive_loss(
     assignment: torch.Tensor,
     temperature: float,
     groups: Optional[torch.Tensor] = None,
+    shards: TokenShards = ONE_PROCESS,
 ) -> torch.Tensor:
     """ProMoE routing contrastive loss (InfoNCE between prototypes and their tokens' centroids).
 
@@ -92,18 +100,25 @@ def routing_contrastive_loss(
     pushed apart. With fewer than two active prototypes there is no negative: the loss is a
     zero that still carries a (zero) gradient.
 
+    Under sequence sharding the per-prototype token sums and counts are summed over the shards
+    (one all-reduce of Q * (D + 1) floats) and the prototypes' gradient is shared among the
+    shards' identical copies of the loss, so every rank gets the unsharded loss.
+
     tokens [M, D], prototypes [Q, D], assignment [M] long in [0, Q).
     """
     if tokens.shape[0] != assignment.shape[0]:
         raise ValueError(f"routing_contrastive_loss: {tokens.shape[0]} tokens but {assignment.shape[0]} assignments")
+    q, d = prototypes.shape
     zero = tokens.sum() * 0.0 + prototypes.sum() * 0.0
-    q = prototypes.shape[0]
-    counts = torch.bincount(assignment, minlength=q)
+    prototypes = shards.replicated(prototypes)
+    counts = torch.bincount(assignment, minlength=q).to(tokens.dtype)
+    sums = torch.zeros(q, d, dtype=tokens.dtype, device=tokens.device).index_add(0, assignment, tokens)
+    stats = shards.sum(torch.cat([sums, counts[:, None]], dim=1))  # [Q, D + 1]; one collective
+    sums, counts = stats[:, :d], stats[:, d].detach()
     active = torch.nonzero(counts > 0).squeeze(1)
     if active.numel() < 2:
         return zero
-    sums = torch.zeros(q, tokens.shape[1], dtype=tokens.dtype, device=tokens.device).index_add(0, assignment, tokens)
-    centroids = sums[active] / counts[active].unsqueeze(1).to(tokens.dtype)
+    centroids = sums[active] / counts[active].unsqueeze(1)
     logits = F.normalize(prototypes[active], dim=1) @ F.normalize(centroids, dim=1).t() / temperature
     if groups is not None:
         g = groups[active]

@@ -75,7 +75,8 @@ def shard_experts(experts: GroupedExperts, ep_rank: int, ep_size: int) -> Groupe
                          f"parallel.expert_parallel_size={ep_size}; choose sizes that divide")
     local = experts.num_experts // ep_size
     start = ep_rank * local
-    shard = GroupedExperts(local, experts.dim, experts.hidden).to(experts.w1.device, experts.w1.dtype)
+    with torch.device(experts.w1.device):  # on the meta device: nothing allocated, nothing drawn
+        shard = GroupedExperts(local, experts.dim, experts.hidden).to(experts.w1.dtype)
     with torch.no_grad():
         for name in ("w1", "b1", "w2", "b2"):
             getattr(shard, name).copy_(getattr(experts, name)[start:start + local])

@@ -20,27 +20,55 @@ must give its data-parallel replica's full gradient.
 - TP-sharded parameters hold the gradient of their shard; experts the sum over every token that
   reached them.
 
-Router losses under sequence sharding are computed per shard (each rank's routers see its
-tokens); the objective weighs each by 1 / num_shards, making it the mean of the per-shard losses
-(see megamoe/train/objective.py). Routers whose choice depends on other tokens (expert choice,
-Expert Race, Sinkhorn, ProMoE's batch statistics) then choose among a shard's tokens, as they
-already choose among one data-parallel rank's tokens.
+Routers see their rank's tokens; every router loss, and every selection that ranks tokens against
+each other (expert choice, Expert Race, Sinkhorn, ProMoE's centroids), is formed from statistics
+summed over the sequence shards, so it equals the unsharded computation. Each router learns where
+the other tokens are from the `TokenShards` set here (megamoe/moe/token_shards.py).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import nn
 
-from megamoe.config import ParallelConfig
-from megamoe.model.dit import FeedForward, WanDiT
+from megamoe.config import Config, ParallelConfig
+from megamoe.model.dit import WanDiT, build_model
+from megamoe.model.init import inits_of, materialize
 from megamoe.moe.layer import moe_layers
+from megamoe.moe.token_shards import TokenShards
 from megamoe.parallel.collectives import gather_along_dim
 from megamoe.parallel.context import SequenceSharding, UlyssesAttend
 from megamoe.parallel.expert import apply_expert_parallel
-from megamoe.parallel.tensor import shard_attention, shard_feed_forward, sum_partial_gradients
+from megamoe.parallel.tensor import shard_module, sum_partial_gradients, tensor_parallel_modules
+
+
+def build_sharded_model(cfg: Config, device: str | torch.device,
+                        initialize: bool | Callable[[str], bool] = True) -> WanDiT:
+    """This rank's shard of the model of `cfg`, allocated on `device` only, initialised.
+
+    Built on the meta device, sharded by `parallelize` for cfg.parallel (the process groups of
+    `topology.init_distributed` must exist when any size is > 1), then each parameter is
+    allocated and drawn where it lives: the full state dict gathered from any layout
+    (`full_state_dict`) equals `build_model(cfg.model, device, cfg.train.seed)` bit for bit,
+    and no rank ever holds more than its shard. initialize: see `megamoe.model.init.materialize`
+    (False leaves the parameters uninitialised, to load a checkpoint into).
+    """
+    model = build_model(cfg.model, "meta")
+    inits = inits_of(model)  # before sharding: the fans of the full layers
+    layout = cfg.parallel
+    sharded = max(layout.tensor_parallel_size, layout.context_parallel_size, layout.expert_parallel_size) > 1
+    # With every size 1 sharding changes no weight, but still tells the routers their data-parallel
+    # batch group (the `global` balance scope): whenever the groups exist.
+    if sharded or parallel_state.model_parallel_is_initialized():
+        _shard(model, layout)
+    materialize(model, inits, device, cfg.train.seed, locate=shard_coordinates, initialize=initialize)
+    if sharded:  # gradient hooks hold the parameters themselves: only once they are real
+        _attach_gradient_hooks(model, layout)
+    return model
 
 
 def parallelize(model: WanDiT, parallel: ParallelConfig) -> WanDiT:
@@ -48,7 +76,15 @@ def parallelize(model: WanDiT, parallel: ParallelConfig) -> WanDiT:
 
     Call once, after the weights are initialised or loaded (all ranks equal) and before the
     optimizer sees the parameters. With every size 1 the model is left exactly as it was.
+    `build_sharded_model` shards a model that is not yet allocated instead.
     """
+    _shard(model, parallel)
+    _attach_gradient_hooks(model, parallel)
+    return model
+
+
+def _shard(model: WanDiT, parallel: ParallelConfig) -> None:
+    """Everything `parallelize` does but the gradient hooks; works on the meta device."""
     if getattr(model, "parallelized", False):
         raise RuntimeError("parallelize() was already applied to this model; it shards in place, call it once")
     tp, cp, ep = _sizes(parallel)
@@ -63,13 +99,8 @@ def parallelize(model: WanDiT, parallel: ParallelConfig) -> WanDiT:
 
     if tp > 1:
         tp_group = parallel_state.get_tensor_model_parallel_group()
-        for block in model.blocks:
-            shard_attention(block.attn1, tp_group, sp)
-            shard_attention(block.attn2, tp_group, sp)
-            if isinstance(block.ffn, FeedForward):
-                shard_feed_forward(block.ffn, tp_group, sp)
-            elif block.ffn.shared is not None:  # routed experts stay whole (expert TP = 1); shared ones split
-                shard_feed_forward(block.ffn.shared, tp_group, sp)
+        for _, module, shards in tensor_parallel_modules(model):
+            shard_module(module, shards, tp_group, sp)
     if cp > 1:
         cp_group = parallel_state.get_context_parallel_group()
         for block in model.blocks:
@@ -77,12 +108,28 @@ def parallelize(model: WanDiT, parallel: ParallelConfig) -> WanDiT:
             block.attn1.attend = UlyssesAttend(cp_group, inner=block.attn1.attend)
     if cp > 1 or sp:
         model.sequence_sharding = _sequence_sharding(sp)
+    shard_group = model.sequence_sharding.group if cp > 1 or sp else None
+    batch_group = token_batch_group(parallel)
+    shards = TokenShards(shard_group, batch_group if dist.get_world_size(batch_group) > 1 else None)
+    for layer in moe_layers(model):
+        layer.router.token_shards = shards
     if ep > 1:
         apply_expert_parallel(model, parallel_state.get_expert_model_parallel_group())
-    if sp:  # after EP, so expert parameters are already tagged and skipped
-        sum_partial_gradients(model, parallel_state.get_tensor_model_parallel_group())
     model.parallelized = True
-    return model
+
+
+def _attach_gradient_hooks(model: WanDiT, parallel: ParallelConfig) -> None:
+    if parallel.sequence_parallel and parallel.tensor_parallel_size > 1:  # after EP: experts are tagged, skipped
+        sum_partial_gradients(model, parallel_state.get_tensor_model_parallel_group())
+
+
+def token_batch_group(parallel: ParallelConfig):
+    """The ranks that hold different tokens of the global batch: data x context parallel, and the
+    tensor-parallel ranks too under sequence parallelism (every rank then, as pipeline size is 1).
+    Without SP the TP ranks of a group hold the same tokens and must be counted once."""
+    if parallel.sequence_parallel and parallel.tensor_parallel_size > 1:
+        return dist.group.WORLD
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
 def _sizes(parallel: ParallelConfig) -> tuple[int, int, int]:
@@ -125,6 +172,16 @@ def full_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor] | None = 
             group, dim = split
             state[name] = gather_along_dim(state[name].detach(), dim, group)
     return state
+
+
+def shard_coordinates(param: torch.Tensor) -> tuple[int, int, int] | None:
+    """(dim, index, count): `param` is block `index` of the `count` equal blocks along `dim` that
+    make up the full tensor (see `split_of`), or None when this rank holds it whole."""
+    split = split_of(param)
+    if split is None:
+        return None
+    group, dim = split
+    return dim, dist.get_rank(group), dist.get_world_size(group)
 
 
 def split_of(param: torch.Tensor) -> tuple | None:

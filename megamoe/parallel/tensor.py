@@ -47,7 +47,10 @@ class ColumnParallelLinear(nn.Module):
     """y[..., my output block] = x @ W[my block].T + b[my block]; the input arrives prepared
     (gathered or copied) by the enclosing module's `prepare_input` hook."""
 
-    def __init__(self, linear: nn.Linear, group):
+    PARTITION_DIMS = {"weight": 0, "bias": 0}
+    """Dimension TP splits, by parameter name (here and in the classes below)."""
+
+    def __init__(self, linear: nn.Linear, group, sequence_parallel: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = _tag(nn.Parameter(_shard(linear.weight, 0, group)), 0)
@@ -61,7 +64,10 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """y = sum over TP ranks of x[..., my input block] @ W[:, my block].T, + b (full, added once)."""
+    """y = sum over TP ranks of x[..., my input block] @ W[:, my block].T, + b (full, added once).
+    With sequence parallelism the sum is reduce-scattered over the sequence instead of all-reduced."""
+
+    PARTITION_DIMS = {"weight": 1}
 
     def __init__(self, linear: nn.Linear, group, scatter_sequence: bool):
         super().__init__()
@@ -88,7 +94,9 @@ class HeadShardedRMSNorm(nn.Module):
     total). Computed in float32, as nn.RMSNorm's fused kernels do, and cast back.
     """
 
-    def __init__(self, norm: nn.RMSNorm, group):
+    PARTITION_DIMS = {"weight": 0}
+
+    def __init__(self, norm: nn.RMSNorm, group, sequence_parallel: bool = False):
         super().__init__()
         self.group = group
         self.full_dim = norm.normalized_shape[-1]
@@ -121,26 +129,52 @@ def prepare_input(module: nn.Module, group, sequence_parallel: bool) -> None:
     module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def shard_attention(attn: nn.Module, group, sequence_parallel: bool) -> None:
-    """Split a WanAttention's heads over the TP group, in place (self- or cross-attention)."""
+# The submodules TP replaces, by path inside a WanAttention / a FeedForward, and the class that
+# replaces each: attention splits whole heads, an FFN its hidden units (GELU is per unit).
+ATTENTION_SHARDS = {"to_q": ColumnParallelLinear, "to_k": ColumnParallelLinear, "to_v": ColumnParallelLinear,
+                    "to_out.0": RowParallelLinear, "norm_q": HeadShardedRMSNorm, "norm_k": HeadShardedRMSNorm}
+FEED_FORWARD_SHARDS = {"net.0.proj": ColumnParallelLinear, "net.2": RowParallelLinear}
+
+
+def partition_dims(shards: dict) -> dict[str, int]:
+    """{parameter path inside the module: dimension TP splits} for a table like ATTENTION_SHARDS;
+    parameters not listed stay whole on every TP rank."""
+    return {f"{path}.{name}": dim for path, cls in shards.items() for name, dim in cls.PARTITION_DIMS.items()}
+
+
+def shard_module(module: nn.Module, shards: dict, group, sequence_parallel: bool) -> None:
+    """Split a WanAttention (ATTENTION_SHARDS) or a FeedForward (FEED_FORWARD_SHARDS) over the TP group, in place."""
     size = dist.get_world_size(group)
-    if attn.num_heads % size:
-        raise ValueError(f"model.num_heads={attn.num_heads} is not divisible by parallel.tensor_parallel_size={size}")
-    attn.to_q = ColumnParallelLinear(attn.to_q, group)
-    attn.to_k = ColumnParallelLinear(attn.to_k, group)
-    attn.to_v = ColumnParallelLinear(attn.to_v, group)
-    attn.to_out[0] = RowParallelLinear(attn.to_out[0], group, scatter_sequence=sequence_parallel)
-    attn.norm_q = HeadShardedRMSNorm(attn.norm_q, group)
-    attn.norm_k = HeadShardedRMSNorm(attn.norm_k, group)
-    attn.num_heads //= size
-    prepare_input(attn, group, sequence_parallel)
+    if hasattr(module, "num_heads"):
+        if module.num_heads % size:
+            raise ValueError(f"model.num_heads={module.num_heads} is not divisible by "
+                             f"parallel.tensor_parallel_size={size}")
+        module.num_heads //= size
+    for path, cls in shards.items():
+        module.set_submodule(path, cls(module.get_submodule(path), group, sequence_parallel))
+    prepare_input(module, group, sequence_parallel)
 
 
-def shard_feed_forward(ffn: nn.Module, group, sequence_parallel: bool) -> None:
-    """Split a dense FeedForward's hidden units over the TP group, in place (GELU is per unit)."""
-    ffn.net[0].proj = ColumnParallelLinear(ffn.net[0].proj, group)
-    ffn.net[2] = RowParallelLinear(ffn.net[2], group, scatter_sequence=sequence_parallel)
-    prepare_input(ffn, group, sequence_parallel)
+def tensor_parallel_modules(model: nn.Module) -> list[tuple[str, nn.Module, dict]]:
+    """(name, module, table of what TP replaces in it) of every attention and FFN of a WanDiT that TP
+    splits (`parallelize` applies them; the planner reads them off a meta-device model)."""
+    from megamoe.model.dit import FeedForward
+
+    found = []
+    for i, block in enumerate(model.blocks):
+        found += [(f"blocks.{i}.{name}", getattr(block, name), ATTENTION_SHARDS) for name in ("attn1", "attn2")]
+        if isinstance(block.ffn, FeedForward):
+            found.append((f"blocks.{i}.ffn", block.ffn, FEED_FORWARD_SHARDS))
+        elif block.ffn.shared is not None:  # routed experts stay whole (expert TP = 1); shared ones split
+            found.append((f"blocks.{i}.ffn.shared", block.ffn.shared, FEED_FORWARD_SHARDS))
+    return found
+
+
+def tensor_parallel_dims(model: nn.Module) -> dict[str, int]:
+    """{parameter name of the plain model: dimension TP splits it along}; every other parameter stays
+    whole on each TP rank. What `parallelize` does, read off an unsharded (e.g. meta-device) model."""
+    return {f"{name}.{path}": dim for name, _, shards in tensor_parallel_modules(model)
+            for path, dim in partition_dims(shards).items()}
 
 
 def sum_partial_gradients(model: nn.Module, group) -> None:

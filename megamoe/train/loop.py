@@ -18,10 +18,11 @@ from megamoe.data.loader import DataError, ShardLoader, StreamStateError, build_
 from megamoe.data.video_latents import VideoToLatents
 from megamoe.device import rng_states, set_rng_states
 from megamoe.model.activation_checkpointing import apply_activation_checkpointing
-from megamoe.model.dit import build_model
+from megamoe.model.dit import build_model, count_parameters
+from megamoe.model.weights import WeightsError
 from megamoe.moe.diagnostics import RoutingDiagnostics
 from megamoe.moe.layer import moe_layers, routers_after_step, routers_discard_step
-from megamoe.parallel.parallelize import parallelize
+from megamoe.parallel.parallelize import build_sharded_model, token_batch_group
 from megamoe.parallel.sharded_weights import export_weights, init_from
 from megamoe.parallel.topology import Topology
 from megamoe.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -32,7 +33,7 @@ from megamoe.train.resilience import (STOP_REQUEST, StepAgreement, inject_nan, l
                                       poison_if_nonfinite, slow_save, stop_together)
 from megamoe.train.run_dir import RunDirError
 
-BAD_INPUT = (CheckpointError, DataError, StreamStateError, RunDirError)
+BAD_INPUT = (CheckpointError, DataError, StreamStateError, RunDirError, WeightsError)
 """Errors that mean the user's input (data, checkpoint, output directory) is bad: one line and exit 2."""
 
 
@@ -61,12 +62,8 @@ def build_data(cfg: Config, topology: Topology) -> tuple[ShardLoader, VideoToLat
 
 
 def token_shard_group(cfg: Config):
-    """The ranks that hold different tokens of the global batch: data x context parallel, and the
-    tensor-parallel ranks too under sequence parallelism (every rank then, as pipeline size is 1).
-    Without SP the TP ranks of a group hold the same tokens and must be counted once."""
-    if cfg.parallel.sequence_parallel and cfg.parallel.tensor_parallel_size > 1:
-        return dist.group.WORLD
-    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+    """The ranks that hold different tokens of the global batch (see parallelize.token_batch_group)."""
+    return token_batch_group(cfg.parallel)
 
 
 def sum_over_token_shards(cfg: Config):
@@ -85,10 +82,9 @@ def sum_over_token_shards(cfg: Config):
 def mean_loss_parts(cfg: Config, parts: dict[str, torch.Tensor]) -> dict[str, float]:
     """The logged losses of a step: each part averaged over every token shard and data-parallel rank.
 
-    The flow loss is the same on the ranks of one TP/CP group (the prediction is gathered), so
-    this is its data-parallel mean. Router losses are per shard; their mean over shards is what
-    the objective optimizes (see train/objective.py), and the total is rebuilt from the means as
-    flow + sum of weight x part, which is each rank's `loss` when nothing is sharded.
+    Every part is the same on the ranks of one TP/CP group (the prediction is gathered, router
+    losses reduce their statistics over the shards; see train/objective.py), so this is its
+    data-parallel mean; the total is rebuilt from the means as flow + sum of weight x part.
     """
     group = token_shard_group(cfg)
     names = sorted(parts)
@@ -169,18 +165,20 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
     """Run (or continue) training; returns the logged scalars of rank 0 (empty elsewhere)."""
     log = RunLogger(cfg.train.output_dir, cfg.train.steps, cfg.logging.tensorboard, enabled=topology.is_main)
 
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    model = build_model(cfg.model).to(topology.device)
-    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    torch.manual_seed(cfg.train.seed)  # the global RNG a run checkpoints; the weights do not draw from it
     layout = cfg.parallel
-    log.info(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+    loading = bool(cfg.train.init_from) and resume_from is None
+    # Each rank allocates only its shard of the weights, and draws it from the seed unless something
+    # fills it next: train.init_from (each rank reads only its blocks; dense into MoE upcycles, drawing
+    # the gates and shared-expert noise by coordinate) or the checkpoint it resumes from.
+    model = build_sharded_model(cfg, topology.device, initialize=not loading and resume_from is None)
+    if loading:
+        log.info(init_from(model, cfg.train.init_from, cfg.train.seed))
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    log.info(f"model: {count_parameters(build_model(cfg.model, 'meta')) / 1e6:.2f}M parameters, "
              f"{topology.world_size} rank(s) as {topology.describe()}"
              f"{', sequence parallel' if layout.sequence_parallel and layout.tensor_parallel_size > 1 else ''}, "
              f"device {topology.device.type}")
-    if max(layout.tensor_parallel_size, layout.context_parallel_size, layout.expert_parallel_size) > 1:
-        parallelize(model, layout)  # each rank keeps its shard of the weights, tokens and experts
-    if cfg.train.init_from and resume_from is None:  # each rank reads only its blocks; dense into MoE upcycles
-        log.info(init_from(model, cfg.train.init_from, cfg.train.seed))
     engine = build_engine(model, cfg)
     ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     # Start-up work a rank may fail alone ends in an agreement: every rank stops, or none (see resilience.py).

@@ -26,24 +26,22 @@ def training_loss(model, module, latents: torch.Tensor, text: torch.Tensor, cfg:
     """`model` is what runs the forward (a DeepSpeed engine or the module), `module` the plain
     WanDiT inside it. Returns (total loss, {part name: unweighted value}).
 
-    Under context/sequence parallelism the flow loss is the full one on every rank, but each
-    rank's routers saw only its shard of the tokens: its router losses are that shard's, weighted
-    by 1 / num_shards so that the gradients, summed over the shards, are those of the mean of the
-    per-shard losses (for token means like z and layer_reg: exactly the unsharded loss). The
-    logged parts are this rank's shard values.
+    Under context/sequence parallelism each rank's routers see only its shard of the tokens, but
+    every router loss is formed from statistics summed over the shards (megamoe/moe/token_shards.py):
+    its value is the unsharded loss on every rank, and each rank's backward leaves its partial
+    gradient, like the gathered flow loss. So the parts, and the total, are the unsharded ones.
     """
     flow, target = flow_matching_loss(model, latents, text, cfg.diffusion, generator)
     total, parts = flow, {"flow": flow.detach()}
     weights = loss_weights(cfg)
-    sharding = module.sequence_sharding
     for name, value in collect_aux(module).items():
         if weights.get(name, 0.0) > 0:
-            total = total + weights[name] * value / sharding.num_shards
+            total = total + weights[name] * value
             parts[name] = value.detach()
     if weights["layer_reg"] > 0:
-        target_tokens = sharding.shard(module.patchify(target)).flatten(0, 1)  # the tokens this rank predicts
-        predictions = [layer.aux["layer_reg_prediction"] for layer in moe_layers(module)]
-        reg = sum(layer_reg_loss(p, target_tokens) for p in predictions)
-        total = total + weights["layer_reg"] * reg / sharding.num_shards
+        target_tokens = module.sequence_sharding.shard(module.patchify(target)).flatten(0, 1)  # this rank's tokens
+        reg = sum(layer.router.token_shards.mean(layer_reg_loss(layer.aux["layer_reg_prediction"], target_tokens))
+                  for layer in moe_layers(module))
+        total = total + weights["layer_reg"] * reg
         parts["layer_reg"] = reg.detach()
     return total, parts

@@ -11,9 +11,10 @@ from test_parallel_training import assert_same_run
 
 from megamoe.config import ParallelConfig
 
-# Aux-free bias balancing gathers load counts in forward. (No balance loss: under SP/CP it is taken
-# per token shard, so it would differ from the single-process loss for reasons of its own.)
-BIASED = dataclasses.replace(SMALL_MOE, moe=dataclasses.replace(SMALL_MOE.moe, bias_balancing=True, bias_update_rate=0.01))
+# Aux-free bias balancing gathers load counts in forward; the balance loss (like z) reduces its
+# statistics over the sequence shards, in the recomputed forward too.
+BIASED = dataclasses.replace(SMALL_MOE, moe=dataclasses.replace(SMALL_MOE.moe, bias_balancing=True, bias_update_rate=0.01,
+                                                                balance_loss=0.1))
 
 
 @pytest.mark.parametrize("parallel, spec", [

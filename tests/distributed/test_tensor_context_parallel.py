@@ -1,16 +1,18 @@
 """Tensor (+ sequence), context and expert parallelism of the whole DiT against the single-process model.
 
-Each layout runs the training objective (flow loss + router losses) on gloo ranks and must give
-the single-process loss and, once every rank's gradients are reduced the way DeepSpeed reduces
-them (ordinary parameters: summed over data x context parallel ranks, divided by the data-parallel
-size; experts: summed over the expert-data-parallel group, divided by the data-parallel size) and
-the TP shards / EP slices are put together, the single-process gradient of every parameter.
+Each rank builds its shard as training does (`build_sharded_model`: on the meta device, sharded,
+then only what the rank holds allocated and drawn); the shards put together must equal the
+one-process build bit for bit. Each layout then runs the training objective (flow loss + router
+losses) on gloo ranks and must give the single-process loss and, once every rank's gradients are
+reduced the way DeepSpeed reduces them (ordinary parameters: summed over data x context parallel
+ranks, divided by the data-parallel size; experts: summed over the expert-data-parallel group,
+divided by the data-parallel size) and the TP shards / EP slices are put together, the
+single-process gradient of every parameter.
 
 The reference is the single-process model on the global batch: each data-parallel rank takes its
 slice (and its own noise generator), the reference loss and gradients are the mean over slices.
 """
 
-import copy
 import dataclasses
 
 import pytest
@@ -23,11 +25,27 @@ from megamoe.config import Config, DiffusionConfig, ModelConfig, MoEConfig, Para
 
 DENSE = ModelConfig(dim=32, num_layers=2, num_heads=4, ffn_dim=64, in_channels=4, out_channels=4, text_dim=24,
                     freq_dim=16, rope_max_seq_len=32)
-# Block 0 dense (TP-sharded FFN), block 1 MoE with a shared expert; z and layer_reg are token
-# means, so their per-shard mean equals the unsharded value and the comparison is exact.
-MOE = dataclasses.replace(DENSE, moe=MoEConfig(num_experts=4, layers="every_other", router="linear", top_k=2,
-                                        num_shared_experts=1, balance_loss=0.0, z_loss=0.01, layer_reg_loss=0.1))
-BALANCE = dataclasses.replace(MOE, moe=dataclasses.replace(MOE.moe, balance_loss=0.1))
+
+
+def moe_model(router: str, **losses) -> ModelConfig:
+    """Block 0 dense (TP-sharded FFN), block 1 MoE with a shared expert; the per-layer
+    regularization on, plus the router's own losses (`losses`): every loss weight the router uses
+    is nonzero, and each must equal the unsharded loss for the comparison to hold."""
+    return dataclasses.replace(DENSE, moe=MoEConfig(num_experts=4, layers="every_other", router=router, top_k=2,
+                                                    num_shared_experts=1, layer_reg_loss=0.1, **losses))
+
+
+MOE = moe_model("linear", balance_loss=0.5, z_loss=0.01)
+# Routers whose selection or losses span the tokens of a micro-batch (and token choice's
+# sequence-wise balance): each must select and score under sharding as one process does.
+SPANNING = {
+    "linear sequence balance": moe_model("linear", balance_loss=0.5, z_loss=0.01, balance_scope="sequence"),
+    "expert_race": moe_model("expert_race", similarity_loss=0.5),
+    "expert_choice": moe_model("expert_choice"),
+    "expert_choice batch": moe_model("expert_choice", expert_choice_scope="batch"),
+    "sinkhorn": moe_model("sinkhorn"),
+    "promoe": moe_model("promoe", contrastive_loss=0.5),
+}
 SAMPLES_PER_RANK, FRAMES, SIZE, TEXT_LEN = 2, 2, 8, 5  # 2 x 4 x 4 = 32 tokens per sample
 
 LAYOUTS = {  # name: (ranks, ParallelConfig fields, model)
@@ -40,6 +58,11 @@ LAYOUTS = {  # name: (ranks, ParallelConfig fields, model)
     "tp2_sp_moe": (2, dict(tensor_parallel_size=2), MOE),  # experts replicated: summed by the SP hooks
     "tp2_sp_ep2_moe": (2, dict(tensor_parallel_size=2, expert_parallel_size=2), MOE),
     "cp2_ep2_moe": (2, dict(context_parallel_size=2, expert_parallel_size=2), MOE),
+    "ep2_moe": (2, dict(expert_parallel_size=2), MOE),
+    "tp2_sp_ep2_dp2_moe": (4, dict(tensor_parallel_size=2, expert_parallel_size=2), MOE),
+    "cp2_ep2_dp2_moe": (4, dict(context_parallel_size=2, expert_parallel_size=2), MOE),
+    "ep4_moe": (4, dict(expert_parallel_size=4), MOE),
+    "tp2_cp2_sp_ep4_moe": (4, dict(tensor_parallel_size=2, context_parallel_size=2, expert_parallel_size=4), MOE),
 }
 
 
@@ -58,11 +81,17 @@ class PerTokenTimesteps(nn.Module):
 
 
 def build(model_cfg):
+    """The one-process model (seed 0)."""
     from megamoe.model.dit import build_model
 
+    return with_trainable_head(build_model(model_cfg, seed=0))
+
+
+def with_trainable_head(model):
+    """proj_out starts at zero, which would leave the trunk without gradient: draw it (it is
+    replicated in every layout, so every rank draws the same)."""
     torch.manual_seed(0)
-    model = build_model(model_cfg)
-    with torch.no_grad():  # proj_out starts at zero, which would leave the trunk without gradient
+    with torch.no_grad():
         nn.init.normal_(model.proj_out.weight, std=0.1)
         nn.init.normal_(model.proj_out.bias, std=0.1)
     return model
@@ -78,45 +107,24 @@ def batch(model_cfg, dp_rank):
     return latents[rows], text[rows]
 
 
-def run_objective(model, model_cfg, dp_rank, per_token, balance_shards=None):
-    """(total loss, flow loss) of one data-parallel rank's slice, backward done.
-
-    balance_shards: for the reference only, replace the balance loss by the mean of the balance
-    losses of that many sequence shards (the definition a sharded run optimises).
-    """
-    from megamoe.moe.layer import moe_layers
+def run_objective(model, model_cfg, dp_rank, per_token):
+    """(total loss, flow loss) of one data-parallel rank's slice, backward done."""
     from megamoe.train.objective import training_loss
 
     cfg = Config(model=model_cfg, diffusion=DiffusionConfig(text_dropout=0.0))
     latents, text = batch(model_cfg, dp_rank)
     runner = PerTokenTimesteps(model) if per_token else model
-    inputs = []
-    if balance_shards:
-        cfg.model = dataclasses.replace(model_cfg, moe=dataclasses.replace(model_cfg.moe, balance_loss=0.0))
-        handles = [layer.register_forward_hook(lambda m, args, out: inputs.append((m, args[0], args[1])))
-                   for layer in moe_layers(model)]
     total, parts = training_loss(runner, model, latents, text, cfg, torch.Generator().manual_seed(100 + dp_rank))
-    if balance_shards:
-        from megamoe.moe.routers.base import RoutingContext
-
-        for handle in handles:
-            handle.remove()
-        for layer, x, ctx in inputs:
-            b, length, dim = x.shape
-            n = length // balance_shards
-            losses = [layer.router(x[:, s * n:(s + 1) * n].reshape(-1, dim), RoutingContext(b, n)).aux["balance"]
-                      for s in range(balance_shards)]
-            total = total + model_cfg.moe.balance_loss * torch.stack(losses).mean()
     total.backward()
     return total.detach(), parts["flow"]
 
 
-def reference(model, model_cfg, dp_size, per_token, balance_shards):
+def reference(model, model_cfg, dp_size, per_token):
     """Loss and gradients of the single-process model, averaged over the data-parallel slices."""
     loss, grads = 0.0, {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     for d in range(dp_size):
         model.zero_grad()
-        total, _ = run_objective(model, model_cfg, d, per_token, balance_shards)
+        total, _ = run_objective(model, model_cfg, d, per_token)
         loss += total / dp_size
         for n, p in model.named_parameters():
             if p.grad is not None:
@@ -151,22 +159,19 @@ def check_layout(layout, model_cfg, per_token=False, checkpointing=False) -> tup
     """Parallel vs single-process objective on this rank; (loss, |loss diff|, max |grad diff|)."""
     from megatron.core import parallel_state as ps
 
-    from megamoe.parallel.parallelize import full_state_dict, parallelize
+    from megamoe.parallel.parallelize import build_sharded_model, full_state_dict
     from megamoe.parallel.topology import init_distributed
 
     parallel = ParallelConfig(**LAYOUTS[layout][1])
     init_distributed(parallel, torch.device("cpu"))
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    balance = model_cfg.moe.num_experts > 0 and model_cfg.moe.balance_loss > 0
 
-    model = build(model_cfg)
-    single = copy.deepcopy(model)
-    parallelize(model, parallel)
+    single = build(model_cfg)
+    model = with_trainable_head(build_sharded_model(Config(model=model_cfg, parallel=parallel), "cpu"))
     if checkpointing:  # the blocks' collectives then run again inside backward
         from megamoe.model.activation_checkpointing import apply_activation_checkpointing
 
         apply_activation_checkpointing(model, "all")
-    shards = model.sequence_sharding.num_shards
 
     full = full_state_dict(model)
     expected = single.state_dict()
@@ -174,18 +179,14 @@ def check_layout(layout, model_cfg, per_token=False, checkpointing=False) -> tup
     for name, value in expected.items():
         assert torch.equal(full[name], value), f"{layout}: full_state_dict()[{name}]"
 
-    loss, flow = run_objective(model, model_cfg, dp_rank, per_token)
-    # This rank's router losses are its shard's, weighted 1 / shards: their sum over the shards
-    # is the objective's router part; then the mean over data-parallel ranks.
-    router_part = loss - flow
-    if shards > 1:
-        dist.all_reduce(router_part, group=model.sequence_sharding.group)
-    loss = flow + router_part
+    # Every rank of a TP/CP group computes the whole objective (gathered prediction, router losses
+    # from statistics summed over the shards); the data-parallel mean is the step's loss.
+    loss, _ = run_objective(model, model_cfg, dp_rank, per_token)
     dist.all_reduce(loss, group=ps.get_data_parallel_group())
     loss = loss / dp_size
     got = reduced_gradients(model)
 
-    ref_loss, ref_grads = reference(single, model_cfg, dp_size, per_token, shards if balance else None)
+    ref_loss, ref_grads = reference(single, model_cfg, dp_size, per_token)
     assert (loss - ref_loss).abs() < 1e-5, f"{layout}: loss {loss.item()} vs single-process {ref_loss.item()}"
     for name, value in ref_grads.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=1e-5, msg=lambda m: f"{layout}: {name}: {m}")
@@ -193,16 +194,101 @@ def check_layout(layout, model_cfg, per_token=False, checkpointing=False) -> tup
     return loss.item(), (loss - ref_loss).abs().item(), max((got[n] - ref_grads[n]).abs().max().item() for n in ref_grads)
 
 
+def sharp_router(num_experts, **moe):
+    """A linear router over `num_experts`-dim tokens whose gate is 50 x identity: a token along
+    axis e goes to expert e with probability 1 - O(e^-50)."""
+    from megamoe.moe.routers import build_router
+
+    router = build_router(num_experts, MoEConfig(num_experts=num_experts, top_k=1, **moe))
+    with torch.no_grad():
+        router.gate.weight.copy_(50 * torch.eye(num_experts))
+    return router
+
+
+def check_balance_closed_forms() -> tuple[float, float, float]:
+    """Two ranks. CP=2: a clip whose first half goes to expert 0 and second half to expert 1 is
+    balanced (loss exactly 1), though each rank's half alone is collapsed (2). DP=2, `global`
+    scope: the data-parallel mean of the loss and of its gradient is the balance loss of the
+    global batch, E * sum_i f_i P_i over both ranks' tokens; with a second micro-batch, f counts
+    both micro-batches (P is the second's); after the step the counts start again."""
+    from megatron.core import parallel_state as ps
+
+    from megamoe.moe.losses import switch_balance_loss
+    from megamoe.moe.routers import RoutingContext, build_router
+    from megamoe.moe.token_shards import TokenShards
+    from megamoe.parallel.topology import init_distributed
+
+    init_distributed(ParallelConfig(context_parallel_size=2), torch.device("cpu"))
+    rank = ps.get_context_parallel_rank()
+    router = sharp_router(2, balance_loss=1.0)
+    router.token_shards = TokenShards(ps.get_context_parallel_group())
+    clip = torch.eye(2).repeat_interleave(2, dim=0)  # 4 tokens: 2 along axis 0, then 2 along axis 1
+    sharded = router(clip[2 * rank:2 * rank + 2], RoutingContext(1, 2)).aux["balance"]
+    assert abs(sharded.item() - 1.0) < 1e-6, f"CP=2 balance loss of a balanced clip is {sharded.item()}, not 1"
+    ps.destroy_model_parallel()
+
+    init_distributed(ParallelConfig(), torch.device("cpu"))
+    world, dp_group = dist.get_world_size(), ps.get_data_parallel_group()
+    cfg = MoEConfig(num_experts=4, top_k=2, balance_loss=1.0, balance_scope="global")
+    torch.manual_seed(0)
+    router = build_router(8, cfg)
+    router.token_shards = TokenShards(None, dp_group)
+    single = build_router(8, dataclasses.replace(cfg, balance_scope="micro_batch"))
+    single.load_state_dict(router.state_dict())
+    g = torch.Generator().manual_seed(3)
+    micro = [torch.randn(world, 6, 8, generator=g) for _ in range(3)]  # [DP rank, tokens, dim] per micro-batch
+    ctx = RoutingContext(2, 3)
+
+    def dp_mean(x):
+        x = x.detach().clone()
+        dist.all_reduce(x, group=dp_group)
+        return x / world
+
+    loss = router(micro[0][rank], ctx).aux["balance"]
+    loss.backward()
+    got = dp_mean(router.gate.weight.grad)
+    expected = single(micro[0].flatten(0, 1), RoutingContext(2 * world, 3)).aux["balance"]
+    expected.backward()
+    loss_diff = (dp_mean(loss) - expected).abs().item()
+    grad_diff = (got - single.gate.weight.grad).abs().max().item()
+    assert loss_diff < 1e-6 and grad_diff < 1e-6, ("global scope vs the global batch", loss_diff, grad_diff)
+
+    second = dp_mean(router(micro[1][rank], ctx).aux["balance"])
+    with torch.no_grad():
+        everything = torch.cat([micro[0], micro[1]]).flatten(0, 1)
+        f = torch.zeros(4).index_add_(0, (everything @ router.gate.weight.t()).topk(2).indices.flatten(),
+                                      torch.ones(everything.shape[0] * 2))
+        p = (micro[1].flatten(0, 1) @ router.gate.weight.t()).softmax(-1).mean(0)
+        closed_form = 4 * (f / f.sum() * p).sum()
+    assert (second - closed_form).abs() < 1e-6, ("global scope, second micro-batch", second.item(), closed_form.item())
+
+    router.after_step(lambda x: x)
+    third = dp_mean(router(micro[2][rank], ctx).aux["balance"])
+    fresh = switch_balance_loss(*_scores(single, micro[2].flatten(0, 1)), 4, 2 * world, 3)
+    assert (third - fresh).abs() < 1e-6, ("global scope after the step", third.item(), fresh.item())
+    ps.destroy_model_parallel()
+    return expected.item(), loss_diff, grad_diff
+
+
+def _scores(router, tokens):
+    """(softmax scores, top-k selection) of a linear router without bias."""
+    with torch.no_grad():
+        scores = (tokens @ router.gate.weight.t()).softmax(-1)
+        return scores, torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(2).indices, True)
+
+
 def cases_worker(rank, world, cases, results):
-    """Every case of one world size in one set of processes (starting ranks costs more than a case)."""
+    """Every case of one world size in one set of processes (starting ranks costs more than a case).
+    A case is (name, check function, keyword arguments); the check returns (loss, |loss diff|,
+    max |grad diff|) after asserting."""
     import os
 
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     from megamoe.parallel.topology import destroy_distributed
 
-    for name, layout, model_cfg, options in cases:
-        diffs = check_layout(layout, model_cfg, **options)
+    for name, check, kwargs in cases:
+        diffs = check(**kwargs)
         if rank == 0:
             results.put((name, *diffs))
     destroy_distributed()
@@ -218,27 +304,38 @@ def run_cases(world, cases):
         print(f"{name}: loss {loss:.6f}, |loss - ref| = {loss_diff:.2e}, max |grad - ref| = {grad_diff:.2e}")
 
 
+def layout_case(name, layout, model_cfg, **options):
+    return name, check_layout, dict(layout=layout, model_cfg=model_cfg, **options)
+
+
 def test_two_rank_layouts_match_single_process():
-    cases = [(name, name, LAYOUTS[name][2], {}) for name in LAYOUTS if LAYOUTS[name][0] == 2]
-    cases.append(("tp2_sp_moe per-token timesteps", "tp2_sp_moe", MOE, dict(per_token=True)))
-    # With the balance loss on, a sharded run optimises the mean of the per-shard balance losses.
-    cases.append(("tp2_sp_ep2_moe balance loss", "tp2_sp_ep2_moe", BALANCE, {}))
-    cases.append(("tp2_sp_ep2_moe activation checkpointing", "tp2_sp_ep2_moe", MOE, dict(checkpointing=True)))
+    cases = [layout_case(name, name, LAYOUTS[name][2]) for name in LAYOUTS if LAYOUTS[name][0] == 2]
+    cases.append(layout_case("tp2_sp_moe per-token timesteps", "tp2_sp_moe", MOE, per_token=True))
+    cases.append(layout_case("tp2_sp_ep2_moe activation checkpointing", "tp2_sp_ep2_moe", MOE, checkpointing=True))
+    # Every router family at CP2 x EP2 and TP2+SP, its loss weights on (CP2 alone adds nothing a
+    # router can see: the shard group is the same as at CP2 x EP2).
+    cases.append(layout_case("cp2 moe", "cp2", MOE))
+    for layout in ("cp2_ep2_moe", "tp2_sp_moe"):
+        cases += [layout_case(f"{layout} {name}", layout, model_cfg) for name, model_cfg in SPANNING.items()]
+    cases.append(("balance closed forms (CP=2, global scope at DP=2)", check_balance_closed_forms, {}))
     run_cases(2, cases)
 
 
 def test_four_rank_layouts_match_single_process():
-    cases = [(name, name, LAYOUTS[name][2], {}) for name in LAYOUTS if LAYOUTS[name][0] == 4]
-    cases.append(("tp2_cp2_sp per-token timesteps", "tp2_cp2_sp", DENSE, dict(per_token=True)))
+    cases = [layout_case(name, name, LAYOUTS[name][2]) for name in LAYOUTS if LAYOUTS[name][0] == 4]
+    cases.append(layout_case("tp2_cp2_sp per-token timesteps", "tp2_cp2_sp", DENSE, per_token=True))
     run_cases(4, cases)
 
 
 def _identity_worker(rank, world):
-    from megamoe.parallel.parallelize import full_state_dict, parallelize
+    from megamoe.parallel.parallelize import build_sharded_model, full_state_dict, parallelize
     from megamoe.parallel.topology import destroy_distributed, init_distributed
 
     init_distributed(ParallelConfig(), torch.device("cpu"))
     model = build(MOE)
+    own = with_trainable_head(build_sharded_model(Config(model=MOE), "cpu")).state_dict()
+    assert list(own) == list(model.state_dict())
+    assert all(torch.equal(value, own[name]) for name, value in model.state_dict().items())
     latents, text = batch(MOE, 0)
     t = torch.tensor([300.0, 700.0])
     before = model(latents, t, text)
@@ -251,7 +348,7 @@ def _identity_worker(rank, world):
 
 
 def test_one_process_is_left_bit_identical():
-    """All sizes 1: parallelize changes nothing, to the bit."""
+    """All sizes 1: the rank's own build is the one-process build, and parallelize changes nothing, to the bit."""
     spawn(_identity_worker, 1)
 
 

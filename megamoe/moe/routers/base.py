@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.config import ConfigError, MoEConfig
+from megamoe.moe.token_shards import ONE_PROCESS, TokenShards
 
 # Token scores from gate logits, for the routers that read `model.moe.score_func`.
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -70,6 +71,10 @@ class Router(nn.Module):
 
     name = "?"  # set by register_router
     config_keys: frozenset = frozenset({"top_k", "layer_reg_loss"})
+
+    token_shards: TokenShards = ONE_PROCESS
+    """Where the other tokens of the batch are (set by parallelize()): losses and selections that
+    span tokens reduce their statistics through it, so they equal the unsharded computation."""
 
     def __init__(self, dim: int, cfg: MoEConfig, layer_reg_out_dim: Optional[int] = None):
         super().__init__()

@@ -5,13 +5,17 @@ arXiv:2202.09368); used for diffusion by EC-DiT (Sun et al. 2024, arXiv:2410.020
 
     scores = softmax_e(tokens @ W_gate^T)                      [N, E]
     C      = round(capacity_factor * T * top_k / E), in [1, T]
-    expert e takes the C tokens with the largest scores[:, e]
+    expert e takes the C tokens with the largest scores[:, e] (all tokens tied at the C-th score)
     probs[t, e] = scores[t, e] where chosen, 0 elsewhere
 
 T is the number of tokens one selection sees: L with `expert_choice_scope: sample`
 (each expert picks C tokens inside every sample) or N = B * L with `batch` (C over the
 whole micro-batch). Every expert is exactly full, so no balance loss is needed; a token
 gets anything from 0 to E experts (tokens nobody picks pass through the residual only).
+
+Under sequence sharding a sample's tokens are spread over the ranks: T and the C-th score are
+those of the whole sample (or micro-batch), found by exchanging each rank's top-C scores per
+expert, so every rank selects what one process would.
 
 Inference applies the same rule. With scope `sample` a sample's routing depends only on
 its own tokens; with scope `batch` it depends on the other samples of the micro-batch
@@ -66,17 +70,15 @@ class ExpertChoiceRouter(Router):
             per_group = scores.view(b, l, e)  # select within each sample: groups = samples
         else:
             per_group = scores.view(1, n, e)  # one group: the whole micro-batch
-        groups, tokens_per_group = per_group.shape[0], per_group.shape[1]
-        c = expert_capacity(self.cfg.capacity_factor, tokens_per_group, self.cfg.top_k, e)
+        # Under sequence sharding a group's tokens are spread over the shards: C counts them all,
+        # and each expert takes every token whose score reaches the C-th largest of its group.
+        shards = self.token_shards
+        c = expert_capacity(self.cfg.capacity_factor, per_group.shape[1] * shards.num, self.cfg.top_k, e)
 
-        # Selection is a discrete decision: no gradient through the indices, only through the
-        # gathered scores (the combine weights).
-        with torch.no_grad():
-            chosen = per_group.topk(c, dim=1).indices  # [groups, C, E]: token index within the group
-        picked = per_group.gather(1, chosen)  # [groups, C, E], with grad
-        mask = torch.zeros(groups, tokens_per_group, e, dtype=torch.bool, device=tokens.device)
-        mask.scatter_(1, chosen, True)
-        probs = torch.zeros_like(per_group).scatter(1, chosen, picked)
+        # Selection is a discrete decision: no gradient through it, only through the selected
+        # scores (the combine weights).
+        mask = per_group.detach() >= shards.kth_largest(per_group.detach(), c, dim=1)  # [groups, T, E]
+        probs = per_group * mask
 
         routing_map = mask.view(n, e)
         aux = {"unrouted_fraction": (~routing_map.any(dim=1)).float().mean().detach()}

@@ -7,6 +7,7 @@ Training:
     scores = tokens @ W_gate^T                    [N, E], identity activation (raw logits)
     K      = N * top_k                            (N = B * L: B x L x E scores race together)
     selected = the K largest entries of scores, over tokens AND experts at once
+               (every pair whose score reaches the K-th largest; ties at it are all taken)
     probs    = scores where selected, 0 elsewhere
 
 Tokens and experts compete together, so hard tokens (detail, late denoising steps) can take
@@ -25,6 +26,10 @@ data-parallel ranks, so every rank holds the same threshold; it is saved with th
 skipped step's scores are dropped (`discard_step`) and never reach it.
 The first update copies the value (no warm-up from zero). Before any update, eval falls
 back to the training rule.
+
+Under sequence sharding each rank holds a chunk of every sample: the race still runs over the
+whole micro-batch (each rank sends its own top-K scores, at most N_local * E, to find the global
+K-th score; see moe/token_shards.py), so every shard selects what one process would.
 
 Losses (unweighted, in aux; the loop multiplies by the config weights):
     'similarity'            router similarity loss (router_losses.router_similarity_loss),
@@ -63,12 +68,19 @@ class ExpertRaceRouter(Router):
         super().__init__(dim, cfg, **kwargs)
         self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
         # Persistent: inference routing depends on it, so it must survive checkpoints.
-        self.register_buffer("threshold", torch.zeros(()))
-        self.register_buffer("threshold_initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("threshold", torch.empty(()))
+        self.register_buffer("threshold_initialized", torch.empty((), dtype=torch.bool))
+        self.reset_buffers()
         # K-th scores seen since the last optimizer step (one per forward, e.g. per micro-batch
         # under gradient accumulation). Plain attributes: per-step scratch, not model state.
         self._kth_sum: Optional[torch.Tensor] = None
         self._kth_count = 0
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """No threshold yet: the first step's sets it (also after a meta-device build, see megamoe/model/init.py)."""
+        self.threshold.zero_()
+        self.threshold_initialized.fill_(False)
 
     def _apply(self, fn, recurse=True):
         # Module-wide casts (model.bfloat16(), DeepSpeed bf16) would round the threshold, and a
@@ -86,15 +98,14 @@ class ExpertRaceRouter(Router):
             raise ValueError(f"expert_race router got {n} tokens but batch_size*seq_len = {ctx.batch_size}*{ctx.seq_len}")
         scores = F.linear(tokens, self.gate.weight.float())  # identity activation, fp32
 
+        shards = self.token_shards
         if self.training or not bool(self.threshold_initialized):
-            k = n * self.cfg.top_k
-            with torch.no_grad():
-                top = scores.flatten().topk(k)
-                mask = torch.zeros(n * e, dtype=torch.bool, device=scores.device)
-                mask[top.indices] = True
-                mask = mask.view(n, e)
+            # The race runs over the tokens of every shard: K counts them all, and a pair is
+            # selected iff its score reaches the K-th largest score of the whole micro-batch.
+            kth = shards.kth_largest(scores.detach().flatten()[None], n * shards.num * self.cfg.top_k, dim=1)
+            mask = scores.detach() >= kth.reshape(())
             if self.training and not is_recomputing():  # a recomputed forward was counted already
-                kth = top.values[-1].float()
+                kth = kth.reshape(()).float()
                 self._kth_sum = kth if self._kth_sum is None else self._kth_sum + kth
                 self._kth_count += 1
         else:
@@ -103,7 +114,7 @@ class ExpertRaceRouter(Router):
 
         aux = {"unrouted_fraction": (~mask.any(dim=1)).float().mean().detach()}
         if self.cfg.similarity_loss > 0:
-            aux["similarity"] = router_similarity_loss(scores, mask)
+            aux["similarity"] = router_similarity_loss(scores, mask, shards)
         return RouterOutput(probs=probs, routing_map=mask, aux=aux)
 
     @torch.no_grad()

@@ -26,6 +26,9 @@ between each used prototype and the centroid of the conditional tokens it won (a
 prototype is the best-matching prototype of its top-1 expert), temperature 0.1 as in the
 reference code; see router_losses.routing_contrastive_loss.
 
+Under sequence sharding the centroids are those of the conditional tokens of every shard
+(their sums and counts are all-reduced, see router_losses.routing_contrastive_loss).
+
 If ctx.is_null is None every sample is treated as conditional: the training loop must pass
 it, or the unconditional expert never trains.
 """
@@ -39,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.config import MoEConfig
+from megamoe.model.init import Init
 from megamoe.moe.router_losses import routing_contrastive_loss
 from megamoe.moe.routers.base import Router, RouterOutput, RoutingContext, require, register_router
 
@@ -68,11 +72,27 @@ class ProMoERouter(Router):
         self.unconditional_expert = cfg.num_experts - 1
         self.num_prototypes = cfg.num_prototypes_per_expert
         # Expert-major: rows e*P .. (e+1)*P - 1 belong to conditional expert e.
-        self.prototypes = nn.Parameter(torch.randn(self.num_conditional * self.num_prototypes, dim) * 0.02)
+        self.prototypes = nn.Parameter(torch.empty(self.num_conditional * self.num_prototypes, dim))
         # Shape [1], not a 0-dim scalar: DeepSpeed broadcasts parameters as byte views, which 0-dim tensors refuse.
-        self.log_scale = nn.Parameter(torch.full((1,), math.log(10.0)))
-        self.register_buffer("prototype_expert", torch.arange(self.num_conditional).repeat_interleave(
-            self.num_prototypes), persistent=False)
+        self.log_scale = nn.Parameter(torch.empty(1))
+        self.register_buffer("prototype_expert", torch.empty(self.num_conditional * self.num_prototypes,
+                                                             dtype=torch.long), persistent=False)
+        for name, init in self.parameter_inits().items():
+            init.fill_(getattr(self, name))
+        self.reset_buffers()
+
+    def parameter_inits(self) -> dict[str, Init]:
+        """Prototypes N(0, 0.02^2) (small random directions: cosine routing ignores their norm);
+        scale 10 (see the module docstring)."""
+        return {"prototypes": Init.normal(0.02), "log_scale": Init.constant(math.log(10.0))}
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """prototype_expert[row]: the conditional expert that prototype row belongs to (expert-major)."""
+        if self.prototype_expert.is_meta:  # computed when materialised (meta arange would load torch's compiler)
+            return
+        self.prototype_expert.copy_(torch.arange(self.num_conditional, device=self.prototype_expert.device)
+                                    .repeat_interleave(self.num_prototypes))
 
     def route(self, tokens: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
         n, e, p, k = tokens.shape[0], self.num_experts, self.num_prototypes, self.cfg.top_k
@@ -112,5 +132,6 @@ class ProMoERouter(Router):
                 best = cos_all.view(n, self.num_conditional, p)[torch.arange(n, device=tokens.device), top1].argmax(-1)
                 assignment = top1 * p + best
             aux["contrastive"] = routing_contrastive_loss(tokens[cond], prototypes, assignment[cond],
-                                                          self.contrastive_temperature, groups=self.prototype_expert)
+                                                          self.contrastive_temperature, groups=self.prototype_expert,
+                                                          shards=self.token_shards)
         return RouterOutput(probs=probs, routing_map=routing_map, aux=aux)

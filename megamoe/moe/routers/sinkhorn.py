@@ -34,16 +34,21 @@ from torch import nn
 
 from megamoe.config import MoEConfig
 from megamoe.moe.routers.base import SCORE_FUNCS, Router, RouterOutput, RoutingContext, require, register_router
+from megamoe.moe.token_shards import ONE_PROCESS, TokenShards
 
 
 @torch.no_grad()
-def sinkhorn_log(logits: torch.Tensor, iterations: int) -> torch.Tensor:
-    """Log of the Sinkhorn-balanced assignment of exp(logits) [N, E]: rows sum to 1, columns to N / E."""
+def sinkhorn_log(logits: torch.Tensor, iterations: int, shards: TokenShards = ONE_PROCESS) -> torch.Tensor:
+    """Log of the Sinkhorn-balanced assignment of exp(logits) [N, E]: rows sum to 1, columns to N / E.
+
+    Under sequence sharding the columns span the tokens of every shard: each column
+    normalisation combines the shards' column log-sums (an all-gather of E floats per iteration).
+    """
     log_a = logits.float()
     n, e = log_a.shape
-    log_col_mass = math.log(n / e)
+    log_col_mass = math.log(n * shards.num / e)
     for _ in range(iterations):
-        log_a = log_a - torch.logsumexp(log_a, dim=0, keepdim=True) + log_col_mass
+        log_a = log_a - shards.logsumexp(log_a, dim=0) + log_col_mass
         log_a = log_a - torch.logsumexp(log_a, dim=1, keepdim=True)
     return log_a
 
@@ -69,7 +74,7 @@ class SinkhornRouter(Router):
     def route(self, tokens: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
         n, e, k = tokens.shape[0], self.num_experts, self.cfg.top_k
         logits = F.linear(tokens, self.gate.weight.float())
-        top_idx = sinkhorn_log(logits.detach(), self.cfg.sinkhorn_iterations).topk(k, dim=-1).indices
+        top_idx = sinkhorn_log(logits.detach(), self.cfg.sinkhorn_iterations, self.token_shards).topk(k, dim=-1).indices
 
         scores = torch.sigmoid(logits) if self.cfg.score_func == "sigmoid" else F.softmax(logits, dim=-1)
         weights = scores.gather(1, top_idx)

@@ -81,12 +81,21 @@ class TokenChoiceRouter(Router):
         super().__init__(dim, cfg, **kwargs)
         if cfg.bias_balancing:
             # Persistent: the bias is training state that an exact resume must restore.
-            self.register_buffer("expert_bias", torch.zeros(self.num_total, dtype=torch.float32))
+            self.register_buffer("expert_bias", torch.empty(self.num_total, dtype=torch.float32))
             # Selections accumulated over the micro-batches of one optimizer step. A plain
             # attribute rather than a non-persistent buffer: a model built on the meta device and
             # materialised with `to_empty` would hold garbage there (see model/rope.py).
             # Activation recomputation re-runs this forward in backward; it must not count again.
             self.load_counts: Optional[torch.Tensor] = None
+        # `global` balance scope: the step's assignments per expert so far, over the global batch.
+        self.balance_counts: Optional[torch.Tensor] = None
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """The aux-free bias starts at zero (also after a meta-device build, see megamoe/model/init.py)."""
+        if self.cfg.bias_balancing:
+            self.expert_bias.zero_()
 
     def logits(self, tokens: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         raise NotImplementedError
@@ -100,15 +109,30 @@ class TokenChoiceRouter(Router):
                 counts = routing_map.sum(0)
                 self.load_counts = counts if self.load_counts is None else self.load_counts + counts
         aux = {}
+        shards = self.token_shards
         if self.cfg.balance_loss > 0:
             # Sigmoid scores do not sum to one; normalise them so P_i is a distribution (DeepSeek-V3).
             dist = scores if self.cfg.score_func == "softmax" else \
                 scores / scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+            # (in eval, where no step accumulates, `global` falls back to this micro-batch's counts)
+            counts = self._global_counts(routing_map) if self.cfg.balance_scope == "global" and self.training \
+                else None
             aux["balance"] = switch_balance_loss(dist, routing_map, self.num_experts, ctx.batch_size, ctx.seq_len,
-                                                 self.cfg.balance_scope)
+                                                 self.cfg.balance_scope, shards, counts)
         if self.cfg.z_loss > 0:
-            aux["z"] = z_loss(logits)
+            aux["z"] = z_loss(logits, shards)
         return RouterOutput(probs, routing_map, aux)
+
+    @torch.no_grad()
+    def _global_counts(self, routing_map: torch.Tensor) -> torch.Tensor:
+        """`global` balance scope: assignments per real expert over every token of the global batch
+        seen so far in this optimizer step, i.e. over all data-parallel ranks and shards and the
+        micro-batches up to this one (megatron-core's global-batch aux loss). Reset by after_step."""
+        if is_recomputing() and self.balance_counts is not None:
+            return self.balance_counts  # recomputed in backward: counted already, its aux unused; no collective
+        counts = self.token_shards.sum_over_batch(routing_map[:, : self.num_experts].sum(0).float())
+        self.balance_counts = counts if self.balance_counts is None else self.balance_counts + counts
+        return self.balance_counts
 
     @torch.no_grad()
     def after_step(self, reduce: Reduce) -> None:
@@ -118,6 +142,7 @@ class TokenChoiceRouter(Router):
         would pin the share of skipped compute instead of letting tokens choose it (AdaMoE).
         Every rank calls `reduce` exactly once, also one that saw no tokens, so none hangs.
         """
+        self.balance_counts = None
         if not self.cfg.bias_balancing:
             return
         counts = self.load_counts if self.load_counts is not None else \
@@ -127,7 +152,9 @@ class TokenChoiceRouter(Router):
         self.load_counts = None
 
     def discard_step(self) -> None:
-        """A skipped step's loads must not steer the next bias update (see Router.discard_step)."""
+        """A skipped step's loads must not steer the next bias update, nor its assignments the next
+        step's `global` balance loss (see Router.discard_step)."""
+        self.balance_counts = None
         if self.cfg.bias_balancing:
             self.load_counts = None
 
