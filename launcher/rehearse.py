@@ -94,14 +94,14 @@ def rehearse(cfg, topology, latent: tuple, text_len: int, init_from: str | None,
     import torch
 
     from megamoe.model.activation_checkpointing import SavedActivationMeter, apply_activation_checkpointing
-    from megamoe.model.init import build_sharded_model
+    from megamoe.parallel.parallelize import build_sharded_model
     from megamoe.parallel.sharded_weights import init_from as load_slices
     from megamoe.train.engine import build_engine
     from megamoe.train.loop import step_generator
     from megamoe.train.objective import training_loss
 
     start = time.perf_counter()
-    model = build_sharded_model(cfg, topology.device)
+    model = build_sharded_model(cfg, topology.device, initialize=not init_from)  # loading fills it otherwise
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     log(f"built rank {topology.rank}'s shard: {sum(p.numel() for p in model.parameters()) / 1e9:.3f}B parameters "
         f"in {time.perf_counter() - start:.0f} s")
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     import torch
 
     from megamoe.device import resolve_device
-    from megamoe.plan import activation_bytes, make_plan, tokens_of
+    from megamoe.plan import activation_bytes, make_plan, tokens_of, zero_gradient_bytes
     from megamoe.parallel.topology import destroy_distributed, init_rehearsal_distributed
 
     device = resolve_device(cfg.train.device)
@@ -208,6 +208,9 @@ def main(argv=None) -> int:
         destroy_distributed()
     planned = make_plan(cfg, world, gpu_memory_gb=args.gpu_memory_gb, latent=latent)
     layout = planned.layout
+    # The planner's Plan.gradients is the worst rank (ZeRO-2 keeps whole parameters per partition
+    # touched, so ranks differ): compare this rank with its own figure.
+    planned = dataclasses.replace(planned, gradients=zero_gradient_bytes(cfg, layout, world, args.rank))
     held, _ = activation_bytes(cfg, layout, tokens_of(cfg.model, latent), layout.activation_checkpointing)
     planned_act_per_token = held / local_tokens(cfg, latent)
     table, ok = compare(measured, planned, full_plan if args.num_layers is not None else None,

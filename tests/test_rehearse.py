@@ -45,7 +45,7 @@ def test_a_rank_of_an_8_gpu_layout_holds_its_shard_and_agrees_with_the_planner(t
                          log=lambda _: None)
         extra = ["--init-from", tmp_path / "dense"]
     done, figures = rehearse(tmp_path, "--config", "configs/tiny_moe.yaml", "--nodes", 2, "--gpus-per-node", 4,
-                             "--rank", rank, *extra, "optim.zero_stage=2", "train.precision=bf16", *overrides)
+                             "--rank", rank, "--latent", "3,16,16", *extra, "optim.zero_stage=2", "train.precision=bf16", *overrides)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "agrees with the planner" in done.stdout
     assert ("upcycl" in done.stdout) == dense_source, done.stdout
@@ -54,7 +54,9 @@ def test_a_rank_of_an_8_gpu_layout_holds_its_shard_and_agrees_with_the_planner(t
     # The rank's weights: its 1/TP of the TP-sharded parameters, the replicated rest, 1/EP of the experts.
     local = (counts.total - counts.routed_experts - counts.tensor_parallel * (1 - 1 / p.tensor_parallel_size)
              + counts.routed_experts / p.expert_parallel_size)
-    assert figures["measured"]["weights"] == 2 * local  # bf16, exact: every parameter counted once
+    # bf16. DeepSpeed flattens each optimizer group into one buffer padded to a multiple of 2 x its
+    # data-parallel size: a few elements more than the parameters.
+    assert 0 <= figures["measured"]["weights"] - 2 * local <= 2 * 2 * 8 * 3, (figures["measured"]["weights"], 2 * local)
     for kind in ("gradients", "optimizer"):
         assert abs(figures["measured"][kind] / figures["planned"][kind] - 1) <= 0.05, kind
     act = figures["activation_bytes_per_token"]
