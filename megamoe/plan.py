@@ -174,9 +174,10 @@ def count_parameters(m: ModelConfig) -> ParameterCounts:
     embed = (m.in_channels * patch * d + d) + _linear(m.freq_dim, d) + _linear(d, d) + _linear(d, 6 * d) \
         + _linear(m.text_dim, d) + _linear(d, d)
     head = _linear(d, m.out_channels * patch) + 2 * d
-    # TP shards q/k/v (weight + bias: column-parallel) and out (weight; its bias is added after the reduce).
-    attn_tp = 3 * _linear(d, d) + d * d
-    attn_rest = d + 2 * d  # out bias, norm_q, norm_k
+    # TP shards q/k/v (weight + bias: column-parallel), out (weight; its bias is added after the reduce)
+    # and the q/k RMSNorm weights, which follow the heads (parallel/tensor.py's table).
+    attn_tp = 3 * _linear(d, d) + d * d + 2 * d
+    attn_rest = d  # out bias
     block_rest = 2 * attn_rest + (2 * d if m.cross_attn_norm else 0) + 6 * d
 
     def ffn(width: int) -> tuple[int, int]:  # (TP-sharded, replicated)

@@ -73,6 +73,29 @@ def init_distributed(parallel: ParallelConfig, device: torch.device, timeout_min
         else:
             store = _store_of_this_attempt(timeout)
         dist.init_process_group(backend_for(device), timeout=timeout, **store)
+    return _model_parallel_groups(parallel, device)
+
+
+def init_rehearsal_distributed(parallel: ParallelConfig, device: torch.device, rank: int, world_size: int,
+                               gpus_per_node: int) -> Topology:
+    """One process plays global rank `rank` of a `world_size` layout (launcher/rehearse.py).
+
+    torch's fake process group accepts every collective and moves no data (an all-reduce leaves
+    the input as it is, an all-to-all hands each rank back what it sent), so everything that
+    depends on the layout (which shard of each weight, which experts, which optimizer partition)
+    is real and only the values are not. megatron-core builds its groups on it unchanged, except
+    its gloo side groups, which the fake store cannot back.
+    """
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank % gpus_per_node),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    return _model_parallel_groups(parallel, device, gloo_side_groups=False)
+
+
+def _model_parallel_groups(parallel: ParallelConfig, device: torch.device, gloo_side_groups: bool = True) -> Topology:
+    """megatron-core's groups over the default process group, and this rank's place in them."""
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_parallel_size,
         pipeline_model_parallel_size=1,
@@ -81,6 +104,7 @@ def init_distributed(parallel: ParallelConfig, device: torch.device, timeout_min
         # Experts are not split by tensor parallelism: expert parallelism folds over the
         # tensor x context x data ranks (megatron-core's "parallel folding").
         expert_tensor_parallel_size=1,
+        **({} if gloo_side_groups else {"create_gloo_process_groups": False}),
     )
     return Topology(
         rank=dist.get_rank(),
