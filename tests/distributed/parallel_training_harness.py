@@ -94,7 +94,8 @@ def record_top_k_margins() -> list[float]:
 
 
 def train_worker(rank: int, world: int, cfg: Config, slices: int, out_file: str) -> None:
-    """One rank of a harness run (spawned); rank 0 saves losses, grad norms, the full weights and EMA."""
+    """One rank of a harness run (spawned); rank 0 saves losses, grad norms, the full weights and EMA,
+    and the smallest top-k margin over all ranks."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     from megamoe.moe.layer import routers_after_step
