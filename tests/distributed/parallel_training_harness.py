@@ -13,6 +13,11 @@ same optimizer steps (the same clipping included) if the parallel layout is corr
 Everything else is the production path: config validation, `parallelize`, `build_engine` (ZeRO,
 expert-aware groups, clipping, LR schedule), `training_loss`, `routers_after_step`, the EMA (when
 train.ema_decay > 0) and the loop's own metric reductions.
+
+A token whose k-th and (k+1)-th best expert (score plus aux-free bias) are within fp32 rounding of
+each other may pick different experts in two layouts that sum in a different order; from then on
+the runs legitimately part. Each run therefore also reports the smallest such top-k margin it saw
+(`min_top_k_margin`), so a test can tell such a tie from a parallelism bug.
 """
 
 from __future__ import annotations
@@ -68,8 +73,29 @@ def build_reference_model(cfg: Config):
     return model
 
 
+def record_top_k_margins() -> list[float]:
+    """From now on in this process, append the smallest top-k margin of every token-choice routing:
+    min over tokens of (k-th - (k+1)-th highest of scores + expert_bias), the selection's distance
+    from a tie. Wraps `select_top_k`, so it sees the very tensors the router selects from."""
+    from megamoe.moe.routers import token_choice
+
+    margins, select = [], token_choice.select_top_k
+
+    def recording(logits, cfg, expert_bias=None):
+        probs, routing_map, scores = select(logits, cfg, expert_bias)
+        choice = scores if expert_bias is None else scores + expert_bias
+        if 0 < cfg.top_k < choice.shape[-1] and choice.shape[0]:  # else nothing to choose
+            ranked = choice.detach().topk(cfg.top_k + 1, dim=-1).values
+            margins.append((ranked[:, -2] - ranked[:, -1]).min().item())
+        return probs, routing_map, scores
+
+    token_choice.select_top_k = recording
+    return margins
+
+
 def train_worker(rank: int, world: int, cfg: Config, slices: int, out_file: str) -> None:
-    """One rank of a harness run (spawned); rank 0 saves losses, grad norms, the full weights and EMA."""
+    """One rank of a harness run (spawned); rank 0 saves losses, grad norms, the full weights and EMA,
+    and the smallest top-k margin over all ranks."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     from megamoe.moe.layer import routers_after_step
@@ -81,6 +107,7 @@ def train_worker(rank: int, world: int, cfg: Config, slices: int, out_file: str)
     from megamoe.train.objective import training_loss
 
     validate(cfg, world_size=world)  # only layouts a user can launch
+    margins = record_top_k_margins()
     topology = init_distributed(cfg.parallel, torch.device("cpu"))
     if slices % topology.dp_size:
         raise ValueError(f"{slices} slices cannot be split over data-parallel size {topology.dp_size}")
@@ -115,14 +142,18 @@ def train_worker(rank: int, world: int, cfg: Config, slices: int, out_file: str)
         history["grad_norm"].append(float("nan") if norm is None else float(norm))
     weights = full_state_dict(engine.module)  # collective
     averaged = full_state_dict(engine.module, ema.state_dict()) if ema is not None else {}
+    min_margin = torch.tensor(min(margins, default=float("inf")))
+    torch.distributed.all_reduce(min_margin, op=torch.distributed.ReduceOp.MIN)  # every rank's tokens
     if rank == 0:
         torch.save({**history, "weights": {k: v.clone() for k, v in weights.items()},
-                    "ema": {k: v.clone() for k, v in averaged.items()}}, out_file)
+                    "ema": {k: v.clone() for k, v in averaged.items()},
+                    "min_top_k_margin": min_margin.item()}, out_file)
     destroy_distributed()
 
 
 def run(cfg: Config, world: int, slices: int, out_file) -> dict:
-    """Train `cfg` on `world` spawned gloo ranks; returns rank 0's results."""
+    """Train `cfg` on `world` spawned gloo ranks; returns rank 0's results: per-step "loss", "flow",
+    "grad_norm"; the full "weights" and "ema"; "min_top_k_margin" over every rank and step."""
     from launch_helpers import spawn
 
     spawn(train_worker, world, cfg, slices, str(out_file))
