@@ -78,9 +78,8 @@ def test_moe_run_from_a_dense_checkpoint_starts_exactly_where_the_dense_model_is
 
     moe_overrides = ["model.dim=64", "model.num_layers=2", "model.ffn_dim=256", "model.moe.num_experts=4",
                      "model.moe.num_shared_experts=1", "model.moe.balance_loss=0", "model.moe.z_loss=0",
-                     "model.moe.shared_init=zero"]
-    common = [f"data.cache_dir={data_cache}", "train.steps=1", "logging.every_steps=1", "data.micro_batch_size=4",
-              "model.moe.diagnostics_every=0"]
+                     "model.moe.shared_init=zero", "model.moe.diagnostics_every=0"]
+    common = [f"data.cache_dir={data_cache}", "train.steps=1", "logging.every_steps=1", "data.micro_batch_size=4"]
     dense_again = train_one_rank(dense_cfg + common + [f"train.init_from={dense_weights}"], tmp_path / "dense_again")
     moe = train_one_rank(["--config", TINY_MOE, *moe_overrides, *common, f"train.init_from={dense_weights}"],
                          tmp_path / "moe")
