@@ -32,9 +32,10 @@ def test_ep2_on_four_ranks_ten_steps_match_single_process(tmp_path):
     """Each expert lives on 2 of the 4 ranks: its gradient is summed over an expert-data-parallel
     group of 2, the rest over all 4, and the gradient norm must still count every expert once.
     Balance loss and aux-free bias balancing are on: with EP only, no rank sees a sequence shard.
-    Seed 7 keeps every routing decision >= 8.6e-5 from a tie (seed 0 came within 1.5e-8 at step 5)."""
+    Seed 8 keeps every routing decision >= 1.2e-4 from a tie with the coordinate-seeded initialisation
+    (seeds 0-11 range from 2.1e-6 to 1.2e-4; under the earlier init seed 0 came within 1.5e-8 at step 5)."""
     moe = dataclasses.replace(SMALL_MOE.moe, balance_loss=0.01, bias_balancing=True, bias_update_rate=0.01)
-    cfg = make_config({"expert_parallel_size": 2}, model=dataclasses.replace(SMALL_MOE, moe=moe), steps=10, seed=7)
+    cfg = make_config({"expert_parallel_size": 2}, model=dataclasses.replace(SMALL_MOE, moe=moe), steps=10, seed=8)
     parallel, reference = compare_with_single_process(cfg, world=4, slices=4, tmp_path=tmp_path)
     assert sum(norm > cfg.optim.grad_clip for norm in reference["grad_norm"]) >= 5  # clipping acts
     # A near-tie would make a mismatch below meaningless: a different seed is needed, not a fix.
