@@ -73,6 +73,10 @@ def test_model_parallel_layouts_match_single_process(world, parallel, single_pro
     assert a.keys() == b.keys()
     assert b["blocks.0.ffn.experts.w1"].shape[0] == SMALL_MOE.moe.num_experts  # every expert, gathered
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst < 1e-6, worst
+    # The EMA is a convex combination of the weights along the run: it can match the one-process EMA
+    # only as closely as the weights match theirs (rounding, amplified by Adam; 1e-5 above). It must
+    # add no error of its own: within 1e-6, or within the final weights' own gap where that is larger.
+    weights_gap = max((sharded["weights"][k] - reference["weights"][k]).abs().max().item() for k in a)
+    assert worst < max(1e-6, weights_gap), (worst, weights_gap)
     # An average, not a copy of the final weights.
     assert max((b[k] - reference["weights"][k]).abs().max().item() for k in b) > 1e-4
