@@ -191,8 +191,6 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    import torch
-
     from megamoe.device import resolve_device
     from megamoe.plan import activation_bytes, make_plan, tokens_of, zero_gradient_bytes
     from megamoe.parallel.topology import destroy_distributed, init_rehearsal_distributed
