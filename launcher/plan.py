@@ -34,19 +34,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megamoe.plan import run
+    from megamoe.plan import parse_latent, run
 
     try:
         if args.nodes < 1 or args.gpus_per_node < 1:
             raise ConfigError("--nodes and --gpus-per-node must be >= 1")
-        latent = None
-        if args.latent is not None:
-            try:
-                latent = tuple(int(x) for x in args.latent.split(","))
-            except ValueError:
-                latent = ()
-            if len(latent) != 3 or min(latent) < 1:
-                raise ConfigError(f"--latent '{args.latent}' must be three positive ints F,H,W (latent units)")
+        latent = parse_latent(args.latent) if args.latent is not None else None
         cfg = load_config(args.config, args.overrides)
         code, report, verdict = run(cfg, args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.reserve_gb, latent)
     except ConfigError as exc:

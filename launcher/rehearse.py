@@ -164,17 +164,13 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     from megamoe.config import ConfigError, load_config, validate
     from megamoe.model.weights import WeightsError
+    from megamoe.plan import parse_latent
 
     world = args.nodes * args.gpus_per_node
     try:
         if args.nodes < 1 or args.gpus_per_node < 1 or not 0 <= args.rank < world:
             raise ConfigError(f"--rank must be in 0..{world - 1} and --nodes, --gpus-per-node >= 1")
-        try:
-            latent = tuple(int(x) for x in args.latent.split(","))
-        except ValueError:
-            latent = ()
-        if len(latent) != 3 or min(latent) < 1:
-            raise ConfigError(f"--latent '{args.latent}' must be three positive ints F,H,W (latent units)")
+        latent = parse_latent(args.latent)
         cfg = load_config(args.config, args.overrides)
         validate(cfg, world_size=world)
         cfg, full_plan = choose_layout(cfg, world, args.gpus_per_node, args.gpu_memory_gb)

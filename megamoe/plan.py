@@ -339,6 +339,17 @@ def planned_latent(cfg: Config) -> tuple:
     return (d.synthetic_frames, d.synthetic_size, d.synthetic_size)
 
 
+def parse_latent(text: str) -> tuple:
+    """'F,H,W' (latent units, as --latent takes it) -> (F, H, W); ConfigError naming the option otherwise."""
+    try:
+        latent = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        latent = ()
+    if len(latent) != 3 or min(latent) < 1:
+        raise ConfigError(f"--latent '{text}' must be three positive ints F,H,W (latent units)")
+    return latent
+
+
 def tokens_of(m: ModelConfig, latent: tuple) -> int:
     return math.prod(n // p for n, p in zip(latent, m.patch_size))
 
