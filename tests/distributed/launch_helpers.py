@@ -35,6 +35,30 @@ def pretrain(args, nproc: int | None = 2, check: bool = True, timeout: int = 900
     return result
 
 
+def pretrain_in_process(args) -> None:
+    """`launcher/pretrain.py ARGS` as a world of one inside the test process: the code path of
+    `pretrain(ARGS, nproc=None)` without the seconds a new process spends importing torch, DeepSpeed
+    and megatron-core. The stop-signal handlers the launcher installs are put back afterwards."""
+    import signal
+
+    from launcher.pretrain import main
+    from megamoe.train.resilience import STOP_REQUEST, STOP_SIGNALS
+
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    environ = dict(os.environ)  # the launcher sets RANK, WORLD_SIZE, MASTER_* for its world of one
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(name, None)
+    try:
+        code = main(list(map(str, args)))
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        STOP_REQUEST._installed, STOP_REQUEST.received = False, None
+    assert code == 0, f"pretrain exited {code}"
+
+
 def read_metrics(output_dir) -> dict[int, dict]:
     """metrics.jsonl of a run, by step."""
     lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()

@@ -8,7 +8,7 @@ train/objective.py); the z-loss, a token mean, stays on.
 """
 
 import torch
-from launch_helpers import REPO, pretrain, read_metrics
+from launch_helpers import REPO, pretrain, pretrain_in_process, read_metrics
 
 ARGS = ["--config", str(REPO / "configs" / "tiny_moe.yaml"), "model.dim=64", "model.num_layers=2", "model.ffn_dim=256",
         "model.moe.num_experts=4", "model.moe.balance_loss=0", "data.micro_batch_size=4", "optim.warmup_steps=1",
@@ -20,7 +20,7 @@ WEIGHTS = "checkpoints/step_00000003/weights"
 def test_tensor_parallel_launch_matches_single_process(tmp_path, data_cache):
     common = [*ARGS, f"data.cache_dir={data_cache}"]
     pretrain([*common, "parallel.tensor_parallel_size=2", f"train.output_dir={tmp_path / 'tp2'}"], nproc=2)
-    pretrain([*common, f"train.output_dir={tmp_path / 'single'}"], nproc=None)
+    pretrain_in_process([*common, f"train.output_dir={tmp_path / 'single'}"])
     tp2, single = read_metrics(tmp_path / "tp2"), read_metrics(tmp_path / "single")
     assert sorted(tp2) == [1, 2, 3]
     for step in tp2:

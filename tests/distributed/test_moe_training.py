@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from launch_helpers import REPO, pretrain, read_metrics
+from launch_helpers import REPO, pretrain_in_process, read_metrics
 
 from megamoe.moe.routers import ROUTERS
 
@@ -27,7 +27,7 @@ assert sorted(ROUTER_SETTINGS) == sorted(ROUTERS)
 
 
 def train_one_rank(args, output_dir):
-    pretrain([*args, f"train.output_dir={output_dir}"], nproc=None)
+    pretrain_in_process([*args, f"train.output_dir={output_dir}"])
     return [metrics for _, metrics in sorted(read_metrics(output_dir).items())]
 
 
