@@ -63,11 +63,16 @@ def test_a_rank_of_an_8_gpu_layout_holds_its_shard_and_agrees_with_the_planner(t
     assert abs(act["measured"] / act["planned"] - 1) <= 0.2, act
 
 
-def test_bad_input_is_one_line(tmp_path):
+def test_bad_input_is_one_line(tmp_path, capsys):
+    """In this process: every refusal comes before the fake process group or any model exists."""
+    from launcher.rehearse import main
+
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x10\x00")
     for args, needle in [(["--rank", 8], "--rank"), (["--init-from", tmp_path / "broken"], "safetensors"), (["--latent", "1,8"], "--latent"),
                          (["--num-layers", 9], "--num-layers"), (["parallel.expert_parallel_size=3"], "expert")]:
-        done, _ = rehearse(tmp_path, "--config", "configs/tiny_moe.yaml", "--nodes", 2, "--gpus-per-node", 4, *args)
-        assert done.returncode == 2 and needle in done.stderr, (args, done.stderr[-500:])
-        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        code = main(["--config", str(REPO / "configs/tiny_moe.yaml"), "--nodes", "2", "--gpus-per-node", "4",
+                     *map(str, args)])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err, (args, err[-500:])
+        assert len(err.strip().splitlines()) == 1, err

@@ -23,11 +23,12 @@ Then two more steps run, and their losses are compared with a run that had the s
 """
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import REPO, spawn
+from launch_helpers import REPO, free_port, spawn
 
 CONFIG = str(REPO / "configs" / "tiny_moe.yaml")
 SAVED_STEP, STEPS = 3, 5
@@ -142,20 +143,35 @@ def _train(rank, world, overrides, out, resume, reference_dump):
             torch.save(dump, out / "loaded.pt")
         return rank_state
 
+    originals = loop.save_checkpoint, loop.load_checkpoint, loop.EMA
     loop.save_checkpoint, loop.load_checkpoint, loop.EMA = save, load, RecordedEMA
     try:
         history = loop.train(cfg, topology, resume)
         if rank == 0:
             (out / "history.json").write_text(json.dumps({m["step"]: m for m in history}))
     finally:
+        loop.save_checkpoint, loop.load_checkpoint, loop.EMA = originals
         destroy_distributed()
 
 
+def _train_runs(rank, world, runs, ports):
+    """Several runs one after the other on the same ranks (starting ranks costs more than a run),
+    each on a store of its own: a second default group on the first one's store would wait forever."""
+    for run, port in zip(runs, ports):
+        os.environ["MASTER_PORT"] = str(port)
+        _train(rank, world, *run)
+
+
+def history(out: Path) -> dict[int, dict]:
+    return {int(k): v for k, v in json.loads((out / "history.json").read_text()).items()}
+
+
 def train(world, overrides, out, resume=None, reference_dump=None) -> dict[int, dict]:
+    """One run on `world` new ranks (see `_train`)."""
     out.mkdir(parents=True, exist_ok=True)
     spawn(_train, world, overrides, str(out), None if resume is None else str(resume),
           None if reference_dump is None else str(reference_dump))
-    return {int(k): v for k, v in json.loads((out / "history.json").read_text()).items()}
+    return history(out)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +205,15 @@ def test_resume_at_another_layout(world, tp, ep, micro_batch, saved, tmp_path, d
                  f"checkpoint.every_steps={STEPS}"]
     if world // tp != 4:  # another data-parallel size: the stream restarts
         overrides.append("data.restart_stream_on_resume=true")
-    resumed = train(world, overrides, tmp_path / "resumed", resume=path)
+    runs = [(overrides, str(tmp_path / "resumed"), str(path), None)]
+    if world // tp != 4:  # and the reference run follows on the same ranks
+        dump_file = tmp_path / "saved_dump.pt"
+        torch.save(saved_dump, dump_file)
+        runs.append((overrides, str(tmp_path / "reference"), str(path), str(dump_file)))
+    for _, out, _, _ in runs:
+        Path(out).mkdir(parents=True)
+    spawn(_train_runs, world, runs, [free_port() for _ in runs])
+    resumed = history(tmp_path / "resumed")
     assert_same_state(torch.load(tmp_path / "resumed" / "loaded.pt"), saved_dump)
     assert sorted(resumed) == list(range(SAVED_STEP + 1, STEPS + 1))
 
@@ -198,9 +222,7 @@ def test_resume_at_another_layout(world, tp, ep, micro_batch, saved, tmp_path, d
             for name in ("loss", "grad_norm"):
                 assert abs(resumed[step][name] - uninterrupted[step][name]) < 1e-5, (step, name)
     else:
-        dump_file = tmp_path / "saved_dump.pt"
-        torch.save(saved_dump, dump_file)
-        reference = train(world, overrides, tmp_path / "reference", resume=path, reference_dump=dump_file)
+        reference = history(tmp_path / "reference")
         assert_same_state(torch.load(tmp_path / "reference" / "loaded.pt"), saved_dump)
         for step in resumed:
             for name in ("loss", "grad_norm", "lr"):
