@@ -15,9 +15,9 @@ def common(tmp, data_cache, steps):
 
 def test_main_job_learns_logs_to_tensorboard_and_checkpoints(tmp_path, data_cache):
     out = tmp_path / "run"
-    result = pretrain(common(out, data_cache, 150) + ["logging.every_steps=5", "checkpoint.every_steps=100",
+    result = pretrain(common(out, data_cache, 100) + ["logging.every_steps=5", "checkpoint.every_steps=50",
                                                        "optim.warmup_steps=10"])
-    assert "step 150/150" in result.stdout and "samples/s" in result.stdout
+    assert "step 100/100" in result.stdout and "samples/s" in result.stdout
     metrics = read_metrics(out)
     losses = [metrics[s]["loss"] for s in sorted(metrics)]
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
@@ -34,8 +34,8 @@ def test_main_job_learns_logs_to_tensorboard_and_checkpoints(tmp_path, data_cach
             assert value == pytest.approx(metrics[step][name], rel=1e-6)
 
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert checkpoints == ["step_00000100", "step_00000150"]
-    final = out / "checkpoints" / "step_00000150"
+    assert checkpoints == ["step_00000050", "step_00000100"]
+    final = out / "checkpoints" / "step_00000100"
     assert (final / "meta.json").is_file() and (final / "weights" / "config.json").is_file()
 
     # The sampler turns the checkpoint into a viewable clip: 4 samples side by side, 5 frames.
