@@ -1,9 +1,11 @@
-"""The main job on 2 gloo ranks under torchrun: it learns, logs, checkpoints and resumes exactly."""
+"""The main job on 2 gloo ranks under torchrun: it learns, logs and checkpoints; an MoE run at EP=2 resumes exactly."""
 
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 from launch_helpers import REPO, pretrain, read_metrics
 
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -51,38 +53,61 @@ def test_main_job_learns_logs_to_tensorboard_and_checkpoints(tmp_path, data_cach
     assert len(frames) == 5 and frames[0].shape[1] == 4 * frames[0].shape[0]
 
 
-def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path, data_cache):
-    # Gradient accumulation, ZeRO-2 and EMA on, so every piece of state must come back.
-    extra = ["logging.every_steps=1", "checkpoint.every_steps=3", "train.grad_accum=2", "optim.zero_stage=2",
-             "train.ema_decay=0.9", "data.micro_batch_size=4", "optim.warmup_steps=2"]
-    full, part = tmp_path / "full", tmp_path / "part"
-    pretrain(common(full, data_cache, 7) + extra)
-    pretrain(common(part, data_cache, 7) + extra + ["train.exit_interval=3"])  # "preempted" after step 3
-    resumed = pretrain(common(part, data_cache, 7) + extra + ["--resume", "latest"])
-    assert "resumed from" in resumed.stdout
+MOE = ["--config", str(REPO / "configs" / "tiny_moe.yaml"), "model.dim=64", "model.num_layers=2", "model.ffn_dim=256",
+       "model.moe.num_experts=4", "model.moe.diagnostics_every=5"]
 
+
+def resume_args(data_cache):
+    return [*MOE, f"data.cache_dir={data_cache}", "train.steps=8", "logging.every_steps=1", "checkpoint.every_steps=4",
+            "train.grad_accum=2", "optim.zero_stage=2", "train.ema_decay=0.8", "data.micro_batch_size=4",
+            "optim.warmup_steps=2", "parallel.expert_parallel_size=2", "model.moe.bias_balancing=true"]
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, data_cache):
+    """An MoE run at EP=2 with gradient accumulation, ZeRO-2, EMA and aux-free biases, so that every
+    piece of state must come back: uninterrupted (`full`), and "preempted" after step 4 then resumed
+    (`part`). Returns (full, part, the resumed run's result)."""
+    tmp = tmp_path_factory.mktemp("resume")
+    extra = [*MOE, f"data.cache_dir={data_cache}", "train.steps=8", "logging.every_steps=1", "checkpoint.every_steps=4",
+             "train.grad_accum=2", "optim.zero_stage=2", "train.ema_decay=0.8", "data.micro_batch_size=4",
+             "optim.warmup_steps=2", "parallel.expert_parallel_size=2", "model.moe.bias_balancing=true"]
+    full, part = tmp / "full", tmp / "part"
+    pretrain([*extra, f"train.output_dir={full}"])
+    pretrain([*extra, f"train.output_dir={part}", "train.exit_interval=4"])
+    resumed = pretrain([*extra, f"train.output_dir={part}", "--resume", "latest"])
+    return full, part, resumed
+
+
+def test_resume_reproduces_the_uninterrupted_losses_exactly(interrupted):
+    full, part, resumed = interrupted
+    assert f"resumed from {part / 'checkpoints' / 'step_00000004'} at step 4" in resumed.stdout
     uninterrupted, continued = read_metrics(full), read_metrics(part)
-    for step in range(4, 8):
+    for step in range(5, 9):
         for name in ("loss", "grad_norm", "lr"):
             assert continued[step][name] == uninterrupted[step][name], (step, name)
-    # the EMA weights, too, are bit-identical at the end
+    # The weights (experts' aux-free biases included) and the EMA weights (each rank's average of
+    # its own experts, gathered), too, are bit-identical at the end.
     from megamoe.model.weights import read_state_dict
 
-    a = read_state_dict(full / "checkpoints/step_00000007/ema_weights")
-    b = read_state_dict(part / "checkpoints/step_00000007/ema_weights")
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    for name in ("weights", "ema_weights"):  # sharded exports: read through their index
+        a = read_state_dict(full / "checkpoints/step_00000008" / name)
+        b = read_state_dict(part / "checkpoints/step_00000008" / name)
+        assert a.keys() == b.keys() and b["blocks.0.ffn.experts.w1"].shape[0] == 4
+        assert any("expert_bias" in k for k in a)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_unloadable_checkpoint_is_one_line_error_and_left_untouched(tmp_path, data_cache):
+def test_unloadable_checkpoint_is_one_line_error_and_left_untouched(interrupted, tmp_path, data_cache):
     out = tmp_path / "run"
-    pretrain(common(out, data_cache, 2) + ["checkpoint.every_steps=2"])
-    ckpt = out / "checkpoints" / "step_00000002"
+    ckpt = out / "checkpoints" / "step_00000004"
+    shutil.copytree(interrupted[1] / "checkpoints" / "step_00000004", ckpt)
     victim = ckpt / "rank_00001.pt"
     victim.write_bytes(b"\0" * victim.stat().st_size)  # same size: passes the size check, fails to load
     before = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
-    result = pretrain(common(out, data_cache, 4) + ["--resume", str(ckpt)], check=False)
+    result = pretrain([*resume_args(data_cache), f"train.output_dir={out}", "--resume", str(ckpt)], check=False)
     assert result.returncode != 0
     assert "could not be loaded" in result.stderr and "rank_00001.pt" not in result.stdout
     after = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
     assert before == after
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000004"]
