@@ -94,10 +94,23 @@ def record_top_k_margins() -> list[float]:
 
 
 def train_worker(rank: int, world: int, cfg: Config, slices: int, out_file: str) -> None:
-    """One rank of a harness run (spawned); rank 0 saves losses, grad norms, the full weights and EMA,
-    and the smallest top-k margin over all ranks."""
+    """One rank of a harness run; rank 0 saves losses, grad norms, the full weights and EMA, and the
+    smallest top-k margin over all ranks. Leaves the process as it found it (see `run`)."""
+    from megamoe.moe.routers import token_choice
+
+    environ, threads, select = dict(os.environ), torch.get_num_threads(), token_choice.select_top_k
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+    try:
+        _train(rank, world, cfg, slices, out_file)
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        torch.set_num_threads(threads)
+        token_choice.select_top_k = select
+
+
+def _train(rank: int, world: int, cfg: Config, slices: int, out_file: str) -> None:
     from megamoe.moe.layer import routers_after_step
     from megamoe.parallel.parallelize import full_state_dict, parallelize
     from megamoe.parallel.topology import destroy_distributed, init_distributed
@@ -153,10 +166,14 @@ def train_worker(rank: int, world: int, cfg: Config, slices: int, out_file: str)
 
 def run(cfg: Config, world: int, slices: int, out_file) -> dict:
     """Train `cfg` on `world` spawned gloo ranks; returns rank 0's results: per-step "loss", "flow",
-    "grad_norm"; the full "weights" and "ema"; "min_top_k_margin" over every rank and step."""
+    "grad_norm"; the full "weights" and "ema"; "min_top_k_margin" over every rank and step.
+    A world of one runs in this process: the same code, without a new process's imports."""
     from launch_helpers import spawn
 
-    spawn(train_worker, world, cfg, slices, str(out_file))
+    if world == 1:
+        train_worker(0, 1, cfg, slices, str(out_file))
+    else:
+        spawn(train_worker, world, cfg, slices, str(out_file))
     return torch.load(out_file, weights_only=True)
 
 
