@@ -8,27 +8,23 @@
 """
 
 import json
-import os
 from pathlib import Path
 
 import torch
-import torch.multiprocessing
-from launch_helpers import REPO, pretrain, read_metrics
+from launch_helpers import REPO, pretrain, read_metrics, spawn
 
 TINY = str(REPO / "configs" / "tiny.yaml")
 LAYOUTS = {"tp2": {"tensor_parallel_size": 2}, "cp2": {"context_parallel_size": 2},
            "ep2": {"expert_parallel_size": 2}}
 
 
-def _read_on_layouts(rank, world, port, shard_dir, out_dir):
+def _read_on_layouts(rank, world, shard_dir, out_dir):
     import torch.distributed as dist
 
     from megamoe.config import ParallelConfig, load_config
     from megamoe.data.loader import build_loader
     from megamoe.parallel.topology import destroy_distributed, init_distributed
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
     cfg = load_config(None, [f"data.path={shard_dir}", "data.micro_batch_size=2", "model.in_channels=3",
                              "model.text_dim=4", "data.text_len=4"])
     from megatron.core import parallel_state
@@ -49,13 +45,12 @@ def _read_on_layouts(rank, world, port, shard_dir, out_dir):
 
 def test_model_parallel_ranks_share_samples_and_data_parallel_ranks_do_not(tmp_path):
     from megamoe.data.synthetic import dataset_params, write_synthetic_dataset
-    from megamoe.parallel.topology import _free_port
 
     shard_dir = tmp_path / "shards"  # 8 shards of 4 clips: 3 batches of 2 stay inside epoch 0 on every rank
     write_synthetic_dataset(str(shard_dir), dataset_params(num_clips=32, frames=2, size=4, channels=3, text_len=4,
                                                            text_dim=4))
-    torch.multiprocessing.start_processes(_read_on_layouts, args=(4, _free_port(), str(shard_dir), str(tmp_path)),
-                                          nprocs=4, start_method="fork")
+    # Spawned, not forked: this test process may already run threads (OpenMP, gloo) that a fork would break.
+    spawn(_read_on_layouts, 4, str(shard_dir), str(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())
     for name, expected_dp in (("tp2", [0, 0, 1, 1]), ("cp2", [0, 0, 1, 1]), ("ep2", [0, 1, 2, 3])):
         per_rank = results[name]
