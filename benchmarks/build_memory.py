@@ -18,11 +18,22 @@ Each rank reports, from /proc/self/status:
   build    peak resident memory (VmHWM, its peak reset at base) while the model is built, minus base
   engine   peak from base until the DeepSpeed engine is built (the state just before the first
            step), minus base
+  step     peak from base until the end of the first training step (forward, backward, optimizer
+           step on a LATENT-sized micro-batch), minus base: launch to first step, less the process
+  planned  the planner's bytes for this rank (megamoe.plan.make_plan at this layout and LATENT):
+           weights + gradients + optimizer state (fp32 master partition, Adam moments) + activations
 
-The bound: build <= 1.15 x held on every rank, i.e. the build never holds more than the rank's
-shard plus the unsharded rest and 15% (allocator and first-use overheads). `engine` adds what
-DeepSpeed allocates for the optimizer (ZeRO's flat parameter buffer and fp32 master partition),
-device memory the planner counts as optimizer state, which lands in host memory only on the CPU.
+Two bounds, per rank. build <= 1.15 x held: the build never holds more than the rank's shard plus
+the unsharded rest and 15% (allocator and first-use overheads). step <= 1.15 x planned: from launch to
+the first step the rank holds no more than its share of the training state. On a GPU, the engine's
+and the step's memory (ZeRO's flat parameter buffer, fp32 master partition, Adam moments, gradients,
+activations) is device memory; on the CPU it is host memory, which is what makes it measurable here.
+Ranks run with glibc's mmap threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_), so that a freed
+tensor's memory goes back to the system and resident memory follows the tensors alive. With glibc's
+default, the threshold rises to the largest block freed so far (up to 32 MiB), later blocks come from
+the heap and stay resident after they are freed: in this benchmark that kept 350-380 MB more at the
+first step's peak (1.17-1.26 x planned), the CPU's counterpart of the CUDA caching allocator's
+fragmentation, which the planner's `reserve` covers on a GPU and not here.
 The default model (configs/tiny_moe.yaml made wider and deeper, see WIDER) holds 604 MB of routed
 experts and 119 MB of other parameters. Every figure is the largest over the ranks.
 """
@@ -39,6 +50,7 @@ import time
 
 WIDER = ["model.dim=384", "model.ffn_dim=3072", "model.num_layers=8", "model.num_heads=4",
          "model.moe.num_experts=8", "model.moe.diagnostics_every=0"]
+LATENT = (2, 8, 8)  # (F, H, W) of the first step's micro-batch: 32 tokens per sample at patch (1, 2, 2)
 BOUND = 1.15
 MB = 1e6
 
@@ -61,7 +73,10 @@ def worker(args) -> None:
     from megamoe.model.dit import build_model
     from megamoe.parallel.parallelize import build_sharded_model, parallelize
     from megamoe.parallel.topology import destroy_distributed, init_distributed
+    from megamoe.plan import make_plan
     from megamoe.train.engine import build_engine
+    from megamoe.train.loop import step_generator
+    from megamoe.train.objective import training_loss
 
     torch.set_num_threads(1)
     cfg = load_config(args.config, [*WIDER, *args.overrides, f"parallel.expert_parallel_size={args.ep}",
@@ -86,12 +101,21 @@ def worker(args) -> None:
     build_s = time.perf_counter() - start
     build = memory_kb("VmHWM")
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
-    build_engine(model, cfg)
-    engine = memory_kb("VmHWM")
     held = {name: p.numel() * p.element_size() for name, p in model.named_parameters()}
+    engine = build_engine(model, cfg)
+    engine_peak = memory_kb("VmHWM")
+    b, m = cfg.data.micro_batch_size, cfg.model
+    latents, text = torch.randn(b, m.in_channels, *LATENT), torch.randn(b, cfg.data.text_len, m.text_dim)
+    loss, _ = training_loss(engine, engine.module, latents, text, cfg, step_generator(cfg.train.seed, topology.dp_rank, 0))
+    engine.backward(loss)
+    engine.step()
+    step = memory_kb("VmHWM")
+    plan = make_plan(cfg, topology.world_size, latent=LATENT)
+    planned = plan.weights + plan.gradients + plan.optimizer + plan.activations
     experts = sum(size for name, size in held.items() if ".ffn.experts." in name)
     with open(os.path.join(args.out, f"rank{topology.rank}.json"), "w") as f:
-        json.dump({"first": first_use * 1e3, "base": base * 1e3, "build": (build - base) * 1e3, "engine": (engine - base) * 1e3,
+        json.dump({"first": first_use * 1e3, "base": base * 1e3, "build": (build - base) * 1e3,
+                   "engine": (engine_peak - base) * 1e3, "step": (step - base) * 1e3, "planned": planned,
                    "experts": experts, "rest": sum(held.values()) - experts, "build_s": build_s}, f)
     destroy_distributed()
 
@@ -101,7 +125,7 @@ def launch(args, build: str, ep: int) -> list[dict]:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.ranks),
                "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", os.path.abspath(__file__),
                "--worker", "--build", build, "--ep", str(ep), "--out", out, "--config", args.config, *args.overrides]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_=str(128 * 1024))  # see the docstring
         result = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if result.returncode != 0:
             sys.exit(f"{build} EP{ep} failed:\n{result.stderr[-4000:]}")
@@ -122,18 +146,21 @@ def main() -> None:
         return worker(args)
     print(f"{args.ranks} gloo ranks on the CPU, {args.config} + {' '.join(WIDER + args.overrides)}")
     print(f"{'build':>7} {'EP':>2} | {'experts MB':>10} {'rest MB':>7} | {'first MB':>8} {'base MB':>7} {'build MB':>8} "
-          f"{'engine MB':>9} | {'build/held':>10} {'engine/held':>11} | {'build s':>7}")
+          f"{'engine MB':>9} {'step MB':>7} {'planned MB':>10} | {'build/held':>10} {'step/planned':>12} | {'build s':>7}")
     eps = [e for e in (1, 2, 4) if args.ranks % e == 0]
     exceeded = False
     for build, ep in [("sharded", e) for e in eps] + [("full", eps[-1])]:
         ranks = launch(args, build, ep)
         top = {k: max(r[k] for r in ranks) for k in ranks[0]}
-        build_ratio, engine_ratio = (max(r[k] / (r["experts"] + r["rest"]) for r in ranks) for k in ("build", "engine"))
+        build_ratio = max(r["build"] / (r["experts"] + r["rest"]) for r in ranks)
+        step_ratio = max(r["step"] / r["planned"] for r in ranks)
         print(f"{build:>7} {ep:>2} | {top['experts'] / MB:>10.1f} {top['rest'] / MB:>7.1f} | "
-              f"{top['first'] / MB:>8.1f} {top['base'] / MB:>7.0f} {top['build'] / MB:>8.1f} {top['engine'] / MB:>9.1f} | "
-              f"{build_ratio:>10.3f} {engine_ratio:>11.3f} | {top['build_s']:>7.1f}", flush=True)
-        exceeded |= build == "sharded" and build_ratio > BOUND
-    print(f"bound (sharded build <= {BOUND} x held on every rank): {'EXCEEDED' if exceeded else 'held'}")
+              f"{top['first'] / MB:>8.1f} {top['base'] / MB:>7.0f} {top['build'] / MB:>8.1f} {top['engine'] / MB:>9.1f} "
+              f"{top['step'] / MB:>7.1f} {top['planned'] / MB:>10.1f} | {build_ratio:>10.3f} {step_ratio:>12.3f} | "
+              f"{top['build_s']:>7.1f}", flush=True)
+        exceeded |= build == "sharded" and (build_ratio > BOUND or step_ratio > BOUND)
+    print(f"bounds (sharded: build <= {BOUND} x held and step <= {BOUND} x planned, on every rank): "
+          f"{'EXCEEDED' if exceeded else 'held'}")
     sys.exit(1 if exceeded else 0)
 
 if __name__ == "__main__":
