@@ -7,7 +7,6 @@ reduction, gradient norm, checkpoints).
 """
 
 import pytest
-import torch
 import torch.distributed as dist
 from launch_helpers import REPO, pretrain, read_metrics, spawn
 
