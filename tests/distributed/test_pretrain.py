@@ -69,9 +69,7 @@ def interrupted(tmp_path_factory, data_cache):
     piece of state must come back: uninterrupted (`full`), and "preempted" after step 4 then resumed
     (`part`). Returns (full, part, the resumed run's result)."""
     tmp = tmp_path_factory.mktemp("resume")
-    extra = [*MOE, f"data.cache_dir={data_cache}", "train.steps=8", "logging.every_steps=1", "checkpoint.every_steps=4",
-             "train.grad_accum=2", "optim.zero_stage=2", "train.ema_decay=0.8", "data.micro_batch_size=4",
-             "optim.warmup_steps=2", "parallel.expert_parallel_size=2", "model.moe.bias_balancing=true"]
+    extra = resume_args(data_cache)
     full, part = tmp / "full", tmp / "part"
     pretrain([*extra, f"train.output_dir={full}"])
     pretrain([*extra, f"train.output_dir={part}", "train.exit_interval=4"])

@@ -166,21 +166,20 @@ def history(out: Path) -> dict[int, dict]:
     return {int(k): v for k, v in json.loads((out / "history.json").read_text()).items()}
 
 
-def train(world, overrides, out, resume=None, reference_dump=None) -> dict[int, dict]:
-    """One run on `world` new ranks (see `_train`)."""
-    out.mkdir(parents=True, exist_ok=True)
-    spawn(_train, world, overrides, str(out), None if resume is None else str(resume),
-          None if reference_dump is None else str(reference_dump))
-    return history(out)
+def train(world, runs) -> None:
+    """`runs` (overrides, output dir, resume from, reference dump) one after the other on `world` new ranks."""
+    for _, out, _, _ in runs:
+        Path(out).mkdir(parents=True)
+    spawn(_train_runs, world, runs, [free_port() for _ in runs])
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, data_cache):
     """The 4-rank EP=2 run: its checkpoint at step 3, the save-time dump and its losses."""
-    out = tmp_path_factory.mktemp("saved")
-    history = train(4, [f"data.cache_dir={data_cache}", "parallel.expert_parallel_size=2",
-                        "data.micro_batch_size=2", f"checkpoint.every_steps={SAVED_STEP}"], out)
-    return out / "checkpoints" / f"step_{SAVED_STEP:08d}", torch.load(out / f"saved_{SAVED_STEP}.pt"), history
+    out = tmp_path_factory.mktemp("saved") / "run"
+    train(4, [([f"data.cache_dir={data_cache}", "parallel.expert_parallel_size=2", "data.micro_batch_size=2",
+                f"checkpoint.every_steps={SAVED_STEP}"], out, None, None)])
+    return out / "checkpoints" / f"step_{SAVED_STEP:08d}", torch.load(out / f"saved_{SAVED_STEP}.pt"), history(out)
 
 
 def assert_same_state(loaded: dict, saved: dict):
@@ -205,14 +204,12 @@ def test_resume_at_another_layout(world, tp, ep, micro_batch, saved, tmp_path, d
                  f"checkpoint.every_steps={STEPS}"]
     if world // tp != 4:  # another data-parallel size: the stream restarts
         overrides.append("data.restart_stream_on_resume=true")
-    runs = [(overrides, str(tmp_path / "resumed"), str(path), None)]
+    runs = [(overrides, tmp_path / "resumed", path, None)]
     if world // tp != 4:  # and the reference run follows on the same ranks
         dump_file = tmp_path / "saved_dump.pt"
         torch.save(saved_dump, dump_file)
-        runs.append((overrides, str(tmp_path / "reference"), str(path), str(dump_file)))
-    for _, out, _, _ in runs:
-        Path(out).mkdir(parents=True)
-    spawn(_train_runs, world, runs, [free_port() for _ in runs])
+        runs.append((overrides, tmp_path / "reference", path, dump_file))
+    train(world, runs)
     resumed = history(tmp_path / "resumed")
     assert_same_state(torch.load(tmp_path / "resumed" / "loaded.pt"), saved_dump)
     assert sorted(resumed) == list(range(SAVED_STEP + 1, STEPS + 1))
