@@ -144,7 +144,7 @@ def loss_agreement(losses: list[float], reference: list[float], precision: str) 
 
 def run_training(device: torch.device, precision: str, steps: int, workdir: Path, name: str) -> list[float]:
     """tiny_moe for `steps` steps through the training loop in a world of one; the per-step losses."""
-    from megamoe.config import validate
+    from megamoe.config_checks import validate
     from megamoe.parallel.topology import destroy_distributed, init_distributed
     from megamoe.train.loop import train
 

@@ -23,7 +23,8 @@ import sys
 import time
 import warnings
 
-from megamoe.config import ConfigError, load_config, validate
+from megamoe.config import ConfigError, load_config
+from megamoe.config_checks import validate
 from megamoe.data.loader import DataError, check_data_path
 from megamoe.model.weights import WeightsError
 from megamoe.train.checkpoint import CheckpointError, resolve_resume

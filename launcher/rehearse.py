@@ -162,7 +162,8 @@ def compare(measured: dict, planned, full_planned, act_per_token: float, planned
 def main(argv=None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    from megamoe.config import ConfigError, load_config, validate
+    from megamoe.config import ConfigError, load_config
+    from megamoe.config_checks import validate
     from megamoe.model.weights import WeightsError
     from megamoe.plan import parse_latent
 

@@ -49,7 +49,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from megamoe.config import Config, ConfigError, ModelConfig, validate
+from megamoe.config import Config, ConfigError, ModelConfig
+from megamoe.config_checks import validate
 from megamoe.model.activation_checkpointing import checkpointed_blocks
 from megamoe.moe.layer import moe_layer_indices
 

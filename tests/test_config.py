@@ -7,7 +7,8 @@ import os
 import pytest
 
 from launcher.pretrain import main
-from megamoe.config import Config, ConfigError, load_config, merge_config, to_yaml, from_yaml_text, validate
+from megamoe.config import Config, ConfigError, load_config, merge_config, to_yaml, from_yaml_text
+from megamoe.config_checks import validate
 
 TINY = "configs/tiny.yaml"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

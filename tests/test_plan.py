@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from launcher.plan import main
-from megamoe.config import load_config, validate
+from megamoe.config import load_config
+from megamoe.config_checks import validate
 from megamoe.model.activation_checkpointing import SavedActivationMeter, apply_activation_checkpointing
 from megamoe.model.dit import build_model
 from megamoe.model.dit import count_parameters as model_parameters

@@ -24,6 +24,8 @@ from megamoe.model.attention import WanAttention
 from megamoe.model.init import ZEROS, Init, inits_of, materialize
 from megamoe.model.init import reset_parameters as reset_with_torch_rng
 from megamoe.model.rope import WanRotaryEmbedding
+from megamoe.model.feed_forward import FeedForward
+from megamoe.moe.layer import MoEFeedForward, moe_layer_indices
 from megamoe.moe.routers.base import RoutingContext
 
 
@@ -47,28 +49,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(x)))
-
-
-class GeluProj(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
-
-
-class FeedForward(nn.Module):
-    """[B, L, dim] -> [B, L, dim]. Its own module so a Mixture-of-Experts layer can replace `block.ffn`."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        # Index 1 is diffusers' dropout slot; the Identity keeps keys at net.0.proj / net.2.
-        self.net = nn.Sequential(GeluProj(dim, hidden), nn.Identity(), nn.Linear(hidden, dim))
-
-    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
-        """`ctx` (the routing context an MoE FFN needs) is ignored, so blocks call any FFN alike."""
-        return self.net(x)
 
 
 def timestep_sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -111,9 +91,6 @@ def _modulate(norm_x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, dt
 class WanBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__()
-        # Imported here: the MoE layer builds on FeedForward above (a top-level import is circular).
-        from megamoe.moe.layer import MoEFeedForward, moe_layer_indices
-
         dim = cfg.dim
         self.norm1 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.attn1 = WanAttention(dim, cfg.num_heads, cfg.eps)

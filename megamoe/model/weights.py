@@ -83,7 +83,9 @@ def diffusers_config(cfg: ModelConfig) -> dict:
 # ---------------------------------------------------------------------------------------------
 # What a checkpoint implies about the model config, for error messages that name the fix.
 
-def _fields_from_diffusers_config(conf: dict, where: str) -> dict:
+def model_fields_from_diffusers_config(conf: dict, where: str) -> dict:
+    """The ModelConfig fields a diffusers config.json states ({"dim": 3072, ...}); raises WeightsError
+    naming `where` for a model megamoe cannot load (another class, image conditioning, another qk norm)."""
     if conf.get("_class_name", DENSE_CLASS_NAME) not in (DENSE_CLASS_NAME, MOE_CLASS_NAME):
         raise WeightsError(f"{where} describes a {conf['_class_name']}, not a WanTransformer3DModel; "
                            f"point to the transformer/ folder of a Wan checkpoint")
@@ -108,7 +110,8 @@ def _fields_from_diffusers_config(conf: dict, where: str) -> dict:
     return fields
 
 
-def _fields_from_shapes(shapes: Mapping[str, tuple]) -> dict:
+def model_fields_from_shapes(shapes: Mapping[str, tuple]) -> dict:
+    """The ModelConfig fields that a checkpoint's tensor shapes imply (key -> full shape)."""
     fields = {}
     if len(shapes.get("patch_embedding.weight", ())) == 5:
         dim, fields["in_channels"], *patch = shapes["patch_embedding.weight"]
@@ -128,13 +131,15 @@ def _fields_from_shapes(shapes: Mapping[str, tuple]) -> dict:
     return fields
 
 
-def _config_fix(cfg: ModelConfig, fields: dict) -> str:
+def config_fix_for(cfg: ModelConfig, fields: dict) -> str:
+    """'set model.dim=3072, ... to match the checkpoint' for the `fields` where `cfg` differs; '' if none."""
     diffs = [f"model.{k}={v}" for k, v in fields.items() if getattr(cfg, k) != v
              and not (k == "patch_size" and [int(p) for p in cfg.patch_size] == v)]
     return f"set {', '.join(diffs)} to match the checkpoint" if diffs else ""
 
 
-def _first(keys, n: int = 3) -> str:
+def first_keys(keys, n: int = 3) -> str:
+    """The first `n` of `keys` in sorted order, and how many there are when more: for error messages."""
     keys = sorted(keys)
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
@@ -250,7 +255,7 @@ class WeightSource:
         for file, keys in files.items():
             header = _header(file)
             if keys is not None and not keys <= header.keys():
-                raise WeightsError(f"shard '{file}' lacks {_first(keys - header.keys())} that its index lists; "
+                raise WeightsError(f"shard '{file}' lacks {first_keys(keys - header.keys())} that its index lists; "
                                    f"re-download the shard")
             for k in (header if keys is None else keys):
                 self.shapes[k], self._file_of[k] = header[k], file
@@ -268,7 +273,7 @@ def check_matches(source: WeightSource, cfg: ModelConfig, expected: Mapping[str,
     (those of the model `cfg` describes), and its config.json, if any, describes that model."""
     what, shapes = source.what, source.shapes
     if source.config is not None:
-        fix = _config_fix(cfg, _fields_from_diffusers_config(source.config, f"config.json of {what}"))
+        fix = config_fix_for(cfg, model_fields_from_diffusers_config(source.config, f"config.json of {what}"))
         if fix:
             raise WeightsError(f"config.json of {what} describes a different model; {fix}")
         saved = source.config.get("moe")
@@ -282,15 +287,15 @@ def check_matches(source: WeightSource, cfg: ModelConfig, expected: Mapping[str,
     # Weights before biases: a weight's shape shows which config field differs.
     wrong = sorted((k for k in expected.keys() & shapes.keys() if tuple(expected[k]) != tuple(shapes[k])),
                    key=lambda k: (k.endswith("bias"), k))
-    fix = _config_fix(cfg, _fields_from_shapes(shapes))
+    fix = config_fix_for(cfg, model_fields_from_shapes(shapes))
     if wrong:
         k = wrong[0]
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
         raise WeightsError(f"{what} has {k} of shape {tuple(shapes[k])} but the model expects {tuple(expected[k])}"
                            f"{more}; {fix or 'the checkpoint is not a WanTransformer3DModel of this shape'}")
     if missing or unexpected:
-        parts = ([f"lacks {_first(missing)}"] if missing else []) + \
-                ([f"has unexpected {_first(unexpected)}"] if unexpected else [])
+        parts = ([f"lacks {first_keys(missing)}"] if missing else []) + \
+                ([f"has unexpected {first_keys(unexpected)}"] if unexpected else [])
         if not fix:
             if any(re.match(r"(model|module|_orig_mod)\.", k) for k in unexpected):
                 fix = "strip the key prefix before 'blocks.' (saved from a wrapped or compiled model)"

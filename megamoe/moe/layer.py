@@ -16,7 +16,7 @@ from torch import nn
 
 from megamoe.config import ConfigError, MoEConfig, ModelConfig
 from megamoe.model.activation_checkpointing import is_recomputing
-from megamoe.model.dit import FeedForward
+from megamoe.model.feed_forward import FeedForward
 from megamoe.moe.dispatch import LocalDispatcher
 from megamoe.moe.experts import GroupedExperts
 from megamoe.moe.losses import LOSS_NAMES

@@ -35,8 +35,8 @@ import torch
 
 from megamoe.config import ModelConfig, MoEConfig
 from megamoe.model.dit import WanDiT, build_model
-from megamoe.model.weights import (LocalShard, WeightsError, WeightSource, _config_fix, _fields_from_diffusers_config,
-                                   _fields_from_shapes, _first, whole_shards)
+from megamoe.model.weights import (LocalShard, WeightsError, WeightSource, config_fix_for, first_keys,
+                                   model_fields_from_diffusers_config, model_fields_from_shapes, whole_shards)
 from megamoe.moe.routers.base import Router
 
 MODES = ("verify", "train")
@@ -79,14 +79,14 @@ def check_dense(source: WeightSource, cfg: ModelConfig) -> None:
     what, shapes = source.what, source.shapes
     slices_per_ffn(cfg)
     if source.config is not None:
-        fix = _config_fix(cfg, _fields_from_diffusers_config(source.config, f"config.json of {what}"))
+        fix = config_fix_for(cfg, model_fields_from_diffusers_config(source.config, f"config.json of {what}"))
         if fix:
             raise WeightsError(f"dense {what} does not match the config: {fix}")
     if not is_dense(source):
         raise WeightsError(f"{what} is already an MoE checkpoint; upcycle from a dense one "
                            f"(or load it directly with train.init_from)")
     expected = {k: tuple(v.shape) for k, v in build_model(dense_config(cfg), "meta").state_dict().items()}
-    fix = _config_fix(cfg, _fields_from_shapes(shapes)) or "the checkpoint is not a dense WanDiT of this shape"
+    fix = config_fix_for(cfg, model_fields_from_shapes(shapes)) or "the checkpoint is not a dense WanDiT of this shape"
     wrong = sorted((k for k in expected.keys() & shapes.keys() if expected[k] != tuple(shapes[k])),
                    key=lambda k: (k.endswith("bias"), k))  # a weight's shape names the config field
     if wrong:
@@ -95,8 +95,8 @@ def check_dense(source: WeightSource, cfg: ModelConfig) -> None:
                            f"{expected[k]}; {fix}")
     missing, unexpected = expected.keys() - shapes.keys(), shapes.keys() - expected.keys()
     if missing or unexpected:
-        parts = ([f"lacks {_first(missing)}"] if missing else []) + \
-                ([f"has unexpected {_first(unexpected)}"] if unexpected else [])
+        parts = ([f"lacks {first_keys(missing)}"] if missing else []) + \
+                ([f"has unexpected {first_keys(unexpected)}"] if unexpected else [])
         raise WeightsError(f"dense {what} does not match the model config: {'; '.join(parts)}; {fix}")
 
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megamoe.model.feed_forward import FeedForward
 from megamoe.parallel.collectives import (all_reduce_sum, copy_to_group, gather_sequence, reduce_from_group,
                                           reduce_scatter_sequence)
 
@@ -158,8 +159,6 @@ def shard_module(module: nn.Module, shards: dict, group, sequence_parallel: bool
 def tensor_parallel_modules(model: nn.Module) -> list[tuple[str, nn.Module, dict]]:
     """(name, module, table of what TP replaces in it) of every attention and FFN of a WanDiT that TP
     splits (`parallelize` applies them; the planner reads them off a meta-device model)."""
-    from megamoe.model.dit import FeedForward
-
     found = []
     for i, block in enumerate(model.blocks):
         found += [(f"blocks.{i}.{name}", getattr(block, name), ATTENTION_SHARDS) for name in ("attn1", "attn2")]

@@ -211,7 +211,8 @@ def test_too_few_shards_for_ranks_times_workers(shard_dir):
     ("data.buckets=[[5,16]]", "data.buckets"), ("data.buckets=[[5,15,16]]", "data.buckets"),
 ])
 def test_data_config_is_validated(override, key):
-    from megamoe.config import ConfigError, load_config, validate
+    from megamoe.config import ConfigError, load_config
+    from megamoe.config_checks import validate
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(load_config(None, [override]), world_size=1)

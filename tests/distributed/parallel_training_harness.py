@@ -114,7 +114,7 @@ def _train(rank: int, world: int, cfg: Config, slices: int, out_file: str) -> No
     from megamoe.moe.layer import routers_after_step
     from megamoe.parallel.parallelize import full_state_dict, parallelize
     from megamoe.parallel.topology import destroy_distributed, init_distributed
-    from megamoe.config import validate
+    from megamoe.config_checks import validate
     from megamoe.train.engine import EMA, build_engine
     from megamoe.train.loop import mean_loss_parts, step_generator, sum_over_token_shards
     from megamoe.train.objective import training_loss

@@ -109,7 +109,8 @@ def load_from_dump(engine, ema, dump: dict) -> None:
 def _train(rank, world, overrides, out, resume, reference_dump):
     """One run of megamoe's real training loop, with the checkpoint calls observed (or, for a
     reference, the load replaced by `load_from_dump`)."""
-    from megamoe.config import load_config, validate
+    from megamoe.config import load_config
+    from megamoe.config_checks import validate
     from megamoe.parallel.topology import destroy_distributed, init_distributed
     from megamoe.train import loop
 

@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from megamoe.config import ConfigError, ModelConfig, MoEConfig, load_config, validate
+from megamoe.config import ConfigError, ModelConfig, MoEConfig, load_config
+from megamoe.config_checks import validate
 from megamoe.model.activation_checkpointing import (
     SavedActivationMeter,
     apply_activation_checkpointing,

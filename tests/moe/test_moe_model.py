@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from megamoe.config import ModelConfig, MoEConfig
-from megamoe.model.dit import FeedForward, build_model
+from megamoe.model.dit import build_model
+from megamoe.model.feed_forward import FeedForward
 from megamoe.moe.layer import MoEFeedForward, collect_aux, moe_layers, routers_after_step
 
 

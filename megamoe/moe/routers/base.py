@@ -64,7 +64,7 @@ class Router(nn.Module):
     """Base class: subclasses implement `route`; `forward` enforces fp32 and output shapes.
 
     Each router class lists in `config_keys` the `model.moe` fields it reads and checks their
-    values in `check_config`, which both `config.validate()` and the constructor call: a
+    values in `check_config`, which both `config_checks.validate()` and the constructor call: a
     field that only other routers read must keep its default, so no setting is accepted and
     then ignored. Fields outside every router's `config_keys` belong to the MoE layer.
     """
@@ -158,7 +158,7 @@ def router_class(cfg: MoEConfig) -> type[Router]:
 
 
 def check_router_config(cfg: MoEConfig) -> None:
-    """What `config.validate()` runs for an MoE model: the chosen router's `check_config`."""
+    """What `config_checks.validate()` runs for an MoE model: the chosen router's `check_config`."""
     router_class(cfg).check_config(cfg)
 
 
