@@ -33,7 +33,7 @@ def measure(config: str, overrides: list[str], spec: str) -> dict:
 
     from megamoe.config import load_config
     from megamoe.model.activation_checkpointing import SavedActivationMeter, apply_activation_checkpointing
-    from megamoe.model.dit import build_model
+    from megamoe.model.dit import build_model, count_parameters
     from megamoe.plan import make_plan
 
     cfg = load_config(config, [*overrides, f"train.activation_checkpointing={spec}"])
@@ -57,7 +57,7 @@ def measure(config: str, overrides: list[str], spec: str) -> dict:
         model(*inputs)
     return {"saved": meter.bytes, "planned": plan.activations_by_checkpointing[spec][0], "rss": rss,
             "tokens": plan.tokens_per_sample * b,
-            "params": sum(p.numel() for p in model.parameters())}
+            "params": count_parameters(model)}
 
 
 def main() -> None:

@@ -53,6 +53,7 @@ def checkpoint_weights(checkpoint, master: bool = False) -> tuple[dict, object]:
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
 
     from megamoe.config import ConfigError, from_yaml_text
+    from megamoe.error_messages import describe
     from megamoe.train.checkpoint import (
         FORMAT,
         STATE_DIR,
@@ -80,8 +81,7 @@ def checkpoint_weights(checkpoint, master: bool = False) -> tuple[dict, object]:
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
             dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path / STATE_DIR)), no_dist=True)
     except Exception as exc:  # safetensors and DCP raise many types for a bad file; the user needs one line
-        text = (str(exc).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"checkpoint '{path}' could not be read ({type(exc).__name__}: {text}); "
+        raise CheckpointError(f"checkpoint '{path}' could not be read ({describe(exc)}); "
                               f"pass another checkpoint") from None
     return {n: state[key] for n, key in sorted(keys.items())}, cfg.model
 

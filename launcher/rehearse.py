@@ -94,6 +94,7 @@ def rehearse(cfg, topology, latent: tuple, text_len: int, init_from: str | None,
     import torch
 
     from megamoe.model.activation_checkpointing import SavedActivationMeter, apply_activation_checkpointing
+    from megamoe.model.dit import count_parameters
     from megamoe.parallel.parallelize import build_sharded_model
     from megamoe.parallel.sharded_weights import init_from as load_slices
     from megamoe.train.engine import build_engine
@@ -103,7 +104,7 @@ def rehearse(cfg, topology, latent: tuple, text_len: int, init_from: str | None,
     start = time.perf_counter()
     model = build_sharded_model(cfg, topology.device, initialize=not init_from)  # loading fills it otherwise
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
-    log(f"built rank {topology.rank}'s shard: {sum(p.numel() for p in model.parameters()) / 1e9:.3f}B parameters "
+    log(f"built rank {topology.rank}'s shard: {count_parameters(model) / 1e9:.3f}B parameters "
         f"in {time.perf_counter() - start:.0f} s")
     if init_from:
         start = time.perf_counter()

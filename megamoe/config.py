@@ -6,7 +6,8 @@ rejects unknown keys and values of the wrong type, raising `ConfigError` with a 
 message naming the key and the fix. What types cannot express is checked by
 `megamoe.config_checks.validate`, before any process group exists.
 
-This module imports nothing of megamoe, so every other module may import it.
+This module imports nothing of megamoe but the leaf `megamoe.error_messages`, so every other module may
+import it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import List, Optional
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from megamoe.error_messages import first_line
 
 
 class ConfigError(ValueError):
@@ -277,10 +280,6 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
 def merge_config(base: dict | None = None, overrides: list[str] | None = None) -> Config:
     """Dataclass defaults <- `base` (a dict, e.g. parsed YAML) <- dotted `overrides`."""
     schema = OmegaConf.structured(Config)
@@ -296,7 +295,8 @@ def merge_config(base: dict | None = None, overrides: list[str] | None = None) -
         try:
             layers.append(OmegaConf.from_dotlist([item]))  # values parse with OmegaConf's safe YAML loader
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override '{item}' has a value that is not plain YAML ({_first_line(exc)}); "
+            reason = first_line(exc) or type(exc).__name__
+            raise ConfigError(f"override '{item}' has a value that is not plain YAML ({reason}); "
                               f"write a number, string, bool or list") from None
     try:
         merged = OmegaConf.merge(*layers)
@@ -304,7 +304,8 @@ def merge_config(base: dict | None = None, overrides: list[str] | None = None) -
         key = getattr(exc, "full_key", None) or "?"
         if "not in" in str(exc) or "Key '" in str(exc):
             raise ConfigError(f"unknown config key '{key}'; remove it or fix its spelling (see README 'Config reference')") from None
-        raise ConfigError(f"bad value for '{key}': {_first_line(exc)}; fix the type of this value") from None
+        reason = first_line(exc) or type(exc).__name__
+        raise ConfigError(f"bad value for '{key}': {reason}; fix the type of this value") from None
     return OmegaConf.to_object(merged)
 
 
@@ -318,7 +319,8 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
             with open(path) as f:
                 base = yaml.safe_load(f) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {_first_line(exc)}") from None
+            reason = first_line(exc) or type(exc).__name__
+            raise ConfigError(f"config file '{path}' is not valid YAML: {reason}") from None
         if not isinstance(base, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections (model:, train:, ...)")
     return merge_config(base, overrides)

@@ -42,6 +42,7 @@ from collections import Counter
 import torch
 
 from megamoe.data.worker import DataError, StreamSpec, WorkerStream, fresh_state
+from megamoe.error_messages import first_line
 
 __all__ = ["DataError", "StreamStateError", "ShardLoader", "StreamSpec", "build_loader"]
 
@@ -70,8 +71,7 @@ def _worker_main(spec: StreamSpec, worker: int, state: dict, conn, readers: list
         pass  # the training process closed our pipe: stop quietly
     except BaseException as exc:  # reported to the training process, which raises it
         try:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            conn.send_bytes(pickle.dumps(("error", type(exc).__name__, detail, traceback.format_exc())))
+            conn.send_bytes(pickle.dumps(("error", type(exc).__name__, first_line(exc), traceback.format_exc())))
         except OSError:
             pass
     finally:

@@ -41,6 +41,9 @@ from megamoe.data.buckets import (BAD_SHAPE, Bucketer, Shape, assign_bucket, bat
                                   shape_problem, tokens_per_sample)
 from megamoe.data.errors import SampleError
 from megamoe.data.stream import split_member_name
+from megamoe.error_messages import describe
+
+DETAIL_CHARS = 200  # of a library's message in a bad sample's detail, which is logged once per sample
 
 
 class DataError(RuntimeError):
@@ -95,11 +98,6 @@ def _name_hash(path: str) -> int:
     return zlib.crc32(os.path.basename(path).encode("utf-8"))
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
-
-
 def index_shard(path: str) -> tuple[list, Optional[str]]:
     """(samples in file order as (key, {ext: (offset, size)}), problem or None).
 
@@ -127,8 +125,8 @@ def index_shard(path: str) -> tuple[list, Optional[str]]:
                 samples[-1][1][ext] = (info.offset_data, info.size)
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         if not samples:
-            raise SampleError(errors.BAD_TAR, shard=path, detail=_one_line(exc)) from None
-        problem = f"unreadable after {len(samples)} samples ({_one_line(exc)})"
+            raise SampleError(errors.BAD_TAR, shard=path, detail=describe(exc, DETAIL_CHARS)) from None
+        problem = f"unreadable after {len(samples)} samples ({describe(exc, DETAIL_CHARS)})"
     return samples, problem
 
 
@@ -168,7 +166,7 @@ def load_latent_sample(key: str, members: dict[str, bytes], shard: str, spec: St
         latents = np.load(io.BytesIO(members["latents.npy"]), allow_pickle=False)
         text = np.load(io.BytesIO(members["text.npy"]), allow_pickle=False)
     except Exception as exc:  # numpy raises ValueError, EOFError, OSError... for a broken .npy
-        raise SampleError(errors.BAD_LATENT, key, shard, f"unreadable .npy ({_one_line(exc)})") from None
+        raise SampleError(errors.BAD_LATENT, key, shard, f"unreadable .npy ({describe(exc, DETAIL_CHARS)})") from None
     if latents.ndim != 4 or latents.shape[0] != spec.in_channels or latents.dtype.kind != "f" or 0 in latents.shape:
         raise SampleError(errors.BAD_LATENT, key, shard, f"latents {latents.dtype} {latents.shape}, expected float "
                                                          f"[{spec.in_channels}, F, H, W] (model.in_channels)")

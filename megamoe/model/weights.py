@@ -21,15 +21,15 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
-from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megamoe.atomic_files import write_atomic, write_text_atomic
 from megamoe.config import ModelConfig
+from megamoe.error_messages import first_line
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
@@ -172,7 +172,7 @@ def _header(path: str) -> dict[str, tuple]:
         with safe_open(path, framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as exc:  # safetensors raises several types for corrupt files
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc) or type(exc).__name__
         if "not fully covered" in reason:
             raise WeightsError(f"'{path}' is truncated: its header describes more bytes than the file holds "
                                f"(an interrupted download or copy); re-download or re-export it") from None
@@ -339,29 +339,14 @@ def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # Writing, in one process (the sharded writer of a parallel run is megamoe/parallel/sharded_weights.py).
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp makes the file private (0600); give it the mode any new file gets (0644 under umask 022)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
+# The old name of megamoe.atomic_files.write_atomic, which megamoe/parallel/sharded_weights.py still imports from
+# here; remove it once that module imports write_atomic itself.
+_atomic_write = write_atomic
 
 
 def write_config(cfg: ModelConfig, directory: str) -> None:
     text = json.dumps(diffusers_config(cfg), indent=2, sort_keys=True) + "\n"
-    _atomic_write(os.path.join(os.fspath(directory), CONFIG_NAME), lambda tmp: open(tmp, "w").write(text))
+    write_text_atomic(os.path.join(os.fspath(directory), CONFIG_NAME), text)
 
 
 def remove_stale_weights(directory: str, keep: set[str]) -> None:
@@ -391,6 +376,6 @@ def write_diffusers_weights(state_dict: Mapping[str, torch.Tensor], cfg: ModelCo
         if v.is_meta:
             raise WeightsError(f"model parameter {k} is on the meta device; materialise the model before saving")
         state[k] = v.detach().to("cpu").contiguous()
-    _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_atomic(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     write_config(cfg, directory)
     remove_stale_weights(directory, keep={WEIGHTS_NAME})

@@ -35,7 +35,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megamoe.atomic_files import write_text_atomic
 from megamoe.config import Config, ConfigError, from_yaml_text, to_yaml
+from megamoe.error_messages import describe
 from megamoe.train.resilience import AgreedStop, agreed_problem, fail_save
 
 CHECKPOINT_DIR = "checkpoints"
@@ -225,7 +227,7 @@ def save_checkpoint(engine, cfg: Config, step: int, rank_state: dict, topology, 
             try:
                 write()
             except Exception as exc:  # OSError, and torch's and safetensors' own types for a failed write
-                problem = _describe(exc)
+                problem = describe(exc)
 
     def settle() -> None:
         """Where the ranks meet (it replaces a barrier): on any rank's failure, clean up and stop all."""
@@ -274,7 +276,7 @@ def save_checkpoint(engine, cfg: Config, step: int, rank_state: dict, topology, 
                     "dp_ranks": dp_ranks, "expert_parallel_size": p.expert_parallel_size,
                     "tensor_parallel_size": p.tensor_parallel_size, "context_parallel_size": p.context_parallel_size,
                     "train_state": train_state, "config": to_yaml(cfg), "files": files}
-            _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+            write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
             if final.exists():  # re-saving a step after a resume: replace the old copy only now
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -311,7 +313,7 @@ def load_checkpoint(engine, path: Path, topology, ema=None) -> dict:
             problem = ("it has no EMA but train.ema_decay > 0; set train.ema_decay=0 "
                        "or pass a checkpoint written with EMA")
     except Exception as exc:  # torch and safetensors raise many types for a bad file; the user needs one line
-        problem = _describe(exc)
+        problem = describe(exc)
     failed = torch.tensor([0.0 if problem is None else 1.0], device=topology.device)
     dist.all_reduce(failed)
     if failed.item() > 0:
@@ -323,7 +325,7 @@ def load_checkpoint(engine, path: Path, topology, ema=None) -> dict:
     except CheckpointError:
         raise
     except Exception as exc:
-        raise CheckpointError(f"checkpoint '{path}' could not be loaded ({_describe(exc)}); "
+        raise CheckpointError(f"checkpoint '{path}' could not be loaded ({describe(exc)}); "
                               f"pass another checkpoint") from None
     return rank_state
 
@@ -395,23 +397,9 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _describe(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def _remove(path: Path) -> None:
     """Remove an unfinished save, whatever is at its name."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink(missing_ok=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -12,10 +12,11 @@ logged once, with the values of the run that carried on.
 from __future__ import annotations
 
 import json
-import os
 import time
 from datetime import timedelta
 from pathlib import Path
+
+from megamoe.atomic_files import write_text_atomic
 
 
 class RunLogger:
@@ -124,6 +125,4 @@ def _truncate_after(path: Path, step: int) -> None:
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))

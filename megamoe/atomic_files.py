@@ -1,0 +1,54 @@
+"""Writing a file so that its name holds either the old content or the whole new one, never a part.
+
+The content goes to a temporary file in the same directory (a rename is atomic only within one
+filesystem), is flushed to disk, and is then renamed over the target. A crash, a full disk or a
+kill at any moment leaves the previous file, or none, under the name, and at worst a hidden
+`.tmp-*` file beside it; an error on the way removes the temporary file and is raised.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call `write(tmp)` to write a temporary file, then rename it to `path` once it is on disk."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        _fsync(tmp)  # before the rename: otherwise a power loss may leave the new name with no data
+        # mkstemp makes the file private (0600); give it the mode any new file gets (0644 under umask 022)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """`write_atomic` for a text file."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    write_atomic(path, write)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)  # fsync flushes the file, whichever descriptor names it
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
