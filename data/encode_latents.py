@@ -7,23 +7,21 @@
 Models load from local directories only (nothing is downloaded): --vae holds an AutoencoderKLWan,
 --text-encoder a UMT5EncoderModel with its tokenizer (or a diffusers pipeline directory with
 text_encoder/ and tokenizer/). Each raw shard gives a latent shard of the same name, in the layout
-megamoe.data.stream.LatentShardStream reads; bad samples are skipped and counted by cause. The
+the loader reads (megamoe/tools/latent_shards.py); bad samples are skipped and counted by cause. The
 frame window of each sample is drawn from (--seed, key), so reruns give the same latents.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from megamoe.data.encode import encode_raw_shards, load_text_encoder, load_vae  # noqa: E402
-from megamoe.data.stream import resolve_shards  # noqa: E402
-from megamoe.data.video import FrameSpec  # noqa: E402
+from megamoe.data.shards import resolve_shards
+from megamoe.data.video import FrameSpec
+from megamoe.data.wan_encoders import load_text_encoder, load_vae
+from megamoe.tools.latent_encoding import encode_raw_shards
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -8,18 +8,15 @@ With --videos, each video (mp4, webm, mov, mkv; searched recursively) takes its 
 sidecar `<stem>.txt`. Unreadable videos, videos without a caption and captions that are not UTF-8
 (cause 'bad_caption', as the loader counts them) are skipped, listed in `skipped.jsonl` and counted
 by cause. `index.jsonl` holds key, shard, source, frames, height, width,
-fps, duration and codec per sample. The layout is described in megamoe/data/shard_writer.py.
+fps, duration and codec per sample. The layout is described in megamoe/tools/raw_shard_writer.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from megamoe.data.shard_writer import collect_inputs, write_raw_shards  # noqa: E402
+from megamoe.tools.raw_shard_writer import collect_inputs, write_raw_shards
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -16,11 +16,9 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from megamoe.data.stream import decode_sample, read_shard  # noqa: E402
-from megamoe.data.synthetic import dataset_params, unproject_channels, write_synthetic_dataset  # noqa: E402
-from megamoe.data.video_io import clip_to_uint8, write_video  # noqa: E402
+from megamoe.tools.latent_shards import decode_sample, read_shard
+from megamoe.tools.mp4_writer import clip_to_uint8, write_video
+from megamoe.tools.synthetic_data import dataset_params, unproject_channels, write_synthetic_dataset
 
 
 def write_preview(shard: str, path: str, num_clips: int, fps: float, loops: int) -> list[str]:

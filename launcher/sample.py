@@ -31,7 +31,7 @@ def load_text_embedding(args, cfg) -> torch.Tensor:
 
             text = load_file(path)["text"]
     else:
-        from megamoe.data.synthetic import embed_caption
+        from megamoe.tools.synthetic_data import embed_caption
 
         text = torch.as_tensor(embed_caption(args.caption, cfg.data.text_len, cfg.model.text_dim))
     if text.dim() != 2 or text.shape[1] != cfg.model.text_dim:
@@ -61,10 +61,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from megamoe.data.video_io import write_video
     from megamoe.diffusion.sampler import euler_sample
     from megamoe.model.dit import build_model
     from megamoe.model.weights import load_diffusers_weights
+    from megamoe.tools.mp4_writer import write_video
 
     try:
         meta = inspect_checkpoint(args.checkpoint)

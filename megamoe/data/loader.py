@@ -291,7 +291,7 @@ def build_loader(cfg, dp_rank: int, dp_size: int, compression: tuple[int, int] =
     `compression` is the video VAE's (temporal, spatial) downsampling; it sizes video buckets in tokens.
     """
     from megamoe.config import sequence_shards
-    from megamoe.data.synthetic import ensure_synthetic_dataset
+    from megamoe.tools.synthetic_data import ensure_synthetic_dataset
 
     d, m = cfg.data, cfg.model
     # Every rank may generate the synthetic dataset concurrently: generation is atomic and deterministic.
@@ -327,7 +327,7 @@ def check_data_path(cfg, dp_size: int) -> None:
 
 
 def _resolve(path: str) -> list[str]:
-    from megamoe.data.stream import resolve_shards
+    from megamoe.data.shards import resolve_shards
 
     try:
         return resolve_shards(path)

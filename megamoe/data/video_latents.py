@@ -2,8 +2,8 @@
 
 Loader workers decode pixels; encoding happens here, in the training process, on its device,
 because the encoders are large models that should sit once on the accelerator, not once per
-worker. The numbers are those of `data/encode_latents.py` (same `encode_video` / `encode_text`),
-so training on raw shards and on their precomputed latents sees the same latents.
+worker. The numbers are those of `data/encode_latents.py` (same `encode_video` / `encode_text`
+of wan_encoders.py), so training on raw shards and on their precomputed latents sees the same latents.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class VideoToLatents:
 
     @classmethod
     def from_config(cls, cfg, device: torch.device) -> "VideoToLatents":
-        from megamoe.data.encode import load_text_encoder, load_vae
+        from megamoe.data.wan_encoders import load_text_encoder, load_vae
 
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         try:
@@ -57,7 +57,7 @@ class VideoToLatents:
         return pixels.float().div_(127.5).sub_(1.0)
 
     def __call__(self, batch: dict) -> dict:
-        from megamoe.data.encode import encode_text, encode_video
+        from megamoe.data.wan_encoders import encode_text, encode_video
 
         out = dict(batch)
         out["latents"] = encode_video(self.vae, self.model_range(batch["pixels"]))

@@ -3,7 +3,7 @@
 Which shards (the distribution rule): epoch e orders all shards by a permutation seeded by
 (seed, e). Data-parallel rank r of R takes `order[r::R]`; its worker w of W takes `those[w::W]`.
 Within a shard, samples are visited in a permutation seeded by (seed, e, crc32(file name)).
-With W = 1 this is exactly `LatentShardStream`'s order. R and r are the DATA-parallel size and
+With W = 1 this is exactly the order of the tests' oracle (tests/data/latent_stream_oracle.py). R and r are the DATA-parallel size and
 rank (megatron-core `parallel_state.get_data_parallel_rank()`): tensor- and context-parallel
 ranks of one model replica share them and so read the same samples, as they must (they split
 one sample's work); expert-parallel ranks are data-parallel ranks for the data (each brings
@@ -40,7 +40,7 @@ from megamoe.data import errors
 from megamoe.data.buckets import (BAD_SHAPE, Bucketer, Shape, assign_bucket, batch_size_for, crop_latents, latent_shape,
                                   shape_problem, tokens_per_sample)
 from megamoe.data.errors import SampleError
-from megamoe.data.stream import split_member_name
+from megamoe.data.shards import split_member_name
 from megamoe.error_messages import describe
 
 DETAIL_CHARS = 200  # of a library's message in a bad sample's detail, which is logged once per sample

@@ -1,4 +1,4 @@
-"""LatentShardStream: rank split, exact resume, and shard resolution."""
+"""The test oracle LatentShardStream (latent_stream_oracle.py): rank split, exact resume; and shard resolution."""
 
 import json
 import os
@@ -6,8 +6,10 @@ import os
 import pytest
 import torch
 
-from megamoe.data.stream import LatentShardStream, resolve_shards
-from megamoe.data.synthetic import dataset_params, write_synthetic_dataset
+from latent_stream_oracle import LatentShardStream
+
+from megamoe.data.shards import resolve_shards
+from megamoe.tools.synthetic_data import dataset_params, write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from latent_stream_oracle import LatentShardStream
+
 from megamoe.data.loader import DataError, ShardLoader, StreamSpec, StreamStateError
-from megamoe.data.stream import LatentShardStream, resolve_shards
-from megamoe.data.synthetic import dataset_params, encode_sample, write_shard, write_synthetic_dataset
+from megamoe.data.shards import resolve_shards
+from megamoe.tools.latent_shards import encode_sample, write_shard
+from megamoe.tools.synthetic_data import dataset_params, write_synthetic_dataset
 from megamoe.data.worker import WorkerStream
 
 

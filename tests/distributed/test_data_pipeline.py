@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from megamoe.data.synthetic import dataset_params, embed_caption, encode_sample, make_clip, write_shard
+from megamoe.tools.latent_shards import encode_sample, write_shard
+from megamoe.tools.synthetic_data import dataset_params, embed_caption, make_clip
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -126,7 +127,7 @@ def encoders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def raw_shards(tmp_path_factory):
     """8 clips of exactly 5 frames at 16 fps (so the frame window is fixed), 32x32, in several shards."""
-    from megamoe.data.synthetic_video import make_video
+    from megamoe.tools.numbered_videos import make_video
 
     folder = tmp_path_factory.mktemp("videos")
     rng = np.random.default_rng(0)
@@ -156,7 +157,8 @@ def video_overrides(encoders):
 def test_raw_video_batches_encode_to_the_precomputed_latents(raw_shards, encoders, tmp_path):
     from megamoe.config import load_config
     from megamoe.data.loader import build_loader
-    from megamoe.data.stream import read_shard, resolve_shards
+    from megamoe.data.shards import resolve_shards
+    from megamoe.tools.latent_shards import read_shard
     from megamoe.data.video_latents import VideoToLatents
 
     vae, text = encoders

@@ -44,7 +44,7 @@ def _read_on_layouts(rank, world, shard_dir, out_dir):
 
 
 def test_model_parallel_ranks_share_samples_and_data_parallel_ranks_do_not(tmp_path):
-    from megamoe.data.synthetic import dataset_params, write_synthetic_dataset
+    from megamoe.tools.synthetic_data import dataset_params, write_synthetic_dataset
 
     shard_dir = tmp_path / "shards"  # 8 shards of 4 clips: 3 batches of 2 stay inside epoch 0 on every rank
     write_synthetic_dataset(str(shard_dir), dataset_params(num_clips=32, frames=2, size=4, channels=3, text_len=4,

@@ -43,7 +43,8 @@ def bad_on_rank_1(tmp_path_factory):
     """4 latent shards of 8 clips; the 2 that data-parallel rank 1 reads first hold a bad latent in every
     other sample, rank 0's are clean."""
     from megamoe.data.loader import build_loader
-    from megamoe.data.synthetic import dataset_params, embed_caption, encode_sample, make_clip, write_shard
+    from megamoe.tools.latent_shards import encode_sample, write_shard
+    from megamoe.tools.synthetic_data import dataset_params, embed_caption, make_clip
     from megamoe.data.worker import WorkerStream
 
     out = tmp_path_factory.mktemp("half_bad")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from megamoe.config import DataConfig, ModelConfig
-from megamoe.data import synthetic
-from megamoe.data.stream import decode_sample, read_shard
-from megamoe.data.synthetic import (BACKGROUND, COLOURS, DIRECTIONS, clip_spec, dataset_params,
-                                    embed_caption, ensure_synthetic_dataset, write_synthetic_dataset)
+from megamoe.tools import synthetic_data
+from megamoe.tools.latent_shards import decode_sample, read_shard
+from megamoe.tools.synthetic_data import (BACKGROUND, COLOURS, DIRECTIONS, clip_spec, dataset_params,
+                                          embed_caption, ensure_synthetic_dataset, write_synthetic_dataset)
 
 
 def small_configs(cache_dir, num_clips=24, channels=3):
@@ -44,8 +44,8 @@ def test_generation_is_byte_identical(tmp_path):
 
 
 def test_default_size_gives_at_least_eight_shards():
-    assert [len(r) for r in synthetic.shard_ranges(512)] == [64] * 8
-    assert len(synthetic.shard_ranges(3)) == 3 and len(synthetic.shard_ranges(1000)) == 16
+    assert [len(r) for r in synthetic_data.shard_ranges(512)] == [64] * 8
+    assert len(synthetic_data.shard_ranges(3)) == 3 and len(synthetic_data.shard_ranges(1000)) == 16
 
 
 def test_ensure_is_cached(tmp_path):
@@ -54,7 +54,7 @@ def test_ensure_is_cached(tmp_path):
     mtimes = tree_mtimes(first)
     assert ensure_synthetic_dataset(data, model) == first
     assert tree_mtimes(first) == mtimes
-    assert synthetic.dataset_is_complete(first, synthetic.synthetic_params(data, model), check_hashes=True)
+    assert synthetic_data.dataset_is_complete(first, synthetic_data.synthetic_params(data, model), check_hashes=True)
     # A different dataset lands in a different directory.
     data.synthetic_num_clips = 16
     assert ensure_synthetic_dataset(data, model) != first
@@ -65,13 +65,13 @@ def test_ensure_survives_losing_the_rename_race(tmp_path, monkeypatch):
     winner = ensure_synthetic_dataset(data, model)
     mtimes = tree_mtimes(winner)
     calls = []
-    real = synthetic.dataset_is_complete
+    real = synthetic_data.dataset_is_complete
 
     def not_there_at_first(*args, **kwargs):  # another process finishes while this one generates
         calls.append(1)
         return False if len(calls) == 1 else real(*args, **kwargs)
 
-    monkeypatch.setattr(synthetic, "dataset_is_complete", not_there_at_first)
+    monkeypatch.setattr(synthetic_data, "dataset_is_complete", not_there_at_first)
     assert ensure_synthetic_dataset(data, model) == winner
     assert len(calls) == 2  # it did generate, and found the winner's copy when its rename failed
     assert tree_mtimes(winner) == mtimes
@@ -80,7 +80,7 @@ def test_ensure_survives_losing_the_rename_race(tmp_path, monkeypatch):
 
 def test_ensure_refuses_debris(tmp_path):
     data, model = small_configs(tmp_path)
-    target = tmp_path / f"synthetic-{synthetic.params_hash(synthetic.synthetic_params(data, model))}"
+    target = tmp_path / f"synthetic-{synthetic_data.params_hash(synthetic_data.synthetic_params(data, model))}"
     target.mkdir()
     (target / "shard-000000.tar").write_bytes(b"half a shard")
     with pytest.raises(RuntimeError, match="not a complete synthetic dataset"):
@@ -100,7 +100,7 @@ def test_concurrent_ensure(tmp_path):
         dirs = pool.starmap(_ensure_after_barrier, [(barrier, str(tmp_path))] * 2)
     assert dirs[0] == dirs[1]
     data, model = small_configs(tmp_path, num_clips=64)
-    assert synthetic.dataset_is_complete(dirs[0], synthetic.synthetic_params(data, model), check_hashes=True)
+    assert synthetic_data.dataset_is_complete(dirs[0], synthetic_data.synthetic_params(data, model), check_hashes=True)
     assert os.listdir(tmp_path) == [os.path.basename(dirs[0])]
 
 
@@ -135,13 +135,13 @@ def test_clips_move_as_captioned(tmp_path):
 
 
 def test_other_channel_counts_stay_structured():
-    latents, _ = synthetic.make_clip(0, 3, frames=3, size=8, channels=16)
+    latents, _ = synthetic_data.make_clip(0, 3, frames=3, size=8, channels=16)
     assert latents.shape == (16, 3, 8, 8) and np.abs(latents).max() <= 1
-    rgb = synthetic.render_clip_rgb(clip_spec(0, 3, 3, 8), 3, 8)
-    np.testing.assert_allclose(synthetic.unproject_channels(latents), rgb, atol=1e-5)
+    rgb = synthetic_data.render_clip_rgb(clip_spec(0, 3, 3, 8), 3, 8)
+    np.testing.assert_allclose(synthetic_data.unproject_channels(latents), rgb, atol=1e-5)
 
 
-EMBED_SNIPPET = ("import hashlib; from megamoe.data.synthetic import embed_caption; "
+EMBED_SNIPPET = ("import hashlib; from megamoe.tools.synthetic_data import embed_caption; "
                  "print(hashlib.sha256(embed_caption('a red circle moving left', 8, 32).tobytes()).hexdigest())")
 
 
@@ -161,4 +161,4 @@ def test_caption_embedding_rows_and_padding():
     assert not np.array_equal(a[1], b[1]) and np.array_equal(np.delete(a, 1, 0), np.delete(b, 1, 0))
     assert np.array_equal(a[2], embed_caption("circle", 8, 32)[0])  # one vector per word, wherever it is
     assert np.array_equal(embed_caption("a red circle moving left", 3, 32), a[:3])  # truncated
-    assert (synthetic.null_text_embedding(8, 32) == 0).all()
+    assert (synthetic_data.null_text_embedding(8, 32) == 0).all()

@@ -3,25 +3,13 @@
 With `data.path: null` training runs on clips that megamoe generates itself, so the README's
 main command needs no download. The "latents" are tiny RGB-like frames (values in [-1, 1]) rather
 than VAE latents: a small model visibly learns them in a few hundred CPU steps, and its samples
-can be written to mp4 as they are.
+can be written to mp4 as they are. The loader calls `ensure_synthetic_dataset` once, before it
+reads anything (megamoe/data/loader.py `build_loader`); from then on the dataset is latent shards
+like any other, so the generator is a tool that training starts, not part of the data path.
 
-Shard layout (WebDataset tar, shared with the real latent-encoding tool)
-------------------------------------------------------------------------
-Each shard `shard-NNNNNN.tar` is a plain, uncompressed tar whose members are grouped by sample:
-
-    <key>.caption.txt   utf-8 caption, e.g. "a red circle moving left"
-    <key>.latents.npy   float32 [C, F, H, W], numpy .npy (no pickle)
-    <key>.text.npy      float32 [text_len, text_dim], numpy .npy (no pickle)
-
-`key` is the clip index as `%08d`. Members are sorted by name within a sample, so a sample's files
-are contiguous, as WebDataset expects. `.npy` was chosen over safetensors because numpy reads it
-without extra code and it stores exactly one array, which is all a member needs.
-The directory also holds `manifest.json`: the generating parameters, the number of clips, and per
-shard its name, number of samples, size and sha256.
-
-Tars are written with Python's `tarfile` and fixed headers (mtime 0, uid/gid 0, empty user/group
-names, mode 0444, USTAR): webdataset's TarWriter stamps the current time unless told otherwise,
-and fixed headers make the dataset byte-identical on every machine and run.
+The shards are latent shards (layout in megamoe/tools/latent_shards.py) whose `key` is the clip
+index as `%08d`. The directory also holds `manifest.json`: the generating parameters, the number
+of clips, and per shard its name, number of samples, size and sha256.
 
 Text embeddings stand in for umT5 outputs: every word gets one fixed random vector (seeded by the
 crc32 of the word, which unlike Python's `hash()` is not salted per process), one row per word,
@@ -32,16 +20,16 @@ classifier-free guidance is therefore all zeros (`null_text_embedding`).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
-import tarfile
 import tempfile
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
+
+from megamoe.tools.latent_shards import encode_sample, write_shard
 
 # Bump when the generator's output changes, so cached datasets of older code are not reused.
 GENERATOR_VERSION = 1
@@ -173,35 +161,6 @@ def embed_caption(caption: str, text_len: int, text_dim: int) -> np.ndarray:
 def null_text_embedding(text_len: int, text_dim: int) -> np.ndarray:
     """The unconditional (CFG) embedding: all zeros, i.e. the embedding of an empty caption."""
     return np.zeros((text_len, text_dim), dtype=np.float32)
-
-
-# --- shards -------------------------------------------------------------------------------
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
-def encode_sample(latents: np.ndarray, text: np.ndarray, caption: str) -> dict[str, bytes]:
-    """The members of one sample, by extension (see the layout at the top of this file)."""
-    return {
-        "caption.txt": caption.encode("utf-8"),
-        "latents.npy": _npy_bytes(latents.astype(np.float32, copy=False)),
-        "text.npy": _npy_bytes(text.astype(np.float32, copy=False)),
-    }
-
-
-def write_shard(path: str, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    """Write (key, {ext: bytes}) samples as a WebDataset tar with fixed, reproducible headers."""
-    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, members in samples:
-            for ext in sorted(members):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(members[ext]), 0, 0o444
-                info.uid, info.gid, info.uname, info.gname = 0, 0, "", ""
-                tar.addfile(info, io.BytesIO(members[ext]))
 
 
 def _sha256(path: str) -> str:

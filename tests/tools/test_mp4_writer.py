@@ -4,7 +4,7 @@ import av
 import numpy as np
 import pytest
 
-from megamoe.data.video_io import clip_to_uint8, write_video
+from megamoe.tools.mp4_writer import clip_to_uint8, write_video
 
 
 @pytest.mark.parametrize("height,width", [(16, 16), (9, 13)])

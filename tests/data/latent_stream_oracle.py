@@ -1,89 +1,23 @@
-"""A deterministic, resumable, infinite stream of micro-batches over latent WebDataset shards.
+"""The test oracle of the latent data stream: a one-process, one-worker reading of the shards.
 
-The shard layout (`<key>.latents.npy`, `<key>.text.npy`, `<key>.caption.txt`) is described at
-the top of `megamoe/data/synthetic.py`. The stream is a pure function of (shards, seed, dp_rank,
-dp_size) and a cursor of three integers, which is what makes exact resumption possible without
-replaying the run.
+`LatentShardStream` is the order the loader (megamoe/data/loader.py, worker.py) must reproduce with
+one worker per rank, written as plainly as possible and apart from the loader's code, so tests can
+compare the two batch by batch. It is a pure function of (shards, seed, dp_rank, dp_size) and a
+cursor of three integers, which is what makes exact resumption possible without replaying the run.
+The shard layout is described in megamoe/tools/latent_shards.py.
 """
 
 from __future__ import annotations
 
-import glob
-import io
 import os
-import tarfile
 import zlib
 
 import numpy as np
 import torch
-from braceexpand import braceexpand
+
+from megamoe.tools.latent_shards import decode_sample, read_shard
 
 STATE_VERSION = 1
-
-
-def resolve_shards(path: str) -> list[str]:
-    """Shard files of a directory (its *.tar), a single .tar, a brace pattern or a glob."""
-    path = os.path.expanduser(path)
-    if os.path.isdir(path):
-        shards = sorted(glob.glob(os.path.join(path, "*.tar")))
-    elif "{" in path:
-        expanded = list(braceexpand(path))
-        shards = [p for p in expanded if os.path.isfile(p)]
-        missing = [p for p in expanded if not os.path.isfile(p)]
-        if shards and missing:  # a partial pattern is almost always a typo or an unfinished copy
-            raise FileNotFoundError(f"{len(missing)} shard(s) of '{path}' do not exist, e.g. '{missing[0]}'")
-    elif glob.has_magic(path):
-        shards = sorted(glob.glob(path))
-    else:
-        shards = [path] if os.path.isfile(path) else []
-    if not shards:
-        raise ValueError(f"no shards found at '{path}'; give a directory of .tar shards, a .tar file "
-                         f"or a pattern like dir/shard-{{000000..000009}}.tar")
-    return shards
-
-
-def split_member_name(name: str) -> tuple[str, str] | None:
-    """WebDataset naming: 'dir/00000001.latents.npy' -> ('dir/00000001', 'latents.npy');
-    None for a member without an extension (not part of a sample)."""
-    directory, base = os.path.split(name)
-    if "." not in base:
-        return None
-    stem, ext = base.split(".", 1)
-    return (f"{directory}/{stem}" if directory else stem), ext
-
-
-def read_shard(path: str) -> list[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) samples of a WebDataset tar, in file order.
-
-    As in WebDataset, a member `dir/name.ext.more` belongs to key `dir/name`, extension `ext.more`.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"latent shard '{path}' does not exist")
-    samples: list[tuple[str, dict[str, bytes]]] = []
-    with tarfile.open(path, mode="r:") as tar:
-        for info in tar:
-            if not info.isreg():
-                continue
-            parts = split_member_name(info.name)
-            if parts is None:
-                continue
-            key, ext = parts
-            if not samples or samples[-1][0] != key:
-                samples.append((key, {}))
-            samples[-1][1][ext] = tar.extractfile(info).read()
-    return samples
-
-
-def decode_sample(key: str, members: dict[str, bytes], shard: str) -> dict:
-    for ext in ("latents.npy", "text.npy"):
-        if ext not in members:
-            raise ValueError(f"sample '{key}' of shard '{shard}' has no '{ext}' member")
-    return {
-        "latents": np.load(io.BytesIO(members["latents.npy"]), allow_pickle=False),
-        "text": np.load(io.BytesIO(members["text.npy"]), allow_pickle=False),
-        "caption": members.get("caption.txt", b"").decode("utf-8"),
-        "key": key,
-    }
 
 
 def _rng(*entropy: int) -> np.random.Generator:

@@ -6,14 +6,14 @@ Raw shard layout (one sample = one video and its caption):
     <key>.txt                          utf-8 caption   (or <key>.json: {"caption": "..."})
 
 A caption that is not UTF-8 is not stored (with replacement characters, say): its video is skipped
-as 'bad_caption', the cause the loaders count for such a caption (errors.utf8_caption).
+as 'bad_caption', the cause the loaders count for such a caption (megamoe/data/errors.py utf8_caption).
 
 `key` is the sample's position among the accepted inputs, `%08d` (a source file name may contain
-dots, which WebDataset would split at). Tars use the fixed headers of synthetic.py's
+dots, which WebDataset would split at). Tars use the fixed headers of latent_shards.py's
 `write_shard`, so the same inputs give byte-identical shards. Beside the shards, `index.jsonl`
 holds one line per sample: key, shard, source, frames, height, width, fps, duration (frames / fps,
 seconds), codec, which is what bucketing and filtering need without opening a video. Inputs that
-cannot be used are skipped and listed in `skipped.jsonl` with their cause (errors.py constants).
+cannot be used are skipped and listed in `skipped.jsonl` with their cause (megamoe/data/errors.py constants).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import json
 import os
 import tarfile
 
-from .errors import BAD_CAPTION, CORRUPT_VIDEO, MISSING_MEMBER, SampleError, utf8_caption
-from .video import probe_video
+from megamoe.data.errors import BAD_CAPTION, CORRUPT_VIDEO, MISSING_MEMBER, SampleError, utf8_caption
+from megamoe.data.video import probe_video
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv")
 TAR_BLOCK = 512
@@ -102,7 +102,7 @@ class TarShardWriter:
         if self._tar is None or (self._size and self._size + size > self.shard_bytes):
             self._close_current()
             self._open()
-        for ext in sorted(members):  # same fixed headers as synthetic.write_shard: reproducible bytes
+        for ext in sorted(members):  # same fixed headers as latent_shards.write_shard: reproducible bytes
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(members[ext]), 0, 0o444
             info.uid, info.gid, info.uname, info.gname = 0, 0, "", ""
