@@ -5,7 +5,7 @@
 For each setting (none = the baseline, every_2, all), in a fresh process each:
   saved     bytes kept for backward by one forward (SavedActivationMeter: autograd's saved tensors plus
             the inputs checkpointed blocks hold, unique storages, parameters excluded)
-  planned   the planner's figure for the same (megamoe/plan.py), to compare with `saved`
+  planned   the planner's figure for the same (megamoe/tools/layout_planner.py), to compare with `saved`
   rss       peak resident memory during one forward + backward minus the resident memory before it
 and prints each as a ratio to the baseline measured in the same run. Step time is not measured: on
 the shared 2-core machine of RESULTS.md, repeated runs of one setting differed by up to 4x.
@@ -34,7 +34,7 @@ def measure(config: str, overrides: list[str], spec: str) -> dict:
     from megamoe.config import load_config
     from megamoe.model.activation_checkpointing import SavedActivationMeter, apply_activation_checkpointing
     from megamoe.model.dit import build_model, count_parameters
-    from megamoe.plan import make_plan
+    from megamoe.tools.layout_planner import make_plan
 
     cfg = load_config(config, [*overrides, f"train.activation_checkpointing={spec}"])
     plan = make_plan(cfg, world=1)

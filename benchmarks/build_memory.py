@@ -20,7 +20,7 @@ Each rank reports, from /proc/self/status:
            step), minus base
   step     peak from base until the end of the first training step (forward, backward, optimizer
            step on a LATENT-sized micro-batch), minus base: launch to first step, less the process
-  planned  the planner's bytes for this rank (megamoe.plan.make_plan at this layout and LATENT):
+  planned  the planner's bytes for this rank (layout_planner.make_plan at this layout and LATENT):
            weights + gradients + optimizer state (fp32 master partition, Adam moments) + activations
 
 Two bounds, per rank. build <= 1.15 x held: the build never holds more than the rank's shard plus
@@ -73,7 +73,7 @@ def worker(args) -> None:
     from megamoe.model.dit import build_model
     from megamoe.parallel.parallelize import build_sharded_model, parallelize
     from megamoe.parallel.topology import destroy_distributed, init_distributed
-    from megamoe.plan import make_plan
+    from megamoe.tools.layout_planner import make_plan
     from megamoe.train.engine import build_engine
     from megamoe.train.loop import step_generator
     from megamoe.train.objective import training_loss

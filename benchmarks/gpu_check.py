@@ -20,7 +20,7 @@ block      one Wan2.2-TI2V-5B block (configs/wan2.2_ti2v_5b*.yaml: dim 3072, 24 
            27,280 tokens (a 121-frame 704x1280 clip), attention forced onto the flash SDPA kernel.
            TFLOP/s from `block_flops` and MFU against the GPU's dense bf16 peak.
 memory     one training step of a 2-block model at the 5B MoE width (one GPU, ZeRO-2, bf16, every block
-           recomputed, the 27,280-token clip): torch.cuda.max_memory_allocated against megamoe.plan's
+           recomputed, the 27,280-token clip): torch.cuda.max_memory_allocated against the planner's
            weights + gradients + optimizer + activations (its reserve, the CUDA context and NCCL buffers,
            is outside what the allocator counts).
 
@@ -279,7 +279,7 @@ def check_memory(device: torch.device, shapes: Shapes) -> dict:
     from megamoe.model.activation_checkpointing import apply_activation_checkpointing
     from megamoe.model.dit import build_model
     from megamoe.parallel.topology import destroy_distributed, init_distributed
-    from megamoe.plan import make_plan
+    from megamoe.tools.layout_planner import make_plan
     from megamoe.train.engine import build_engine
     from megamoe.train.loop import step_generator
     from megamoe.train.objective import training_loss

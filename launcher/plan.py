@@ -1,4 +1,4 @@
-"""Plan a parallel layout: parameters, memory per GPU and expert all-to-all traffic (see megamoe/plan.py).
+"""Plan a parallel layout: parameters, memory per GPU and expert all-to-all traffic (see megamoe/tools/layout_planner.py).
 
     python launcher/plan.py --config configs/X.yaml --nodes N --gpus-per-node G [key=value ...]
 
@@ -34,7 +34,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megamoe.plan import parse_latent, run
+    from megamoe.tools.layout_planner import parse_latent, run
 
     try:
         if args.nodes < 1 or args.gpus_per_node < 1:

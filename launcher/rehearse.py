@@ -8,7 +8,7 @@ bytes does it hold?" on one machine. The process joins torch's fake process grou
 nodes x gpus-per-node ranks (see parallel/topology.init_rehearsal_distributed): collectives move no
 data, so values are meaningless, but every shape is the one rank R has on the cluster. It
 
-1. picks the layout the planner picks (the config's own if it fits, else megamoe.plan.search's),
+1. picks the layout the planner picks (the config's own if it fits, else megamoe.tools.layout_planner.search's),
 2. builds rank R's shard of the model on the meta device and materialises only what R holds,
 3. loads R's slices of `--init-from` (a dense diffusers Wan checkpoint is upcycled while loading),
 4. builds the DeepSpeed engine, runs one training step on a small latent (--latent), and
@@ -79,7 +79,7 @@ class ByteLedger:
 def choose_layout(cfg, world: int, gpus_per_node: int, gpu_memory_gb: float):
     """The config's own layout if the planner says it fits, else the layout the planner's search picks."""
     from megamoe.config import ConfigError
-    from megamoe.plan import make_plan, search, with_layout
+    from megamoe.tools.layout_planner import make_plan, search, with_layout
 
     plan = make_plan(cfg, world, gpu_memory_gb=gpu_memory_gb)
     if not plan.fits:
@@ -136,7 +136,7 @@ def rehearse(cfg, topology, latent: tuple, text_len: int, init_from: str | None,
 
 def local_tokens(cfg, latent: tuple) -> int:
     """Tokens of one micro-batch that one rank holds: CP splits the sequence, and so does TP under SP."""
-    from megamoe.plan import tokens_of
+    from megamoe.tools.layout_planner import tokens_of
 
     p = cfg.parallel
     shards = p.context_parallel_size * (p.tensor_parallel_size if p.sequence_parallel else 1)
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     from megamoe.config import ConfigError, load_config
     from megamoe.config_checks import validate
     from megamoe.model.weights import WeightsError
-    from megamoe.plan import parse_latent
+    from megamoe.tools.layout_planner import parse_latent
 
     world = args.nodes * args.gpus_per_node
     try:
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         return EXIT_BAD_INPUT
 
     from megamoe.device import resolve_device
-    from megamoe.plan import activation_bytes, make_plan, tokens_of, zero_gradient_bytes
+    from megamoe.tools.layout_planner import activation_bytes, make_plan, tokens_of, zero_gradient_bytes
     from megamoe.parallel.topology import destroy_distributed, init_rehearsal_distributed
 
     device = resolve_device(cfg.train.device)

@@ -1,7 +1,7 @@
 """launcher/rehearse.py: one process plays one rank of a larger layout on torch's fake process group.
 
 The reference is the planner's closed form (itself checked against a real DeepSpeed engine in
-tests/test_plan.py) and the layout arithmetic: rank R of EP=E holds num_experts / E experts per MoE
+tests/tools/test_layout_planner.py) and the layout arithmetic: rank R of EP=E holds num_experts / E experts per MoE
 layer, and ZeRO-2 keeps 1/DP of the rest of the optimizer state.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from megamoe.config import load_config
-from megamoe.plan import count_parameters
+from megamoe.tools.layout_planner import config_parameter_counts
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "data"))
@@ -50,7 +50,7 @@ def test_a_rank_of_an_8_gpu_layout_holds_its_shard_and_agrees_with_the_planner(t
     assert "agrees with the planner" in done.stdout
     assert ("upcycl" in done.stdout) == dense_source, done.stdout
     cfg = load_config(str(REPO / "configs/tiny_moe.yaml"), overrides)
-    p, counts = cfg.parallel, count_parameters(cfg.model)
+    p, counts = cfg.parallel, config_parameter_counts(cfg.model)
     # The rank's weights: its 1/TP of the TP-sharded parameters, the replicated rest, 1/EP of the experts.
     local = (counts.total - counts.routed_experts - counts.tensor_parallel * (1 - 1 / p.tensor_parallel_size)
              + counts.routed_experts / p.expert_parallel_size)

@@ -2,6 +2,8 @@
 planning a layout, writing videos.
 
 The command lines live in data/, launcher/ and benchmarks/; this package is their library half,
-which tests import. Training itself calls one thing here before its first step: the synthetic
-dataset generator when `data.path` is null (synthetic_data.py, from megamoe/data/loader.py).
+which tests import. Training itself calls two things here before its first step: the synthetic
+dataset generator when `data.path` is null (synthetic_data.py, from megamoe/data/loader.py) and
+the planner's checkpoint size for the free-space check (layout_planner.py, from
+megamoe/train/run_dir.py).
 """

@@ -14,12 +14,12 @@ from launcher.plan import main
 from megamoe.config import load_config
 from megamoe.config_checks import validate
 from megamoe.model.activation_checkpointing import SavedActivationMeter, apply_activation_checkpointing
-from megamoe.model.dit import build_model
-from megamoe.model.dit import count_parameters as model_parameters
+from megamoe.model.dit import build_model, count_parameters
 from megamoe.moe.layer import moe_layers
-from megamoe.plan import GB, Layout, count_parameters, make_plan, optimizer_groups, zero_gradient_bytes
+from megamoe.tools.layout_planner import (GB, Layout, config_parameter_counts, make_plan, optimizer_groups,
+                                         zero_gradient_bytes)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The 5B configs and the cluster each is laid out for (their header comments say the same).
 # configs/tiny_moe.yaml weights the token-choice losses; other routers do not compute them.
 NO_TOKEN_CHOICE_LOSSES = ["model.moe.balance_loss=0", "model.moe.z_loss=0"]
@@ -29,7 +29,7 @@ PLANNED_NODES = {"configs/wan2.2_ti2v_5b_moe.yaml": 4, "configs/wan2.2_ti2v_5b_m
 def meta_counts(model_cfg):
     """(total, activated) of the model built on the meta device."""
     model = build_model(model_cfg, "meta")
-    total = model_parameters(model)
+    total = count_parameters(model)
     activated = total
     for layer in moe_layers(model):
         x = layer.experts
@@ -55,13 +55,13 @@ def meta_counts(model_cfg):
 ])
 def test_parameter_counts_equal_the_meta_model(path, overrides):
     m = load_config(os.path.join(ROOT, path), overrides).model
-    counts = count_parameters(m)
+    counts = config_parameter_counts(m)
     assert (counts.total, counts.activated) == meta_counts(m)
 
 
 def test_5b_figures():
-    dense = count_parameters(load_config(os.path.join(ROOT, "configs/wan2.2_ti2v_5b.yaml")).model)
-    fine = count_parameters(load_config(os.path.join(ROOT, "configs/wan2.2_ti2v_5b_moe.yaml")).model)
+    dense = config_parameter_counts(load_config(os.path.join(ROOT, "configs/wan2.2_ti2v_5b.yaml")).model)
+    fine = config_parameter_counts(load_config(os.path.join(ROOT, "configs/wan2.2_ti2v_5b_moe.yaml")).model)
     assert dense.total == dense.activated and abs(dense.total / 1e9 - 5.0) < 0.01
     # Fine-grained upcycling keeps the activated FFN width (7 routed + 1 shared slices of 1792 = 14336).
     assert abs(fine.activated - dense.total) / dense.total < 0.001 and 13.2e9 < fine.total < 13.3e9

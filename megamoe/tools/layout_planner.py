@@ -3,8 +3,8 @@
     python launcher/plan.py --config configs/wan2.2_ti2v_5b_moe.yaml --nodes 4 --gpus-per-node 8
 
 Everything is a closed form of the config, so it runs anywhere in a second, before a cluster is
-booked. tests/test_plan.py checks the parameter counts against the model built on the meta
-device, and the memory figures of the tiny configs against tensors measured on the CPU.
+booked. tests/tools/test_layout_planner.py checks the parameter counts against the model built on the
+meta device, and the memory figures of the tiny configs against tensors measured on the CPU.
 
 Parameters. `total` counts every parameter once; `activated` is what one token passes through:
 the non-expert parameters, plus top_k routed experts in each MoE layer (shared experts are
@@ -168,8 +168,9 @@ def _router_parameters(m: ModelConfig) -> int:
     return n
 
 
-def count_parameters(m: ModelConfig) -> ParameterCounts:
-    """Closed-form parameter counts of `WanDiT(m)` (tests compare them with the meta-device model)."""
+def config_parameter_counts(m: ModelConfig) -> ParameterCounts:
+    """Closed-form parameter counts of `WanDiT(m)`, from the config alone (model/dit.py's `count_parameters`
+    counts a built module; tests compare the two on the meta-device model)."""
     d, f = m.dim, m.ffn_dim
     patch = math.prod(m.patch_size)
     embed = (m.in_channels * patch * d + d) + _linear(m.freq_dim, d) + _linear(d, d) + _linear(d, 6 * d) \
@@ -226,7 +227,7 @@ def checkpoint_bytes(cfg: Config, world: int) -> int:
     """
     w_bytes = 2 if cfg.train.precision == "bf16" else 4
     per_param = w_bytes + 12 + w_bytes + (4 if cfg.train.ema_decay > 0 else 0)
-    return count_parameters(cfg.model).total * per_param + world * RANK_FILE_BYTES + CHECKPOINT_FIXED_BYTES
+    return config_parameter_counts(cfg.model).total * per_param + world * RANK_FILE_BYTES + CHECKPOINT_FIXED_BYTES
 
 
 _PARAMETERS: dict[str, list] = {}
@@ -436,7 +437,7 @@ def make_plan(cfg: Config, world: int, layout: Optional[Layout] = None, gpu_memo
     if problem:
         raise ConfigError(problem)
     m = cfg.model
-    params = count_parameters(m)
+    params = config_parameter_counts(m)
     latent = tuple(latent or planned_latent(cfg))
     tokens = tokens_of(m, latent)
     w_bytes = 2 if cfg.train.precision == "bf16" else 4
