@@ -17,10 +17,9 @@ import pytest
 
 from megamoe.config import load_config
 from megamoe.tools.layout_planner import config_parameter_counts
+from megamoe.tools.random_wan_checkpoint import write_random_wan
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "data"))
-from make_random_wan import write_random_wan  # noqa: E402
 
 
 def rehearse(tmp_path, *args):

@@ -1,5 +1,6 @@
-"""data/make_random_wan.py writes a checkpoint that diffusers itself loads, whose values do not depend on
-how it is sharded, and that megamoe's strict loader accepts for the same config."""
+"""data/make_random_wan.py (megamoe/tools/random_wan_checkpoint.py) writes a checkpoint that diffusers itself
+loads, whose values do not depend on how it is sharded, and that megamoe's strict loader accepts for the same
+config."""
 
 from __future__ import annotations
 
@@ -13,9 +14,7 @@ import torch
 from megamoe.config import ConfigError, load_config
 from megamoe.model.dit import build_model
 from megamoe.model.weights import INDEX_NAME, load_diffusers_weights, read_state_dict
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "data"))
-from make_random_wan import write_random_wan  # noqa: E402
+from megamoe.tools.random_wan_checkpoint import write_random_wan
 
 REPO = Path(__file__).resolve().parents[2]
 
