@@ -161,19 +161,16 @@ def share_expert_groups_with_deepspeed(expert_parallel_size: int) -> str:
     it is an error, not a warning. Collective over the expert-data-parallel group.
     """
     import deepspeed
-    from deepspeed.utils import groups
+
+    from megamoe.train.deepspeed_adapter import register_expert_groups, registered_expert_groups
 
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the existing process group
     name = f"ep_size_{expert_parallel_size}"
     ep_group, edp_group = expert_groups()
     ours = (dist.get_process_group_ranks(ep_group), dist.get_process_group_ranks(edp_group))
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._EXPERT_PARALLEL_GROUP[name] = ep_group
-        groups._EXPERT_PARALLEL_GROUP_RANKS[name] = ours[0]
-        groups._EXPERT_DATA_PARALLEL_GROUP[name] = edp_group
-        groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = ours[1]
-    theirs = (dist.get_process_group_ranks(groups._get_expert_parallel_group(name)),
-              dist.get_process_group_ranks(groups._get_expert_data_parallel_group(name)))
+    register_expert_groups(name, ep_group, edp_group)
+    deepspeeds_ep_group, deepspeeds_edp_group = registered_expert_groups(name)
+    theirs = (dist.get_process_group_ranks(deepspeeds_ep_group), dist.get_process_group_ranks(deepspeeds_edp_group))
     if ours != theirs:
         raise RuntimeError(f"rank {dist.get_rank()}: DeepSpeed's expert groups {theirs} differ from megatron-core's "
                            f"{ours}; expert gradients would be reduced over the wrong ranks")
@@ -187,14 +184,9 @@ def share_expert_groups_with_deepspeed(expert_parallel_size: int) -> str:
 
 
 def destroy_distributed() -> None:
-    import sys
+    from megamoe.train.deepspeed_adapter import forget_expert_groups
 
-    if "deepspeed.utils.groups" in sys.modules:  # forget the groups lent to DeepSpeed with them
-        groups = sys.modules["deepspeed.utils.groups"]
-        for table in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
-                      groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
-            table.clear()
-        groups.mpu = None
+    forget_expert_groups()  # the groups lent to DeepSpeed go with them
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

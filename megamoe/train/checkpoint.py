@@ -347,22 +347,20 @@ def rank_file_for(meta: dict, topology) -> int:
 
 def engine_state(engine) -> dict:
     """The engine's counters and LR schedule: small, identical on every rank, kept in meta.json."""
+    from megamoe.train.deepspeed_adapter import engine_counters
     from megamoe.train.sharded_state import optimizer_step
 
     scheduler = engine.lr_scheduler
     schedule = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"} if scheduler else None
-    return {"optimizer_step": optimizer_step(engine), "global_steps": engine.global_steps,
-            "global_samples": engine.global_samples, "skipped_steps": engine.skipped_steps,
-            "lr_scheduler": schedule}
+    return {"optimizer_step": optimizer_step(engine), **engine_counters(engine), "lr_scheduler": schedule}
 
 
 def restore_engine_state(engine, state: dict) -> None:
+    from megamoe.train.deepspeed_adapter import restore_engine_counters
     from megamoe.train.sharded_state import set_optimizer_step
 
     set_optimizer_step(engine, state["optimizer_step"])
-    engine.global_steps = state["global_steps"]
-    engine.global_samples = state["global_samples"]
-    engine.skipped_steps = state["skipped_steps"]
+    restore_engine_counters(engine, state)
     scheduler, saved = engine.lr_scheduler, state["lr_scheduler"]
     if scheduler is None or saved is None:
         return

@@ -16,6 +16,7 @@ import torch
 
 from megamoe.config import Config
 from megamoe.parallel.topology import DeepSpeedMPU
+from megamoe.train.deepspeed_adapter import build_expert_aware_engine
 
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -74,22 +75,13 @@ def _expert_aware_engine(model, params, schedule, cfg: Config):
 
     DeepSpeed switches on its expert handling (MoE parameter groups, ZeRO partitions over the
     expert-data-parallel group, expert-aware gradient norms) only when it finds its own MoE
-    module classes in the model. megamoe's experts carry DeepSpeed's own tags instead, and this
-    subclass sets the one flag the class check would have set; everything after that is
-    DeepSpeed's code. (Its MoE checkpoint files are bypassed: megamoe saves each rank's experts
-    itself, see train/checkpoint.py.) Tested against the same run with replicated experts in
+    module classes in the model. megamoe's experts carry DeepSpeed's own tags instead, and the
+    engine is told it has experts (`deepspeed_adapter.build_expert_aware_engine`); everything after
+    that is DeepSpeed's code. (Its MoE checkpoint files are bypassed: megamoe saves each rank's
+    experts itself, see train/checkpoint.py.) Tested against the same run with replicated experts in
     tests/distributed/test_expert_parallel_training.py.
     """
-    from deepspeed.runtime.config import DeepSpeedConfig
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
     from megamoe.parallel.topology import share_expert_groups_with_deepspeed
-
-    class ExpertAwareEngine(DeepSpeedEngine):
-        def _configure_distributed_model(self, module):
-            super()._configure_distributed_model(module)
-            self.has_moe_layers = True
-            self.num_experts = [cfg.model.moe.num_experts]
 
     share_expert_groups_with_deepspeed(cfg.parallel.expert_parallel_size)
     # ZeRO-1/2 counts a parameter in the gradient norm on tensor-parallel rank 0 only unless it
@@ -99,9 +91,8 @@ def _expert_aware_engine(model, params, schedule, cfg: Config):
     for param in params:
         if is_expert_parameter(param):
             param.model_parallel = True
-    mpu, config = DeepSpeedMPU(), deepspeed_config(cfg)
-    return ExpertAwareEngine(args=None, model=model, optimizer=None, model_parameters=params, lr_scheduler=schedule,
-                             mpu=mpu, config=config, config_class=DeepSpeedConfig(config, mpu))
+    return build_expert_aware_engine(model, params, schedule, DeepSpeedMPU(), deepspeed_config(cfg),
+                                     cfg.model.moe.num_experts)
 
 
 def resync_lr(engine) -> None:

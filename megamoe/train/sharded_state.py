@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe.parallel.parallelize import split_of
+from megamoe.train.deepspeed_adapter import has_fp32_fragments, relink_optimizer_state, torch_optimizer
 
 OPTIMIZER_KINDS = ("master", "exp_avg", "exp_avg_sq")
 KINDS = ("model", *OPTIMIZER_KINDS)
@@ -89,18 +90,7 @@ def as_dcp_value(local: torch.Tensor, split):
 
 
 # ---------------------------------------------------------------------------------------------
-# DeepSpeed's optimizer, through its public API.
-
-def torch_optimizer(engine):
-    """The torch AdamW that owns the state (inside DeepSpeed's ZeRO / bf16 wrapper, if any)."""
-    return getattr(engine.optimizer, "optimizer", engine.optimizer)
-
-
-def _has_fragments(param) -> bool:
-    # The same test DeepSpeed's safe_* functions make: ZeRO-1/2 and the bf16 optimizer link
-    # every parameter to its fp32 fragments; without them (ZeRO-0 fp32) torch owns the state.
-    return hasattr(param, "_hp_mapping")
-
+# DeepSpeed's optimizer, through its public API (and train/deepspeed_adapter.py where it has none).
 
 def ensure_optimizer_state(engine) -> None:
     """Create Adam's state (zero moments, step 0) where torch has not yet, and link DeepSpeed's fragments.
@@ -108,10 +98,8 @@ def ensure_optimizer_state(engine) -> None:
     torch creates Adam's state lazily at the first step and DeepSpeed links its per-parameter
     fragments to it only then, so an engine that has not stepped (a run about to resume) has no
     state to write into. The state is created exactly as torch's first step would, and DeepSpeed's
-    own linking routine is run again; these are the only non-public calls here. Linking again is
-    needed after steps too: with several optimizer param groups (experts get their own) DeepSpeed
-    0.19 links every group right after stepping the first, before the others have any state, and
-    never again, so the experts' fragments would lack exp_avg and exp_avg_sq.
+    own linking routine is run again (`deepspeed_adapter.relink_optimizer_state`, which says why
+    that is needed after steps too).
     """
     base = torch_optimizer(engine)
     for group in base.param_groups:
@@ -121,10 +109,7 @@ def ensure_optimizer_state(engine) -> None:
                 base.state[p].update(step=torch.tensor(0.0, dtype=torch.float32, device=p.device if on_device else None),
                                      exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
                                      exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
-    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:
-        engine.optimizer._hp_optimizer_states_linked = False
-        link()
+    relink_optimizer_state(engine)
 
 
 def optimizer_step(engine) -> float:
@@ -147,7 +132,7 @@ def read_full(engine, param, kind: str) -> torch.Tensor:
     """
     if kind == "model":
         return param.detach()
-    if _has_fragments(param):
+    if has_fp32_fragments(param):
         from deepspeed.utils import (
             safe_get_full_fp32_param,
             safe_get_full_optimizer_state,
@@ -163,7 +148,7 @@ def write_full(engine, param, kind: str, value: torch.Tensor) -> None:
     if kind == "model":
         param.copy_(value)
         return
-    if _has_fragments(param):
+    if has_fp32_fragments(param):
         from deepspeed.utils import (
             safe_set_full_fp32_param,
             safe_set_full_optimizer_state,
