@@ -75,7 +75,7 @@ def worker(args) -> None:
     from megamoe.parallel.topology import destroy_distributed, init_distributed
     from megamoe.tools.layout_planner import make_plan
     from megamoe.train.engine import build_engine
-    from megamoe.train.loop import step_generator
+    from megamoe.train.step import step_generator
     from megamoe.train.objective import training_loss
 
     torch.set_num_threads(1)

@@ -281,7 +281,7 @@ def check_memory(device: torch.device, shapes: Shapes) -> dict:
     from megamoe.parallel.topology import destroy_distributed, init_distributed
     from megamoe.tools.layout_planner import make_plan
     from megamoe.train.engine import build_engine
-    from megamoe.train.loop import step_generator
+    from megamoe.train.step import step_generator
     from megamoe.train.objective import training_loss
 
     precision = "bf16" if device.type == "cuda" else "fp32"

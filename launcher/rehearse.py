@@ -97,8 +97,9 @@ def rehearse(cfg, topology, latent: tuple, text_len: int, init_from: str | None,
     from megamoe.model.dit import count_parameters
     from megamoe.parallel.parallelize import build_sharded_model
     from megamoe.parallel.sharded_weights import init_from as load_slices
+    from megamoe.train.deepspeed_adapter import fp32_master_partitions, torch_optimizer, zero_gradient_partitions
     from megamoe.train.engine import build_engine
-    from megamoe.train.loop import step_generator
+    from megamoe.train.step import step_generator
     from megamoe.train.objective import training_loss
 
     start = time.perf_counter()
@@ -123,13 +124,12 @@ def rehearse(cfg, topology, latent: tuple, text_len: int, init_from: str | None,
     engine.backward(loss)
     # After backward, before the step: the gradient partition DeepSpeed reduced into.
     ledger.add("gradients", [p.grad for p in engine.module.parameters()])
-    optimizer = engine.optimizer
-    ledger.add("gradients", [g for group in getattr(optimizer, "averaged_gradients", {}).values() for g in group])
+    ledger.add("gradients", zero_gradient_partitions(engine))
     engine.step()
     # After the step: the fp32 master partition and Adam's moments.
-    ledger.add("optimizer", getattr(optimizer, "single_partition_of_fp32_groups", []))
-    inner = getattr(optimizer, "optimizer", optimizer)
-    ledger.add("optimizer", [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0])
+    ledger.add("optimizer", fp32_master_partitions(engine))
+    adam = torch_optimizer(engine)
+    ledger.add("optimizer", [v for s in adam.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0])
     log(f"one training step on a {'x'.join(map(str, latent))} latent in {time.perf_counter() - start:.0f} s")
     return ledger.totals(), meter.bytes / local_tokens(cfg, latent)
 

@@ -6,12 +6,7 @@ i % W (round robin), so the sequence never depends on which worker is faster.
 
 Every batch arrives with the state of its worker right after making it; that state is committed
 only when the batch is handed to the training loop, so batches prefetched but not consumed never
-advance `state_dict()`:
-
-    {"version": 2, "format", "seed", "dp_rank", "dp_size", "num_workers", "num_shards",
-     "next_worker": k,            the worker the next batch comes from
-     "worker_died": n,            loader workers replaced so far
-     "workers": [state of worker 0, ..., state of worker W-1]}   (see worker.py)
+advance `state_dict()` (a `LoaderState`).
 
 `load_state_dict` restarts worker w at its saved state, so after a resume each rank sees exactly
 the batches the uninterrupted run would have seen. At another data-parallel size (or worker
@@ -38,10 +33,11 @@ import sys
 import traceback
 import weakref
 from collections import Counter
+from typing import TypedDict
 
 import torch
 
-from megamoe.data.worker import DataError, StreamSpec, WorkerStream, fresh_state
+from megamoe.data.worker import DataError, StreamSpec, WorkerState, WorkerStream, fresh_state
 from megamoe.error_messages import first_line
 
 __all__ = ["DataError", "StreamStateError", "ShardLoader", "StreamSpec", "build_loader"]
@@ -93,6 +89,28 @@ def _stop_workers(procs: list) -> None:
             proc.kill()
             proc.join()
     procs.clear()
+
+
+class LoaderState(TypedDict):
+    """A rank's data-stream position (`ShardLoader.state_dict()`), saved in its checkpoint rank file.
+
+    The settings it was saved under are kept so that a resume that cannot continue it is refused
+    with the setting named (see `load_state_dict`)."""
+
+    version: int
+    """STATE_VERSION of the code that saved it."""
+    format: str
+    seed: int
+    dp_rank: int
+    dp_size: int
+    num_workers: int
+    num_shards: int
+    next_worker: int
+    """The worker whose batch comes next (batches are taken from workers in turn)."""
+    worker_died: int
+    """Loader workers replaced so far."""
+    workers: list[WorkerState]
+    """Each worker's committed state: the one after the last batch consumed from it."""
 
 
 class ShardLoader:
@@ -242,14 +260,14 @@ class ShardLoader:
 
     # --- resume ----------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> LoaderState:
         spec = self.spec
         return {"version": STATE_VERSION, "format": spec.format, "seed": spec.seed, "dp_rank": spec.dp_rank,
                 "dp_size": spec.dp_size, "num_workers": spec.num_workers, "num_shards": len(spec.shards),
                 "next_worker": self._next_worker, "worker_died": self._worker_died,
                 "workers": copy.deepcopy(self._states)}
 
-    def load_state_dict(self, state: dict, restart: bool = False) -> None:
+    def load_state_dict(self, state: LoaderState, restart: bool = False) -> None:
         """Continue from `state`; restart=True (data.restart_stream_on_resume) starts over at epoch 0."""
         spec = self.spec
         self.close()

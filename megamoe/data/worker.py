@@ -10,14 +10,8 @@ one sample's work); expert-parallel ranks are data-parallel ranks for the data (
 its own tokens to the all-to-all), so they read different samples.
 
 A worker's position is a cursor (epoch, shard_pos, sample_pos) into that order; every sample is
-a pure function of its cursor (frame-sampling seeds included), so the state below restores the
-stream exactly:
-
-    {"epoch", "shard_pos", "sample_pos"   next sample to read
-     "pending": [[bucket, [cursor, ...]], ...]   samples read but not yet batched (re-read on resume)
-     "seen", "batches", "stalled"          samples read, batches made, shard visits without a usable sample
-     "visit_usable", "visit_batches"       usable samples and batches so far in the current shard visit
-     "bad": {cause: n}, "bad_shards": {shard path: n}}   failures so far
+a pure function of its cursor (frame-sampling seeds included), so `WorkerState` restores the
+stream exactly.
 
 Bad data never stops the worker: a sample that fails is counted by cause and by shard and
 skipped; a tar that cannot be opened counts once as 'bad_tar' per visit (and as one sample seen).
@@ -32,7 +26,7 @@ import tarfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, TypedDict
 
 import numpy as np
 
@@ -84,7 +78,33 @@ class StreamSpec:
                              self.rope_max_seq_len)
 
 
-def fresh_state() -> dict:
+class WorkerState(TypedDict):
+    """One worker's position in its stream and its counters: plain values only, saved in checkpoints."""
+
+    epoch: int
+    shard_pos: int
+    """Index of the shard being read in this worker's share of the epoch's shard order."""
+    sample_pos: int
+    """Index of the next sample to read in the shard's sample order."""
+    pending: list
+    """[[bucket, [cursor, ...]], ...]: samples read but not yet batched (re-read on resume)."""
+    seen: int
+    """Samples read so far, bad ones included."""
+    batches: int
+    """Batches made so far."""
+    stalled: int
+    """Shard visits in a row without a usable sample."""
+    visit_usable: int
+    """Usable samples so far in the current shard visit."""
+    visit_batches: int
+    """Batches so far in the current shard visit."""
+    bad: dict[str, int]
+    """Failed samples by cause (data/errors.py)."""
+    bad_shards: dict[str, int]
+    """Failed samples by shard path."""
+
+
+def fresh_state() -> WorkerState:
     return {"epoch": 0, "shard_pos": 0, "sample_pos": 0, "pending": [], "seen": 0, "batches": 0, "stalled": 0,
             "visit_usable": 0, "visit_batches": 0, "bad": {}, "bad_shards": {}}
 

@@ -339,11 +339,6 @@ def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # Writing, in one process (the sharded writer of a parallel run is megamoe/parallel/sharded_weights.py).
 
-# The old name of megamoe.atomic_files.write_atomic, which megamoe/parallel/sharded_weights.py still imports from
-# here; remove it once that module imports write_atomic itself.
-_atomic_write = write_atomic
-
-
 def write_config(cfg: ModelConfig, directory: str) -> None:
     text = json.dumps(diffusers_config(cfg), indent=2, sort_keys=True) + "\n"
     write_text_atomic(os.path.join(os.fspath(directory), CONFIG_NAME), text)

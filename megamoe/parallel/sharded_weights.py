@@ -34,7 +34,8 @@ import torch.distributed as dist
 
 from megamoe.config import ModelConfig
 from megamoe.model.dit import build_model
-from megamoe.model.weights import (INDEX_NAME, LocalShard, WeightsError, WeightSource, _atomic_write,
+from megamoe.atomic_files import write_text_atomic
+from megamoe.model.weights import (INDEX_NAME, LocalShard, WeightsError, WeightSource,
                                    check_matches, load_diffusers_weights, remove_stale_weights, write_config)
 from megamoe.moe.upcycle import check_dense, is_dense, mode_of, upcycle_into
 from megamoe.parallel.parallelize import split_of
@@ -238,7 +239,7 @@ def write_sharded_weights(tensors: Mapping[str, torch.Tensor], splits: Mapping[s
         index = {"metadata": {"total_size": sum(torch.Size(s).numel() * d.itemsize for _, s, d, _ in entries)},
                  "weight_map": {key: files[w] for (key, _, _, _), w in zip(entries, writer)}}
         text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        on_file(lambda: _atomic_write(os.path.join(directory, INDEX_NAME), lambda tmp: open(tmp, "w").write(text)))
+        on_file(lambda: write_text_atomic(os.path.join(directory, INDEX_NAME), text))
         on_file(lambda: write_config(cfg, directory))
         on_file(lambda: remove_stale_weights(directory, keep=set(files.values()) | {INDEX_NAME}))
     dist.barrier()

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from megamoe.atomic_files import write_text_atomic
 from megamoe.config import Config, ConfigError, from_yaml_text, to_yaml
 from megamoe.error_messages import describe
-from megamoe.train.resilience import AgreedStop, agreed_problem, fail_save
+from megamoe.train.resilience import AgreedStop, agreed_problem
 
 CHECKPOINT_DIR = "checkpoints"
 STEP_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -204,8 +204,10 @@ def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
                               f"set these keys to the checkpoint's values")
 
 
-def save_checkpoint(engine, cfg: Config, step: int, rank_state: dict, topology, export_weights, ema=None) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory.
+def save_checkpoint(engine, cfg: Config, state, topology, export_weights) -> Path:
+    """Collective: every rank calls it. Saves the engine and `state` (a train/state.py TrainState: its
+    rank file, and its EMA with the engine's sharded state) at step `state.step`. Returns the final
+    checkpoint directory.
 
     `export_weights(module, directory, tensors=None)` writes the module's weights (or `tensors`,
     sharded like its parameters) in the diffusers layout; collective (see parallel/sharded_weights.py).
@@ -215,6 +217,8 @@ def save_checkpoint(engine, cfg: Config, step: int, rank_state: dict, topology, 
     """
     from megamoe.train.sharded_state import save_state
 
+    step, ema = state.step, state.ema
+    rank_state = state.state_dict()
     root = checkpoint_root(cfg)
     final = root / step_dir_name(step)
     tmp = root / f".{final.name}.tmp"
@@ -253,7 +257,6 @@ def save_checkpoint(engine, cfg: Config, step: int, rank_state: dict, topology, 
 
     attempt(lambda: save_state(engine, tmp / STATE_DIR, ema))  # collective: DCP raises a failed write on every rank
     attempt(lambda: torch.save(rank_state, tmp / f"rank_{topology.rank:05d}.pt"))
-    attempt(lambda: fail_save(step, topology.rank))  # test hook; does nothing unless its variable is set
     dp_ranks = [None] * topology.world_size  # which saved rank file continues which data-parallel rank
     dist.all_gather_object(dp_ranks, topology.dp_rank)
     train_state = engine_state(engine)
@@ -287,14 +290,20 @@ def save_checkpoint(engine, cfg: Config, step: int, rank_state: dict, topology, 
     return final
 
 
-def load_checkpoint(engine, path: Path, topology, ema=None) -> dict:
-    """Collective: restore engine (weights, optimizer, LR schedule, counters) and return this rank's state.
+def load_checkpoint(engine, path: Path, topology, state) -> None:
+    """Collective: restore the engine (weights, optimizer, LR schedule, counters) and `state` (a
+    train/state.py TrainState: step, data position, RNG, skipped-step counts, EMA).
 
     The checkpoint may come from another parallel layout; see `rank_file_for` for the per-rank state.
+    The LR is then set from the schedule at the restored step (engine.resync_lr), so a run that
+    changed train.steps continues on the new schedule. Raises CheckpointError on every rank when a
+    rank cannot use its part, and the loader's StreamStateError when the data position cannot be
+    continued (on that rank: the caller agrees on it, see loop.py).
     """
+    from megamoe.train.engine import resync_lr
     from megamoe.train.sharded_state import has_ema, load_state, mismatch, stored_shapes
 
-    path = Path(path)
+    path, ema = Path(path), state.ema
     meta = inspect_checkpoint(path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint '{path}' is not in megamoe's format '{FORMAT}'; "
@@ -327,7 +336,8 @@ def load_checkpoint(engine, path: Path, topology, ema=None) -> dict:
     except Exception as exc:
         raise CheckpointError(f"checkpoint '{path}' could not be loaded ({describe(exc)}); "
                               f"pass another checkpoint") from None
-    return rank_state
+    resync_lr(engine)
+    state.load_state_dict(rank_state)
 
 
 def rank_file_for(meta: dict, topology) -> int:

@@ -21,6 +21,13 @@ def loss_weights(cfg: Config) -> dict[str, float]:
             "contrastive": moe.contrastive_loss, "layer_reg": moe.layer_reg_loss}
 
 
+def weighted_total(cfg: Config, parts: dict[str, float]) -> float:
+    """The total loss from its parts ({'flow': ..., router loss name: unweighted value}), as
+    `training_loss` forms it: flow + sum of weight x part over the enabled router losses."""
+    weights = loss_weights(cfg)
+    return parts["flow"] + sum(weights[n] * v for n, v in sorted(parts.items()) if n != "flow" and weights.get(n, 0.0) > 0)
+
+
 def training_loss(model, module, latents: torch.Tensor, text: torch.Tensor, cfg: Config,
                   generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`model` is what runs the forward (a DeepSpeed engine or the module), `module` the plain

@@ -1,4 +1,4 @@
-"""Surviving a cluster: preemption signals, non-finite steps, stops for bad input, and test-only fault injection.
+"""Surviving a cluster: preemption signals, non-finite steps and stops for bad input.
 
 Three decisions must be the same on every rank, or ranks drift apart or hang in a collective:
 
@@ -14,16 +14,16 @@ Three decisions must be the same on every rank, or ranks drift apart or hang in 
 `StepAgreement.end_of_step` combines all three with a single all-reduce (MAX) of three numbers
 over all ranks, once per step: cheap next to the step's own gradient reduction. Outside the
 step loop (start-up, checkpoint saves) `stop_together` and `agreed_problem` do the same once.
+
+The tests inject their faults (a NaN batch, a save that stalls or fails) from outside, by
+wrapping megamoe's functions (tests/distributed/pretrain_with_faults.py): nothing here reads
+a test variable.
 """
 
 from __future__ import annotations
 
-import errno
-import functools
-import os
 import signal
 import threading
-import time
 from contextlib import contextmanager
 
 import torch
@@ -184,45 +184,3 @@ def local_grads_finite(module: torch.nn.Module) -> bool:
     """Whether every gradient held by this rank is finite (for optim.zero_stage=0, see loop.py)."""
     norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
     return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
-
-
-# --- test-only fault injection ----------------------------------------------------------------
-# Tests of preemption, killed saves and NaN steps need a fault at a chosen moment. These hooks are
-# read from environment variables named MEGAMOE_TEST_*, do nothing when unset, and are not part
-# of the configuration on purpose: no real run should set them.
-
-NAN_STEPS_ENV = "MEGAMOE_TEST_NAN_AT_STEPS"
-"""Comma list of 1-based steps whose batch on data-parallel rank 0 is replaced by NaN, e.g. '3,4'."""
-SLOW_SAVE_ENV = "MEGAMOE_TEST_SLOW_SAVE"
-"""'STEP:SECONDS': the checkpoint of STEP sleeps SECONDS while still in its temporary directory."""
-FAIL_SAVE_ENV = "MEGAMOE_TEST_FAIL_SAVE"
-"""'STEP:RANK': writing the checkpoint of STEP fails on global rank RANK as on a full disk, after the rank's files."""
-
-
-@functools.cache  # read once: inject_nan runs every micro-step
-def _nan_steps() -> set[int]:
-    return {int(s) for s in os.environ.get(NAN_STEPS_ENV, "").split(",") if s.strip()}
-
-
-def inject_nan(latents: torch.Tensor, step: int, dp_rank: int) -> torch.Tensor:
-    """Test hook: a NaN batch at the steps of MEGAMOE_TEST_NAN_AT_STEPS, on one rank only (so the
-    other ranks' losses stay finite and must still take the same decision)."""
-    if dp_rank == 0 and step in _nan_steps():
-        return torch.full_like(latents, float("nan"))
-    return latents
-
-
-def slow_save(step: int) -> None:
-    """Test hook: called while the checkpoint of `step` is written, before it is renamed into place."""
-    value = os.environ.get(SLOW_SAVE_ENV)
-    if value:
-        at, seconds = value.split(":")
-        if int(at) == step:
-            time.sleep(float(seconds))
-
-
-def fail_save(step: int, rank: int) -> None:
-    """Test hook: called by each rank after writing its part of the checkpoint of `step`."""
-    value = os.environ.get(FAIL_SAVE_ENV)
-    if value and tuple(map(int, value.split(":"))) == (step, rank):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -17,12 +17,18 @@ import torch.multiprocessing as mp
 REPO = Path(__file__).resolve().parents[2]
 
 
+def launcher_script(faults: dict | None) -> str:
+    """launcher/pretrain.py, or with `faults` (MEGAMOE_TEST_* variables) the wrapper that injects them."""
+    return str(REPO / "tests" / "distributed" / "pretrain_with_faults.py" if faults else REPO / "launcher" / "pretrain.py")
+
+
 def pretrain(args, nproc: int | None = 2, check: bool = True, timeout: int = 900,
-             env: dict | None = None) -> subprocess.CompletedProcess:
+             env: dict | None = None, faults: dict | None = None) -> subprocess.CompletedProcess:
     """`launcher/pretrain.py ARGS` on `nproc` gloo ranks under torchrun; nproc=None runs one
-    plain process (the launcher then makes a world of one). `env`: extra environment variables."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
-    script = str(REPO / "launcher" / "pretrain.py")
+    plain process (the launcher then makes a world of one). `env`: extra environment variables;
+    `faults`: faults to inject (see pretrain_with_faults.py), e.g. {"MEGAMOE_TEST_NAN_AT_STEPS": "3"}."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}), **(faults or {}))
+    script = launcher_script(faults)
     if nproc is None:
         env.pop("RANK", None), env.pop("WORLD_SIZE", None)
         cmd = [sys.executable, script, *map(str, args)]
@@ -94,12 +100,12 @@ def spawn(worker, world: int, *args) -> None:
         pytest.fail("\n".join(messages) or str(exc))
 
 
-def start_pretrain(args, nproc: int = 2, env: dict | None = None, torchrun_args=()) -> subprocess.Popen:
+def start_pretrain(args, nproc: int = 2, faults: dict | None = None, torchrun_args=()) -> subprocess.Popen:
     """Like `pretrain`, but returns the running torchrun process (stdout and stderr piped), for
     tests that signal or kill it, or one of its workers, while it trains."""
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(faults or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", "127.0.0.1:0", *torchrun_args, str(REPO / "launcher" / "pretrain.py"), *map(str, args)]
+           "--rdzv-endpoint", "127.0.0.1:0", *torchrun_args, launcher_script(faults), *map(str, args)]
     return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -113,7 +119,7 @@ def worker_pids(torchrun: subprocess.Popen) -> dict[int, int]:
             rank = child.environ().get("RANK")
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if rank is not None and "pretrain.py" in " ".join(child.cmdline()):
+        if rank is not None and any(p.endswith(("pretrain.py", "pretrain_with_faults.py")) for p in child.cmdline()):
             found[int(rank)] = child.pid
     return found
 

@@ -11,8 +11,9 @@ averages accumulated gradients exactly as it averages data-parallel ones, so bot
 same optimizer steps (the same clipping included) if the parallel layout is correct.
 
 Everything else is the production path: config validation, `parallelize`, `build_engine` (ZeRO,
-expert-aware groups, clipping, LR schedule), `training_loss`, `routers_after_step`, the EMA (when
-train.ema_decay > 0) and the loop's own metric reductions.
+expert-aware groups, clipping, LR schedule), and the training loop's own `train_step` (loss,
+backward, step, step agreement, the MoE step hooks' router updates, the EMA when
+train.ema_decay > 0) and metric reductions.
 
 A token whose k-th and (k+1)-th best expert (score plus aux-free bias) are within fp32 rounding of
 each other may pick different experts in two layouts that sum in a different order; from then on
@@ -111,13 +112,15 @@ def train_worker(rank: int, world: int, cfg: Config, slices: int, out_file: str)
 
 
 def _train(rank: int, world: int, cfg: Config, slices: int, out_file: str) -> None:
-    from megamoe.moe.layer import routers_after_step
-    from megamoe.parallel.parallelize import full_state_dict, parallelize
-    from megamoe.parallel.topology import destroy_distributed, init_distributed
     from megamoe.config_checks import validate
+    from megamoe.parallel.parallelize import full_state_dict, parallelize
+    from megamoe.parallel.reductions import mean_over_token_shards
+    from megamoe.parallel.topology import destroy_distributed, init_distributed
     from megamoe.train.engine import EMA, build_engine
-    from megamoe.train.loop import mean_loss_parts, step_generator, sum_over_token_shards
-    from megamoe.train.objective import training_loss
+    from megamoe.train.moe_step_hooks import step_hooks_for
+    from megamoe.train.objective import weighted_total
+    from megamoe.train.resilience import StepAgreement
+    from megamoe.train.step import step_generator, train_step
 
     validate(cfg, world_size=world)  # only layouts a user can launch
     margins = record_top_k_margins()
@@ -130,26 +133,25 @@ def _train(rank: int, world: int, cfg: Config, slices: int, out_file: str) -> No
     parallelize(model, cfg.parallel)
     engine = build_engine(model, cfg)
     ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    agreement = StepAgreement(topology.device, cfg.train.max_nonfinite_steps)
+    hooks = step_hooks_for(cfg, engine.module)
     engine.train()
     mb = cfg.data.micro_batch_size
-    history = {"loss": [], "grad_norm": [], "flow": []}
-    for step in range(cfg.train.steps):
+
+    def micro_batches(step: int):
+        """This rank's slices of the step's global batch, each with the generator of its slice."""
         latents, text = global_batch(cfg, step, slices)
-        sums = {}
         for a in range(accum):
             index = topology.dp_rank * accum + a
             rows = slice(index * mb, (index + 1) * mb)
-            generator = step_generator(cfg.train.seed, index, step)
-            loss, parts = training_loss(engine, engine.module, latents[rows], text[rows], cfg, generator)
-            engine.backward(loss)
-            engine.step()
-            for name, value in parts.items():
-                sums[name] = sums[name] + value / accum if name in sums else value.float() / accum
-        routers_after_step(engine.module, sum_over_token_shards(cfg))
-        if ema is not None:
-            ema.update(engine.module)
-        means = mean_loss_parts(cfg, sums)
-        history["loss"].append(means["loss"])
+            yield latents[rows], text[rows], step_generator(cfg.train.seed, index, step)
+
+    history = {"loss": [], "grad_norm": [], "flow": []}
+    for step in range(cfg.train.steps):
+        outcome = train_step(engine, cfg, step + 1, micro_batches(step), agreement, hooks, ema)
+        assert not outcome.skipped and not outcome.stop
+        means = mean_over_token_shards(outcome.losses, cfg.parallel)
+        history["loss"].append(weighted_total(cfg, means))
         history["flow"].append(means["flow"])
         norm = engine.get_global_grad_norm()  # None under ZeRO-0, which does not report it
         history["grad_norm"].append(float("nan") if norm is None else float(norm))

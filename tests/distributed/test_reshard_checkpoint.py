@@ -113,6 +113,7 @@ def _train(rank, world, overrides, out, resume, reference_dump):
     from megamoe.config_checks import validate
     from megamoe.parallel.topology import destroy_distributed, init_distributed
     from megamoe.train import loop
+    from megamoe.train.engine import resync_lr
 
     out = Path(out)
     cfg = load_config(CONFIG, [*SMALL, *overrides, f"train.output_dir={out}"])
@@ -126,23 +127,23 @@ def _train(rank, world, overrides, out, resume, reference_dump):
             super().__init__(*args, **kwargs)
             averages.append(self)
 
-    def save(engine, cfg, step, *args, **kwargs):
-        path = real_save(engine, cfg, step, *args, **kwargs)
+    def save(engine, cfg, state, *args, **kwargs):
+        path = real_save(engine, cfg, state, *args, **kwargs)
         dump = gathered_state(engine, averages[0])
         if rank == 0:
-            torch.save(dump, out / f"saved_{step}.pt")
+            torch.save(dump, out / f"saved_{state.step}.pt")
         return path
 
-    def load(engine, path, topology, ema=None):
+    def load(engine, path, topology, state):
         if reference_dump is None:
-            rank_state = real_load(engine, path, topology, ema)
-        else:
-            load_from_dump(engine, ema, torch.load(reference_dump, weights_only=True))
-            rank_state = torch.load(Path(path) / f"rank_{rank:05d}.pt", weights_only=True)
-        dump = gathered_state(engine, ema)
+            real_load(engine, path, topology, state)
+        else:  # what load_checkpoint does after restoring the engine, with the engine restored from the dump
+            load_from_dump(engine, state.ema, torch.load(reference_dump, weights_only=True))
+            resync_lr(engine)
+            state.load_state_dict(torch.load(Path(path) / f"rank_{rank:05d}.pt", weights_only=True))
+        dump = gathered_state(engine, state.ema)
         if rank == 0:
             torch.save(dump, out / "loaded.pt")
-        return rank_state
 
     originals = loop.save_checkpoint, loop.load_checkpoint, loop.EMA
     loop.save_checkpoint, loop.load_checkpoint, loop.EMA = save, load, RecordedEMA

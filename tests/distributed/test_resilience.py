@@ -90,7 +90,7 @@ def test_save_killed_mid_write_is_skipped_by_resume_auto(tmp_path, data_cache):
     out_dir = tmp_path / "run"
     args = common(out_dir, data_cache, 6, *SMALL, "checkpoint.every_steps=2")
     # the checkpoint of step 4 stalls after its weights are written, before its rename
-    run = start_pretrain(args + ["--resume", "auto"], env={"MEGAMOE_TEST_SLOW_SAVE": "4:600"})
+    run = start_pretrain(args + ["--resume", "auto"], faults={"MEGAMOE_TEST_SLOW_SAVE": "4:600"})
     stalled = out_dir / "checkpoints" / ".step_00000004.tmp" / "weights" / INDEX_NAME
     wait_until(stalled.is_file, "the save of step 4", run)
     pids = worker_pids(run)
@@ -116,7 +116,7 @@ def test_max_restarts_brings_a_killed_rank_back_with_identical_final_weights(tmp
     # The save of step 6 stalls a few seconds, so the job is surely still running when rank 1 is killed,
     # after step 5 is logged: the restart resumes from step 3 and redoes steps 4 and 5.
     run = start_pretrain(common(job, data_cache, 12, *extra) + ["--resume", "auto"],
-                         env={"MEGAMOE_TEST_SLOW_SAVE": "6:5"}, torchrun_args=["--max-restarts", "1"])
+                         faults={"MEGAMOE_TEST_SLOW_SAVE": "6:5"}, torchrun_args=["--max-restarts", "1"])
     wait_until(lambda: steps_logged(job) >= 5, "step 5", run)
     os.kill(worker_pids(run)[1], signal.SIGKILL)
     out, err = run.communicate(timeout=900)
@@ -147,7 +147,7 @@ def test_nonfinite_step_is_skipped_on_every_rank_and_leaves_no_trace(tmp_path, d
     extra = (*SMALL, *RACE, "optim.zero_stage=2", "checkpoint.every_steps=1", "checkpoint.keep_last=10",
              "model.moe.diagnostics_every=1")
     # ZeRO-2 reduces gradients during backward; the NaN batch reaches data-parallel rank 0 only.
-    result = pretrain(common(out_dir, data_cache, 4, *extra), env={"MEGAMOE_TEST_NAN_AT_STEPS": "3"})
+    result = pretrain(common(out_dir, data_cache, 4, *extra), faults={"MEGAMOE_TEST_NAN_AT_STEPS": "3"})
     ckpts = out_dir / "checkpoints"
     assert_same_weights(weights(ckpts / "step_00000002"), weights(ckpts / "step_00000003"))  # no update
     after, before = weights(ckpts / "step_00000004"), weights(ckpts / "step_00000003")
@@ -173,7 +173,7 @@ def test_nonfinite_step_without_zero_is_skipped_and_leaves_the_bias_untouched(tm
     bit-identical, expert biases included (an exact resume across the skip)."""
     out_dir = tmp_path / "run"
     extra = (*SMALL, *BIAS, "optim.zero_stage=0", "checkpoint.every_steps=1", "checkpoint.keep_last=10")
-    pretrain(common(out_dir, data_cache, 4, *extra), env={"MEGAMOE_TEST_NAN_AT_STEPS": "3"})
+    pretrain(common(out_dir, data_cache, 4, *extra), faults={"MEGAMOE_TEST_NAN_AT_STEPS": "3"})
     ckpts = out_dir / "checkpoints"
     assert_same_weights(weights(ckpts / "step_00000002"), weights(ckpts / "step_00000003"))
     assert read_metrics(out_dir)[4]["skipped_steps"] == 1
@@ -189,7 +189,7 @@ def test_nonfinite_step_without_zero_is_skipped_and_leaves_the_bias_untouched(tm
 def test_consecutive_nonfinite_steps_stop_the_run_naming_the_step(tmp_path, data_cache):
     out_dir = tmp_path / "run"
     result = pretrain(common(out_dir, data_cache, 8, *SMALL, "train.max_nonfinite_steps=2"), nproc=None,
-                      check=False, env={"MEGAMOE_TEST_NAN_AT_STEPS": "3,4"})
+                      check=False, faults={"MEGAMOE_TEST_NAN_AT_STEPS": "3,4"})
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "steps 3..4 all had a non-finite loss" in errors[0] and "stopped at step 4" in errors[0]

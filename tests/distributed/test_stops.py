@@ -17,7 +17,7 @@ def test_failed_save_on_one_rank_stops_all_and_keeps_the_previous_checkpoint(tmp
     args = ["--config", TINY, f"train.output_dir={out}", f"data.cache_dir={data_cache}", "train.steps=2",
             "checkpoint.every_steps=1", *SMALL]
     # Rank 1's part of the checkpoint of step 2 fails as on a full disk; rank 0 must clean up.
-    failed = pretrain(args, check=False, env={"MEGAMOE_TEST_FAIL_SAVE": "2:1"})
+    failed = pretrain(args, check=False, faults={"MEGAMOE_TEST_FAIL_SAVE": "2:1"})
     assert_stopped_together(failed, "could not write checkpoint", "step_00000002", "No space left on device",
                             "[rank 1; every rank stopped]", "step_00000001 is the newest checkpoint", "--resume auto")
     ckpts = out / "checkpoints"

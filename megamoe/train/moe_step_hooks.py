@@ -1,0 +1,71 @@
+"""What an MoE model needs around each optimizer step, as `StepHooks` (see train/step.py).
+
+- Router state that lives across steps: the aux-loss-free expert biases and other `after_step`
+  updates of the routers are applied after an applied step from the step's expert loads, summed
+  over every token shard; after a skipped step what the forwards gathered is dropped instead.
+- Diagnostics of the seed study's failure modes (moe/diagnostics.py), every
+  `model.moe.diagnostics_every` steps: the routings of the last micro-batch are recorded, the
+  router weights are snapshot before the update and the bf16 truncation of the update is measured
+  after it (on DeepSpeed's fp32 master weights under bf16), and the report goes to the logger.
+
+torchtitan runs its expert-bias update as an optimizer step hook in the same spirit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megamoe.config import Config
+from megamoe.moe.diagnostics import RoutingDiagnostics
+from megamoe.moe.layer import moe_layers, routers_after_step, routers_discard_step
+from megamoe.parallel.reductions import sum_over_token_shards
+from megamoe.train.step import StepHooks
+
+
+def fp32_master_getter(cfg: Config):
+    """Under bf16, router updates must be measured on DeepSpeed's fp32 master copies; None in fp32."""
+    if cfg.train.precision != "bf16":
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return lambda name, param: safe_get_full_fp32_param(param)
+
+
+class MoEStepHooks(StepHooks):
+    """Router updates after each step and, every `diagnostics_every` steps, routing diagnostics."""
+
+    def __init__(self, cfg: Config, module: torch.nn.Module):
+        self.module = module
+        self.reduce = sum_over_token_shards(cfg.parallel)
+        self.every = cfg.model.moe.diagnostics_every
+        self.diagnostics = RoutingDiagnostics(module, cfg.model.moe, reduce=self.reduce) if self.every else None
+        self.master_weights = fp32_master_getter(cfg)
+
+    def _diagnosed(self, step: int) -> bool:
+        return self.diagnostics is not None and step % self.every == 0
+
+    def before_forward(self, step: int, last_micro_batch: bool) -> None:
+        if last_micro_batch and self._diagnosed(step):
+            self.diagnostics.enable_recording(True)
+
+    def after_forward(self, step: int, last_micro_batch: bool) -> None:
+        if last_micro_batch and self._diagnosed(step):
+            self.diagnostics.enable_recording(False)
+            self.diagnostics.snapshot_router_params(self.master_weights)
+
+    def after_step(self, step: int):
+        routers_after_step(self.module, self.reduce)
+        if not self._diagnosed(step):
+            return None
+        self.diagnostics.measure_bf16_loss(self.master_weights)
+        return self.diagnostics.compute(step)
+
+    def after_skipped_step(self, step: int) -> None:
+        routers_discard_step(self.module)
+        if self.diagnostics is not None:
+            self.diagnostics.discard_step()
+
+
+def step_hooks_for(cfg: Config, module: torch.nn.Module) -> StepHooks:
+    """The hooks the model needs: MoE hooks when it has MoE layers, else hooks that do nothing."""
+    return MoEStepHooks(cfg, module) if moe_layers(module) else StepHooks()
