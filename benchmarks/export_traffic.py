@@ -18,7 +18,7 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "distributed"))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout: tests.distributed
 
 
 def model_config(dim: int, layers: int):
@@ -78,7 +78,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from launch_helpers import spawn
+    from tests.distributed.launch_helpers import spawn
 
     with tempfile.TemporaryDirectory() as out:
         spawn(_worker, args.ranks, args, out)

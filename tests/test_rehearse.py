@@ -32,6 +32,7 @@ def rehearse(tmp_path, *args):
     return done, (json.loads(out.read_text()) if out.exists() else None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank, overrides, dense_source", [
     (5, ["parallel.expert_parallel_size=4"], True),
     (3, ["parallel.tensor_parallel_size=2", "parallel.expert_parallel_size=2"], False),

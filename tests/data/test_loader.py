@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from latent_stream_oracle import LatentShardStream
+from tests.data.latent_stream_oracle import LatentShardStream
 
 from megamoe.data.loader import DataError, ShardLoader, StreamSpec, StreamStateError
 from megamoe.data.shards import resolve_shards

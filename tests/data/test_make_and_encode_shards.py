@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from latent_stream_oracle import LatentShardStream
+from tests.data.latent_stream_oracle import LatentShardStream
 
 from megamoe.data.errors import BAD_TAR, CORRUPT_VIDEO, MISSING_MEMBER, SampleError
 from megamoe.data.shards import resolve_shards

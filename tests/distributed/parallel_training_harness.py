@@ -170,7 +170,7 @@ def run(cfg: Config, world: int, slices: int, out_file) -> dict:
     """Train `cfg` on `world` spawned gloo ranks; returns rank 0's results: per-step "loss", "flow",
     "grad_norm"; the full "weights" and "ema"; "min_top_k_margin" over every rank and step.
     A world of one runs in this process: the same code, without a new process's imports."""
-    from launch_helpers import spawn
+    from tests.distributed.launch_helpers import spawn
 
     if world == 1:
         train_worker(0, 1, cfg, slices, str(out_file))

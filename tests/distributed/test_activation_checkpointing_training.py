@@ -6,8 +6,8 @@ checkpointing (losses, gradient norms, final weights, aux-free biases included).
 import dataclasses
 
 import pytest
-from parallel_training_harness import SMALL_MOE, make_config, run
-from test_parallel_training import assert_same_run
+from tests.distributed.parallel_training_harness import SMALL_MOE, make_config, run
+from tests.distributed.test_parallel_training import assert_same_run
 
 from megamoe.config import ParallelConfig
 

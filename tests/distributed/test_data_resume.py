@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from launch_helpers import REPO, pretrain, read_metrics, spawn
+from tests.distributed.launch_helpers import REPO, pretrain, read_metrics, spawn
 
 TINY = str(REPO / "configs" / "tiny.yaml")
 LAYOUTS = {"tp2": {"tensor_parallel_size": 2}, "cp2": {"context_parallel_size": 2},

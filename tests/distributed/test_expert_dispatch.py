@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from launch_helpers import spawn
+from tests.distributed.launch_helpers import spawn
 
 from megamoe.config import MoEConfig
 from megamoe.moe.layer import MoEFeedForward

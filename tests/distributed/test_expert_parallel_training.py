@@ -8,7 +8,7 @@ reduction, gradient norm, checkpoints).
 
 import pytest
 import torch.distributed as dist
-from launch_helpers import REPO, pretrain, read_metrics, spawn
+from tests.distributed.launch_helpers import REPO, pretrain, read_metrics, spawn
 
 SMALL_MOE = ["--config", str(REPO / "configs" / "tiny_moe.yaml"), "model.dim=64", "model.num_layers=2",
              "model.ffn_dim=256", "model.moe.num_experts=4", "data.micro_batch_size=4", "optim.warmup_steps=2",

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from launch_helpers import REPO, pretrain_in_process, read_metrics
+from tests.distributed.launch_helpers import REPO, pretrain_in_process, read_metrics
 
 from megamoe.moe.routers import ROUTERS
 

@@ -6,7 +6,7 @@ parallel_training_harness.py for how the two runs see the same data and noise.""
 import dataclasses
 
 import pytest
-from parallel_training_harness import SMALL_MOE, compare_with_single_process, make_config, run
+from tests.distributed.parallel_training_harness import SMALL_MOE, compare_with_single_process, make_config, run
 
 
 TOLERANCE = 1e-5

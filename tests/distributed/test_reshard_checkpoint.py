@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import REPO, free_port, spawn
+from tests.distributed.launch_helpers import REPO, free_port, spawn
 
 CONFIG = str(REPO / "configs" / "tiny_moe.yaml")
 SAVED_STEP, STEPS = 3, 5
@@ -277,7 +277,7 @@ def test_corrupt_state_file_is_one_error_on_every_rank_and_left_untouched(saved,
     through the real launcher at another layout."""
     import shutil
 
-    from launch_helpers import pretrain
+    from tests.distributed.launch_helpers import pretrain
 
     path = tmp_path / "run" / "checkpoints" / saved[0].name
     shutil.copytree(saved[0], path)

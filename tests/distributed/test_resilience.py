@@ -10,7 +10,7 @@ import socket
 
 import torch
 
-from launch_helpers import (REPO, assert_stopped_together, pretrain, read_metrics, start_pretrain, steps_logged,
+from tests.distributed.launch_helpers import (REPO, assert_stopped_together, pretrain, read_metrics, start_pretrain, steps_logged,
                             wait_until, worker_pids)
 
 TINY = str(REPO / "configs" / "tiny.yaml")

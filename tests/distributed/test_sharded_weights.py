@@ -18,7 +18,7 @@ import re
 
 import pytest
 import torch
-from launch_helpers import spawn
+from tests.distributed.launch_helpers import spawn
 from safetensors.torch import save_file
 
 from megamoe.config import ModelConfig, MoEConfig, ParallelConfig

@@ -3,7 +3,7 @@ stops after the same agreement with exit code 2, the user sees one line, and tor
 summary names that line as the root cause (torchrun itself exits 1, as for any failed worker)."""
 
 import pytest
-from launch_helpers import REPO, assert_stopped_together, pretrain
+from tests.distributed.launch_helpers import REPO, assert_stopped_together, pretrain
 
 from megamoe.config import load_config
 from megamoe.train.checkpoint import inspect_checkpoint, resolve_resume

@@ -18,7 +18,7 @@ import dataclasses
 import pytest
 import torch
 import torch.distributed as dist
-from launch_helpers import spawn
+from tests.distributed.launch_helpers import spawn
 from torch import nn
 
 from megamoe.config import Config, DiffusionConfig, ModelConfig, MoEConfig, ParallelConfig

@@ -145,6 +145,7 @@ def engine_bytes(cases: list[dict], tmp_path) -> list[dict]:
     return [json.loads(line[len("BYTES "):]) for line in lines]
 
 
+@pytest.mark.slow
 def test_weights_gradients_optimizer_match_a_deepspeed_engine(tmp_path):
     cases = [{"path": path, "overrides": [f"optim.zero_stage={zero}", *precision], "world": 1}
              for path, precision in (("configs/tiny.yaml", []), ("configs/tiny_moe.yaml", ["train.precision=bf16"]))
@@ -166,6 +167,7 @@ RANKS = [(SHARDED + ["optim.zero_stage=2"], 0), (SHARDED + ["optim.zero_stage=2"
          (SHARDED + ["optim.zero_stage=1", "train.grad_accum=2"], 6)]
 
 
+@pytest.mark.slow
 def test_gradients_of_one_rank_match_deepspeed_on_the_fake_process_group(tmp_path):
     cases = [{"path": "configs/tiny_moe.yaml", "overrides": overrides, "world": 8, "rank": rank}
              for overrides, rank in RANKS]

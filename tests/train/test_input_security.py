@@ -54,6 +54,7 @@ def plant(checkpoint: Path, rel: str, payload) -> None:
     (checkpoint / "meta.json").write_text(json.dumps(meta))
 
 
+@pytest.mark.slow
 def test_a_pickled_call_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
     out = tmp_path / "run"
     common = ["--config", TINY, f"train.output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", *SMALL]

@@ -4,7 +4,7 @@ import pytest
 
 from megamoe.config import load_config
 from megamoe.train.checkpoint import CheckpointError, complete_checkpoints, prune_checkpoints, resolve_resume
-from test_checkpoint_checks import TINY, fake_checkpoint, run, snapshot
+from tests.train.test_checkpoint_checks import TINY, fake_checkpoint, run, snapshot
 
 
 def test_auto_without_checkpoints_starts_fresh(tmp_path, capsys):

@@ -7,7 +7,7 @@ from launcher.pretrain import main
 from megamoe.config import load_config
 from megamoe.tools.layout_planner import checkpoint_bytes
 from megamoe.train.run_dir import RunDirError, check_output_dir
-from test_checkpoint_checks import TINY, assert_one_line_error, snapshot
+from tests.train.test_checkpoint_checks import TINY, assert_one_line_error, snapshot
 
 
 def launch(capsys, *overrides):
