@@ -75,8 +75,8 @@ def worker(args) -> None:
     from megamoe.parallel.topology import destroy_distributed, init_distributed
     from megamoe.tools.layout_planner import make_plan
     from megamoe.train.engine import build_engine
-    from megamoe.train.step import step_generator
     from megamoe.train.objective import training_loss
+    from megamoe.train.step import step_generator
 
     torch.set_num_threads(1)
     cfg = load_config(args.config, [*WIDER, *args.overrides, f"parallel.expert_parallel_size={args.ep}",

@@ -52,8 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/moe_layer
 from moe_layer import DenseFFN, time_step  # noqa: E402
 
 from megamoe.config import MoEConfig, load_config  # noqa: E402
-from megamoe.device import (device_name, peak_memory_allocated, reset_peak_memory, resolve_device,  # noqa: E402
-                            synchronize)
+from megamoe.device import device_name, peak_memory_allocated, reset_peak_memory, resolve_device, synchronize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS_RTOL = {"bf16": 0.03, "fp32": 1e-5}
@@ -281,15 +280,15 @@ def check_memory(device: torch.device, shapes: Shapes) -> dict:
     from megamoe.parallel.topology import destroy_distributed, init_distributed
     from megamoe.tools.layout_planner import make_plan
     from megamoe.train.engine import build_engine
-    from megamoe.train.step import step_generator
     from megamoe.train.objective import training_loss
+    from megamoe.train.step import step_generator
 
     precision = "bf16" if device.type == "cuda" else "fp32"
     cfg = load_config(REPO / "configs" / "wan2.2_ti2v_5b_moe.yaml", [
         "model.num_layers=2", "parallel.expert_parallel_size=1", "model.moe.diagnostics_every=0",
         f"train.precision={precision}", *shapes.memory_overrides])
     plan = make_plan(cfg, world=1, latent=shapes.memory_latent, reserve_gb=0.0)
-    topology = init_distributed(cfg.parallel, device)
+    init_distributed(cfg.parallel, device)
     try:
         torch.manual_seed(0)
         model = build_model(cfg.model, device=device)

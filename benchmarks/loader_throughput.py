@@ -35,8 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from megamoe.data.decode_pool import DecodePool  # noqa: E402
-from megamoe.data.video import (DECORD_THREADS, FrameSpec, decode_video_sample,  # noqa: E402
-                                sample_frame_indices)
+from megamoe.data.video import DECORD_THREADS, FrameSpec, decode_video_sample, sample_frame_indices  # noqa: E402
 from megamoe.tools.numbered_videos import make_video  # noqa: E402
 
 WARMUP = 50
@@ -166,8 +165,8 @@ def main(argv: list[str] | None = None) -> None:
 def loader_vs_bare(files: list[bytes], spec: FrameSpec, bare_one, workers: int, args) -> tuple[float, float]:
     """clips/s of the training loader over raw shards of `files`, and of bare decord, in alternating blocks."""
     from megamoe.data.loader import ShardLoader
-    from megamoe.tools.latent_shards import write_shard
     from megamoe.data.worker import StreamSpec
+    from megamoe.tools.latent_shards import write_shard
 
     seconds, clips = {"loader": 0.0, "bare": 0.0}, args.loader_clips * args.loader_blocks
     with tempfile.TemporaryDirectory() as tmp:

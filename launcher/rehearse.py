@@ -99,8 +99,8 @@ def rehearse(cfg, topology, latent: tuple, text_len: int, init_from: str | None,
     from megamoe.parallel.sharded_weights import init_from as load_slices
     from megamoe.train.deepspeed_adapter import fp32_master_partitions, torch_optimizer, zero_gradient_partitions
     from megamoe.train.engine import build_engine
-    from megamoe.train.step import step_generator
     from megamoe.train.objective import training_loss
+    from megamoe.train.step import step_generator
 
     start = time.perf_counter()
     model = build_sharded_model(cfg, topology.device, initialize=not init_from)  # loading fills it otherwise
@@ -190,8 +190,8 @@ def main(argv=None) -> int:
         return EXIT_BAD_INPUT
 
     from megamoe.device import resolve_device
-    from megamoe.tools.layout_planner import activation_bytes, make_plan, tokens_of, zero_gradient_bytes
     from megamoe.parallel.topology import destroy_distributed, init_rehearsal_distributed
+    from megamoe.tools.layout_planner import activation_bytes, make_plan, tokens_of, zero_gradient_bytes
 
     device = resolve_device(cfg.train.device)
     topology = init_rehearsal_distributed(cfg.parallel, device, args.rank, world, args.gpus_per_node)

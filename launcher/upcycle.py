@@ -70,8 +70,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from megamoe.config import ConfigError, load_config
     from megamoe.model.dit import build_model
-    from megamoe.model.weights import load_diffusers_weights
-    from megamoe.model.weights import write_diffusers_weights
+    from megamoe.model.weights import load_diffusers_weights, write_diffusers_weights
     from megamoe.moe.upcycle import dense_config, mode_of, parameter_counts, slices_per_ffn, upcycle_model
 
     try:

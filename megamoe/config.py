@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -37,11 +36,11 @@ class MoEConfig:
     """Which blocks get an MoE FFN: 'all', 'every_other' (1, 3, 5, ...) or a comma list like '0,4,8'."""
     top_k: int = 2
     """Experts per token for token-choice routers (the average for expert choice / Expert Race)."""
-    expert_ffn_dim: Optional[int] = None
+    expert_ffn_dim: int | None = None
     """Hidden width of one routed expert; null = model.ffn_dim (cloned experts); smaller = fine-grained."""
     num_shared_experts: int = 0
     """Always-on shared experts, added to the routed output."""
-    shared_ffn_dim: Optional[int] = None
+    shared_ffn_dim: int | None = None
     """Hidden width of one shared expert; null = expert_ffn_dim; only with num_shared_experts > 0."""
     num_null_experts: int = 0
     """Zero-compute null experts (AdaMoE) a token-choice router may pick to use fewer real experts."""
@@ -109,7 +108,7 @@ class ModelConfig:
     """Width of the text-encoder embeddings (umT5-XXL: 4096)."""
     freq_dim: int = 256
     """Width of the sinusoidal timestep embedding."""
-    patch_size: List[int] = field(default_factory=lambda: [1, 2, 2])
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
     """Patch size over (frames, height, width) of the latent video."""
     eps: float = 1e-6
     """Epsilon of the layer and RMS norms."""
@@ -139,7 +138,7 @@ class ParallelConfig:
 class DataConfig:
     """Where batches come from."""
 
-    path: Optional[str] = None
+    path: str | None = None
     """Directory or brace pattern of latent WebDataset shards; null = embedded synthetic data."""
     cache_dir: str = "~/.cache/megamoe"
     """Where the embedded synthetic dataset is generated (once, deterministically)."""
@@ -163,7 +162,7 @@ class DataConfig:
     """format=video: frames decoded per clip, 4k+1 as the causal video VAE needs."""
     video_fps: float = 16.0
     """format=video: frame rate the clip is resampled to before taking video_frames frames."""
-    buckets: List[List[int]] = field(default_factory=list)
+    buckets: list[list[int]] = field(default_factory=list)
     """[[frames, height, width], ...] in PIXELS for format=video, LATENT units for latent; [] = one bucket per exact sample shape."""
     tokens_per_batch: int = 0
     """0 = micro_batch_size samples for every bucket; >0 = batch size per bucket max(1, tokens_per_batch // tokens of one sample)."""
@@ -173,9 +172,9 @@ class DataConfig:
     """Samples a rank reads before max_failure_fraction is enforced."""
     decode_timeout_s: float = 30.0
     """format=video: seconds one clip may take to decode before it is skipped as 'decode_timeout'."""
-    vae_path: Optional[str] = None
+    vae_path: str | None = None
     """format=video: the frozen video VAE that encodes decoded clips in the training process."""
-    text_encoder_path: Optional[str] = None
+    text_encoder_path: str | None = None
     """format=video: the frozen text encoder that embeds captions in the training process."""
     restart_stream_on_resume: bool = False
     """On resume, restart the data stream at epoch 0 instead of its saved position (samples may repeat)."""
@@ -209,7 +208,7 @@ class OptimConfig:
     """Linear warmup steps from 0 to the peak."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW betas."""
     eps: float = 1e-8
     """AdamW epsilon."""
@@ -242,7 +241,7 @@ class TrainConfig:
     job's time limit; the LR schedule still spans train.steps. 0 = never."""
     max_nonfinite_steps: int = 5
     """Stop with an error after this many consecutive steps skipped for a non-finite loss or gradient norm."""
-    init_from: Optional[str] = None
+    init_from: str | None = None
     """Diffusers-layout safetensors file or directory to initialise the weights from."""
     activation_checkpointing: str = "none"
     """Recompute blocks in backward instead of keeping their activations: 'none', 'all', or 'every_<n>' (blocks 0, n, 2n, ...)."""

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from launcher.pretrain import main
-from megamoe.config import Config, ConfigError, load_config, merge_config, to_yaml, from_yaml_text
+from megamoe.config import Config, ConfigError, from_yaml_text, load_config, merge_config, to_yaml
 from megamoe.config_checks import validate
 
 TINY = "configs/tiny.yaml"

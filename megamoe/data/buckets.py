@@ -37,7 +37,8 @@ storing the pending tensors, and cheaper than replaying the stream from the olde
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 

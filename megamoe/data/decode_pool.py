@@ -37,7 +37,7 @@ from multiprocessing.connection import Connection, wait
 from .errors import DECODE_TIMEOUT, WORKER_DIED, SampleError
 
 STARTUP_TIMEOUT_S = 120.0  # importing torch + decord on a loaded machine can take tens of seconds
-_live_pools: "weakref.WeakSet[DecodePool]" = weakref.WeakSet()
+_live_pools: weakref.WeakSet[DecodePool] = weakref.WeakSet()
 
 
 def _child_main(fd: int, preload: str) -> None:
@@ -225,7 +225,7 @@ class DecodePool:
         for worker in workers:
             worker.stop()
 
-    def __enter__(self) -> "DecodePool":
+    def __enter__(self) -> DecodePool:
         return self
 
     def __exit__(self, *exc) -> None:

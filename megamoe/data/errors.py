@@ -44,7 +44,7 @@ class SampleError(Exception):
         where = f"sample '{self.key or '?'}' of shard '{self.shard or '?'}'"
         return f"{self.cause}: {where}" + (f": {self.detail}" if self.detail else "")
 
-    def with_location(self, key: str | None = None, shard: str | None = None) -> "SampleError":
+    def with_location(self, key: str | None = None, shard: str | None = None) -> SampleError:
         """Fill in key/shard where the raiser did not know them (decoding sees bytes, not names)."""
         self.key = self.key or key
         self.shard = self.shard or shard

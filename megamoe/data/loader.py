@@ -78,7 +78,7 @@ def _worker_main(spec: StreamSpec, worker: int, state: dict, conn, readers: list
 
 def _stop_workers(procs: list) -> None:
     """Close pipes (workers then exit on their next send), then terminate what is left."""
-    for proc, conn in procs:
+    for _, conn in procs:
         conn.close()
     for proc, _ in procs:
         proc.join(timeout=0.5)

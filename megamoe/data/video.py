@@ -21,8 +21,9 @@ import io
 import json
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -57,7 +58,7 @@ def _decord():
             _decord_module = decord
         except Exception as e:  # ImportError, or an OSError from its shared library
             warnings.warn(f"decord cannot be imported ({type(e).__name__}: {e}); decoding videos with PyAV, "
-                          f"its fallback. `pip install decord` where wheels exist.", RuntimeWarning)
+                          f"its fallback. `pip install decord` where wheels exist.", RuntimeWarning, stacklevel=2)
     return _decord_module
 
 
@@ -422,7 +423,7 @@ def decode_raw_sample(key: str, members: dict[str, bytes], shard: str, spec: Fra
         _, data = video_member(members, key, shard)
         pixels = decode_video_sample(data, spec, rng, timeout_s=timeout_s, pool=pool)
     except SampleError as e:
-        raise e.with_location(key, shard)
+        raise e.with_location(key, shard) from None
     return {"pixels": pixels, "caption": caption, "key": key}
 
 

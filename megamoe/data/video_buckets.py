@@ -7,7 +7,6 @@ because `decode_clip_uint8` resizes while decoding; the probe reads only contain
 
 from __future__ import annotations
 
-
 from megamoe.data.buckets import BAD_SHAPE, NO_BUCKET, TOO_SHORT, assign_bucket
 from megamoe.data.video import probe_video
 

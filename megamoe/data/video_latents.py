@@ -20,7 +20,7 @@ class VideoToLatents:
         self.vae, self.encoder, self.tokenizer, self.text_len = vae, encoder, tokenizer, text_len
 
     @classmethod
-    def from_config(cls, cfg, device: torch.device) -> "VideoToLatents":
+    def from_config(cls, cfg, device: torch.device) -> VideoToLatents:
         from megamoe.data.wan_encoders import load_text_encoder, load_vae
 
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32

@@ -26,13 +26,22 @@ import tarfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional, TypedDict
+from typing import TypedDict
 
 import numpy as np
 
 from megamoe.data import errors
-from megamoe.data.buckets import (BAD_SHAPE, Bucketer, Shape, assign_bucket, batch_size_for, crop_latents, latent_shape,
-                                  shape_problem, tokens_per_sample)
+from megamoe.data.buckets import (
+    BAD_SHAPE,
+    Bucketer,
+    Shape,
+    assign_bucket,
+    batch_size_for,
+    crop_latents,
+    latent_shape,
+    shape_problem,
+    tokens_per_sample,
+)
 from megamoe.data.errors import SampleError
 from megamoe.data.shards import split_member_name
 from megamoe.error_messages import describe
@@ -118,7 +127,7 @@ def _name_hash(path: str) -> int:
     return zlib.crc32(os.path.basename(path).encode("utf-8"))
 
 
-def index_shard(path: str) -> tuple[list, Optional[str]]:
+def index_shard(path: str) -> tuple[list, str | None]:
     """(samples in file order as (key, {ext: (offset, size)}), problem or None).
 
     Raises SampleError(BAD_TAR) when not one sample can be read. A tar cut short keeps the
@@ -304,7 +313,7 @@ class WorkerStream:
         try:
             decoded = self._decode_pool().run(decode_to_bucket, data, self.spec, seed)
         except SampleError as exc:
-            raise exc.with_location(key, path)
+            raise exc.with_location(key, path) from None
         if "skip" in decoded:
             raise _Skip(decoded["skip"])
         return {"pixels": decoded["clip"], "caption": caption, "key": key, "bucket": tuple(decoded["bucket"])}

@@ -8,7 +8,6 @@ squared error. The network sees the noise level as Wan's timestep t = 1000 * s.
 
 from __future__ import annotations
 
-
 import torch
 
 from megamoe.config import DiffusionConfig

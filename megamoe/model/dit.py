@@ -21,10 +21,10 @@ from torch import nn
 
 from megamoe.config import ModelConfig
 from megamoe.model.attention import WanAttention
+from megamoe.model.feed_forward import FeedForward
 from megamoe.model.init import ZEROS, Init, inits_of, materialize
 from megamoe.model.init import reset_parameters as reset_with_torch_rng
 from megamoe.model.rope import WanRotaryEmbedding
-from megamoe.model.feed_forward import FeedForward
 from megamoe.moe.layer import MoEFeedForward, moe_layer_indices
 from megamoe.moe.routers.base import RoutingContext
 

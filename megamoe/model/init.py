@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -48,15 +48,15 @@ class Init:
     scale: float
 
     @staticmethod
-    def constant(value: float) -> "Init":
+    def constant(value: float) -> Init:
         return Init("constant", float(value))
 
     @staticmethod
-    def normal(std: float) -> "Init":
+    def normal(std: float) -> Init:
         return Init("normal", float(std))
 
     @staticmethod
-    def xavier_uniform(fan_in: int, fan_out: int) -> "Init":
+    def xavier_uniform(fan_in: int, fan_out: int) -> Init:
         """Glorot & Bengio (2010): U(-a, a) with a = sqrt(6 / (fan_in + fan_out)), as nn.init.xavier_uniform_."""
         return Init("uniform", math.sqrt(6.0 / (fan_in + fan_out)))
 
@@ -162,7 +162,7 @@ def philox4x32(counter: tuple, key: tuple[int, int], rounds: int = 10) -> tuple[
 
 # The location of a parameter's block in its full tensor: (dim, block index, number of blocks):
 # the full tensor is `count` equal blocks along `dim` and this parameter is block `index`.
-Locate = Callable[[nn.Parameter], Optional[tuple[int, int, int]]]
+Locate = Callable[[nn.Parameter], tuple[int, int, int] | None]
 
 
 def _chunk_elements(device: torch.device) -> int:
@@ -173,7 +173,7 @@ def _chunk_elements(device: torch.device) -> int:
 
 
 @torch.no_grad()
-def draw_(tensor: torch.Tensor, init: Init, seed: int, name: str, where: Optional[tuple[int, int, int]]) -> None:
+def draw_(tensor: torch.Tensor, init: Init, seed: int, name: str, where: tuple[int, int, int] | None) -> None:
     """Fill `tensor` (this rank's block of parameter `name`, located by `where`, or the whole
     tensor when None) with the values of the full tensor at its global positions."""
     if init.kind == "constant":
@@ -199,8 +199,8 @@ def draw_(tensor: torch.Tensor, init: Init, seed: int, name: str, where: Optiona
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, inits: dict[str, Init], device: Union[str, torch.device], seed: int,
-                locate: Optional[Locate] = None, initialize: Union[bool, Callable[[str], bool]] = True) -> nn.Module:
+def materialize(model: nn.Module, inits: dict[str, Init], device: str | torch.device, seed: int,
+                locate: Locate | None = None, initialize: bool | Callable[[str], bool] = True) -> nn.Module:
     """Give a meta-device `model` real storage on `device`, in place, and initialise it.
 
     inits: `inits_of` the unsharded model. locate: where each (possibly sharded) parameter sits

@@ -51,8 +51,8 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -84,7 +84,7 @@ class DiagnosticsReport:
     """name -> float, e.g. 'moe/layer03/max_violation'."""
     load_matrix: np.ndarray = None
     """[MoE layers, real experts] fraction of the layer's expert assignments (rows sum to 1)."""
-    timestep_load: Optional[np.ndarray] = None
+    timestep_load: np.ndarray | None = None
     """[MoE layers, buckets, real experts] the same per timestep bucket (rows of empty buckets are 0)."""
     layer_names: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
@@ -260,7 +260,7 @@ class RoutingDiagnostics:
         loads = np.zeros((len(self.layers), e))
         time_loads = np.zeros((len(self.layers), nb, e))
         s = report.scalars
-        for i, ((name, layer), label) in enumerate(zip(self.layers, self.labels)):
+        for i, ((_, layer), label) in enumerate(zip(self.layers, self.labels)):
             p = f"moe/{label}/"
             w1 = getattr(layer.experts, "w1", None)
             if w1 is not None:

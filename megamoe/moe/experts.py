@@ -15,8 +15,6 @@ nothing here assumes the expert ids are global.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,7 +52,7 @@ class GroupedExperts(nn.Module):
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.b2 = nn.Parameter(torch.empty(num_experts, dim))
-        self.use_grouped_mm: Optional[bool] = None
+        self.use_grouped_mm: bool | None = None
         """None: torch._grouped_mm whenever `grouped_mm_supported`; False: the per-expert loop
         (the reference); True: grouped_mm or an error (zero tokens still take the loop)."""
         self.reset_parameters()

@@ -9,12 +9,10 @@ The layer never looks at which router it holds: any routing_map is executed exac
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
-from megamoe.config import ConfigError, MoEConfig, ModelConfig
+from megamoe.config import ConfigError, ModelConfig, MoEConfig
 from megamoe.model.activation_checkpointing import is_recomputing
 from megamoe.model.feed_forward import FeedForward
 from megamoe.moe.dispatch import LocalDispatcher
@@ -60,7 +58,7 @@ class MoEFeedForward(nn.Module):
     `last_routing = (probs, routing_map, ctx)` (detached) is kept for diagnostics.
     """
 
-    def __init__(self, dim: int, ffn_dim: int, cfg: MoEConfig, target_dim: Optional[int] = None):
+    def __init__(self, dim: int, ffn_dim: int, cfg: MoEConfig, target_dim: int | None = None):
         super().__init__()
         if cfg.num_experts < 1:
             raise ValueError(f"model.moe.num_experts must be >= 1 for an MoE layer, got {cfg.num_experts}")
@@ -72,16 +70,16 @@ class MoEFeedForward(nn.Module):
         self.experts = GroupedExperts(cfg.num_experts, dim, expert_width)
         # One FFN of width n * w computes exactly the sum of n shared experts of width w (their
         # hidden units concatenated, second linears stacked, biases summed): one GEMM, not n.
-        self.shared: Optional[FeedForward] = None
+        self.shared: FeedForward | None = None
         if cfg.num_shared_experts > 0:
             self.shared = FeedForward(dim, cfg.num_shared_experts * (cfg.shared_ffn_dim or expert_width))
         self.dispatcher = LocalDispatcher()
         self.aux: dict[str, torch.Tensor] = {}
         self.record = False
-        self.last_routing: Optional[tuple] = None
-        self.last_output_norms: Optional[tuple] = None
+        self.last_routing: tuple | None = None
+        self.last_output_norms: tuple | None = None
 
-    def forward(self, x: torch.Tensor, ctx: Optional[RoutingContext] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
         b, l, d = x.shape
         if ctx is None:
             ctx = RoutingContext(batch_size=b, seq_len=l)

@@ -7,8 +7,6 @@ the weights out of the routers lets the loop log raw values that are comparable 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from megamoe.moe.token_shards import ONE_PROCESS, TokenShards
@@ -22,7 +20,7 @@ BALANCE_SCOPES = ("micro_batch", "sequence", "global")  # model.moe.balance_scop
 
 def switch_balance_loss(probs_full: torch.Tensor, routing_map: torch.Tensor, num_experts: int,
                         batch_size: int, seq_len: int, scope: str = "micro_batch",
-                        shards: TokenShards = ONE_PROCESS, counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        shards: TokenShards = ONE_PROCESS, counts: torch.Tensor | None = None) -> torch.Tensor:
     """Switch/GShard load balance: E * sum_i f_i * P_i over the real experts.
 
     probs_full [N, E_total]: each token's full score distribution (before top-k);

@@ -11,8 +11,6 @@ aux dict, the training loop multiplies by the config weight. Generic token-choic
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -82,7 +80,7 @@ def routing_contrastive_loss(
     prototypes: torch.Tensor,
     assignment: torch.Tensor,
     temperature: float,
-    groups: Optional[torch.Tensor] = None,
+    groups: torch.Tensor | None = None,
     shards: TokenShards = ONE_PROCESS,
 ) -> torch.Tensor:
     """ProMoE routing contrastive loss (InfoNCE between prototypes and their tokens' centroids).

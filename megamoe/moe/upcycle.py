@@ -35,8 +35,16 @@ import torch
 
 from megamoe.config import ModelConfig, MoEConfig
 from megamoe.model.dit import WanDiT, build_model
-from megamoe.model.weights import (LocalShard, WeightsError, WeightSource, config_fix_for, first_keys,
-                                   model_fields_from_diffusers_config, model_fields_from_shapes, whole_shards)
+from megamoe.model.weights import (
+    LocalShard,
+    WeightsError,
+    WeightSource,
+    config_fix_for,
+    first_keys,
+    model_fields_from_diffusers_config,
+    model_fields_from_shapes,
+    whole_shards,
+)
 from megamoe.moe.routers.base import Router
 
 MODES = ("verify", "train")

@@ -28,7 +28,7 @@ the other tokens are from the `TokenShards` set here (megamoe/moe/token_shards.p
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

@@ -14,7 +14,7 @@ same order.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

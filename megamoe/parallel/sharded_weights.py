@@ -32,11 +32,19 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
+from megamoe.atomic_files import write_text_atomic
 from megamoe.config import ModelConfig
 from megamoe.model.dit import build_model
-from megamoe.atomic_files import write_text_atomic
-from megamoe.model.weights import (INDEX_NAME, LocalShard, WeightsError, WeightSource,
-                                   check_matches, load_diffusers_weights, remove_stale_weights, write_config)
+from megamoe.model.weights import (
+    INDEX_NAME,
+    LocalShard,
+    WeightsError,
+    WeightSource,
+    check_matches,
+    load_diffusers_weights,
+    remove_stale_weights,
+    write_config,
+)
 from megamoe.moe.upcycle import check_dense, is_dense, mode_of, upcycle_into
 from megamoe.parallel.parallelize import split_of
 
@@ -211,7 +219,7 @@ def write_sharded_weights(tensors: Mapping[str, torch.Tensor], splits: Mapping[s
         opened[0] = _SafetensorsStream(os.path.join(directory, files[me]), mine) if mine else None
 
     on_file(open_stream)
-    for (key, shape, dtype, split), w in zip(entries, writer):
+    for (key, _, _, split), w in zip(entries, writer):
         local = tensors[key].detach()
         if split is None:
             full = local if w == me else None

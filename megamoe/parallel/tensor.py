@@ -26,8 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.model.feed_forward import FeedForward
-from megamoe.parallel.collectives import (all_reduce_sum, copy_to_group, gather_sequence, reduce_from_group,
-                                          reduce_scatter_sequence)
+from megamoe.parallel.collectives import (
+    all_reduce_sum,
+    copy_to_group,
+    gather_sequence,
+    reduce_from_group,
+    reduce_scatter_sequence,
+)
 
 
 def _tag(param: nn.Parameter, dim: int) -> nn.Parameter:

@@ -47,7 +47,6 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 from megamoe.config import Config, ConfigError, ModelConfig
 from megamoe.config_checks import validate
@@ -233,7 +232,7 @@ def checkpoint_bytes(cfg: Config, world: int) -> int:
 _PARAMETERS: dict[str, list] = {}
 
 
-def parameter_shapes(m: ModelConfig) -> list[tuple[tuple, bool, Optional[int]]]:
+def parameter_shapes(m: ModelConfig) -> list[tuple[tuple, bool, int | None]]:
     """(shape, is a routed-expert parameter, dimension TP splits or None) of each trainable
     parameter of `WanDiT(m)`, in the model's order (the order DeepSpeed flattens them in).
 
@@ -365,7 +364,7 @@ _FP32_SEQ, _ACT_SEQ, _FP32_TP, _ACT_TP = 6, 3, 6, 6
 
 
 def activation_bytes(cfg: Config, layout: Layout, tokens_per_sample: int,
-                     checkpointing: Optional[str] = None) -> tuple[float, float]:
+                     checkpointing: str | None = None) -> tuple[float, float]:
     """(held for backward, peak including one recomputed block) of one micro-batch on one GPU."""
     m, e = cfg.model, cfg.model.moe
     act = 2 if cfg.train.precision == "bf16" else 4
@@ -421,7 +420,7 @@ def with_layout(cfg: Config, layout: Layout) -> Config:
                                                          activation_checkpointing=layout.activation_checkpointing))
 
 
-def check_layout(cfg: Config, layout: Layout, world: int) -> Optional[str]:
+def check_layout(cfg: Config, layout: Layout, world: int) -> str | None:
     """Why `layout` cannot run this config on `world` GPUs (config validation's message), or None."""
     try:
         validate(with_layout(cfg, layout), world_size=world)
@@ -430,8 +429,8 @@ def check_layout(cfg: Config, layout: Layout, world: int) -> Optional[str]:
     return None
 
 
-def make_plan(cfg: Config, world: int, layout: Optional[Layout] = None, gpu_memory_gb: float = 80.0,
-              reserve_gb: float = 6.0, latent: Optional[tuple] = None) -> Plan:
+def make_plan(cfg: Config, world: int, layout: Layout | None = None, gpu_memory_gb: float = 80.0,
+              reserve_gb: float = 6.0, latent: tuple | None = None) -> Plan:
     layout = layout or Layout.of(cfg)
     problem = check_layout(cfg, layout, world)
     if problem:
@@ -466,7 +465,7 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def search(cfg: Config, world: int, gpus_per_node: int, **kwargs) -> Optional[Plan]:
+def search(cfg: Config, world: int, gpus_per_node: int, **kwargs) -> Plan | None:
     """The layout that fits with the least overhead, or None.
 
     Preference: fewest tensor x context ranks (their communication runs in every layer), then the
@@ -525,7 +524,7 @@ def format_plan(plan: Plan, nodes: int, gpus_per_node: int) -> str:
 
 
 def run(cfg: Config, nodes: int, gpus_per_node: int, gpu_memory_gb: float = 80.0, reserve_gb: float = 6.0,
-        latent: Optional[tuple] = None) -> tuple[int, str, str]:
+        latent: tuple | None = None) -> tuple[int, str, str]:
     """(exit code, report for stdout, one-line verdict for stderr or ''); raises ConfigError on a bad config."""
     world = nodes * gpus_per_node
     validate(cfg, world_size=world)

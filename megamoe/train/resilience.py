@@ -94,7 +94,7 @@ class StopSignals:
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
 
-    def install(self) -> "StopSignals":
+    def install(self) -> StopSignals:
         """Idempotent: the launcher installs it before start-up (which can take minutes), the loop again."""
         if threading.current_thread() is threading.main_thread() and not self._installed:  # handlers: main thread only
             for sig in STOP_SIGNALS:

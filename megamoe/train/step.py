@@ -16,8 +16,8 @@ is a `StepHooks` object, called at fixed points; the step knows nothing of it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -80,17 +80,18 @@ class StepOutcome:
 
 
 def train_step(engine, cfg: Config, step: int, micro_batches: Iterator[MicroBatch], agreement: StepAgreement,
-               hooks: StepHooks = StepHooks(), ema=None) -> StepOutcome:
+               hooks: StepHooks | None = None, ema=None) -> StepOutcome:
     """Take optimizer step `step` (1-based) from `cfg.train.grad_accum` micro-batches. Collective.
 
     engine: the DeepSpeed engine (its `.module` is the WanDiT); it steps the optimizer, clips and
     advances the LR schedule at the last micro-batch. agreement: the run's StepAgreement, which
     raises AgreedStop on every rank when some rank held bad input during the step, and
     NonFiniteError after train.max_nonfinite_steps skipped steps in a row. ema: an EMA updated
-    after an applied step, or None. Whether this rank received a stop signal (SIGTERM, SIGUSR1) is
+    after an applied step, or None. hooks: the model's StepHooks (None: none). Whether this rank received a stop signal (SIGTERM, SIGUSR1) is
     read from the process's flag, resilience.STOP_REQUEST, at the end of the step.
     """
     module, accum = engine.module, cfg.train.grad_accum
+    hooks = hooks if hooks is not None else StepHooks()
     sums: dict[str, torch.Tensor] = {}
     grads_bad = False
     for micro in range(accum):

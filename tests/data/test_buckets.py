@@ -5,8 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from megamoe.data.buckets import (NO_BUCKET, TOO_SHORT, Bucketer, assign_bucket, batch_size_for, crop_latents,
-                                  latent_shape, tokens_per_sample)
+from megamoe.data.buckets import (
+    NO_BUCKET,
+    TOO_SHORT,
+    Bucketer,
+    assign_bucket,
+    batch_size_for,
+    crop_latents,
+    latent_shape,
+    tokens_per_sample,
+)
 from megamoe.data.loader import ShardLoader, StreamSpec
 from megamoe.data.shards import resolve_shards
 from megamoe.tools.latent_shards import encode_sample, write_shard
@@ -125,8 +133,8 @@ def test_raw_video_that_does_not_fit_is_skipped_as_bad_shape_before_decoding():
     """Without buckets a video's bucket is its own size (rounded to VAE compression x patch); the
     decode worker applies the layout rule to it and skips a misfit undecoded. Closed form: 1 latent
     frame, 16x spatial compression, 2x2 patches: H x 32 pixels give H / 32 tokens."""
-    from megamoe.tools.numbered_videos import make_video
     from megamoe.data.video_buckets import decode_to_bucket
+    from megamoe.tools.numbered_videos import make_video
 
     spec = StreamSpec(shards=(), format="video", seed=0, dp_rank=0, dp_size=1, num_workers=1, micro_batch_size=1,
                       patch_size=PATCH, compression=(4, 16), video_frames=1, video_fps=16.0, sequence_shards=2,

@@ -6,10 +6,9 @@ import os
 import pytest
 import torch
 
-from tests.data.latent_stream_oracle import LatentShardStream
-
 from megamoe.data.shards import resolve_shards
 from megamoe.tools.synthetic_data import dataset_params, write_synthetic_dataset
+from tests.data.latent_stream_oracle import LatentShardStream
 
 
 @pytest.fixture(scope="module")

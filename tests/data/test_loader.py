@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.data.latent_stream_oracle import LatentShardStream
-
 from megamoe.data.loader import DataError, ShardLoader, StreamSpec, StreamStateError
 from megamoe.data.shards import resolve_shards
+from megamoe.data.worker import WorkerStream
 from megamoe.tools.latent_shards import encode_sample, write_shard
 from megamoe.tools.synthetic_data import dataset_params, write_synthetic_dataset
-from megamoe.data.worker import WorkerStream
+from tests.data.latent_stream_oracle import LatentShardStream
 
 
 @pytest.fixture(scope="module")

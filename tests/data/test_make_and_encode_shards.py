@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from tests.data.latent_stream_oracle import LatentShardStream
-
 from megamoe.data.errors import BAD_TAR, CORRUPT_VIDEO, MISSING_MEMBER, SampleError
 from megamoe.data.shards import resolve_shards
 from megamoe.data.video import FrameSpec, decode_video_sample
@@ -18,6 +16,7 @@ from megamoe.data.wan_encoders import decode_latents, encode_text, encode_video,
 from megamoe.tools.latent_encoding import sample_rng
 from megamoe.tools.latent_shards import read_shard
 from megamoe.tools.numbered_videos import make_video
+from tests.data.latent_stream_oracle import LatentShardStream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 Z_DIM, TEXT_DIM, TEXT_LEN = 4, 32, 8

@@ -12,11 +12,25 @@ import torch
 
 from megamoe.data import video
 from megamoe.data.decode_pool import DecodePool
-from megamoe.data.errors import (BAD_CAPTION, CORRUPT_VIDEO, DECODE_TIMEOUT, MISSING_MEMBER, TOO_SHORT, WORKER_DIED,
-                                 SampleError)
+from megamoe.data.errors import (
+    BAD_CAPTION,
+    CORRUPT_VIDEO,
+    DECODE_TIMEOUT,
+    MISSING_MEMBER,
+    TOO_SHORT,
+    WORKER_DIED,
+    SampleError,
+)
+from megamoe.data.video import (
+    FrameSpec,
+    decode_frames,
+    decode_raw_sample,
+    decode_video_sample,
+    parse_caption,
+    resize_and_crop,
+    sample_frame_indices,
+)
 from megamoe.tools.numbered_videos import frame_index, frame_level, make_video
-from megamoe.data.video import (FrameSpec, decode_frames, decode_raw_sample, decode_video_sample, parse_caption,
-                                resize_and_crop, sample_frame_indices)
 
 
 def rng(seed=0):

@@ -5,8 +5,14 @@ import math
 import torch
 
 from megamoe.config import DiffusionConfig
-from megamoe.diffusion.flow import (drop_text, interpolate, sample_noise_levels, sampling_schedule,
-                                    shift_noise_level, velocity_target)
+from megamoe.diffusion.flow import (
+    drop_text,
+    interpolate,
+    sample_noise_levels,
+    sampling_schedule,
+    shift_noise_level,
+    velocity_target,
+)
 from megamoe.diffusion.sampler import euler_sample
 
 

@@ -6,10 +6,10 @@ checkpointing (losses, gradient norms, final weights, aux-free biases included).
 import dataclasses
 
 import pytest
-from tests.distributed.parallel_training_harness import SMALL_MOE, make_config, run
-from tests.distributed.test_parallel_training import assert_same_run
 
 from megamoe.config import ParallelConfig
+from tests.distributed.parallel_training_harness import SMALL_MOE, make_config, run
+from tests.distributed.test_parallel_training import assert_same_run
 
 # Aux-free bias balancing gathers load counts in forward; the balance loss (like z) reduces its
 # statistics over the sequence shards, in the recomputed forward too.

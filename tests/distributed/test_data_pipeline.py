@@ -158,8 +158,8 @@ def test_raw_video_batches_encode_to_the_precomputed_latents(raw_shards, encoder
     from megamoe.config import load_config
     from megamoe.data.loader import build_loader
     from megamoe.data.shards import resolve_shards
-    from megamoe.tools.latent_shards import read_shard
     from megamoe.data.video_latents import VideoToLatents
+    from megamoe.tools.latent_shards import read_shard
 
     vae, text = encoders
     latent_dir = tmp_path / "latents"

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+
 from tests.distributed.launch_helpers import REPO, pretrain, read_metrics, spawn
 
 TINY = str(REPO / "configs" / "tiny.yaml")

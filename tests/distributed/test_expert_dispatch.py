@@ -11,12 +11,12 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from tests.distributed.launch_helpers import spawn
 
 from megamoe.config import MoEConfig
 from megamoe.moe.layer import MoEFeedForward
 from megamoe.moe.routers.base import RoutingContext
 from megamoe.parallel.expert import apply_expert_parallel
+from tests.distributed.launch_helpers import spawn
 
 DIM, FFN, B, L = 16, 32, 2, 12
 

@@ -8,6 +8,7 @@ reduction, gradient norm, checkpoints).
 
 import pytest
 import torch.distributed as dist
+
 from tests.distributed.launch_helpers import REPO, pretrain, read_metrics, spawn
 
 SMALL_MOE = ["--config", str(REPO / "configs" / "tiny_moe.yaml"), "model.dim=64", "model.num_layers=2",

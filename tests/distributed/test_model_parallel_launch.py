@@ -8,6 +8,7 @@ train/objective.py); the z-loss, a token mean, stays on.
 """
 
 import torch
+
 from tests.distributed.launch_helpers import REPO, pretrain, pretrain_in_process, read_metrics
 
 ARGS = ["--config", str(REPO / "configs" / "tiny_moe.yaml"), "model.dim=64", "model.num_layers=2", "model.ffn_dim=256",

@@ -4,9 +4,8 @@ import json
 
 import pytest
 
-from tests.distributed.launch_helpers import REPO, pretrain_in_process, read_metrics
-
 from megamoe.moe.routers import ROUTERS
+from tests.distributed.launch_helpers import REPO, pretrain_in_process, read_metrics
 
 TINY_MOE = str(REPO / "configs" / "tiny_moe.yaml")
 SMALL = ["model.dim=64", "model.num_layers=2", "model.ffn_dim=256", "model.moe.num_experts=4",

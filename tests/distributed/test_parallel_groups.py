@@ -9,6 +9,7 @@ norms over the tensor-parallel group. Checked on a real engine, on 4 gloo ranks.
 import pytest
 import torch
 import torch.distributed as dist
+
 from tests.distributed.launch_helpers import spawn
 
 # world 4, megatron-core order tp-cp-ep-dp: (sizes, groups of rank 0..3 by kind)

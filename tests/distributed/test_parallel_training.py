@@ -6,8 +6,8 @@ parallel_training_harness.py for how the two runs see the same data and noise.""
 import dataclasses
 
 import pytest
-from tests.distributed.parallel_training_harness import SMALL_MOE, compare_with_single_process, make_config, run
 
+from tests.distributed.parallel_training_harness import SMALL_MOE, compare_with_single_process, make_config, run
 
 TOLERANCE = 1e-5
 TIE_MARGIN = 1e-5

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+
 from tests.distributed.launch_helpers import REPO, pretrain, read_metrics
 
 TINY = str(REPO / "configs" / "tiny.yaml")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tests.distributed.launch_helpers import REPO, free_port, spawn
 
 CONFIG = str(REPO / "configs" / "tiny_moe.yaml")

@@ -10,8 +10,16 @@ import socket
 
 import torch
 
-from tests.distributed.launch_helpers import (REPO, assert_stopped_together, pretrain, read_metrics, start_pretrain, steps_logged,
-                            wait_until, worker_pids)
+from tests.distributed.launch_helpers import (
+    REPO,
+    assert_stopped_together,
+    pretrain,
+    read_metrics,
+    start_pretrain,
+    steps_logged,
+    wait_until,
+    worker_pids,
+)
 
 TINY = str(REPO / "configs" / "tiny.yaml")
 SMALL = ["model.num_layers=2", "model.dim=32", "model.ffn_dim=64", "data.micro_batch_size=4"]

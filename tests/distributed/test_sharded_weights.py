@@ -18,10 +18,10 @@ import re
 
 import pytest
 import torch
-from tests.distributed.launch_helpers import spawn
 from safetensors.torch import save_file
 
 from megamoe.config import ModelConfig, MoEConfig, ParallelConfig
+from tests.distributed.launch_helpers import spawn
 
 DENSE = ModelConfig(dim=32, num_layers=2, num_heads=4, ffn_dim=64, in_channels=4, out_channels=4, text_dim=24,
                     freq_dim=16, rope_max_seq_len=32)

@@ -3,10 +3,10 @@ stops after the same agreement with exit code 2, the user sees one line, and tor
 summary names that line as the root cause (torchrun itself exits 1, as for any failed worker)."""
 
 import pytest
-from tests.distributed.launch_helpers import REPO, assert_stopped_together, pretrain
 
 from megamoe.config import load_config
 from megamoe.train.checkpoint import inspect_checkpoint, resolve_resume
+from tests.distributed.launch_helpers import REPO, assert_stopped_together, pretrain
 
 TINY = str(REPO / "configs" / "tiny.yaml")
 SMALL = ["model.num_layers=2", "model.dim=32", "model.ffn_dim=64", "data.micro_batch_size=4", "optim.warmup_steps=2"]
@@ -43,9 +43,9 @@ def bad_on_rank_1(tmp_path_factory):
     """4 latent shards of 8 clips; the 2 that data-parallel rank 1 reads first hold a bad latent in every
     other sample, rank 0's are clean."""
     from megamoe.data.loader import build_loader
+    from megamoe.data.worker import WorkerStream
     from megamoe.tools.latent_shards import encode_sample, write_shard
     from megamoe.tools.synthetic_data import dataset_params, embed_caption, make_clip
-    from megamoe.data.worker import WorkerStream
 
     out = tmp_path_factory.mktemp("half_bad")
     paths = [str(out / f"shard-{i:06d}.tar") for i in range(4)]

@@ -18,10 +18,10 @@ import dataclasses
 import pytest
 import torch
 import torch.distributed as dist
-from tests.distributed.launch_helpers import spawn
 from torch import nn
 
 from megamoe.config import Config, DiffusionConfig, ModelConfig, MoEConfig, ParallelConfig
+from tests.distributed.launch_helpers import spawn
 
 DENSE = ModelConfig(dim=32, num_layers=2, num_heads=4, ffn_dim=64, in_channels=4, out_channels=4, text_dim=24,
                     freq_dim=16, rope_max_seq_len=32)

@@ -94,7 +94,7 @@ def test_state_dict_keys_identical():
         assert {k: v.shape for k, v in ref.items()} == {k: v.shape for k, v in ours.items()}
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "%s-B%dF%dH%dW%d" % s)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "{}-B{}F{}H{}W{}".format(*s))
 @torch.no_grad()
 def test_forward_matches_diffusers(pairs, shape):
     cfg, ref, ours = pairs[shape[0]]

@@ -9,8 +9,14 @@ import torch
 from torch import nn
 
 from megamoe.config import MoEConfig
-from megamoe.moe.diagnostics import (DiagnosticsThresholds, RoutingDiagnostics, expert_similarity, heatmap,
-                                     track_router_update, write_tensorboard)
+from megamoe.moe.diagnostics import (
+    DiagnosticsThresholds,
+    RoutingDiagnostics,
+    expert_similarity,
+    heatmap,
+    track_router_update,
+    write_tensorboard,
+)
 from megamoe.moe.experts import GroupedExperts
 from megamoe.moe.routers.base import RoutingContext
 from megamoe.moe.routers.token_choice import LinearRouter

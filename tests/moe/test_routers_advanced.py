@@ -82,7 +82,9 @@ def test_expert_race_threshold_ema_closed_form():
     def kth(x):
         return _gate_scores(router, x).flatten().topk(x.shape[0] * k).values[-1].item()
 
-    two_ranks = lambda t: 2 * t  # two identical data-parallel ranks: the average is unchanged
+    def two_ranks(t):  # two identical data-parallel ranks: the average is unchanged
+        return 2 * t
+
     x1, ctx1 = _tokens(2, 8, seed=1)
     router(x1, ctx1)
     router.after_step(two_ranks)

@@ -16,8 +16,14 @@ from megamoe.config_checks import validate
 from megamoe.model.activation_checkpointing import SavedActivationMeter, apply_activation_checkpointing
 from megamoe.model.dit import build_model, count_parameters
 from megamoe.moe.layer import moe_layers
-from megamoe.tools.layout_planner import (GB, Layout, config_parameter_counts, make_plan, optimizer_groups,
-                                         zero_gradient_bytes)
+from megamoe.tools.layout_planner import (
+    GB,
+    Layout,
+    config_parameter_counts,
+    make_plan,
+    optimizer_groups,
+    zero_gradient_bytes,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The 5B configs and the cluster each is laid out for (their header comments say the same).

@@ -13,8 +13,16 @@ import pytest
 from megamoe.config import DataConfig, ModelConfig
 from megamoe.tools import synthetic_data
 from megamoe.tools.latent_shards import decode_sample, read_shard
-from megamoe.tools.synthetic_data import (BACKGROUND, COLOURS, DIRECTIONS, clip_spec, dataset_params,
-                                          embed_caption, ensure_synthetic_dataset, write_synthetic_dataset)
+from megamoe.tools.synthetic_data import (
+    BACKGROUND,
+    COLOURS,
+    DIRECTIONS,
+    clip_spec,
+    dataset_params,
+    embed_caption,
+    ensure_synthetic_dataset,
+    write_synthetic_dataset,
+)
 
 
 def small_configs(cache_dir, num_clips=24, channels=3):

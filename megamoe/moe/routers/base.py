@@ -17,8 +17,8 @@ Routing math runs in fp32 whatever the model dtype.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,13 +39,13 @@ class RoutingContext:
     """B: the tokens are [B * L, dim], sample-major."""
     seq_len: int
     """L: tokens per sample (local part under context parallelism)."""
-    temb: Optional[torch.Tensor] = None
+    temb: torch.Tensor | None = None
     """Timestep embedding [B, dim] or per token [B, L, dim]."""
-    text: Optional[torch.Tensor] = None
+    text: torch.Tensor | None = None
     """Projected text embeddings [B, L_text, dim]."""
-    is_null: Optional[torch.Tensor] = None
+    is_null: torch.Tensor | None = None
     """bool [B]: the sample's text is the CFG-null (all-zero) embedding."""
-    timestep: Optional[torch.Tensor] = None
+    timestep: torch.Tensor | None = None
     """Raw timesteps [B] in 0..1000, or [B, L] per token (Wan2.2 TI2V); for load-by-timestep diagnostics."""
 
 
@@ -76,7 +76,7 @@ class Router(nn.Module):
     """Where the other tokens of the batch are (set by parallelize()): losses and selections that
     span tokens reduce their statistics through it, so they equal the unsharded computation."""
 
-    def __init__(self, dim: int, cfg: MoEConfig, layer_reg_out_dim: Optional[int] = None):
+    def __init__(self, dim: int, cfg: MoEConfig, layer_reg_out_dim: int | None = None):
         super().__init__()
         self.check_config(cfg)
         self.dim = dim
@@ -88,7 +88,7 @@ class Router(nn.Module):
         # Race-DiT's per-layer regularization, for any router: a linear head on the router's
         # input predicts the diffusion target (patchified velocity, [N, out_dim]) so that
         # intermediate tokens stay informative; the training loop takes the MSE.
-        self.layer_reg_head: Optional[nn.Linear] = None
+        self.layer_reg_head: nn.Linear | None = None
         if cfg.layer_reg_loss > 0:
             if layer_reg_out_dim is None:
                 raise ValueError("model.moe.layer_reg_loss > 0 needs the target width: build the router with "

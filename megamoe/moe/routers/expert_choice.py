@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.config import MoEConfig
-from megamoe.moe.routers.base import Router, RouterOutput, RoutingContext, require, register_router
+from megamoe.moe.routers.base import Router, RouterOutput, RoutingContext, register_router, require
 
 # model.moe.expert_choice_scope: the tokens one expert's top-C selection ranks against each other.
 SCOPES = ("sample", "batch")

@@ -39,8 +39,6 @@ Losses (unweighted, in aux; the loop multiplies by the config weights):
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,7 +46,7 @@ from torch import nn
 from megamoe.config import MoEConfig
 from megamoe.model.activation_checkpointing import is_recomputing
 from megamoe.moe.router_losses import router_similarity_loss
-from megamoe.moe.routers.base import Reduce, Router, RouterOutput, RoutingContext, require, register_router
+from megamoe.moe.routers.base import Reduce, Router, RouterOutput, RoutingContext, register_router, require
 
 
 @register_router("expert_race")
@@ -73,7 +71,7 @@ class ExpertRaceRouter(Router):
         self.reset_buffers()
         # K-th scores seen since the last optimizer step (one per forward, e.g. per micro-batch
         # under gradient accumulation). Plain attributes: per-step scratch, not model state.
-        self._kth_sum: Optional[torch.Tensor] = None
+        self._kth_sum: torch.Tensor | None = None
         self._kth_count = 0
 
     @torch.no_grad()
@@ -93,7 +91,7 @@ class ExpertRaceRouter(Router):
         return out
 
     def route(self, tokens: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
-        n, e = tokens.shape[0], self.num_experts
+        n = tokens.shape[0]
         if ctx.batch_size * ctx.seq_len != n:
             raise ValueError(f"expert_race router got {n} tokens but batch_size*seq_len = {ctx.batch_size}*{ctx.seq_len}")
         scores = F.linear(tokens, self.gate.weight.float())  # identity activation, fp32

@@ -44,7 +44,7 @@ from torch import nn
 from megamoe.config import MoEConfig
 from megamoe.model.init import Init
 from megamoe.moe.router_losses import routing_contrastive_loss
-from megamoe.moe.routers.base import Router, RouterOutput, RoutingContext, require, register_router
+from megamoe.moe.routers.base import Router, RouterOutput, RoutingContext, register_router, require
 
 
 @register_router("promoe")

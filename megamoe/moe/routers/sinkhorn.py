@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.config import MoEConfig
-from megamoe.moe.routers.base import SCORE_FUNCS, Router, RouterOutput, RoutingContext, require, register_router
+from megamoe.moe.routers.base import SCORE_FUNCS, Router, RouterOutput, RoutingContext, register_router, require
 from megamoe.moe.token_shards import ONE_PROCESS, TokenShards
 
 

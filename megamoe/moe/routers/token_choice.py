@@ -13,8 +13,6 @@ engine's job, not the router's.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,8 +20,7 @@ from torch import nn
 from megamoe.config import MoEConfig
 from megamoe.model.activation_checkpointing import is_recomputing
 from megamoe.moe.losses import BALANCE_SCOPES, switch_balance_loss, z_loss
-from megamoe.moe.routers.base import (SCORE_FUNCS, Reduce, Router, RouterOutput, RoutingContext, require,
-                                     register_router)
+from megamoe.moe.routers.base import SCORE_FUNCS, Reduce, Router, RouterOutput, RoutingContext, register_router, require
 
 
 def _linear32(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
@@ -31,7 +28,7 @@ def _linear32(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return F.linear(x, layer.weight.float(), bias)
 
 
-def select_top_k(logits: torch.Tensor, cfg: MoEConfig, expert_bias: Optional[torch.Tensor] = None):
+def select_top_k(logits: torch.Tensor, cfg: MoEConfig, expert_bias: torch.Tensor | None = None):
     """logits [N, E_total] -> (probs [N, E_total], routing_map [N, E_total] bool, scores [N, E_total]).
 
     scores = softmax or sigmoid of the logits (`cfg.score_func`); each token selects its
@@ -86,9 +83,9 @@ class TokenChoiceRouter(Router):
             # attribute rather than a non-persistent buffer: a model built on the meta device and
             # materialised with `to_empty` would hold garbage there (see model/rope.py).
             # Activation recomputation re-runs this forward in backward; it must not count again.
-            self.load_counts: Optional[torch.Tensor] = None
+            self.load_counts: torch.Tensor | None = None
         # `global` balance scope: the step's assignments per expert so far, over the global batch.
-        self.balance_counts: Optional[torch.Tensor] = None
+        self.balance_counts: torch.Tensor | None = None
         self.reset_buffers()
 
     @torch.no_grad()
