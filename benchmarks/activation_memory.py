@@ -45,8 +45,11 @@ def measure(config: str, overrides: list[str], spec: str) -> dict:
         model.proj_out.weight.normal_(0, 0.02)
     apply_activation_checkpointing(model, spec)
     gen = torch.Generator().manual_seed(0)
-    inputs = (torch.randn(b, m.in_channels, *plan.latent, generator=gen), torch.rand(b, generator=gen) * 1000,
-              torch.randn(b, cfg.data.text_len, m.text_dim, generator=gen))
+    inputs = (
+        torch.randn(b, m.in_channels, *plan.latent, generator=gen),
+        torch.rand(b, generator=gen) * 1000,
+        torch.randn(b, cfg.data.text_len, m.text_dim, generator=gen),
+    )
 
     for p in model.parameters():  # gradients exist before the RSS baseline: only activations count
         p.grad = torch.zeros_like(p)
@@ -55,9 +58,13 @@ def measure(config: str, overrides: list[str], spec: str) -> dict:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # peak of this process
     with SavedActivationMeter(model) as meter:
         model(*inputs)
-    return {"saved": meter.bytes, "planned": plan.activations_by_checkpointing[spec][0], "rss": rss,
-            "tokens": plan.tokens_per_sample * b,
-            "params": count_parameters(model)}
+    return {
+        "saved": meter.bytes,
+        "planned": plan.activations_by_checkpointing[spec][0],
+        "rss": rss,
+        "tokens": plan.tokens_per_sample * b,
+        "params": count_parameters(model),
+    }
 
 
 def main() -> None:
@@ -71,16 +78,26 @@ def main() -> None:
         return
     results = {}
     for spec in SETTINGS:
-        out = subprocess.run([sys.executable, __file__, "--config", args.config, "--one", spec, *args.overrides],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--config", args.config, "--one", spec, *args.overrides],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         results[spec] = json.loads([line for line in out.splitlines() if line.startswith("RESULT ")][-1][7:])
     base = results["none"]
-    print(f"{args.config} {' '.join(args.overrides)}: {base['params'] / 1e6:.2f}M parameters, "
-          f"{base['tokens']} tokens per micro-batch, fp32, {os.cpu_count()} CPU cores")
-    print(f"{'checkpointing':14s} {'saved MiB':>10s} {'ratio':>6s} {'planned/saved':>14s} {'rss MiB':>8s} {'ratio':>6s}")
+    print(
+        f"{args.config} {' '.join(args.overrides)}: {base['params'] / 1e6:.2f}M parameters, "
+        f"{base['tokens']} tokens per micro-batch, fp32, {os.cpu_count()} CPU cores"
+    )
+    print(
+        f"{'checkpointing':14s} {'saved MiB':>10s} {'ratio':>6s} {'planned/saved':>14s} {'rss MiB':>8s} {'ratio':>6s}"
+    )
     for spec, r in results.items():
-        print(f"{spec:14s} {r['saved'] / 2**20:10.1f} {r['saved'] / base['saved']:6.2f} {r['planned'] / r['saved']:14.2f} "
-              f"{r['rss'] / 2**20:8.1f} {r['rss'] / base['rss']:6.2f}")
+        print(
+            f"{spec:14s} {r['saved'] / 2**20:10.1f} {r['saved'] / base['saved']:6.2f} {r['planned'] / r['saved']:14.2f} "
+            f"{r['rss'] / 2**20:8.1f} {r['rss'] / base['rss']:6.2f}"
+        )
 
 
 if __name__ == "__main__":

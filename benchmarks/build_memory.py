@@ -48,8 +48,14 @@ import sys
 import tempfile
 import time
 
-WIDER = ["model.dim=384", "model.ffn_dim=3072", "model.num_layers=8", "model.num_heads=4",
-         "model.moe.num_experts=8", "model.moe.diagnostics_every=0"]
+WIDER = [
+    "model.dim=384",
+    "model.ffn_dim=3072",
+    "model.num_layers=8",
+    "model.num_heads=4",
+    "model.moe.num_experts=8",
+    "model.moe.diagnostics_every=0",
+]
 LATENT = (2, 8, 8)  # (F, H, W) of the first step's micro-batch: 32 tokens per sample at patch (1, 2, 2)
 BOUND = 1.15
 MB = 1e6
@@ -79,13 +85,24 @@ def worker(args) -> None:
     from megamoe.train.step import step_generator
 
     torch.set_num_threads(1)
-    cfg = load_config(args.config, [*WIDER, *args.overrides, f"parallel.expert_parallel_size={args.ep}",
-                                    "train.device=cpu"])
+    cfg = load_config(
+        args.config, [*WIDER, *args.overrides, f"parallel.expert_parallel_size={args.ep}", "train.device=cpu"]
+    )
     device = torch.device("cpu")
     topology = init_distributed(cfg.parallel, device)
     cold = memory_kb("VmRSS")
-    small = load_config(args.config, [*WIDER, *args.overrides, f"parallel.expert_parallel_size={args.ep}",
-                                      "train.device=cpu", "model.dim=32", "model.ffn_dim=64", "model.num_layers=1"])
+    small = load_config(
+        args.config,
+        [
+            *WIDER,
+            *args.overrides,
+            f"parallel.expert_parallel_size={args.ep}",
+            "train.device=cpu",
+            "model.dim=32",
+            "model.ffn_dim=64",
+            "model.num_layers=1",
+        ],
+    )
     first = build_sharded_model(small, device) if args.build == "sharded" else build_model(small.model, device)
     first_use = memory_kb("VmHWM") - cold - sum(p.numel() * p.element_size() for p in first.parameters()) / 1e3
     del first
@@ -106,7 +123,9 @@ def worker(args) -> None:
     engine_peak = memory_kb("VmHWM")
     b, m = cfg.data.micro_batch_size, cfg.model
     latents, text = torch.randn(b, m.in_channels, *LATENT), torch.randn(b, cfg.data.text_len, m.text_dim)
-    loss, _ = training_loss(engine, engine.module, latents, text, cfg, step_generator(cfg.train.seed, topology.dp_rank, 0))
+    loss, _ = training_loss(
+        engine, engine.module, latents, text, cfg, step_generator(cfg.train.seed, topology.dp_rank, 0)
+    )
     engine.backward(loss)
     engine.step()
     step = memory_kb("VmHWM")
@@ -114,17 +133,47 @@ def worker(args) -> None:
     planned = plan.weights + plan.gradients + plan.optimizer + plan.activations
     experts = sum(size for name, size in held.items() if ".ffn.experts." in name)
     with open(os.path.join(args.out, f"rank{topology.rank}.json"), "w") as f:
-        json.dump({"first": first_use * 1e3, "base": base * 1e3, "build": (build - base) * 1e3,
-                   "engine": (engine_peak - base) * 1e3, "step": (step - base) * 1e3, "planned": planned,
-                   "experts": experts, "rest": sum(held.values()) - experts, "build_s": build_s}, f)
+        json.dump(
+            {
+                "first": first_use * 1e3,
+                "base": base * 1e3,
+                "build": (build - base) * 1e3,
+                "engine": (engine_peak - base) * 1e3,
+                "step": (step - base) * 1e3,
+                "planned": planned,
+                "experts": experts,
+                "rest": sum(held.values()) - experts,
+                "build_s": build_s,
+            },
+            f,
+        )
     destroy_distributed()
 
 
 def launch(args, build: str, ep: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.ranks),
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", os.path.abspath(__file__),
-               "--worker", "--build", build, "--ep", str(ep), "--out", out, "--config", args.config, *args.overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(args.ranks),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            "127.0.0.1:0",
+            os.path.abspath(__file__),
+            "--worker",
+            "--build",
+            build,
+            "--ep",
+            str(ep),
+            "--out",
+            out,
+            "--config",
+            args.config,
+            *args.overrides,
+        ]
         env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_=str(128 * 1024))  # see the docstring
         result = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if result.returncode != 0:
@@ -145,8 +194,10 @@ def main() -> None:
     if args.worker:
         return worker(args)
     print(f"{args.ranks} gloo ranks on the CPU, {args.config} + {' '.join(WIDER + args.overrides)}")
-    print(f"{'build':>7} {'EP':>2} | {'experts MB':>10} {'rest MB':>7} | {'first MB':>8} {'base MB':>7} {'build MB':>8} "
-          f"{'engine MB':>9} {'step MB':>7} {'planned MB':>10} | {'build/held':>10} {'step/planned':>12} | {'build s':>7}")
+    print(
+        f"{'build':>7} {'EP':>2} | {'experts MB':>10} {'rest MB':>7} | {'first MB':>8} {'base MB':>7} {'build MB':>8} "
+        f"{'engine MB':>9} {'step MB':>7} {'planned MB':>10} | {'build/held':>10} {'step/planned':>12} | {'build s':>7}"
+    )
     eps = [e for e in (1, 2, 4) if args.ranks % e == 0]
     exceeded = False
     for build, ep in [("sharded", e) for e in eps] + [("full", eps[-1])]:
@@ -154,14 +205,20 @@ def main() -> None:
         top = {k: max(r[k] for r in ranks) for k in ranks[0]}
         build_ratio = max(r["build"] / (r["experts"] + r["rest"]) for r in ranks)
         step_ratio = max(r["step"] / r["planned"] for r in ranks)
-        print(f"{build:>7} {ep:>2} | {top['experts'] / MB:>10.1f} {top['rest'] / MB:>7.1f} | "
-              f"{top['first'] / MB:>8.1f} {top['base'] / MB:>7.0f} {top['build'] / MB:>8.1f} {top['engine'] / MB:>9.1f} "
-              f"{top['step'] / MB:>7.1f} {top['planned'] / MB:>10.1f} | {build_ratio:>10.3f} {step_ratio:>12.3f} | "
-              f"{top['build_s']:>7.1f}", flush=True)
+        print(
+            f"{build:>7} {ep:>2} | {top['experts'] / MB:>10.1f} {top['rest'] / MB:>7.1f} | "
+            f"{top['first'] / MB:>8.1f} {top['base'] / MB:>7.0f} {top['build'] / MB:>8.1f} {top['engine'] / MB:>9.1f} "
+            f"{top['step'] / MB:>7.1f} {top['planned'] / MB:>10.1f} | {build_ratio:>10.3f} {step_ratio:>12.3f} | "
+            f"{top['build_s']:>7.1f}",
+            flush=True,
+        )
         exceeded |= build == "sharded" and (build_ratio > BOUND or step_ratio > BOUND)
-    print(f"bounds (sharded: build <= {BOUND} x held and step <= {BOUND} x planned, on every rank): "
-          f"{'EXCEEDED' if exceeded else 'held'}")
+    print(
+        f"bounds (sharded: build <= {BOUND} x held and step <= {BOUND} x planned, on every rank): "
+        f"{'EXCEEDED' if exceeded else 'held'}"
+    )
     sys.exit(1 if exceeded else 0)
+
 
 if __name__ == "__main__":
     main()

@@ -78,8 +78,10 @@ def main():
 
         comm_time = timed(exchanges, device, args.repeats)
         if rank == 0:
-            print(f"{experts:>3} {k:>2} {width:>5} | {layer_time * 1e3:9.1f} | {comm_time * 1e3:13.1f} | "
-                  f"{comm_time / layer_time:5.1%}")
+            print(
+                f"{experts:>3} {k:>2} {width:>5} | {layer_time * 1e3:9.1f} | {comm_time * 1e3:13.1f} | "
+                f"{comm_time / layer_time:5.1%}"
+            )
     dist.destroy_process_group()
 
 

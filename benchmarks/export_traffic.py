@@ -24,10 +24,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 def model_config(dim: int, layers: int):
     from megamoe.config import ModelConfig, MoEConfig
 
-    return ModelConfig(dim=dim, num_layers=layers, num_heads=8, ffn_dim=4 * dim, in_channels=16, out_channels=16,
-                       text_dim=dim, freq_dim=64, rope_max_seq_len=64,
-                       moe=MoEConfig(num_experts=8, expert_ffn_dim=dim, top_k=2, num_shared_experts=1,
-                                     diagnostics_every=0))
+    return ModelConfig(
+        dim=dim,
+        num_layers=layers,
+        num_heads=8,
+        ffn_dim=4 * dim,
+        in_channels=16,
+        out_channels=16,
+        text_dim=dim,
+        freq_dim=64,
+        rope_max_seq_len=64,
+        moe=MoEConfig(num_experts=8, expert_ffn_dim=dim, top_k=2, num_shared_experts=1, diagnostics_every=0),
+    )
 
 
 def _worker(rank, world, args, out_dir):
@@ -40,8 +48,7 @@ def _worker(rank, world, args, out_dir):
     from megamoe.parallel.topology import destroy_distributed, init_distributed
 
     torch.set_num_threads(1)
-    parallel = ParallelConfig(tensor_parallel_size=args.tp, expert_parallel_size=args.ep,
-                              sequence_parallel=args.tp > 1)
+    parallel = ParallelConfig(tensor_parallel_size=args.tp, expert_parallel_size=args.ep, sequence_parallel=args.tp > 1)
     init_distributed(parallel, torch.device("cpu"))
     model = parallelize(build_model(model_config(args.dim, args.layers)), parallel)
     stats = export_weights(model, out_dir)
@@ -61,11 +68,15 @@ def _worker(rank, world, args, out_dir):
         print(f"{world} ranks, TP {args.tp} x EP {args.ep}; model {model_bytes / 2**20:.2f} MiB (fp32)")
         print(f"{'rank':>4} {'own shard MiB':>14} {'sent MiB':>9} {'written MiB':>12} {'largest held MiB':>17}")
         for r in rows:
-            print(f"{r['rank']:>4} {r['shard'] / 2**20:>14.3f} {r['sent_bytes'] / 2**20:>9.3f} "
-                  f"{r['written_bytes'] / 2**20:>12.3f} {r['largest_held_bytes'] / 2**20:>17.3f}")
+            print(
+                f"{r['rank']:>4} {r['shard'] / 2**20:>14.3f} {r['sent_bytes'] / 2**20:>9.3f} "
+                f"{r['written_bytes'] / 2**20:>12.3f} {r['largest_held_bytes'] / 2**20:>17.3f}"
+            )
         sent = sum(r["sent_bytes"] for r in rows)
-        print(f"sent by all ranks: {sent / 2**20:.3f} MiB; closed form sum_T |T| (G_T-1)/G_T: "
-              f"{sum(totals) / 2**20:.3f} MiB")
+        print(
+            f"sent by all ranks: {sent / 2**20:.3f} MiB; closed form sum_T |T| (G_T-1)/G_T: "
+            f"{sum(totals) / 2**20:.3f} MiB"
+        )
     destroy_distributed()
 
 

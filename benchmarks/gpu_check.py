@@ -88,22 +88,51 @@ class Shapes:
     repeats: int
 
 
-GPU = Shapes(train_steps=8, dim=3072, heads=24, ffn=14336, text_len=512, layer_tokens=16384,
-             layer_cases=((8, 2), (32, 4)), block_tokens=((16, 32, 32), (31, 22, 40)),
-             moe=MoEConfig(num_experts=32, expert_ffn_dim=1792, top_k=7, num_shared_experts=1),
-             memory_overrides=(), memory_latent=(31, 44, 80), repeats=5)
-CPU = Shapes(train_steps=3, dim=64, heads=4, ffn=256, text_len=8, layer_tokens=512,
-             layer_cases=((8, 2), (32, 4)), block_tokens=((2, 8, 8), (4, 8, 8)),
-             moe=MoEConfig(num_experts=8, expert_ffn_dim=32, top_k=2, num_shared_experts=1),
-             memory_overrides=("model.dim=64", "model.num_heads=4", "model.ffn_dim=256", "model.text_dim=32",
-                               "model.in_channels=4", "model.out_channels=4", "model.freq_dim=32",
-                               "model.moe.num_experts=8", "model.moe.expert_ffn_dim=32", "model.moe.top_k=2",
-                               "data.text_len=8"),
-             memory_latent=(2, 8, 8), repeats=2)
+GPU = Shapes(
+    train_steps=8,
+    dim=3072,
+    heads=24,
+    ffn=14336,
+    text_len=512,
+    layer_tokens=16384,
+    layer_cases=((8, 2), (32, 4)),
+    block_tokens=((16, 32, 32), (31, 22, 40)),
+    moe=MoEConfig(num_experts=32, expert_ffn_dim=1792, top_k=7, num_shared_experts=1),
+    memory_overrides=(),
+    memory_latent=(31, 44, 80),
+    repeats=5,
+)
+CPU = Shapes(
+    train_steps=3,
+    dim=64,
+    heads=4,
+    ffn=256,
+    text_len=8,
+    layer_tokens=512,
+    layer_cases=((8, 2), (32, 4)),
+    block_tokens=((2, 8, 8), (4, 8, 8)),
+    moe=MoEConfig(num_experts=8, expert_ffn_dim=32, top_k=2, num_shared_experts=1),
+    memory_overrides=(
+        "model.dim=64",
+        "model.num_heads=4",
+        "model.ffn_dim=256",
+        "model.text_dim=32",
+        "model.in_channels=4",
+        "model.out_channels=4",
+        "model.freq_dim=32",
+        "model.moe.num_experts=8",
+        "model.moe.expert_ffn_dim=32",
+        "model.moe.top_k=2",
+        "data.text_len=8",
+    ),
+    memory_latent=(2, 8, 8),
+    repeats=2,
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # FLOPs.
+
 
 def ffn_flops(tokens: int, dim: int, width: int) -> float:
     """Forward FLOPs of a two-matmul FFN of hidden `width`: 2 x (2 x tokens x dim x width)."""
@@ -133,6 +162,7 @@ def block_flops(tokens: int, text_len: int, dim: int, ffn_forward: float) -> flo
 # ---------------------------------------------------------------------------------------------
 # Sections.
 
+
 def loss_agreement(losses: list[float], reference: list[float], precision: str) -> dict:
     """Compare a run's per-step losses with the fp32 CPU run's: {max_rel_diff, tolerance, passed}."""
     if len(losses) != len(reference) or not losses:
@@ -147,10 +177,20 @@ def run_training(device: torch.device, precision: str, steps: int, workdir: Path
     from megamoe.parallel.topology import destroy_distributed, init_distributed
     from megamoe.train.loop import train
 
-    cfg = load_config(REPO / "configs" / "tiny_moe.yaml", [
-        f"train.steps={steps}", f"train.precision={precision}", f"train.device={device.type}", "logging.every_steps=1",
-        "checkpoint.every_steps=0", "model.moe.diagnostics_every=0", "optim.warmup_steps=1",
-        f"train.output_dir={workdir / name}", f"data.cache_dir={workdir / 'cache'}"])
+    cfg = load_config(
+        REPO / "configs" / "tiny_moe.yaml",
+        [
+            f"train.steps={steps}",
+            f"train.precision={precision}",
+            f"train.device={device.type}",
+            "logging.every_steps=1",
+            "checkpoint.every_steps=0",
+            "model.moe.diagnostics_every=0",
+            "optim.warmup_steps=1",
+            f"train.output_dir={workdir / name}",
+            f"data.cache_dir={workdir / 'cache'}",
+        ],
+    )
     validate(cfg, world_size=1)
     topology = init_distributed(cfg.parallel, device)
     try:
@@ -165,9 +205,16 @@ def check_training(device: torch.device, shapes: Shapes, workdir: Path) -> dict:
     start = time.perf_counter()
     losses = run_training(device, precision, shapes.train_steps, workdir, "device")
     reference = run_training(torch.device("cpu"), "fp32", shapes.train_steps, workdir, "cpu_fp32")
-    return {"device": device.type, "precision": precision, "backend": "nccl" if device.type == "cuda" else "gloo",
-            "steps": shapes.train_steps, "losses": losses, "reference_fp32_cpu": reference,
-            **loss_agreement(losses, reference, precision), "seconds": time.perf_counter() - start}
+    return {
+        "device": device.type,
+        "precision": precision,
+        "backend": "nccl" if device.type == "cuda" else "gloo",
+        "steps": shapes.train_steps,
+        "losses": losses,
+        "reference_fp32_cpu": reference,
+        **loss_agreement(losses, reference, precision),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def median_seconds(module, x, call, repeats: int) -> float:
@@ -190,10 +237,20 @@ def check_moe_layer(device: torch.device, dtype: torch.dtype, shapes: Shapes) ->
         moe_s = median_seconds(moe, x, lambda m, t: m(t), shapes.repeats)
         dense_flops = 3 * ffn_flops(shapes.layer_tokens, shapes.dim, shapes.ffn)
         flops = 3 * moe_flops(shapes.layer_tokens, shapes.dim, moe_cfg, width)
-        rows.append({"experts": experts, "top_k": k, "expert_width": width, "dim": shapes.dim,
-                     "tokens": shapes.layer_tokens, "dense_ms": dense_s * 1e3, "moe_ms": moe_s * 1e3,
-                     "dense_tflops": dense_flops / dense_s / 1e12, "moe_tflops": flops / moe_s / 1e12,
-                     "time_ratio": moe_s / dense_s})
+        rows.append(
+            {
+                "experts": experts,
+                "top_k": k,
+                "expert_width": width,
+                "dim": shapes.dim,
+                "tokens": shapes.layer_tokens,
+                "dense_ms": dense_s * 1e3,
+                "moe_ms": moe_s * 1e3,
+                "dense_tflops": dense_flops / dense_s / 1e12,
+                "moe_tflops": flops / moe_s / 1e12,
+                "time_ratio": moe_s / dense_s,
+            }
+        )
         del dense, moe
     return rows
 
@@ -235,11 +292,22 @@ def check_block(device: torch.device, dtype: torch.dtype, shapes: Shapes, peak_t
             seconds = median_seconds(block, x, step, shapes.repeats)
             tokens = math.prod(grid)
             width = moe.expert_ffn_dim or shapes.ffn
-            ffn = moe_flops(tokens, shapes.dim, moe, width) if kind == "moe" else ffn_flops(tokens, shapes.dim,
-                                                                                             shapes.ffn)
+            ffn = (
+                moe_flops(tokens, shapes.dim, moe, width)
+                if kind == "moe"
+                else ffn_flops(tokens, shapes.dim, shapes.ffn)
+            )
             tflops = block_flops(tokens, shapes.text_len, shapes.dim, ffn) / seconds / 1e12
-            rows.append({"block": kind, "tokens": tokens, "ms": seconds * 1e3, "tflops": tflops,
-                         "mfu": tflops / peak_tflops, "attention": "flash" if flash else "default (cpu)"})
+            rows.append(
+                {
+                    "block": kind,
+                    "tokens": tokens,
+                    "ms": seconds * 1e3,
+                    "tflops": tflops,
+                    "mfu": tflops / peak_tflops,
+                    "attention": "flash" if flash else "default (cpu)",
+                }
+            )
         del block
     return rows
 
@@ -284,9 +352,16 @@ def check_memory(device: torch.device, shapes: Shapes) -> dict:
     from megamoe.train.step import step_generator
 
     precision = "bf16" if device.type == "cuda" else "fp32"
-    cfg = load_config(REPO / "configs" / "wan2.2_ti2v_5b_moe.yaml", [
-        "model.num_layers=2", "parallel.expert_parallel_size=1", "model.moe.diagnostics_every=0",
-        f"train.precision={precision}", *shapes.memory_overrides])
+    cfg = load_config(
+        REPO / "configs" / "wan2.2_ti2v_5b_moe.yaml",
+        [
+            "model.num_layers=2",
+            "parallel.expert_parallel_size=1",
+            "model.moe.diagnostics_every=0",
+            f"train.precision={precision}",
+            *shapes.memory_overrides,
+        ],
+    )
     plan = make_plan(cfg, world=1, latent=shapes.memory_latent, reserve_gb=0.0)
     init_distributed(cfg.parallel, device)
     try:
@@ -306,18 +381,32 @@ def check_memory(device: torch.device, shapes: Shapes) -> dict:
         engine.step()
         synchronize(device)
         peak = peak_memory_allocated(device)
-        measured, what = (peak, "torch.cuda.max_memory_allocated") if peak is not None else (
-            _peak_rss(), "peak RSS of the process (CPU mode; not comparable with the plan)")
+        measured, what = (
+            (peak, "torch.cuda.max_memory_allocated")
+            if peak is not None
+            else (_peak_rss(), "peak RSS of the process (CPU mode; not comparable with the plan)")
+        )
         del engine, model
     finally:
         destroy_distributed()
     predicted = plan.weights + plan.gradients + plan.optimizer + plan.activations
-    return {"config": "wan2.2_ti2v_5b_moe, 2 blocks, EP 1, one device", "latent": list(shapes.memory_latent),
-            "tokens": plan.tokens_per_sample, "parameters": plan.params.total, "measured_bytes": float(measured),
-            "measured": what, "rss_before_step_bytes": float(rss_before),
-            "planned_bytes": predicted, "planned": {"weights": plan.weights, "gradients": plan.gradients,
-                                                    "optimizer": plan.optimizer, "activations": plan.activations},
-            "measured_over_planned": measured / predicted}
+    return {
+        "config": "wan2.2_ti2v_5b_moe, 2 blocks, EP 1, one device",
+        "latent": list(shapes.memory_latent),
+        "tokens": plan.tokens_per_sample,
+        "parameters": plan.params.total,
+        "measured_bytes": float(measured),
+        "measured": what,
+        "rss_before_step_bytes": float(rss_before),
+        "planned_bytes": predicted,
+        "planned": {
+            "weights": plan.weights,
+            "gradients": plan.gradients,
+            "optimizer": plan.optimizer,
+            "activations": plan.activations,
+        },
+        "measured_over_planned": measured / predicted,
+    }
 
 
 def _peak_rss() -> int:
@@ -327,27 +416,40 @@ def _peak_rss() -> int:
 # ---------------------------------------------------------------------------------------------
 # Report.
 
+
 def markdown(report: dict) -> str:
     t, mem = report["train"], report["memory"]
-    lines = [f"GPU check on {report['device_name']} ({report['mode']} mode), {report['seconds']:.0f} s; "
-             f"peak {report['peak_tflops']:.3g} TFLOP/s ({report['peak_source']}).", "",
-             f"**train**: tiny_moe, {t['steps']} steps, {t['precision']} on {t['device']} ({t['backend']}) against "
-             f"fp32 on the CPU: largest relative loss difference {t['max_rel_diff']:.2e} "
-             f"(tolerance {t['tolerance']:g}): {'passed' if t['passed'] else 'FAILED'}.", "",
-             "| MoE layer | tokens | dense ms | MoE ms | dense TFLOP/s | MoE TFLOP/s | MoE / dense time |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"GPU check on {report['device_name']} ({report['mode']} mode), {report['seconds']:.0f} s; "
+        f"peak {report['peak_tflops']:.3g} TFLOP/s ({report['peak_source']}).",
+        "",
+        f"**train**: tiny_moe, {t['steps']} steps, {t['precision']} on {t['device']} ({t['backend']}) against "
+        f"fp32 on the CPU: largest relative loss difference {t['max_rel_diff']:.2e} "
+        f"(tolerance {t['tolerance']:g}): {'passed' if t['passed'] else 'FAILED'}.",
+        "",
+        "| MoE layer | tokens | dense ms | MoE ms | dense TFLOP/s | MoE TFLOP/s | MoE / dense time |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in report["moe_layer"]:
-        lines.append(f"| E{r['experts']} top-{r['top_k']} (w {r['expert_width']}, d {r['dim']}) | {r['tokens']} | "
-                     f"{r['dense_ms']:.2f} | {r['moe_ms']:.2f} | {r['dense_tflops']:.3g} | {r['moe_tflops']:.3g} | "
-                     f"{r['time_ratio']:.2f}x |")
+        lines.append(
+            f"| E{r['experts']} top-{r['top_k']} (w {r['expert_width']}, d {r['dim']}) | {r['tokens']} | "
+            f"{r['dense_ms']:.2f} | {r['moe_ms']:.2f} | {r['dense_tflops']:.3g} | {r['moe_tflops']:.3g} | "
+            f"{r['time_ratio']:.2f}x |"
+        )
     lines += ["", "| 5B block | tokens | attention | ms (fwd+bwd) | TFLOP/s | MFU |", "|---|---|---|---|---|---|"]
     for r in report["block"]:
-        lines.append(f"| {r['block']} | {r['tokens']} | {r['attention']} | {r['ms']:.1f} | {r['tflops']:.3g} | "
-                     f"{100 * r['mfu']:.1f}% |")
+        lines.append(
+            f"| {r['block']} | {r['tokens']} | {r['attention']} | {r['ms']:.1f} | {r['tflops']:.3g} | "
+            f"{100 * r['mfu']:.1f}% |"
+        )
     planned = ", ".join(f"{k} {v / 1e9:.3g}" for k, v in mem["planned"].items())
-    lines += ["", f"**memory**: {mem['config']}, {mem['tokens']} tokens, {mem['parameters'] / 1e6:.1f}M parameters: "
-                  f"{mem['measured_bytes'] / 1e9:.3g} GB measured ({mem['measured']}) against "
-                  f"{mem['planned_bytes'] / 1e9:.3g} GB planned ({planned}): {mem['measured_over_planned']:.2f}x.", ""]
+    lines += [
+        "",
+        f"**memory**: {mem['config']}, {mem['tokens']} tokens, {mem['parameters'] / 1e6:.1f}M parameters: "
+        f"{mem['measured_bytes'] / 1e9:.3g} GB measured ({mem['measured']}) against "
+        f"{mem['planned_bytes'] / 1e9:.3g} GB planned ({planned}): {mem['measured_over_planned']:.2f}x.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -357,8 +459,13 @@ def run_check(cpu: bool, workdir: Path) -> dict:
     shapes = CPU if cpu else GPU
     start = time.perf_counter()
     peak, source = peak_tflops_of(device, dtype, shapes)
-    report = {"mode": "cpu" if cpu else "gpu", "device_name": device_name(device), "torch": torch.__version__,
-              "peak_tflops": peak, "peak_source": source}
+    report = {
+        "mode": "cpu" if cpu else "gpu",
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "peak_tflops": peak,
+        "peak_source": source,
+    }
     report["train"] = check_training(device, shapes, workdir)
     report["moe_layer"] = check_moe_layer(device, dtype, shapes)
     report["block"] = check_block(device, dtype, shapes, peak)
@@ -377,8 +484,10 @@ def main(argv=None) -> int:
         try:
             resolve_device("cuda")
         except RuntimeError:
-            print("error: no CUDA device is visible; run on a GPU machine, or pass --cpu for the CPU check",
-                  file=sys.stderr)
+            print(
+                "error: no CUDA device is visible; run on a GPU machine, or pass --cpu for the CPU check",
+                file=sys.stderr,
+            )
             return 2
     out = Path(args.out)
     if out.exists() and not out.is_dir():

@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clips", type=int, default=10000, help="clips per path in the memory runs (default 10,000)")
     parser.add_argument("--rounds", type=int, default=50, help="interleaved throughput rounds")
-    parser.add_argument("--chunk", type=int, default=20, help="clips per path per throughput round (small: load changes)")
+    parser.add_argument(
+        "--chunk", type=int, default=20, help="clips per path per throughput round (small: load changes)"
+    )
     parser.add_argument("--pyav-clips", type=int, default=1000, help="clips of the PyAV memory run (0 skips PyAV)")
     parser.add_argument("--files", type=int, default=16, help="distinct synthetic videos to loop over")
     parser.add_argument("--source-size", type=int, default=64, help="source videos are N x N")
@@ -115,29 +117,43 @@ def main(argv: list[str] | None = None) -> None:
             with open(os.path.join(tmp, f"clip{i:03d}.mp4"), "wb") as f:
                 f.write(make_video(args.source_frames, args.source_size, args.source_size, 30.0, "libx264"))
         files = [open(os.path.join(tmp, n), "rb").read() for n in sorted(os.listdir(tmp))]
-    print(f"{args.files} h264 mp4s {args.source_size}x{args.source_size}, {args.source_frames} frames at 30 fps, "
-          f"{sum(map(len, files)) / len(files) / 1024:.1f} KiB each; clips of {spec.num_frames} frames at "
-          f"{spec.fps:g} fps -> {spec.height}x{spec.width}")
+    print(
+        f"{args.files} h264 mp4s {args.source_size}x{args.source_size}, {args.source_frames} frames at 30 fps, "
+        f"{sum(map(len, files)) / len(files) / 1024:.1f} KiB each; clips of {spec.num_frames} frames at "
+        f"{spec.fps:g} fps -> {spec.height}x{spec.width}"
+    )
 
     rng = np.random.default_rng(0)  # numpy Generators lock internally: safe to share across threads
     one = bare_decord(files, spec, rng)
-    paths = {"bare decord": (lambda a, b: _each(range(a, b), one), None),
-             "inline": (lambda a, b: _each(range(a, b), lambda i: decode_video_sample(
-                 files[i % len(files)], spec, rng)), None)}
-    pyav = (lambda a, b: _each(range(a, b), lambda i: decode_video_sample(
-        files[i % len(files)], spec, rng, backend="pyav")), None)
+    paths = {
+        "bare decord": (lambda a, b: _each(range(a, b), one), None),
+        "inline": (
+            lambda a, b: _each(range(a, b), lambda i: decode_video_sample(files[i % len(files)], spec, rng)),
+            None,
+        ),
+    }
+    pyav = (
+        lambda a, b: _each(
+            range(a, b), lambda i: decode_video_sample(files[i % len(files)], spec, rng, backend="pyav")
+        ),
+        None,
+    )
     # Recycling off, so a leak in the workers shows in their RSS instead of being reset.
     pool = DecodePool(args.workers, timeout_s=args.timeout, max_jobs_per_worker=None) if args.workers else None
     try:
         if pool:
             pool.map(abs, [(i,) for i in range(args.workers)])  # start the workers before timing
-            paths[f"pool x{args.workers}"] = (lambda a, b: _run_threaded(
-                pool, [(files[i % len(files)], spec, rng) for i in range(a, b)]), pool.worker_pids)
+            paths[f"pool x{args.workers}"] = (
+                lambda a, b: _run_threaded(pool, [(files[i % len(files)], spec, rng) for i in range(a, b)]),
+                pool.worker_pids,
+            )
         if args.pyav_clips:
             paths["pyav"] = pyav
         speed = interleaved_throughput(paths, args.rounds, args.chunk)
-        memory = {name: memory_run(run_range, args.pyav_clips if name == "pyav" else args.clips, pids)
-                  for name, (run_range, pids) in paths.items()}
+        memory = {
+            name: memory_run(run_range, args.pyav_clips if name == "pyav" else args.clips, pids)
+            for name, (run_range, pids) in paths.items()
+        }
         stats = dict(pool.stats) if pool else None
     finally:
         if pool:
@@ -147,19 +163,25 @@ def main(argv: list[str] | None = None) -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"machine: {os.cpu_count()} CPU cores ({cpu}), no GPU; python {platform.python_version()}")
     print(f"throughput: {args.rounds} interleaved rounds of {args.chunk} clips per path")
-    print(f"{'path':<12} {'clips/s':>8} {'vs bare':>8} | memory run: {'clips':>6} {'clips/s':>8} "
-          f"{'RSS MiB warm':>12} {'@1,000':>7} {'@end':>7}")
+    print(
+        f"{'path':<12} {'clips/s':>8} {'vs bare':>8} | memory run: {'clips':>6} {'clips/s':>8} "
+        f"{'RSS MiB warm':>12} {'@1,000':>7} {'@end':>7}"
+    )
     for name in paths:
         m, rss = memory[name], memory[name]["rss"]
-        print(f"{name:<12} {speed[name]:>8.1f} {speed[name] / base:>8.2f} | {'':>11} {m['clips']:>6} "
-              f"{m['clips_per_s']:>8.1f} {rss['warm']:>12.1f} {rss.get(CHECKPOINT, float('nan')):>7.1f} "
-              f"{rss[m['clips']]:>7.1f}")
+        print(
+            f"{name:<12} {speed[name]:>8.1f} {speed[name] / base:>8.2f} | {'':>11} {m['clips']:>6} "
+            f"{m['clips_per_s']:>8.1f} {rss['warm']:>12.1f} {rss.get(CHECKPOINT, float('nan')):>7.1f} "
+            f"{rss[m['clips']]:>7.1f}"
+        )
     if stats:
         print(f"pool stats: {stats} (pool RSS is the sum over its worker processes)")
     for workers in [int(w) for w in args.loader_workers.split(",") if w.strip()]:
         loader_rate, bare_rate = loader_vs_bare(files, spec, one, workers, args)
-        print(f"loader x{workers:<3} {loader_rate:>8.1f} {loader_rate / bare_rate:>8.2f}   (bare decord "
-              f"{bare_rate:.1f} clips/s in the alternating blocks; data.num_workers={workers})")
+        print(
+            f"loader x{workers:<3} {loader_rate:>8.1f} {loader_rate / bare_rate:>8.2f}   (bare decord "
+            f"{bare_rate:.1f} clips/s in the alternating blocks; data.num_workers={workers})"
+        )
 
 
 def loader_vs_bare(files: list[bytes], spec: FrameSpec, bare_one, workers: int, args) -> tuple[float, float]:
@@ -173,13 +195,23 @@ def loader_vs_bare(files: list[bytes], spec: FrameSpec, bare_one, workers: int, 
         shards = []
         for s in range(max(2, workers)):  # every worker needs a shard of its own
             path = os.path.join(tmp, f"raw-{s:06d}.tar")
-            write_shard(path, [(f"{s:03d}{i:05d}", {"mp4": files[i % len(files)], "txt": b"a clip"})
-                               for i in range(64)])
+            write_shard(
+                path, [(f"{s:03d}{i:05d}", {"mp4": files[i % len(files)], "txt": b"a clip"}) for i in range(64)]
+            )
             shards.append(path)
-        stream = StreamSpec(shards=tuple(shards), format="video", seed=0, dp_rank=0, dp_size=1,
-                            num_workers=max(1, workers), micro_batch_size=1,
-                            buckets=((spec.num_frames, spec.height, spec.width),), video_frames=spec.num_frames,
-                            video_fps=spec.fps, decode_timeout_s=args.timeout)
+        stream = StreamSpec(
+            shards=tuple(shards),
+            format="video",
+            seed=0,
+            dp_rank=0,
+            dp_size=1,
+            num_workers=max(1, workers),
+            micro_batch_size=1,
+            buckets=((spec.num_frames, spec.height, spec.width),),
+            video_frames=spec.num_frames,
+            video_fps=spec.fps,
+            decode_timeout_s=args.timeout,
+        )
         loader = ShardLoader(stream, workers)
         try:
             for _ in range(WARMUP):

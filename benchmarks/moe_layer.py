@@ -45,8 +45,15 @@ def deepspeed_moe(dim, width, experts, k, device, dtype):
     if not torch.distributed.is_initialized():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29655")
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    layer = MoE(hidden_size=dim, expert=DenseFFN(dim, width), num_experts=experts, ep_size=1, k=k,
-                drop_tokens=False, use_rts=False)
+    layer = MoE(
+        hidden_size=dim,
+        expert=DenseFFN(dim, width),
+        num_experts=experts,
+        ep_size=1,
+        k=k,
+        drop_tokens=False,
+        use_rts=False,
+    )
     return layer.to(device, dtype)
 
 
@@ -72,8 +79,10 @@ def main():
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     torch.manual_seed(0)
     x = torch.randn(1, args.tokens, args.dim, device=device, dtype=dtype)
-    print(f"device {device.type}, threads {torch.get_num_threads()}, tokens {args.tokens}, dim {args.dim}, "
-          f"{args.dtype}, forward+backward, median of {args.repeats}")
+    print(
+        f"device {device.type}, threads {torch.get_num_threads()}, tokens {args.tokens}, dim {args.dim}, "
+        f"{args.dtype}, forward+backward, median of {args.repeats}"
+    )
     print(f"{'E':>3} {'k':>2} {'width':>5} | {'dense ms':>9} | {'megamoe':>8} {'target':>7} | {'deepspeed':>9}")
     for experts, k, width, target in SHAPES:
         runs = {"dense": (DenseFFN(args.dim, k * width).to(device, dtype), lambda m, t: m(t))}
@@ -89,8 +98,10 @@ def main():
         ratio = {name: median[name] / median["dense"] for name in median}
         ds = f"{ratio['deepspeed']:8.2f}x" if "deepspeed" in ratio else "        -"
         verdict = "met" if ratio["megamoe"] <= target else "MISSED"
-        print(f"{experts:>3} {k:>2} {width:>5} | {median['dense'] * 1e3:9.1f} | {ratio['megamoe']:7.2f}x "
-              f"{'<=' + format(target, '.2f'):>7} {verdict} | {ds}")
+        print(
+            f"{experts:>3} {k:>2} {width:>5} | {median['dense'] * 1e3:9.1f} | {ratio['megamoe']:7.2f}x "
+            f"{'<=' + format(target, '.2f'):>7} {verdict} | {ds}"
+        )
 
 
 if __name__ == "__main__":

@@ -106,14 +106,16 @@ def main():
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
     results = mp.get_context("spawn").SimpleQueue()
     mp.spawn(worker, args=(args.shards, moe, cfg.model.dim, args.tokens, batch, results), nprocs=args.shards)
-    print(f"{args.config}: E={moe.num_experts}, top_k={moe.top_k}, dim={cfg.model.dim}, {layers} MoE layers, "
-          f"micro-batch {batch} x {args.tokens} tokens over {args.shards} shards, grad_accum {cfg.train.grad_accum}")
+    print(
+        f"{args.config}: E={moe.num_experts}, top_k={moe.top_k}, dim={cfg.model.dim}, {layers} MoE layers, "
+        f"micro-batch {batch} x {args.tokens} tokens over {args.shards} shards, grad_accum {cfg.train.grad_accum}"
+    )
     print(f"{'router':36s} {'fwd calls':>9s} {'fwd bytes/layer':>15s} {'bwd bytes':>9s} {'MiB/step':>9s}")
     for _ in CASES:
         name, forward, backward = results.get()
         calls = sum(c for c, _ in forward.values())
         size = sum(b for _, b in forward.values())
-        per_step = size * layers * cfg.train.grad_accum / 2 ** 20
+        per_step = size * layers * cfg.train.grad_accum / 2**20
         print(f"{name:36s} {calls:9d} {size:15,d} {sum(b for _, b in backward.values()):9,d} {per_step:9.2f}")
 
 

@@ -39,8 +39,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--text-len", type=int, default=512, help="text tokens per caption (Wan: 512)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the frame windows")
     parser.add_argument("--batch-size", type=int, default=1, help="clips per VAE call")
-    parser.add_argument("--decode-timeout", type=float, default=60.0,
-                        help="seconds a video may take to decode before it is skipped; 0 decodes inline")
+    parser.add_argument(
+        "--decode-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a video may take to decode before it is skipped; 0 decodes inline",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype")
     args = parser.parse_args(argv)
@@ -56,8 +60,18 @@ def main(argv: list[str] | None = None) -> dict:
         encoder, tokenizer = load_text_encoder(args.text_encoder, args.device, DTYPES[args.dtype])
     except (OSError, ValueError) as exc:
         sys.exit(f"error: {exc}")
-    report = encode_raw_shards(shards, args.out, vae, encoder, tokenizer, spec, args.text_len, seed=args.seed,
-                               batch_size=args.batch_size, timeout_s=args.decode_timeout or None)
+    report = encode_raw_shards(
+        shards,
+        args.out,
+        vae,
+        encoder,
+        tokenizer,
+        spec,
+        args.text_len,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        timeout_s=args.decode_timeout or None,
+    )
     skipped = ", ".join(f"{n} {cause}" for cause, n in sorted(report["skipped"].items())) or "none"
     print(f"{report['samples']} samples in {len(report['shards'])} latent shards in {args.out}; skipped: {skipped}")
     return report

@@ -23,11 +23,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--videos", help="folder of videos with sidecar <stem>.txt captions")
-    source.add_argument("--index", help="CSV (path,caption) or JSONL ({\"path\", \"caption\"}) listing the videos")
+    source.add_argument("--index", help='CSV (path,caption) or JSONL ({"path", "caption"}) listing the videos')
     parser.add_argument("--out", required=True, help="directory to write shard-*.tar, index.jsonl, skipped.jsonl")
     parser.add_argument("--shard-size", type=float, default=256.0, help="target shard size in MB (default 256)")
-    parser.add_argument("--caption-format", choices=("txt", "json"), default="txt",
-                        help="store captions as <key>.txt or <key>.json {\"caption\": ...}")
+    parser.add_argument(
+        "--caption-format",
+        choices=("txt", "json"),
+        default="txt",
+        help='store captions as <key>.txt or <key>.json {"caption": ...}',
+    )
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
     args = parser.parse_args(argv)
     if args.shard_size <= 0:

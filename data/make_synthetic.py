@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.seed < 0:
         parser.error("--seed must be >= 0")
 
-    params = dataset_params(args.num_clips, args.frames, args.size, args.channels, args.text_len, args.text_dim,
-                            seed=args.seed)
+    params = dataset_params(
+        args.num_clips, args.frames, args.size, args.channels, args.text_len, args.text_dim, seed=args.seed
+    )
     start = time.perf_counter()
     try:
         manifest = write_synthetic_dataset(args.out, params)
@@ -65,9 +66,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {exc}")
     elapsed = time.perf_counter() - start
     total = sum(s["bytes"] for s in manifest["shards"])
-    print(f"wrote {args.num_clips} clips [{args.channels}, {args.frames}, {args.size}, {args.size}] + text "
-          f"[{args.text_len}, {args.text_dim}] in {len(manifest['shards'])} shards, {total / 1e6:.1f} MB, "
-          f"{elapsed:.2f} s, to {args.out}")
+    print(
+        f"wrote {args.num_clips} clips [{args.channels}, {args.frames}, {args.size}, {args.size}] + text "
+        f"[{args.text_len}, {args.text_dim}] in {len(manifest['shards'])} shards, {total / 1e6:.1f} MB, "
+        f"{elapsed:.2f} s, to {args.out}"
+    )
     for s in manifest["shards"]:
         print(f"  {s['name']}  {s['num_samples']:5d} clips  sha256 {s['sha256'][:16]}")
     if args.preview:

@@ -34,12 +34,19 @@ EXIT_BAD_INPUT = 2
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["to-safetensors", "from-safetensors"])
-    p.add_argument("source", help="to-safetensors: a checkpoint directory (checkpoints/step_*); "
-                                  "from-safetensors: a .safetensors file, an index or a diffusers folder")
+    p.add_argument(
+        "source",
+        help="to-safetensors: a checkpoint directory (checkpoints/step_*); "
+        "from-safetensors: a .safetensors file, an index or a diffusers folder",
+    )
     p.add_argument("out", help="OUT.safetensors (one file) or a directory (diffusers model folder)")
-    p.add_argument("--master", action="store_true", help="to-safetensors: the fp32 master weights instead of the module's")
+    p.add_argument(
+        "--master", action="store_true", help="to-safetensors: the fp32 master weights instead of the module's"
+    )
     p.add_argument("--config", help="from-safetensors: YAML config of the model the weights are for")
-    p.add_argument("overrides", nargs="*", help="from-safetensors: dotted config overrides, e.g. model.moe.num_experts=8")
+    p.add_argument(
+        "overrides", nargs="*", help="from-safetensors: dotted config overrides, e.g. model.moe.num_experts=8"
+    )
     args = p.parse_intermixed_args(argv)  # overrides may follow the options
     if args.command == "from-safetensors" and args.config is None:
         p.error("from-safetensors needs --config")
@@ -65,12 +72,16 @@ def checkpoint_weights(checkpoint, master: bool = False) -> tuple[dict, object]:
     path = Path(checkpoint)
     meta = inspect_checkpoint(path)
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint '{path}' is not in megamoe's format '{FORMAT}'; its weights/ folder "
-                              f"already holds the full model in diffusers layout")
+        raise CheckpointError(
+            f"checkpoint '{path}' is not in megamoe's format '{FORMAT}'; its weights/ folder "
+            f"already holds the full model in diffusers layout"
+        )
     try:
         cfg = from_yaml_text(meta["config"])
     except (KeyError, ConfigError) as exc:
-        raise CheckpointError(f"checkpoint '{path}' has an unreadable config ({exc}); pass another checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint '{path}' has an unreadable config ({exc}); pass another checkpoint"
+        ) from None
     try:
         stored = stored_shapes(path / STATE_DIR)
         names = {k.split("/", 1)[1] for k in stored if k.startswith("model/")}
@@ -81,8 +92,9 @@ def checkpoint_weights(checkpoint, master: bool = False) -> tuple[dict, object]:
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
             dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path / STATE_DIR)), no_dist=True)
     except Exception as exc:  # safetensors and DCP raise many types for a bad file; the user needs one line
-        raise CheckpointError(f"checkpoint '{path}' could not be read ({describe(exc)}); "
-                              f"pass another checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint '{path}' could not be read ({describe(exc)}); pass another checkpoint"
+        ) from None
     return {n: state[key] for n, key in sorted(keys.items())}, cfg.model
 
 

@@ -23,11 +23,17 @@ def parse_args(argv=None):
     p.add_argument("--nodes", type=int, required=True, help="number of nodes")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU in GB (default 80: H100)")
-    p.add_argument("--reserve-gb", type=float, default=6.0,
-                   help="per-GPU allowance for CUDA context, NCCL, reduce buckets and fragmentation (default 6)")
-    p.add_argument("--latent", default=None,
-                   help="latent video size F,H,W to plan for (default: the largest data.buckets entry, "
-                        "else the synthetic clip)")
+    p.add_argument(
+        "--reserve-gb",
+        type=float,
+        default=6.0,
+        help="per-GPU allowance for CUDA context, NCCL, reduce buckets and fragmentation (default 6)",
+    )
+    p.add_argument(
+        "--latent",
+        default=None,
+        help="latent video size F,H,W to plan for (default: the largest data.buckets entry, else the synthetic clip)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.expert_parallel_size=8")
     return p.parse_intermixed_args(argv)
 

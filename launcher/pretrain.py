@@ -36,10 +36,13 @@ EXIT_BAD_INPUT = 2
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
-    parser.add_argument("--resume", default=None,
-                        help="'auto' (newest complete checkpoint in train.output_dir if any, else a fresh start: "
-                             "for preemptible and self-restarting jobs), 'latest' (the newest, which must exist) "
-                             "or a checkpoint directory")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        help="'auto' (newest complete checkpoint in train.output_dir if any, else a fresh start: "
+        "for preemptible and self-restarting jobs), 'latest' (the newest, which must exist) "
+        "or a checkpoint directory",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4 train.steps=100")
     return parser.parse_intermixed_args(argv)  # options may follow the key=value overrides
 

@@ -46,9 +46,13 @@ def parse_args(argv=None):
     p.add_argument("--init-from", default=None, help="weights to load R's slices of (train.init_from)")
     p.add_argument("--num-layers", type=int, default=None, help="build fewer blocks than the config (memory)")
     p.add_argument("--latent", default="1,8,8", help="latent F,H,W of the one training step (default 1,8,8)")
-    p.add_argument("--text-len", type=int, default=16,
-                   help="text tokens of that step (default 16: the step exists to exercise every code path; on a "
-                        "CPU, bf16 matmuls are slow and the 512 text tokens of the 5B configs would dominate)")
+    p.add_argument(
+        "--text-len",
+        type=int,
+        default=16,
+        help="text tokens of that step (default 16: the step exists to exercise every code path; on a "
+        "CPU, bf16 matmuls are slow and the 512 text tokens of the 5B configs would dominate)",
+    )
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU, for the planner")
     p.add_argument("--tolerance", type=float, default=0.05, help="largest |measured/planned - 1| accepted")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -105,8 +109,10 @@ def rehearse(cfg, topology, latent: tuple, text_len: int, init_from: str | None,
     start = time.perf_counter()
     model = build_sharded_model(cfg, topology.device, initialize=not init_from)  # loading fills it otherwise
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
-    log(f"built rank {topology.rank}'s shard: {count_parameters(model) / 1e9:.3f}B parameters "
-        f"in {time.perf_counter() - start:.0f} s")
+    log(
+        f"built rank {topology.rank}'s shard: {count_parameters(model) / 1e9:.3f}B parameters "
+        f"in {time.perf_counter() - start:.0f} s"
+    )
     if init_from:
         start = time.perf_counter()
         log(f"{load_slices(model, init_from, cfg.train.seed)} in {time.perf_counter() - start:.0f} s")
@@ -143,11 +149,14 @@ def local_tokens(cfg, latent: tuple) -> int:
     return tokens_of(cfg.model, latent) * cfg.data.micro_batch_size // shards
 
 
-def compare(measured: dict, planned, full_planned, act_per_token: float, planned_act_per_token: float,
-            tolerance: float) -> tuple[str, bool]:
+def compare(
+    measured: dict, planned, full_planned, act_per_token: float, planned_act_per_token: float, tolerance: float
+) -> tuple[str, bool]:
     """The table printed at the end, and whether every category agrees within `tolerance`."""
-    rows = [f"{'category':12s} {'measured':>12s} {'planned':>12s} {'ratio':>7s}"
-            + (f" {'full config':>12s}" if full_planned is not None else "")]
+    rows = [
+        f"{'category':12s} {'measured':>12s} {'planned':>12s} {'ratio':>7s}"
+        + (f" {'full config':>12s}" if full_planned is not None else "")
+    ]
     ok = True
     for kind in CATEGORIES:
         got, want = measured[kind], getattr(planned, kind)
@@ -155,8 +164,10 @@ def compare(measured: dict, planned, full_planned, act_per_token: float, planned
         ok &= abs(ratio - 1) <= tolerance
         full = f" {getattr(full_planned, kind) / 1e6:9.1f} MB" if full_planned is not None else ""
         rows.append(f"{kind:12s} {got / 1e6:9.1f} MB {want / 1e6:9.1f} MB {ratio:7.3f}{full}")
-    rows.append(f"{'activations':12s} {act_per_token / 1e3:9.1f} KB {planned_act_per_token / 1e3:9.1f} KB "
-                f"{act_per_token / planned_act_per_token:7.3f}  per token, saved for backward")
+    rows.append(
+        f"{'activations':12s} {act_per_token / 1e3:9.1f} KB {planned_act_per_token / 1e3:9.1f} KB "
+        f"{act_per_token / planned_act_per_token:7.3f}  per token, saved for backward"
+    )
     return "\n".join(rows), ok
 
 
@@ -195,9 +206,11 @@ def main(argv=None) -> int:
 
     device = resolve_device(cfg.train.device)
     topology = init_rehearsal_distributed(cfg.parallel, device, args.rank, world, args.gpus_per_node)
-    print(f"rehearsing rank {args.rank} of {args.nodes} x {args.gpus_per_node} as {topology.describe()} "
-          f"(ep rank {topology.ep_rank}), ZeRO-{cfg.optim.zero_stage}, {cfg.train.precision}, "
-          f"checkpointing {cfg.train.activation_checkpointing}, {cfg.model.num_layers} blocks on {device.type}")
+    print(
+        f"rehearsing rank {args.rank} of {args.nodes} x {args.gpus_per_node} as {topology.describe()} "
+        f"(ep rank {topology.ep_rank}), ZeRO-{cfg.optim.zero_stage}, {cfg.train.precision}, "
+        f"checkpointing {cfg.train.activation_checkpointing}, {cfg.model.num_layers} blocks on {device.type}"
+    )
     try:
         measured, act_per_token = rehearse(cfg, topology, latent, args.text_len, args.init_from)
     finally:
@@ -209,19 +222,36 @@ def main(argv=None) -> int:
     planned = dataclasses.replace(planned, gradients=zero_gradient_bytes(cfg, layout, world, args.rank))
     held, _ = activation_bytes(cfg, layout, tokens_of(cfg.model, latent), layout.activation_checkpointing)
     planned_act_per_token = held / local_tokens(cfg, latent)
-    table, ok = compare(measured, planned, full_plan if args.num_layers is not None else None,
-                        act_per_token, planned_act_per_token, args.tolerance)
+    table, ok = compare(
+        measured,
+        planned,
+        full_plan if args.num_layers is not None else None,
+        act_per_token,
+        planned_act_per_token,
+        args.tolerance,
+    )
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     print(table)
-    print(f"peak host memory of this process {peak_gb:.1f} GB; "
-          f"{'agrees' if ok else 'DISAGREES'} with the planner within {args.tolerance:.0%} on {', '.join(CATEGORIES)}")
+    print(
+        f"peak host memory of this process {peak_gb:.1f} GB; "
+        f"{'agrees' if ok else 'DISAGREES'} with the planner within {args.tolerance:.0%} on {', '.join(CATEGORIES)}"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rank": args.rank, "world": world, "layout": dataclasses.asdict(layout),
-                       "num_layers": cfg.model.num_layers, "measured": measured,
-                       "planned": {k: getattr(planned, k) for k in CATEGORIES},
-                       "activation_bytes_per_token": {"measured": act_per_token, "planned": planned_act_per_token},
-                       "peak_host_gb": peak_gb}, f, indent=2)
+            json.dump(
+                {
+                    "rank": args.rank,
+                    "world": world,
+                    "layout": dataclasses.asdict(layout),
+                    "num_layers": cfg.model.num_layers,
+                    "measured": measured,
+                    "planned": {k: getattr(planned, k) for k in CATEGORIES},
+                    "activation_bytes_per_token": {"measured": act_per_token, "planned": planned_act_per_token},
+                    "peak_host_gb": peak_gb,
+                },
+                f,
+                indent=2,
+            )
     return 0 if ok else 1
 
 

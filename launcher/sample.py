@@ -56,7 +56,9 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=None, help="latent height and width (default: the training data's)")
     p.add_argument("--steps", type=int, default=30, help="Euler steps")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--weights", choices=["auto", "model", "ema"], default="auto", help="which weights (auto: EMA if saved)")
+    p.add_argument(
+        "--weights", choices=["auto", "model", "ema"], default="auto", help="which weights (auto: EMA if saved)"
+    )
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -73,8 +75,11 @@ def main(argv=None) -> int:
         return 2
     cfg = from_yaml_text(meta["config"])
     if cfg.model.out_channels != 3:
-        print(f"error: the model predicts {cfg.model.out_channels}-channel latents; only 3-channel (RGB-like) "
-              f"latents can be written directly until VAE decoding is added", file=sys.stderr)
+        print(
+            f"error: the model predicts {cfg.model.out_channels}-channel latents; only 3-channel (RGB-like) "
+            f"latents can be written directly until VAE decoding is added",
+            file=sys.stderr,
+        )
         return 2
     which = args.weights
     if which == "auto":
@@ -91,7 +96,9 @@ def main(argv=None) -> int:
     clips = euler_sample(model, shape, text, args.steps, args.guidance, cfg.diffusion.shift, generator)
     video = np.concatenate([to_frames(c) for c in clips], axis=2)  # side by side
     write_video(args.out, video, fps=args.fps)
-    print(f"wrote {args.num_samples} clips ({which} weights, {args.steps} steps, guidance {args.guidance}) to {args.out}")
+    print(
+        f"wrote {args.num_samples} clips ({which} weights, {args.steps} steps, guidance {args.guidance}) to {args.out}"
+    )
     return 0
 
 

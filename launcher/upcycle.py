@@ -29,11 +29,19 @@ def parse_args(argv=None):
     p.add_argument("--config", required=True, help="YAML config of the MoE model (model.moe.num_experts > 0)")
     p.add_argument("--dense", required=True, help="dense checkpoint: diffusers directory, .safetensors or index")
     p.add_argument("--out", required=True, help="output directory for the MoE weights")
-    p.add_argument("--mode", choices=["verify", "train"], default=None,
-                   help="verify: zero shared experts (MoE == dense); train: tiny shared noise (default: model.moe.shared_init)")
+    p.add_argument(
+        "--mode",
+        choices=["verify", "train"],
+        default=None,
+        help="verify: zero shared experts (MoE == dense); train: tiny shared noise (default: model.moe.shared_init)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the router init and the shared-expert noise")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="storage dtype of the written weights (routers always stay fp32)")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="storage dtype of the written weights (routers always stay fp32)",
+    )
     p.add_argument("--check", action="store_true", help="compare dense and MoE outputs on a random input")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.moe.num_experts=8")
     return p.parse_args(argv)
@@ -88,10 +96,14 @@ def main(argv=None) -> int:
 
     counts = parameter_counts(model)
     moe = cfg.model.moe
-    print(f"upcycled ({mode} mode, seed {args.seed}) {moe.num_experts} experts x {slices_per_ffn(cfg.model)} "
-          f"slice(s) per dense FFN, top-{moe.top_k}, router '{moe.router}' -> {args.out}")
-    print(f"parameters: dense {counts['dense']:,} | MoE total {counts['moe_total']:,} | "
-          f"activated per token {counts['activated']:,}")
+    print(
+        f"upcycled ({mode} mode, seed {args.seed}) {moe.num_experts} experts x {slices_per_ffn(cfg.model)} "
+        f"slice(s) per dense FFN, top-{moe.top_k}, router '{moe.router}' -> {args.out}"
+    )
+    print(
+        f"parameters: dense {counts['dense']:,} | MoE total {counts['moe_total']:,} | "
+        f"activated per token {counts['activated']:,}"
+    )
     print(f"train from it with: train.init_from={args.out}")
 
     if args.check:
@@ -100,10 +112,20 @@ def main(argv=None) -> int:
         diff, scale, sums_to_one = check(dense, model, cfg, args.seed)
         noisy = mode == "train" and moe.num_shared_experts > 0
         expect_equal = not noisy and slices_per_ffn(cfg.model) == 1 and sums_to_one
-        why = "expected ~0" if expect_equal else (
-            "not expected to be 0: " + ("train mode adds shared-expert noise" if noisy else
-                                        "fine-grained slices" if slices_per_ffn(cfg.model) > 1 else
-                                        "this router's weights do not sum to one per token"))
+        why = (
+            "expected ~0"
+            if expect_equal
+            else (
+                "not expected to be 0: "
+                + (
+                    "train mode adds shared-expert noise"
+                    if noisy
+                    else "fine-grained slices"
+                    if slices_per_ffn(cfg.model) > 1
+                    else "this router's weights do not sum to one per token"
+                )
+            )
+        )
         print(f"check: max |dense - moe| = {diff:.3e} (output max |dense| = {scale:.3e}); {why}")
         if expect_equal and diff > 1e-4 * max(scale, 1.0):
             print("check FAILED: the upcycled model does not reproduce the dense one", file=sys.stderr)

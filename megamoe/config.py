@@ -295,14 +295,17 @@ def merge_config(base: dict | None = None, overrides: list[str] | None = None) -
             layers.append(OmegaConf.from_dotlist([item]))  # values parse with OmegaConf's safe YAML loader
         except yaml.YAMLError as exc:
             reason = first_line(exc) or type(exc).__name__
-            raise ConfigError(f"override '{item}' has a value that is not plain YAML ({reason}); "
-                              f"write a number, string, bool or list") from None
+            raise ConfigError(
+                f"override '{item}' has a value that is not plain YAML ({reason}); write a number, string, bool or list"
+            ) from None
     try:
         merged = OmegaConf.merge(*layers)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         if "not in" in str(exc) or "Key '" in str(exc):
-            raise ConfigError(f"unknown config key '{key}'; remove it or fix its spelling (see README 'Config reference')") from None
+            raise ConfigError(
+                f"unknown config key '{key}'; remove it or fix its spelling (see README 'Config reference')"
+            ) from None
         reason = first_line(exc) or type(exc).__name__
         raise ConfigError(f"bad value for '{key}': {reason}; fix the type of this value") from None
     return OmegaConf.to_object(merged)

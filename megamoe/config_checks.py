@@ -31,60 +31,93 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     m, p, o, t, d = cfg.model, cfg.parallel, cfg.optim, cfg.train, cfg.data
     for name in ("dim", "num_layers", "num_heads", "ffn_dim", "in_channels", "out_channels", "text_dim", "freq_dim"):
         _check(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
-    _check(m.dim % m.num_heads == 0,
-           f"model.num_heads={m.num_heads} does not divide model.dim={m.dim}; choose heads that divide the hidden size")
+    _check(
+        m.dim % m.num_heads == 0,
+        f"model.num_heads={m.num_heads} does not divide model.dim={m.dim}; choose heads that divide the hidden size",
+    )
     head_dim = m.dim // m.num_heads
-    _check(head_dim % 2 == 0 and head_dim >= 6,
-           f"head dim model.dim/model.num_heads={head_dim} must be even and >= 6 for 3D RoPE; change model.num_heads")
-    _check(len(m.patch_size) == 3 and all(x > 0 for x in m.patch_size),
-           f"model.patch_size must be three positive ints (frames, height, width), got {m.patch_size}")
+    _check(
+        head_dim % 2 == 0 and head_dim >= 6,
+        f"head dim model.dim/model.num_heads={head_dim} must be even and >= 6 for 3D RoPE; change model.num_heads",
+    )
+    _check(
+        len(m.patch_size) == 3 and all(x > 0 for x in m.patch_size),
+        f"model.patch_size must be three positive ints (frames, height, width), got {m.patch_size}",
+    )
     _validate_moe(m)
     names = ("tensor_parallel_size", "context_parallel_size", "expert_parallel_size")
     for name in names:
         _check(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
     model_parallel = p.tensor_parallel_size * p.context_parallel_size
-    _check(world_size % model_parallel == 0,
-           f"world size {world_size} is not divisible by parallel.tensor_parallel_size x "
-           f"parallel.context_parallel_size = {model_parallel}; launch a multiple of {model_parallel} ranks or change them")
-    _check(world_size % p.expert_parallel_size == 0,
-           f"world size {world_size} is not divisible by parallel.expert_parallel_size={p.expert_parallel_size}; "
-           f"launch a multiple of {p.expert_parallel_size} ranks or change it")
+    _check(
+        world_size % model_parallel == 0,
+        f"world size {world_size} is not divisible by parallel.tensor_parallel_size x "
+        f"parallel.context_parallel_size = {model_parallel}; launch a multiple of {model_parallel} ranks or change them",
+    )
+    _check(
+        world_size % p.expert_parallel_size == 0,
+        f"world size {world_size} is not divisible by parallel.expert_parallel_size={p.expert_parallel_size}; "
+        f"launch a multiple of {p.expert_parallel_size} ranks or change it",
+    )
     if p.expert_parallel_size > 1:
-        _check(m.moe.num_experts > 0, f"parallel.expert_parallel_size={p.expert_parallel_size} needs an MoE model; "
-               f"set model.moe.num_experts or parallel.expert_parallel_size=1")
-        _check(m.moe.num_experts % p.expert_parallel_size == 0,
-               f"model.moe.num_experts={m.moe.num_experts} is not divisible by parallel.expert_parallel_size="
-               f"{p.expert_parallel_size}; choose sizes that divide")
+        _check(
+            m.moe.num_experts > 0,
+            f"parallel.expert_parallel_size={p.expert_parallel_size} needs an MoE model; "
+            f"set model.moe.num_experts or parallel.expert_parallel_size=1",
+        )
+        _check(
+            m.moe.num_experts % p.expert_parallel_size == 0,
+            f"model.moe.num_experts={m.moe.num_experts} is not divisible by parallel.expert_parallel_size="
+            f"{p.expert_parallel_size}; choose sizes that divide",
+        )
         # DeepSpeed without ZeRO clips by the mean over ranks of each rank's own norm, which under
         # EP covers different experts on different ranks: not the global norm.
-        _check(o.zero_stage > 0 or o.grad_clip == 0,
-               "optim.zero_stage=0 with parallel.expert_parallel_size > 1 clips by a wrong gradient norm; "
-               "set optim.zero_stage to 1 or 2, or optim.grad_clip=0")
+        _check(
+            o.zero_stage > 0 or o.grad_clip == 0,
+            "optim.zero_stage=0 with parallel.expert_parallel_size > 1 clips by a wrong gradient norm; "
+            "set optim.zero_stage to 1 or 2, or optim.grad_clip=0",
+        )
     _check(d.micro_batch_size >= 1, f"data.micro_batch_size must be >= 1, got {d.micro_batch_size}")
     _check(d.text_len >= 1, f"data.text_len must be >= 1, got {d.text_len}")
     if d.path is None:
-        _check(d.synthetic_num_clips >= world_size * d.micro_batch_size,
-               f"data.synthetic_num_clips={d.synthetic_num_clips} is fewer than one global batch; raise it")
+        _check(
+            d.synthetic_num_clips >= world_size * d.micro_batch_size,
+            f"data.synthetic_num_clips={d.synthetic_num_clips} is fewer than one global batch; raise it",
+        )
     _validate_data(d)
     _validate_model_parallel(cfg)
     _validate_sample_shapes(cfg)
-    _check(cfg.diffusion.timestep_sampling in ("uniform", "logit_normal"),
-           f"diffusion.timestep_sampling must be 'uniform' or 'logit_normal', got '{cfg.diffusion.timestep_sampling}'")
+    _check(
+        cfg.diffusion.timestep_sampling in ("uniform", "logit_normal"),
+        f"diffusion.timestep_sampling must be 'uniform' or 'logit_normal', got '{cfg.diffusion.timestep_sampling}'",
+    )
     _check(cfg.diffusion.shift > 0, f"diffusion.shift must be > 0, got {cfg.diffusion.shift}")
     _check(cfg.diffusion.logit_std > 0, f"diffusion.logit_std must be > 0, got {cfg.diffusion.logit_std}")
     if cfg.diffusion.timestep_sampling != "logit_normal":
-        _refuse_changed(cfg.diffusion, DiffusionConfig(), ("logit_mean", "logit_std"), "diffusion",
-                        f"with diffusion.timestep_sampling={cfg.diffusion.timestep_sampling}",
-                        "set diffusion.timestep_sampling=logit_normal or remove it")
-    _check(0.0 <= cfg.diffusion.text_dropout < 1.0,
-           f"diffusion.text_dropout must be in [0, 1), got {cfg.diffusion.text_dropout}")
+        _refuse_changed(
+            cfg.diffusion,
+            DiffusionConfig(),
+            ("logit_mean", "logit_std"),
+            "diffusion",
+            f"with diffusion.timestep_sampling={cfg.diffusion.timestep_sampling}",
+            "set diffusion.timestep_sampling=logit_normal or remove it",
+        )
+    _check(
+        0.0 <= cfg.diffusion.text_dropout < 1.0,
+        f"diffusion.text_dropout must be in [0, 1), got {cfg.diffusion.text_dropout}",
+    )
     _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _check(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
     _check(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
-    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    _check(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        f"optim.betas must be two numbers in [0, 1), got {o.betas}",
+    )
     _check(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables), got {o.grad_clip}")
-    _check(o.zero_stage in (0, 1, 2),
-           f"optim.zero_stage={o.zero_stage} is not supported; use 0, 1 or 2 (ZeRO-3 does not shard experts correctly)")
+    _check(
+        o.zero_stage in (0, 1, 2),
+        f"optim.zero_stage={o.zero_stage} is not supported; use 0, 1 or 2 (ZeRO-3 does not shard experts correctly)",
+    )
     _check(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
     _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
     _check(t.precision in ("fp32", "bf16"), f"train.precision must be 'fp32' or 'bf16', got '{t.precision}'")
@@ -94,8 +127,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     checkpointed_blocks(t.activation_checkpointing, m.num_layers)  # the model's parser: ConfigError naming the key
     _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1) (0 disables), got {t.ema_decay}")
     _check(cfg.checkpoint.every_steps >= 0, f"checkpoint.every_steps must be >= 0, got {cfg.checkpoint.every_steps}")
-    _check(cfg.checkpoint.keep_last >= 1,
-           f"checkpoint.keep_last must be >= 1 (the newest checkpoint is always kept), got {cfg.checkpoint.keep_last}")
+    _check(
+        cfg.checkpoint.keep_last >= 1,
+        f"checkpoint.keep_last must be >= 1 (the newest checkpoint is always kept), got {cfg.checkpoint.keep_last}",
+    )
     _check(cfg.logging.every_steps >= 1, f"logging.every_steps must be >= 1, got {cfg.logging.every_steps}")
 
 
@@ -106,45 +141,76 @@ def _validate_model_parallel(cfg: Config) -> None:
     if tp == 1 and cp == 1:
         return
     # TP gives each rank num_heads / TP heads; Ulysses then trades sequence for heads over CP.
-    _check(m.num_heads % (tp * cp) == 0,
-           f"model.num_heads={m.num_heads} is not divisible by parallel.tensor_parallel_size x "
-           f"parallel.context_parallel_size = {tp * cp}; choose parallel sizes that divide the heads")
-    _check(m.ffn_dim % tp == 0, f"model.ffn_dim={m.ffn_dim} is not divisible by parallel.tensor_parallel_size={tp}; "
-           f"choose a tensor-parallel size that divides it")
+    _check(
+        m.num_heads % (tp * cp) == 0,
+        f"model.num_heads={m.num_heads} is not divisible by parallel.tensor_parallel_size x "
+        f"parallel.context_parallel_size = {tp * cp}; choose parallel sizes that divide the heads",
+    )
+    _check(
+        m.ffn_dim % tp == 0,
+        f"model.ffn_dim={m.ffn_dim} is not divisible by parallel.tensor_parallel_size={tp}; "
+        f"choose a tensor-parallel size that divides it",
+    )
     if tp > 1:
         # Without SP every TP rank routes the same tokens, so each token would reach its
         # experts TP times (Megatron refuses MoE + TP without SP for the same reason).
-        _check(m.moe.num_experts == 0 or p.sequence_parallel,
-               f"parallel.tensor_parallel_size={tp} with an MoE model needs parallel.sequence_parallel=true")
+        _check(
+            m.moe.num_experts == 0 or p.sequence_parallel,
+            f"parallel.tensor_parallel_size={tp} with an MoE model needs parallel.sequence_parallel=true",
+        )
 
 
 def _validate_data(d: DataConfig) -> None:
     _check(d.format in ("latent", "video"), f"data.format must be 'latent' or 'video', got '{d.format}'")
     _check(d.num_workers >= 0, f"data.num_workers must be >= 0 (0 = read in the training process), got {d.num_workers}")
-    _check(d.video_frames >= 1 and (d.video_frames - 1) % 4 == 0,
-           f"data.video_frames must be 4k+1 (1, 5, ..., 17, ..., 81) for the causal video VAE, got {d.video_frames}")
+    _check(
+        d.video_frames >= 1 and (d.video_frames - 1) % 4 == 0,
+        f"data.video_frames must be 4k+1 (1, 5, ..., 17, ..., 81) for the causal video VAE, got {d.video_frames}",
+    )
     _check(d.video_fps > 0, f"data.video_fps must be > 0, got {d.video_fps}")
-    _check(d.tokens_per_batch >= 0, f"data.tokens_per_batch must be >= 0 (0 = data.micro_batch_size), got {d.tokens_per_batch}")
-    _check(0.0 <= d.max_failure_fraction <= 1.0,
-           f"data.max_failure_fraction must be in [0, 1], got {d.max_failure_fraction}")
-    _check(d.min_samples_before_failure_check >= 0,
-           f"data.min_samples_before_failure_check must be >= 0, got {d.min_samples_before_failure_check}")
+    _check(
+        d.tokens_per_batch >= 0,
+        f"data.tokens_per_batch must be >= 0 (0 = data.micro_batch_size), got {d.tokens_per_batch}",
+    )
+    _check(
+        0.0 <= d.max_failure_fraction <= 1.0,
+        f"data.max_failure_fraction must be in [0, 1], got {d.max_failure_fraction}",
+    )
+    _check(
+        d.min_samples_before_failure_check >= 0,
+        f"data.min_samples_before_failure_check must be >= 0, got {d.min_samples_before_failure_check}",
+    )
     _check(d.decode_timeout_s > 0, f"data.decode_timeout_s must be > 0, got {d.decode_timeout_s}")
     video = d.format == "video" and d.path is not None
     for bucket in d.buckets:
-        _check(len(bucket) == 3 and all(x > 0 for x in bucket),
-               f"data.buckets entry {bucket} must be three positive ints [frames, height, width]")
+        _check(
+            len(bucket) == 3 and all(x > 0 for x in bucket),
+            f"data.buckets entry {bucket} must be three positive ints [frames, height, width]",
+        )
         if video:  # whether the model and the layout take it: _validate_sample_shapes
-            _check((bucket[0] - 1) % 4 == 0 and bucket[0] <= d.video_frames,
-                   f"data.buckets entry {bucket}: video frames must be 4k+1 and <= data.video_frames={d.video_frames}")
+            _check(
+                (bucket[0] - 1) % 4 == 0 and bucket[0] <= d.video_frames,
+                f"data.buckets entry {bucket}: video frames must be 4k+1 and <= data.video_frames={d.video_frames}",
+            )
     if video:
-        _check(d.vae_path is not None and d.text_encoder_path is not None,
-               "data.format=video encodes clips during training: set data.vae_path and data.text_encoder_path")
+        _check(
+            d.vae_path is not None and d.text_encoder_path is not None,
+            "data.format=video encodes clips during training: set data.vae_path and data.text_encoder_path",
+        )
     else:
-        _check(d.format == "latent" or d.path is not None, f"data.format={d.format} has no effect without data.path "
-               f"(the embedded synthetic data is latent); set data.path to the shards or remove it")
-        _refuse_changed(d, DataConfig(), VIDEO_ONLY_DATA_KEYS, "data", "without data.format=video and data.path",
-                        "set data.format=video and data.path, or remove it")
+        _check(
+            d.format == "latent" or d.path is not None,
+            f"data.format={d.format} has no effect without data.path "
+            f"(the embedded synthetic data is latent); set data.path to the shards or remove it",
+        )
+        _refuse_changed(
+            d,
+            DataConfig(),
+            VIDEO_ONLY_DATA_KEYS,
+            "data",
+            "without data.format=video and data.path",
+            "set data.format=video and data.path, or remove it",
+        )
 
 
 # Read only by the video pipeline (data.format=video with data.path set).
@@ -201,17 +267,27 @@ def _validate_moe(m: ModelConfig) -> None:
     moe_layer_indices(m)
     if e.num_experts == 0:
         changed = [f.name for f in dataclasses.fields(MoEConfig) if f.name != "num_experts"]
-        _refuse_changed(e, MoEConfig(), changed, "model.moe", "on a dense model (model.moe.num_experts=0)",
-                        "set model.moe.num_experts > 0 or remove it")
+        _refuse_changed(
+            e,
+            MoEConfig(),
+            changed,
+            "model.moe",
+            "on a dense model (model.moe.num_experts=0)",
+            "set model.moe.num_experts > 0 or remove it",
+        )
         return
     for name in ("expert_ffn_dim", "shared_ffn_dim"):
         value = getattr(e, name)
         _check(value is None or value > 0, f"model.moe.{name} must be positive or null, got {value}")
     _check(e.num_shared_experts >= 0, f"model.moe.num_shared_experts must be >= 0, got {e.num_shared_experts}")
-    _check(e.shared_ffn_dim is None or e.num_shared_experts > 0,
-           f"model.moe.shared_ffn_dim={e.shared_ffn_dim} has no effect without shared experts; "
-           f"set model.moe.num_shared_experts > 0 or remove it")
-    _check(e.shared_init in ("zero", "noise"), f"model.moe.shared_init must be 'zero' or 'noise', got '{e.shared_init}'")
+    _check(
+        e.shared_ffn_dim is None or e.num_shared_experts > 0,
+        f"model.moe.shared_ffn_dim={e.shared_ffn_dim} has no effect without shared experts; "
+        f"set model.moe.num_shared_experts > 0 or remove it",
+    )
+    _check(
+        e.shared_init in ("zero", "noise"), f"model.moe.shared_init must be 'zero' or 'noise', got '{e.shared_init}'"
+    )
     _check(e.shared_init_std >= 0, f"model.moe.shared_init_std must be >= 0, got {e.shared_init_std}")
     _check(e.diagnostics_every >= 0, f"model.moe.diagnostics_every must be >= 0, got {e.diagnostics_every}")
     check_router_config(e)

@@ -23,38 +23,48 @@ def test_yaml_and_overrides_merge_onto_defaults():
 
 
 def test_every_shipped_config_validates():
-    for path, world in [("configs/tiny.yaml", 2), ("configs/wan2.2_ti2v_5b.yaml", 64), ("configs/tiny_moe.yaml", 2),
-                        ("configs/wan2.2_ti2v_5b_moe.yaml", 64)]:
+    for path, world in [
+        ("configs/tiny.yaml", 2),
+        ("configs/wan2.2_ti2v_5b.yaml", 64),
+        ("configs/tiny_moe.yaml", 2),
+        ("configs/wan2.2_ti2v_5b_moe.yaml", 64),
+    ]:
         validate(load_config(path), world_size=world)
 
 
-@pytest.mark.parametrize("overrides, key_in_message", [
-    (["model.hidden=3"], "model.hidden"),
-    (["modle.dim=3"], "modle.dim"),
-    (["model.dim=wide"], "model.dim"),
-    (["train.steps=1.5"], "train.steps"),
-    (["model.num_heads=5"], "model.num_heads"),
-    (["model.num_heads=32"], "model.num_heads"),  # head dim 2 cannot hold 3D RoPE
-    (["train.precision=fp16"], "train.precision"),
-    (["optim.zero_stage=3"], "optim.zero_stage"),
-    (["diffusion.timestep_sampling=cosine"], "diffusion.timestep_sampling"),
-    (["data.synthetic_size=15"], "data.synthetic_size"),
-    (["parallel.tensor_parallel_size=2"], "parallel.tensor_parallel_size"),
-    (["parallel.expert_parallel_size=2"], "parallel.expert_parallel_size"),
-    (["parallel.expert_parallel_size=0"], "parallel.expert_parallel_size"),
-    (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
-    (["model.num_layers"], "model.num_layers"),
-    (["model.moe.num_experts=4", "model.moe.router=topk"], "model.moe.router"),
-    (["model.moe.num_experts=4", "model.moe.top_k=5"], "model.moe.top_k"),
-    (["model.moe.num_experts=4", "model.moe.layers=0,9"], "model.moe.layers"),
-    (["model.moe.num_experts=4", "model.moe.score_func=relu"], "model.moe.score_func"),
-    (["model.moe.num_experts=4", "model.moe.balance_loss=-1"], "model.moe.balance_loss"),
-    (["model.moe.num_experts=4", "model.moe.expert_choice_scope=global"], "model.moe.expert_choice_scope"),
-    (["model.moe.experts=4"], "model.moe.experts"),
-    (["model.moe.num_experts=4", "model.moe.router=sinkhorn", "model.moe.num_null_experts=1"], "num_null_experts"),
-    (["model.moe.num_experts=4", "model.moe.router=expert_race", "model.moe.bias_balancing=true"], "bias_balancing"),
-    (["model.moe.num_experts=4", "model.moe.router=promoe", "model.moe.top_k=4"], "promoe"),
-])
+@pytest.mark.parametrize(
+    "overrides, key_in_message",
+    [
+        (["model.hidden=3"], "model.hidden"),
+        (["modle.dim=3"], "modle.dim"),
+        (["model.dim=wide"], "model.dim"),
+        (["train.steps=1.5"], "train.steps"),
+        (["model.num_heads=5"], "model.num_heads"),
+        (["model.num_heads=32"], "model.num_heads"),  # head dim 2 cannot hold 3D RoPE
+        (["train.precision=fp16"], "train.precision"),
+        (["optim.zero_stage=3"], "optim.zero_stage"),
+        (["diffusion.timestep_sampling=cosine"], "diffusion.timestep_sampling"),
+        (["data.synthetic_size=15"], "data.synthetic_size"),
+        (["parallel.tensor_parallel_size=2"], "parallel.tensor_parallel_size"),
+        (["parallel.expert_parallel_size=2"], "parallel.expert_parallel_size"),
+        (["parallel.expert_parallel_size=0"], "parallel.expert_parallel_size"),
+        (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
+        (["model.num_layers"], "model.num_layers"),
+        (["model.moe.num_experts=4", "model.moe.router=topk"], "model.moe.router"),
+        (["model.moe.num_experts=4", "model.moe.top_k=5"], "model.moe.top_k"),
+        (["model.moe.num_experts=4", "model.moe.layers=0,9"], "model.moe.layers"),
+        (["model.moe.num_experts=4", "model.moe.score_func=relu"], "model.moe.score_func"),
+        (["model.moe.num_experts=4", "model.moe.balance_loss=-1"], "model.moe.balance_loss"),
+        (["model.moe.num_experts=4", "model.moe.expert_choice_scope=global"], "model.moe.expert_choice_scope"),
+        (["model.moe.experts=4"], "model.moe.experts"),
+        (["model.moe.num_experts=4", "model.moe.router=sinkhorn", "model.moe.num_null_experts=1"], "num_null_experts"),
+        (
+            ["model.moe.num_experts=4", "model.moe.router=expert_race", "model.moe.bias_balancing=true"],
+            "bias_balancing",
+        ),
+        (["model.moe.num_experts=4", "model.moe.router=promoe", "model.moe.top_k=4"], "promoe"),
+    ],
+)
 def test_bad_config_is_one_line_naming_the_key(overrides, key_in_message, capsys, tmp_path):
     code = main(["--config", TINY, f"train.output_dir={tmp_path}", *overrides])
     err = capsys.readouterr().err.strip()
@@ -99,24 +109,53 @@ def test_validate_raises_config_error_directly():
         validate(merge_config({"model": {"dim": 64, "num_heads": 7}}))
 
 
-@pytest.mark.parametrize("world, overrides, message", [
-    (8, ["parallel.tensor_parallel_size=2", "parallel.context_parallel_size=4"],
-     "model.num_heads=4 is not divisible by parallel.tensor_parallel_size x parallel.context_parallel_size = 8"),
-    (2, ["parallel.tensor_parallel_size=2", "model.ffn_dim=513"],
-     "model.ffn_dim=513 is not divisible by parallel.tensor_parallel_size=2"),
-    (2, ["parallel.tensor_parallel_size=2", "model.moe.num_experts=4", "parallel.sequence_parallel=false"],
-     "needs parallel.sequence_parallel=true"),
-    (2, ["parallel.context_parallel_size=2", "data.synthetic_size=6"],
-     "data.synthetic_frames/data.synthetic_size gives 45 tokens per sample, not divisible by "
-     "parallel.context_parallel_size = 2"),
-    (4, ["parallel.tensor_parallel_size=2", "parallel.context_parallel_size=2", "data.synthetic_size=6",
-         "data.synthetic_frames=2"], "gives 18 tokens per sample, not divisible by parallel.context_parallel_size x "
-                                     "parallel.tensor_parallel_size (sequence parallel) = 4"),
-    (2, ["parallel.context_parallel_size=2", "data.path=/shards", "data.buckets=[[4,8,8],[5,6,6]]"],
-     "data.buckets entry [5, 6, 6] gives 45 tokens per sample"),
-    (2, ["parallel.expert_parallel_size=2", "model.moe.num_experts=4", "optim.zero_stage=0"],
-     "optim.zero_stage=0 with parallel.expert_parallel_size > 1 clips by a wrong gradient norm"),
-])
+@pytest.mark.parametrize(
+    "world, overrides, message",
+    [
+        (
+            8,
+            ["parallel.tensor_parallel_size=2", "parallel.context_parallel_size=4"],
+            "model.num_heads=4 is not divisible by parallel.tensor_parallel_size x parallel.context_parallel_size = 8",
+        ),
+        (
+            2,
+            ["parallel.tensor_parallel_size=2", "model.ffn_dim=513"],
+            "model.ffn_dim=513 is not divisible by parallel.tensor_parallel_size=2",
+        ),
+        (
+            2,
+            ["parallel.tensor_parallel_size=2", "model.moe.num_experts=4", "parallel.sequence_parallel=false"],
+            "needs parallel.sequence_parallel=true",
+        ),
+        (
+            2,
+            ["parallel.context_parallel_size=2", "data.synthetic_size=6"],
+            "data.synthetic_frames/data.synthetic_size gives 45 tokens per sample, not divisible by "
+            "parallel.context_parallel_size = 2",
+        ),
+        (
+            4,
+            [
+                "parallel.tensor_parallel_size=2",
+                "parallel.context_parallel_size=2",
+                "data.synthetic_size=6",
+                "data.synthetic_frames=2",
+            ],
+            "gives 18 tokens per sample, not divisible by parallel.context_parallel_size x "
+            "parallel.tensor_parallel_size (sequence parallel) = 4",
+        ),
+        (
+            2,
+            ["parallel.context_parallel_size=2", "data.path=/shards", "data.buckets=[[4,8,8],[5,6,6]]"],
+            "data.buckets entry [5, 6, 6] gives 45 tokens per sample",
+        ),
+        (
+            2,
+            ["parallel.expert_parallel_size=2", "model.moe.num_experts=4", "optim.zero_stage=0"],
+            "optim.zero_stage=0 with parallel.expert_parallel_size > 1 clips by a wrong gradient norm",
+        ),
+    ],
+)
 def test_model_parallel_layout_errors(world, overrides, message, monkeypatch, capsys, tmp_path):
     """Each bad tensor/context-parallel layout is one line naming the key, before any process group."""
     monkeypatch.setenv("WORLD_SIZE", str(world))
@@ -127,23 +166,48 @@ def test_model_parallel_layout_errors(world, overrides, message, monkeypatch, ca
 
 def test_model_parallel_layouts_that_divide_validate():
     validate(load_config(TINY, ["parallel.tensor_parallel_size=2", "parallel.context_parallel_size=2"]), world_size=8)
-    validate(load_config("configs/tiny_moe.yaml", ["parallel.tensor_parallel_size=2", "parallel.expert_parallel_size=4"]),
-             world_size=4)
+    validate(
+        load_config("configs/tiny_moe.yaml", ["parallel.tensor_parallel_size=2", "parallel.expert_parallel_size=4"]),
+        world_size=4,
+    )
     # EMA is kept per shard under every layout (tests/distributed/test_parallel_training.py)
-    validate(load_config("configs/tiny_moe.yaml", ["parallel.tensor_parallel_size=2", "parallel.expert_parallel_size=2",
-                                                   "parallel.context_parallel_size=2", "train.ema_decay=0.99"]),
-             world_size=8)
+    validate(
+        load_config(
+            "configs/tiny_moe.yaml",
+            [
+                "parallel.tensor_parallel_size=2",
+                "parallel.expert_parallel_size=2",
+                "parallel.context_parallel_size=2",
+                "train.ema_decay=0.99",
+            ],
+        ),
+        world_size=8,
+    )
     # Without sequence parallelism a dense model's tokens are split by CP only (45 tokens under TP=2 is fine).
-    validate(load_config(TINY, ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=false",
-                                "data.synthetic_size=6"]), world_size=2)
+    validate(
+        load_config(
+            TINY, ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=false", "data.synthetic_size=6"]
+        ),
+        world_size=2,
+    )
 
 
 # ---------------------------------------------------------------- one source of truth for config rules
 
+
 def moe_config(**moe):
     """A tiny config with an MoE model; `moe` entries set model.moe keys."""
-    return merge_config({"model": {"dim": 32, "num_heads": 2, "num_layers": 2, "ffn_dim": 64,
-                                   "moe": {"num_experts": 4, "top_k": 2, **moe}}})
+    return merge_config(
+        {
+            "model": {
+                "dim": 32,
+                "num_heads": 2,
+                "num_layers": 2,
+                "ffn_dim": 64,
+                "moe": {"num_experts": 4, "top_k": 2, **moe},
+            }
+        }
+    )
 
 
 def refusal(cfg, **kwargs) -> str:
@@ -156,18 +220,34 @@ def refusal(cfg, **kwargs) -> str:
 
 # (router, the setting it does not read): each is refused, not accepted and ignored.
 UNREAD = [
-    ("sinkhorn", "z_loss", 0.1), ("sinkhorn", "balance_loss", 0.1), ("expert_race", "balance_loss", 0.1),
-    ("expert_race", "z_loss", 0.1), ("expert_choice", "balance_loss", 0.1), ("expert_choice", "z_loss", 0.1),
-    ("promoe", "z_loss", 0.1), ("promoe", "similarity_loss", 0.1), ("linear", "similarity_loss", 0.1),
-    ("mlp", "contrastive_loss", 0.1), ("linear", "contrastive_loss", 0.1), ("cross_attention", "contrastive_loss", 0.1),
-    ("expert_choice", "contrastive_loss", 0.1), ("expert_race", "contrastive_loss", 0.1),
-    ("sinkhorn", "contrastive_loss", 0.1), ("expert_choice", "score_func", "sigmoid"),
-    ("expert_race", "score_func", "sigmoid"), ("promoe", "score_func", "sigmoid"),
-    ("expert_choice", "renormalize", False), ("expert_race", "renormalize", False), ("linear", "router_hidden_dim", 64),
-    ("sinkhorn", "router_hidden_dim", 64), ("linear", "capacity_factor", 2.0),
+    ("sinkhorn", "z_loss", 0.1),
+    ("sinkhorn", "balance_loss", 0.1),
+    ("expert_race", "balance_loss", 0.1),
+    ("expert_race", "z_loss", 0.1),
+    ("expert_choice", "balance_loss", 0.1),
+    ("expert_choice", "z_loss", 0.1),
+    ("promoe", "z_loss", 0.1),
+    ("promoe", "similarity_loss", 0.1),
+    ("linear", "similarity_loss", 0.1),
+    ("mlp", "contrastive_loss", 0.1),
+    ("linear", "contrastive_loss", 0.1),
+    ("cross_attention", "contrastive_loss", 0.1),
+    ("expert_choice", "contrastive_loss", 0.1),
+    ("expert_race", "contrastive_loss", 0.1),
+    ("sinkhorn", "contrastive_loss", 0.1),
+    ("expert_choice", "score_func", "sigmoid"),
+    ("expert_race", "score_func", "sigmoid"),
+    ("promoe", "score_func", "sigmoid"),
+    ("expert_choice", "renormalize", False),
+    ("expert_race", "renormalize", False),
+    ("linear", "router_hidden_dim", 64),
+    ("sinkhorn", "router_hidden_dim", 64),
+    ("linear", "capacity_factor", 2.0),
     ("linear", "expert_choice_scope", "batch"),
-    ("linear", "race_threshold_decay", 0.5), ("linear", "sinkhorn_iterations", 5),
-    ("linear", "num_prototypes_per_expert", 2), ("sinkhorn", "bias_balancing", True),
+    ("linear", "race_threshold_decay", 0.5),
+    ("linear", "sinkhorn_iterations", 5),
+    ("linear", "num_prototypes_per_expert", 2),
+    ("sinkhorn", "bias_balancing", True),
     ("expert_choice", "num_null_experts", 1),
 ]
 
@@ -184,20 +264,25 @@ def test_a_setting_the_router_does_not_read_is_refused(router, key, value):
     assert str(info.value) == message
 
 
-@pytest.mark.parametrize("cfg, key", [
-    (moe_config(bias_update_rate=0.01), "model.moe.bias_update_rate"),  # without bias_balancing
-    (moe_config(balance_scope="sequence"), "model.moe.balance_scope"),  # without balance_loss
-    (moe_config(shared_ffn_dim=32), "model.moe.shared_ffn_dim"),  # without shared experts
-    (moe_config(num_experts=0, router="expert_race"), "model.moe.router"),  # dense model
-    (moe_config(num_experts=0, balance_loss=0.1), "model.moe.balance_loss"),
-    (moe_config(num_experts=0, layers="0,x"), "model.moe.layers"),  # a typo is caught on a dense model too
-    (merge_config({"model": {"num_layers": 1, "moe": {"num_experts": 4, "layers": "every_other"}}}),
-     "model.moe.layers"),  # selects no block: the model would be dense
-    (merge_config({"diffusion": {"timestep_sampling": "uniform", "logit_std": 2.0}}), "diffusion.logit_std"),
-    (merge_config({"data": {"path": "/shards", "vae_path": "/vae"}}), "data.vae_path"),
-    (merge_config({"data": {"video_fps": 8.0}}), "data.video_fps"),
-    (merge_config({"data": {"format": "video"}}), "data.format"),  # the synthetic data is latent
-])
+@pytest.mark.parametrize(
+    "cfg, key",
+    [
+        (moe_config(bias_update_rate=0.01), "model.moe.bias_update_rate"),  # without bias_balancing
+        (moe_config(balance_scope="sequence"), "model.moe.balance_scope"),  # without balance_loss
+        (moe_config(shared_ffn_dim=32), "model.moe.shared_ffn_dim"),  # without shared experts
+        (moe_config(num_experts=0, router="expert_race"), "model.moe.router"),  # dense model
+        (moe_config(num_experts=0, balance_loss=0.1), "model.moe.balance_loss"),
+        (moe_config(num_experts=0, layers="0,x"), "model.moe.layers"),  # a typo is caught on a dense model too
+        (
+            merge_config({"model": {"num_layers": 1, "moe": {"num_experts": 4, "layers": "every_other"}}}),
+            "model.moe.layers",
+        ),  # selects no block: the model would be dense
+        (merge_config({"diffusion": {"timestep_sampling": "uniform", "logit_std": 2.0}}), "diffusion.logit_std"),
+        (merge_config({"data": {"path": "/shards", "vae_path": "/vae"}}), "data.vae_path"),
+        (merge_config({"data": {"video_fps": 8.0}}), "data.video_fps"),
+        (merge_config({"data": {"format": "video"}}), "data.format"),  # the synthetic data is latent
+    ],
+)
 def test_other_settings_that_would_take_no_effect_are_refused(cfg, key):
     assert key in refusal(cfg)
 
@@ -210,13 +295,26 @@ def test_refused_setting_end_to_end_is_one_line_and_exit_2(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     out = tmp_path / "run"
-    done = subprocess.run([sys.executable, "launcher/pretrain.py", "--config", "configs/tiny_moe.yaml",
-                           "model.moe.router=sinkhorn", f"train.output_dir={out}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "launcher/pretrain.py",
+            "--config",
+            "configs/tiny_moe.yaml",
+            "model.moe.router=sinkhorn",
+            f"train.output_dir={out}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
         "error: model.moe.balance_loss=0.01 has no effect with model.moe.router=sinkhorn (only cross_attention, "
-        "linear, mlp read it); remove it or set it back to 0.0"], done.stderr
+        "linear, mlp read it); remove it or set it back to 0.0"
+    ], done.stderr
     assert not out.exists()
 
 
@@ -230,16 +328,24 @@ def test_sinkhorn_with_zero_iterations_is_plain_top_k():
     tokens = torch.randn(n, dim, generator=torch.Generator().manual_seed(0)) + 1.0  # shared offset: unbalanced
     ctx = RoutingContext(batch_size=2, seq_len=n // 2)
     for score_func, renormalize in (("softmax", True), ("sigmoid", False)):
-        cfg = moe_config(router="sinkhorn", num_experts=e, top_k=k, sinkhorn_iterations=0, score_func=score_func,
-                         renormalize=renormalize)
+        cfg = moe_config(
+            router="sinkhorn",
+            num_experts=e,
+            top_k=k,
+            sinkhorn_iterations=0,
+            score_func=score_func,
+            renormalize=renormalize,
+        )
         validate(cfg)
         torch.manual_seed(1)
         router = build_router(dim, cfg.model.moe)
         out = router(tokens, ctx)
         logits = (tokens @ router.gate.weight.t()).tolist()
         for t in range(n):  # reference: sort the token's scores, keep the k best
-            scores = [math.exp(x) / sum(math.exp(y) for y in logits[t]) if score_func == "softmax"
-                      else 1 / (1 + math.exp(-x)) for x in logits[t]]
+            scores = [
+                math.exp(x) / sum(math.exp(y) for y in logits[t]) if score_func == "softmax" else 1 / (1 + math.exp(-x))
+                for x in logits[t]
+            ]
             best = sorted(range(e), key=lambda i: -scores[i])[:k]
             total = sum(scores[i] for i in best) if renormalize else 1.0
             want = [scores[i] / total if i in best else 0.0 for i in range(e)]
@@ -292,14 +398,38 @@ def test_every_registered_router_validates_by_name():
 
 
 # A value different from the default (or, for settings on in the baseline, off) for every key a router may read.
-CHANGED = {"top_k": 1, "layer_reg_loss": 0.0, "score_func": "sigmoid", "renormalize": False, "num_null_experts": 1,
-           "bias_balancing": False, "bias_update_rate": 0.5, "balance_loss": 0.0, "balance_scope": "sequence",
-           "z_loss": 0.0, "router_hidden_dim": 8, "expert_choice_scope": "batch", "capacity_factor": 2.0,
-           "race_threshold_decay": 0.5, "similarity_loss": 0.0, "sinkhorn_iterations": 0,
-           "num_prototypes_per_expert": 2, "contrastive_loss": 0.0}
+CHANGED = {
+    "top_k": 1,
+    "layer_reg_loss": 0.0,
+    "score_func": "sigmoid",
+    "renormalize": False,
+    "num_null_experts": 1,
+    "bias_balancing": False,
+    "bias_update_rate": 0.5,
+    "balance_loss": 0.0,
+    "balance_scope": "sequence",
+    "z_loss": 0.0,
+    "router_hidden_dim": 8,
+    "expert_choice_scope": "batch",
+    "capacity_factor": 2.0,
+    "race_threshold_decay": 0.5,
+    "similarity_loss": 0.0,
+    "sinkhorn_iterations": 0,
+    "num_prototypes_per_expert": 2,
+    "contrastive_loss": 0.0,
+}
 # Read by the MoE layer, the loop or upcycling, not by routers.
-LAYER_KEYS = {"num_experts", "layers", "expert_ffn_dim", "num_shared_experts", "shared_ffn_dim", "router",
-              "shared_init", "shared_init_std", "diagnostics_every"}
+LAYER_KEYS = {
+    "num_experts",
+    "layers",
+    "expert_ffn_dim",
+    "num_shared_experts",
+    "shared_ffn_dim",
+    "router",
+    "shared_init",
+    "shared_init_std",
+    "diagnostics_every",
+}
 
 
 def _router_behaviour(cfg) -> list:
@@ -311,8 +441,13 @@ def _router_behaviour(cfg) -> list:
     torch.manual_seed(0)
     router = build_router(16, cfg, layer_reg_out_dim=4).train()
     g = torch.Generator().manual_seed(1)
-    ctx = RoutingContext(batch_size=2, seq_len=8, temb=torch.randn(2, 16, generator=g),
-                         text=torch.randn(2, 3, 16, generator=g), is_null=torch.tensor([False, True]))
+    ctx = RoutingContext(
+        batch_size=2,
+        seq_len=8,
+        temb=torch.randn(2, 16, generator=g),
+        text=torch.randn(2, 3, 16, generator=g),
+        is_null=torch.tensor([False, True]),
+    )
     seen = []
     for _ in range(2):
         out = router(torch.randn(16, 16, generator=g) + 1.0, ctx)
@@ -327,7 +462,8 @@ def _same(a: list, b: list) -> bool:
 
     return len(a) == len(b) and all(
         torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y
-        for x, y in zip(a, b))
+        for x, y in zip(a, b)
+    )
 
 
 def test_every_key_a_router_accepts_changes_what_it_does():
@@ -346,6 +482,8 @@ def test_every_key_a_router_accepts_changes_what_it_does():
         for key in sorted(cls.config_keys):
             changed = dataclasses.replace(base, **{key: CHANGED[key]})
             assert not _same(_router_behaviour(changed), reference), f"{name} ignores model.moe.{key}"
+
+
 def test_buckets_that_do_not_fit_the_model_or_the_layout_are_refused(tmp_path, monkeypatch, capsys):
     """Video buckets (pixels, through the VAE's compression read from data.vae_path/config.json),
     latent buckets and the synthetic clip are checked by the rule the loader skips samples with; a
@@ -357,16 +495,28 @@ def test_buckets_that_do_not_fit_the_model_or_the_layout_are_refused(tmp_path, m
     (vae / "config.json").write_text(json.dumps({"scale_factor_temporal": 4, "scale_factor_spatial": 16}))
     video = ["data.format=video", "data.path=/shards", f"data.vae_path={vae}", "data.text_encoder_path=/text"]
     cases = [  # world size, overrides, message
-        (2, video + ["parallel.context_parallel_size=2", "data.buckets=[[17,96,128],[17,96,160]]"],
-         "data.buckets entry [17, 96, 160] gives 75 tokens per sample, not divisible by "
-         "parallel.context_parallel_size = 2"),  # latent (5, 6, 10), patch grid (5, 3, 5)
-        (1, video + ["data.buckets=[[17,2304,2304]]"],
-         "gives the patch grid (5, 72, 72), beyond model.rope_max_seq_len=64"),
+        (
+            2,
+            video + ["parallel.context_parallel_size=2", "data.buckets=[[17,96,128],[17,96,160]]"],
+            "data.buckets entry [17, 96, 160] gives 75 tokens per sample, not divisible by "
+            "parallel.context_parallel_size = 2",
+        ),  # latent (5, 6, 10), patch grid (5, 3, 5)
+        (
+            1,
+            video + ["data.buckets=[[17,2304,2304]]"],
+            "gives the patch grid (5, 72, 72), beyond model.rope_max_seq_len=64",
+        ),
         (1, video + ["data.buckets=[[17,100,160]]"], "is not 4k+1 frames with sides that are multiples of 16 pixels"),
-        (1, ["data.path=/shards", "data.buckets=[[4,16,16],[4,160,16]]"],
-         "data.buckets entry [4, 160, 16] gives the patch grid (4, 80, 8), beyond model.rope_max_seq_len=64"),
-        (1, ["data.synthetic_size=160"],
-         "data.synthetic_frames/data.synthetic_size gives the patch grid (5, 80, 80), beyond model.rope_max_seq_len=64"),
+        (
+            1,
+            ["data.path=/shards", "data.buckets=[[4,16,16],[4,160,16]]"],
+            "data.buckets entry [4, 160, 16] gives the patch grid (4, 80, 8), beyond model.rope_max_seq_len=64",
+        ),
+        (
+            1,
+            ["data.synthetic_size=160"],
+            "data.synthetic_frames/data.synthetic_size gives the patch grid (5, 80, 80), beyond model.rope_max_seq_len=64",
+        ),
     ]
     for world, overrides, message in cases:
         with pytest.raises(ConfigError) as info:

@@ -30,16 +30,26 @@ def test_cpu_mode_writes_every_section_and_its_loss_check_can_fail(tmp_path, mon
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--cpu", "--out", str(tmp_path)], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--cpu", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     table = (tmp_path / "gpu_check.md").read_text()
 
     assert {"train", "moe_layer", "block", "memory"} <= report.keys()
     assert [(r["experts"], r["top_k"]) for r in report["moe_layer"]] == [(8, 2), (32, 4)]
-    assert sorted((r["block"], r["tokens"]) for r in report["block"]) == [("dense", 128), ("dense", 256),
-                                                                          ("moe", 128), ("moe", 256)]
+    assert sorted((r["block"], r["tokens"]) for r in report["block"]) == [
+        ("dense", 128),
+        ("dense", 256),
+        ("moe", 128),
+        ("moe", 256),
+    ]
     values = list(numbers(report))
     assert values and all(math.isfinite(v) for v in values)
     assert all(r["tflops"] > 0 and r["mfu"] > 0 for r in report["block"])

@@ -31,8 +31,11 @@ def test_the_image_builds_on_ngc_pytorch_and_keeps_its_torch():
 
 
 def test_every_copied_path_exists_and_reaches_the_build():
-    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")}
+    ignored = {
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     sources = [src for copy in instructions("COPY") for src in copy.split()[:-1] if not src.startswith("--")]
     assert sources
     for src in sources:
@@ -55,12 +58,17 @@ def torchrun_flags(command: str) -> set[str]:
 def test_the_sbatch_script_parses_and_launches_like_the_readme():
     subprocess.run(["bash", "-n", str(SBATCH)], check=True)
     script = SBATCH.read_text()
-    for needle in ("#SBATCH --signal=B:USR1@120", "exec srun", "scontrol show hostnames", "--resume auto",
-                   "launcher/pretrain.py"):
+    for needle in (
+        "#SBATCH --signal=B:USR1@120",
+        "exec srun",
+        "scontrol show hostnames",
+        "--resume auto",
+        "launcher/pretrain.py",
+    ):
         assert needle in script, needle
-    launch = script[script.index("exec srun"):].replace("\\\n", " ")
+    launch = script[script.index("exec srun") :].replace("\\\n", " ")
     readme_launch = re.search(r"```bash\n(torchrun --nnodes N.*?)```", README, re.S).group(1).replace("\\\n", " ")
-    torchrun_part = launch[launch.index("torchrun"):]
+    torchrun_part = launch[launch.index("torchrun") :]
     assert torchrun_flags(torchrun_part) == torchrun_flags(readme_launch)  # same torchrun and launcher options
     assert "SIGUSR1" in torchrun_part  # torchrun would otherwise die of the signal instead of forwarding it
     assert parse_args(["--config", "configs/tiny.yaml", "--resume", "auto"]).resume == "auto"

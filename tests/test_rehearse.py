@@ -26,34 +26,68 @@ def rehearse(tmp_path, *args):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     out = tmp_path / "rehearsal.json"
-    done = subprocess.run([sys.executable, "launcher/rehearse.py", "--json", str(out), *map(str, args),
-                           f"train.output_dir={tmp_path / 'run'}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "launcher/rehearse.py",
+            "--json",
+            str(out),
+            *map(str, args),
+            f"train.output_dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return done, (json.loads(out.read_text()) if out.exists() else None)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rank, overrides, dense_source", [
-    (5, ["parallel.expert_parallel_size=4"], True),
-    (3, ["parallel.tensor_parallel_size=2", "parallel.expert_parallel_size=2"], False),
-])
-def test_a_rank_of_an_8_gpu_layout_holds_its_shard_and_agrees_with_the_planner(tmp_path, rank, overrides,
-                                                                                 dense_source):
+@pytest.mark.parametrize(
+    "rank, overrides, dense_source",
+    [
+        (5, ["parallel.expert_parallel_size=4"], True),
+        (3, ["parallel.tensor_parallel_size=2", "parallel.expert_parallel_size=2"], False),
+    ],
+)
+def test_a_rank_of_an_8_gpu_layout_holds_its_shard_and_agrees_with_the_planner(tmp_path, rank, overrides, dense_source):
     extra = []
     if dense_source:  # a sharded bf16 dense checkpoint, upcycled while rank 5 reads its slices
-        write_random_wan(str(REPO / "configs/tiny.yaml"), str(tmp_path / "dense"), max_shard_gb=0.0005,
-                         log=lambda _: None)
+        write_random_wan(
+            str(REPO / "configs/tiny.yaml"), str(tmp_path / "dense"), max_shard_gb=0.0005, log=lambda _: None
+        )
         extra = ["--init-from", tmp_path / "dense"]
-    done, figures = rehearse(tmp_path, "--config", "configs/tiny_moe.yaml", "--nodes", 2, "--gpus-per-node", 4,
-                             "--rank", rank, "--latent", "3,16,16", *extra, "optim.zero_stage=2", "train.precision=bf16", *overrides)
+    done, figures = rehearse(
+        tmp_path,
+        "--config",
+        "configs/tiny_moe.yaml",
+        "--nodes",
+        2,
+        "--gpus-per-node",
+        4,
+        "--rank",
+        rank,
+        "--latent",
+        "3,16,16",
+        *extra,
+        "optim.zero_stage=2",
+        "train.precision=bf16",
+        *overrides,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "agrees with the planner" in done.stdout
     assert ("upcycl" in done.stdout) == dense_source, done.stdout
     cfg = load_config(str(REPO / "configs/tiny_moe.yaml"), overrides)
     p, counts = cfg.parallel, config_parameter_counts(cfg.model)
     # The rank's weights: its 1/TP of the TP-sharded parameters, the replicated rest, 1/EP of the experts.
-    local = (counts.total - counts.routed_experts - counts.tensor_parallel * (1 - 1 / p.tensor_parallel_size)
-             + counts.routed_experts / p.expert_parallel_size)
+    local = (
+        counts.total
+        - counts.routed_experts
+        - counts.tensor_parallel * (1 - 1 / p.tensor_parallel_size)
+        + counts.routed_experts / p.expert_parallel_size
+    )
     # bf16. DeepSpeed flattens each optimizer group into one buffer padded to a multiple of 2 x its
     # data-parallel size: a few elements more than the parameters.
     assert 0 <= figures["measured"]["weights"] - 2 * local <= 2 * 2 * 8 * 3, (figures["measured"]["weights"], 2 * local)
@@ -69,10 +103,16 @@ def test_bad_input_is_one_line(tmp_path, capsys):
 
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x10\x00")
-    for args, needle in [(["--rank", 8], "--rank"), (["--init-from", tmp_path / "broken"], "safetensors"), (["--latent", "1,8"], "--latent"),
-                         (["--num-layers", 9], "--num-layers"), (["parallel.expert_parallel_size=3"], "expert")]:
-        code = main(["--config", str(REPO / "configs/tiny_moe.yaml"), "--nodes", "2", "--gpus-per-node", "4",
-                     *map(str, args)])
+    for args, needle in [
+        (["--rank", 8], "--rank"),
+        (["--init-from", tmp_path / "broken"], "safetensors"),
+        (["--latent", "1,8"], "--latent"),
+        (["--num-layers", 9], "--num-layers"),
+        (["parallel.expert_parallel_size=3"], "expert"),
+    ]:
+        code = main(
+            ["--config", str(REPO / "configs/tiny_moe.yaml"), "--nodes", "2", "--gpus-per-node", "4", *map(str, args)]
+        )
         err = capsys.readouterr().err
         assert code == 2 and needle in err, (args, err[-500:])
         assert len(err.strip().splitlines()) == 1, err

@@ -64,8 +64,15 @@ def vae_compression(vae_config) -> tuple[int, int]:
     return int(vae_config.get("scale_factor_temporal") or 4), int(vae_config.get("scale_factor_spatial") or 8)
 
 
-def shape_problem(shape: Shape, video: bool, compression: Sequence[int], patch_size: Sequence[int],
-                  sequence_shards: int, rope_max_seq_len: int, shards_name: str = "the sequence shards") -> str | None:
+def shape_problem(
+    shape: Shape,
+    video: bool,
+    compression: Sequence[int],
+    patch_size: Sequence[int],
+    sequence_shards: int,
+    rope_max_seq_len: int,
+    shards_name: str = "the sequence shards",
+) -> str | None:
     """Why a clip of `shape` (frames, height, width) cannot be trained, or None when it can.
 
     `shape` is in the units of the shards (pixels when `video`, else latent units); `compression`
@@ -133,7 +140,7 @@ def crop_latents(latents: np.ndarray, bucket: Shape) -> np.ndarray:
     bf, bh, bw = bucket
     _, f, h, w = latents.shape
     top, left = (h - bh) // 2, (w - bw) // 2
-    return latents[:, :bf, top:top + bh, left:left + bw]
+    return latents[:, :bf, top : top + bh, left : left + bw]
 
 
 class Bucketer:

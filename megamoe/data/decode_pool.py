@@ -83,8 +83,7 @@ class _Worker:
         fd = child_sock.fileno()
         code = f"from megamoe.data.decode_pool import _child_main; _child_main({fd}, {','.join(preload)!r})"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self.process = subprocess.Popen([sys.executable, "-c", code], pass_fds=(fd,), env=env,
-                                        stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen([sys.executable, "-c", code], pass_fds=(fd,), env=env, stdin=subprocess.DEVNULL)
         child_sock.close()  # only the child holds its end now: its death reads as EOF here
         self.conn = Connection(parent_sock.detach())
         self.jobs = 0
@@ -94,8 +93,9 @@ class _Worker:
                 raise RuntimeError(f"decode worker did not start within {STARTUP_TIMEOUT_S:g} s")
         except (EOFError, OSError) as e:
             self.kill()
-            raise RuntimeError(f"decode worker failed to start (exit code {self.process.poll()}); "
-                               f"its stderr above says why") from e
+            raise RuntimeError(
+                f"decode worker failed to start (exit code {self.process.poll()}); its stderr above says why"
+            ) from e
         except BaseException:
             self.kill()
             raise
@@ -129,8 +129,13 @@ class DecodePool:
     decoder can accumulate. Counters of jobs, timeouts, deaths and restarts are in `stats`.
     """
 
-    def __init__(self, num_workers: int = 1, timeout_s: float = 30.0, max_jobs_per_worker: int | None = 5000,
-                 preload: tuple[str, ...] = ("megamoe.data.video",)):
+    def __init__(
+        self,
+        num_workers: int = 1,
+        timeout_s: float = 30.0,
+        max_jobs_per_worker: int | None = 5000,
+        preload: tuple[str, ...] = ("megamoe.data.video",),
+    ):
         if num_workers < 1:
             raise ValueError(f"DecodePool needs num_workers >= 1, got {num_workers}")
         if timeout_s is None or timeout_s <= 0:
@@ -169,8 +174,9 @@ class DecodePool:
         name = getattr(fn, "__name__", repr(fn))
         worker = self._idle.get()
         try:
-            if worker is not None and (not worker.alive or
-                                       (self.max_jobs_per_worker and worker.jobs >= self.max_jobs_per_worker)):
+            if worker is not None and (
+                not worker.alive or (self.max_jobs_per_worker and worker.jobs >= self.max_jobs_per_worker)
+            ):
                 self._discard(worker)
                 worker = None
                 self._count("restarts")
@@ -202,6 +208,7 @@ class DecodePool:
 
     def map(self, fn, args_list, timeout_s: float | None = None) -> list:
         """[fn(*args) for args in args_list] across all workers; a SampleError is returned in its slot."""
+
         def one(args):
             try:
                 return self.run(fn, *args, timeout_s=timeout_s)

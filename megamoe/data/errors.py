@@ -17,8 +17,17 @@ MISSING_MEMBER = "missing_member"  # a required member (video, caption, latents)
 WORKER_DIED = "worker_died"  # the decode worker process died (segfault, OOM kill) mid-job
 BAD_SHAPE = "bad_shape"  # readable, but its shape does not fit the model or the parallel layout (buckets.shape_problem)
 
-CAUSES = (CORRUPT_VIDEO, TOO_SHORT, BAD_CAPTION, BAD_LATENT, BAD_TAR, DECODE_TIMEOUT, MISSING_MEMBER, WORKER_DIED,
-          BAD_SHAPE)
+CAUSES = (
+    CORRUPT_VIDEO,
+    TOO_SHORT,
+    BAD_CAPTION,
+    BAD_LATENT,
+    BAD_TAR,
+    DECODE_TIMEOUT,
+    MISSING_MEMBER,
+    WORKER_DIED,
+    BAD_SHAPE,
+)
 
 
 def utf8_caption(raw: bytes, key: str | None = None, shard: str | None = None, what: str = "caption") -> str:

@@ -121,8 +121,14 @@ class ShardLoader:
     `VideoToLatents` on the training device); both give 'caption', 'key' (lists) and 'bucket' [F, H, W].
     """
 
-    def __init__(self, spec: StreamSpec, num_workers: int, max_failure_fraction: float = 0.05,
-                 min_samples_before_failure_check: int = 100, start_method: str = "fork"):
+    def __init__(
+        self,
+        spec: StreamSpec,
+        num_workers: int,
+        max_failure_fraction: float = 0.05,
+        min_samples_before_failure_check: int = 100,
+        start_method: str = "fork",
+    ):
         if spec.num_workers != max(1, num_workers):
             raise ValueError(f"spec.num_workers={spec.num_workers} must be max(1, num_workers={num_workers})")
         W = spec.num_workers
@@ -166,8 +172,12 @@ class ShardLoader:
     def _spawn(self, w: int):
         reader, writer = self._ctx.Pipe(duplex=False)
         readers = [reader] + [conn for _, conn in self._procs if not conn.closed]
-        proc = self._ctx.Process(target=_worker_main, args=(self.spec, w, self._states[w], writer, readers),
-                                 name=f"megamoe-loader-{self.spec.dp_rank}-{w}", daemon=False)
+        proc = self._ctx.Process(
+            target=_worker_main,
+            args=(self.spec, w, self._states[w], writer, readers),
+            name=f"megamoe-loader-{self.spec.dp_rank}-{w}",
+            daemon=False,
+        )
         proc.start()
         writer.close()  # only the worker holds the write end: its death reads as EOF here, never a hang
         return proc, reader
@@ -191,8 +201,9 @@ class ShardLoader:
                 if name == "DataError":
                     raise DataError(detail)
                 print(trace, file=sys.stderr, flush=True)
-                raise RuntimeError(f"data loader worker {w} of data-parallel rank {self.spec.dp_rank} failed: "
-                                   f"{name}: {detail}")
+                raise RuntimeError(
+                    f"data loader worker {w} of data-parallel rank {self.spec.dp_rank} failed: {name}: {detail}"
+                )
             return item
 
     def _replace(self, w: int) -> None:
@@ -207,11 +218,17 @@ class ShardLoader:
         self._restarts[w] += 1
         how = f"killed by signal {-proc.exitcode}" if (proc.exitcode or 0) < 0 else f"exit code {proc.exitcode}"
         if self._restarts[w] > MAX_RESTARTS_WITHOUT_PROGRESS:
-            raise DataError(f"loader worker {w} of data-parallel rank {self.spec.dp_rank} died "
-                            f"{self._restarts[w]} times in a row without making a batch ({how}); "
-                            f"it fails at epoch {self._states[w]['epoch']} shard position {self._states[w]['shard_pos']}")
-        print(f"warning: data loader worker {w} (pid {proc.pid}) of data-parallel rank {self.spec.dp_rank} died "
-              f"({how}); restarting it from its last consumed batch", file=sys.stderr, flush=True)
+            raise DataError(
+                f"loader worker {w} of data-parallel rank {self.spec.dp_rank} died "
+                f"{self._restarts[w]} times in a row without making a batch ({how}); "
+                f"it fails at epoch {self._states[w]['epoch']} shard position {self._states[w]['shard_pos']}"
+            )
+        print(
+            f"warning: data loader worker {w} (pid {proc.pid}) of data-parallel rank {self.spec.dp_rank} died "
+            f"({how}); restarting it from its last consumed batch",
+            file=sys.stderr,
+            flush=True,
+        )
         self._procs[w] = self._spawn(w)
 
     def close(self) -> None:
@@ -254,18 +271,28 @@ class ShardLoader:
             causes.update(state["bad"])
         worst = ", ".join(f"{path} ({n})" for path, n in shards.most_common(3))
         why = ", ".join(f"{cause} {n}" for cause, n in causes.most_common())
-        raise DataError(f"{failed} of {seen} samples failed on data-parallel rank {self.spec.dp_rank} "
-                        f"({100 * failed / seen:.1f}% > data.max_failure_fraction={self.max_failure_fraction}: {why}); "
-                        f"worst shards: {worst}; fix or remove them, or raise data.max_failure_fraction")
+        raise DataError(
+            f"{failed} of {seen} samples failed on data-parallel rank {self.spec.dp_rank} "
+            f"({100 * failed / seen:.1f}% > data.max_failure_fraction={self.max_failure_fraction}: {why}); "
+            f"worst shards: {worst}; fix or remove them, or raise data.max_failure_fraction"
+        )
 
     # --- resume ----------------------------------------------------------------------------
 
     def state_dict(self) -> LoaderState:
         spec = self.spec
-        return {"version": STATE_VERSION, "format": spec.format, "seed": spec.seed, "dp_rank": spec.dp_rank,
-                "dp_size": spec.dp_size, "num_workers": spec.num_workers, "num_shards": len(spec.shards),
-                "next_worker": self._next_worker, "worker_died": self._worker_died,
-                "workers": copy.deepcopy(self._states)}
+        return {
+            "version": STATE_VERSION,
+            "format": spec.format,
+            "seed": spec.seed,
+            "dp_rank": spec.dp_rank,
+            "dp_size": spec.dp_size,
+            "num_workers": spec.num_workers,
+            "num_shards": len(spec.shards),
+            "next_worker": self._next_worker,
+            "worker_died": self._worker_died,
+            "workers": copy.deepcopy(self._states),
+        }
 
     def load_state_dict(self, state: LoaderState, restart: bool = False) -> None:
         """Continue from `state`; restart=True (data.restart_stream_on_resume) starts over at epoch 0."""
@@ -277,18 +304,28 @@ class ShardLoader:
             return
         fix = "set data.restart_stream_on_resume=true to restart the data stream (samples may repeat)"
         if state.get("version") != STATE_VERSION:
-            raise StreamStateError(f"the saved data stream has state version {state.get('version')}, this code "
-                                   f"reads {STATE_VERSION}; {fix}")
+            raise StreamStateError(
+                f"the saved data stream has state version {state.get('version')}, this code "
+                f"reads {STATE_VERSION}; {fix}"
+            )
         if state["dp_size"] != spec.dp_size:
-            raise StreamStateError(f"the data stream was saved at data-parallel size {state['dp_size']}, this run "
-                                   f"has {spec.dp_size}; its positions do not carry over: {fix}")
-        now = {"num_workers": spec.num_workers, "seed": spec.seed, "num_shards": len(spec.shards),
-               "format": spec.format, "dp_rank": spec.dp_rank}
+            raise StreamStateError(
+                f"the data stream was saved at data-parallel size {state['dp_size']}, this run "
+                f"has {spec.dp_size}; its positions do not carry over: {fix}"
+            )
+        now = {
+            "num_workers": spec.num_workers,
+            "seed": spec.seed,
+            "num_shards": len(spec.shards),
+            "format": spec.format,
+            "dp_rank": spec.dp_rank,
+        }
         for name, value in now.items():
             if state[name] != value:
                 key = {"num_workers": "data.num_workers", "seed": "data.seed", "format": "data.format"}.get(name, name)
-                raise StreamStateError(f"the data stream was saved with {key}={state[name]}, this run has {value}; "
-                                       f"set it back, or {fix}")
+                raise StreamStateError(
+                    f"the data stream was saved with {key}={state[name]}, this run has {value}; set it back, or {fix}"
+                )
         self._states = copy.deepcopy(state["workers"])
         self._next_worker, self._worker_died = state["next_worker"], state["worker_died"]
 
@@ -317,25 +354,43 @@ def build_loader(cfg, dp_rank: int, dp_size: int, compression: tuple[int, int] =
     fmt = "latent" if d.path is None else d.format
     shards = _resolve(path)
     spec = StreamSpec(
-        shards=tuple(shards), format=fmt, seed=d.seed, dp_rank=dp_rank, dp_size=dp_size,
-        num_workers=max(1, d.num_workers), micro_batch_size=d.micro_batch_size, tokens_per_batch=d.tokens_per_batch,
-        buckets=tuple(tuple(b) for b in d.buckets), patch_size=tuple(m.patch_size), compression=tuple(compression),
-        in_channels=m.in_channels, text_dim=m.text_dim, text_len=d.text_len, video_frames=d.video_frames,
-        video_fps=d.video_fps, decode_timeout_s=d.decode_timeout_s, sequence_shards=sequence_shards(cfg.parallel)[0],
-        rope_max_seq_len=m.rope_max_seq_len)
+        shards=tuple(shards),
+        format=fmt,
+        seed=d.seed,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        num_workers=max(1, d.num_workers),
+        micro_batch_size=d.micro_batch_size,
+        tokens_per_batch=d.tokens_per_batch,
+        buckets=tuple(tuple(b) for b in d.buckets),
+        patch_size=tuple(m.patch_size),
+        compression=tuple(compression),
+        in_channels=m.in_channels,
+        text_dim=m.text_dim,
+        text_len=d.text_len,
+        video_frames=d.video_frames,
+        video_fps=d.video_fps,
+        decode_timeout_s=d.decode_timeout_s,
+        sequence_shards=sequence_shards(cfg.parallel)[0],
+        rope_max_seq_len=m.rope_max_seq_len,
+    )
     for bucket in spec.buckets:  # validation checked them already when it could read the VAE's config
         problem = spec.shape_problem(bucket)
         if problem is not None:
-            raise DataError(f"data.buckets entry {list(bucket)} {problem} (VAE compression {compression}); "
-                            f"change it, or the setting named")
+            raise DataError(
+                f"data.buckets entry {list(bucket)} {problem} (VAE compression {compression}); "
+                f"change it, or the setting named"
+            )
     return ShardLoader(spec, d.num_workers, d.max_failure_fraction, d.min_samples_before_failure_check)
 
 
 def check_shard_count(num_shards: int, dp_size: int, workers: int) -> None:
     """Each of `workers` loader workers of each data-parallel rank needs a shard of its own."""
     if num_shards < dp_size * workers:
-        raise DataError(f"{num_shards} shards cannot feed {dp_size} data-parallel rank(s) x {workers} "
-                        f"loader worker(s); write at least {dp_size * workers} shards or lower data.num_workers")
+        raise DataError(
+            f"{num_shards} shards cannot feed {dp_size} data-parallel rank(s) x {workers} "
+            f"loader worker(s); write at least {dp_size * workers} shards or lower data.num_workers"
+        )
 
 
 def check_data_path(cfg, dp_size: int) -> None:

@@ -29,8 +29,10 @@ def resolve_shards(path: str) -> list[str]:
     else:
         shards = [path] if os.path.isfile(path) else []
     if not shards:
-        raise ValueError(f"no shards found at '{path}'; give a directory of .tar shards, a .tar file "
-                         f"or a pattern like dir/shard-{{000000..000009}}.tar")
+        raise ValueError(
+            f"no shards found at '{path}'; give a directory of .tar shards, a .tar file "
+            f"or a pattern like dir/shard-{{000000..000009}}.tar"
+        )
     return shards
 
 

@@ -57,8 +57,12 @@ def _decord():
 
             _decord_module = decord
         except Exception as e:  # ImportError, or an OSError from its shared library
-            warnings.warn(f"decord cannot be imported ({type(e).__name__}: {e}); decoding videos with PyAV, "
-                          f"its fallback. `pip install decord` where wheels exist.", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"decord cannot be imported ({type(e).__name__}: {e}); decoding videos with PyAV, "
+                f"its fallback. `pip install decord` where wheels exist.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return _decord_module
 
 
@@ -99,8 +103,9 @@ def frame_offsets(num_frames: int, source_fps: float, target_fps: float) -> np.n
     return np.floor(np.arange(num_frames, dtype=np.float64) * step + 0.5 + 1e-9).astype(np.int64)
 
 
-def sample_frame_indices(num_source_frames: int, source_fps: float, num_frames: int, target_fps: float,
-                         rng: np.random.Generator) -> np.ndarray:
+def sample_frame_indices(
+    num_source_frames: int, source_fps: float, num_frames: int, target_fps: float, rng: np.random.Generator
+) -> np.ndarray:
     """Indices of `num_frames` source frames forming a clip at `target_fps`, at a random start.
 
     The clip spans (num_frames - 1) / target_fps seconds. Frame k is shown at t0 + k / target_fps
@@ -121,8 +126,11 @@ def sample_frame_indices(num_source_frames: int, source_fps: float, num_frames: 
     if last_start < 0:
         need = (num_frames - 1) / target_fps
         have = (num_source_frames - 1) / source_fps
-        raise SampleError(TOO_SHORT, detail=f"{num_frames} frames at {target_fps:g} fps span {need:.3f} s; the video "
-                                            f"has {num_source_frames} frames at {source_fps:g} fps ({have:.3f} s)")
+        raise SampleError(
+            TOO_SHORT,
+            detail=f"{num_frames} frames at {target_fps:g} fps span {need:.3f} s; the video "
+            f"has {num_source_frames} frames at {source_fps:g} fps ({have:.3f} s)",
+        )
     start = int(rng.integers(0, last_start + 1))
     return start + offsets
 
@@ -142,8 +150,9 @@ IndicesFn = Callable[[int, float], np.ndarray]  # (num_source_frames, source_fps
 
 def _decode_decord(decord, data: bytes, indices_fn: IndicesFn, size: tuple[int, int] | None = None) -> DecodedFrames:
     height, width = size or (-1, -1)  # decord's -1: the source size
-    reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=DECORD_THREADS,
-                                width=width, height=height)
+    reader = decord.VideoReader(
+        io.BytesIO(data), ctx=decord.cpu(0), num_threads=DECORD_THREADS, width=width, height=height
+    )
     try:
         n, fps = len(reader), float(reader.get_avg_fps())
         indices = np.asarray(indices_fn(n, fps), dtype=np.int64)
@@ -195,8 +204,11 @@ def _decode_pyav(data: bytes, indices_fn: IndicesFn) -> DecodedFrames:
                 break
     if any(f is None for f in out):
         decoded = sum(f is not None for f in out)
-        raise SampleError(CORRUPT_VIDEO, detail=f"the container lists {n} frames but only {decoded} of the "
-                                                f"{len(out)} requested could be decoded (truncated?)")
+        raise SampleError(
+            CORRUPT_VIDEO,
+            detail=f"the container lists {n} frames but only {decoded} of the "
+            f"{len(out)} requested could be decoded (truncated?)",
+        )
     return DecodedFrames(np.stack(out), fps, n, "pyav")
 
 
@@ -212,8 +224,9 @@ def _once(indices_fn: IndicesFn) -> IndicesFn:
     return indices
 
 
-def decode_frames(data: bytes, indices_fn: IndicesFn, backend: str = "auto",
-                  size: tuple[int, int] | None = None) -> DecodedFrames:
+def decode_frames(
+    data: bytes, indices_fn: IndicesFn, backend: str = "auto", size: tuple[int, int] | None = None
+) -> DecodedFrames:
     """Decode the frames `indices_fn(num_source_frames, source_fps)` picks from a video's bytes.
 
     Returns DecodedFrames(frames uint8 [F, H, W, 3], source_fps, num_source_frames, backend), a
@@ -297,7 +310,7 @@ def _resize_crop_uint8(frames, height: int, width: int) -> np.ndarray:
         x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
         frames = x.permute(0, 2, 3, 1).numpy()
     top, left = (new_h - height) // 2, (new_w - width) // 2
-    return np.ascontiguousarray(frames[:, top:top + height, left:left + width])
+    return np.ascontiguousarray(frames[:, top : top + height, left : left + width])
 
 
 def uint8_to_model_range(clip: np.ndarray) -> torch.Tensor:
@@ -319,8 +332,9 @@ def resize_and_crop(frames, height: int, width: int) -> torch.Tensor:
     return uint8_to_model_range(_resize_crop_uint8(frames, height, width))
 
 
-def decode_clip_uint8(data: bytes, spec: FrameSpec, seed: int, backend: str = "auto",
-                      source_size: tuple[int, int] | None = None) -> tuple[np.ndarray, str]:
+def decode_clip_uint8(
+    data: bytes, spec: FrameSpec, seed: int, backend: str = "auto", source_size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, str]:
     """(uint8 [F, spec.height, spec.width, 3], backend): the clip of `seed`, resized and cropped.
 
     The worker-side half of decode_video_sample: uint8 is a quarter of float32's bytes to send
@@ -340,8 +354,9 @@ def decode_clip_uint8(data: bytes, spec: FrameSpec, seed: int, backend: str = "a
             pass  # decode_frames reports what is wrong with the file, with both decoders' messages
     size = cover_size(*source_size, spec.height, spec.width) if source_size else None
     rng = np.random.default_rng(seed)
-    decoded = decode_frames(data, lambda n, fps: sample_frame_indices(n, fps, spec.num_frames, spec.fps, rng),
-                            backend, size)
+    decoded = decode_frames(
+        data, lambda n, fps: sample_frame_indices(n, fps, spec.num_frames, spec.fps, rng), backend, size
+    )
     return _resize_crop_uint8(decoded.frames, spec.height, spec.width), decoded.backend
 
 
@@ -356,8 +371,14 @@ def default_pool(timeout_s: float) -> DecodePool:
     return _default_pool
 
 
-def decode_video_sample(data: bytes, spec: FrameSpec, rng: np.random.Generator, timeout_s: float | None = None,
-                        pool: DecodePool | None = None, backend: str = "auto") -> torch.Tensor:
+def decode_video_sample(
+    data: bytes,
+    spec: FrameSpec,
+    rng: np.random.Generator,
+    timeout_s: float | None = None,
+    pool: DecodePool | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """A video's bytes -> float32 [3, spec.num_frames, spec.height, spec.width] in [-1, 1].
 
     timeout_s None and no pool: decode in this process (no protection against a hung decoder).
@@ -383,8 +404,12 @@ def video_member(members: dict[str, bytes], key: str | None = None, shard: str |
     for ext in VIDEO_EXTS:
         if ext in members:
             return ext, members[ext]
-    raise SampleError(MISSING_MEMBER, key, shard, f"no video member (one of {', '.join(VIDEO_EXTS)}); "
-                                                  f"members: {', '.join(sorted(members)) or 'none'}")
+    raise SampleError(
+        MISSING_MEMBER,
+        key,
+        shard,
+        f"no video member (one of {', '.join(VIDEO_EXTS)}); members: {', '.join(sorted(members)) or 'none'}",
+    )
 
 
 def parse_caption(members: dict[str, bytes], key: str | None = None, shard: str | None = None) -> str:
@@ -415,8 +440,15 @@ def parse_caption(members: dict[str, bytes], key: str | None = None, shard: str 
     return text
 
 
-def decode_raw_sample(key: str, members: dict[str, bytes], shard: str, spec: FrameSpec, rng: np.random.Generator,
-                      timeout_s: float | None = None, pool: DecodePool | None = None) -> dict:
+def decode_raw_sample(
+    key: str,
+    members: dict[str, bytes],
+    shard: str,
+    spec: FrameSpec,
+    rng: np.random.Generator,
+    timeout_s: float | None = None,
+    pool: DecodePool | None = None,
+) -> dict:
     """{'pixels' [3, F, H, W] in [-1, 1], 'caption', 'key'} of one raw sample; SampleError names key and shard."""
     try:
         caption = parse_caption(members, key, shard)  # first: a cheap check that can spare a decode
@@ -455,5 +487,11 @@ def probe_video(data: bytes, decode_first_frame: bool = True) -> dict:
         raise SampleError(CORRUPT_VIDEO, detail=f"{type(e).__name__}: {str(e)[:200]}") from None
     if first is None or frames < 1 or fps <= 0 or min(height, width) < 1:
         raise SampleError(CORRUPT_VIDEO, detail=f"no decodable frame (frames={frames}, fps={fps}, {width}x{height})")
-    return {"frames": frames, "height": height, "width": width, "fps": fps,
-            "duration": round(frames / fps, 6), "codec": codec}
+    return {
+        "frames": frames,
+        "height": height,
+        "width": width,
+        "fps": fps,
+        "duration": round(frames / fps, 6),
+        "codec": codec,
+    }

@@ -46,6 +46,7 @@ def decode_to_bucket(data: bytes, spec, seed: int) -> dict:
         return {"skip": cause}
     if spec.shape_problem(bucket) is not None:  # before the decode it would waste
         return {"skip": BAD_SHAPE}
-    clip, _ = decode_clip_uint8(data, FrameSpec(bucket[0], spec.video_fps, bucket[1], bucket[2]), seed,
-                                source_size=(height, width))
+    clip, _ = decode_clip_uint8(
+        data, FrameSpec(bucket[0], spec.video_fps, bucket[1], bucket[2]), seed, source_size=(height, width)
+    )
     return {"clip": clip, "bucket": list(bucket)}

@@ -43,9 +43,11 @@ class VideoToLatents:
     def check_model(self, model_cfg) -> None:
         z_dim, d_model = self.vae.config.z_dim, self.encoder.config.d_model
         if z_dim != model_cfg.in_channels or d_model != model_cfg.text_dim:
-            raise DataError(f"the VAE gives {z_dim} latent channels and the text encoder {d_model}-wide embeddings, "
-                             f"but model.in_channels={model_cfg.in_channels} and model.text_dim={model_cfg.text_dim}; "
-                             f"set them to {z_dim} and {d_model}")
+            raise DataError(
+                f"the VAE gives {z_dim} latent channels and the text encoder {d_model}-wide embeddings, "
+                f"but model.in_channels={model_cfg.in_channels} and model.text_dim={model_cfg.text_dim}; "
+                f"set them to {z_dim} and {d_model}"
+            )
 
     def model_range(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [B, F, H, W, 3] -> float32 [B, 3, F, H, W] in [-1, 1], on the VAE's device.

@@ -30,8 +30,10 @@ def load_vae(vae_dir: str, device: str | torch.device = "cpu", dtype: torch.dtyp
     from diffusers import AutoencoderKLWan
 
     if not os.path.isdir(vae_dir):
-        raise FileNotFoundError(f"VAE directory '{vae_dir}' does not exist; give a local AutoencoderKLWan "
-                                f"directory (config.json + weights), e.g. <Wan2.2-TI2V-5B-Diffusers>/vae")
+        raise FileNotFoundError(
+            f"VAE directory '{vae_dir}' does not exist; give a local AutoencoderKLWan "
+            f"directory (config.json + weights), e.g. <Wan2.2-TI2V-5B-Diffusers>/vae"
+        )
     vae = AutoencoderKLWan.from_pretrained(vae_dir, torch_dtype=dtype).to(device).eval()
     return vae.requires_grad_(False)
 
@@ -42,8 +44,10 @@ def load_text_encoder(text_dir: str, device: str | torch.device = "cpu", dtype: 
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     if not os.path.isdir(text_dir):
-        raise FileNotFoundError(f"text encoder directory '{text_dir}' does not exist; give a local directory "
-                                f"with a UMT5EncoderModel and its tokenizer")
+        raise FileNotFoundError(
+            f"text encoder directory '{text_dir}' does not exist; give a local directory "
+            f"with a UMT5EncoderModel and its tokenizer"
+        )
     model_dir, tok_dir = text_dir, text_dir
     if os.path.isdir(os.path.join(text_dir, "text_encoder")):  # a diffusers pipeline directory
         model_dir, tok_dir = os.path.join(text_dir, "text_encoder"), os.path.join(text_dir, "tokenizer")
@@ -69,8 +73,10 @@ def encode_video(vae, pixels: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected pixels [B, 3, F, H, W], got shape {tuple(pixels.shape)}")
     factor = vae.config.scale_factor_spatial or 8
     if (pixels.shape[2] - 1) % 4 or pixels.shape[3] % factor or pixels.shape[4] % factor:
-        raise ValueError(f"the Wan VAE needs 4k+1 frames and sides divisible by {factor}; "
-                         f"got {tuple(pixels.shape[2:])}: pick a bucket that satisfies both")
+        raise ValueError(
+            f"the Wan VAE needs 4k+1 frames and sides divisible by {factor}; "
+            f"got {tuple(pixels.shape[2:])}: pick a bucket that satisfies both"
+        )
     param = next(vae.parameters())
     z = vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode().float()
     mean, std = _latent_stats(vae, z)
@@ -99,8 +105,15 @@ def clean_prompt(text: str) -> str:
 @torch.no_grad()
 def encode_text(encoder, tokenizer, captions: list[str], text_len: int) -> torch.Tensor:
     """captions -> float32 [B, text_len, d_model]; rows past each caption's tokens are zero, as in Wan."""
-    inputs = tokenizer([clean_prompt(c) for c in captions], padding="max_length", max_length=text_len,
-                       truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    inputs = tokenizer(
+        [clean_prompt(c) for c in captions],
+        padding="max_length",
+        max_length=text_len,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
     device = next(encoder.parameters()).device
     ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
     hidden = encoder(ids, mask).last_hidden_state.float()

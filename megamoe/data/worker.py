@@ -83,8 +83,9 @@ class StreamSpec:
 
     def shape_problem(self, bucket: Shape) -> str | None:
         """Why samples of `bucket` cannot be trained (they are skipped as 'bad_shape'), or None."""
-        return shape_problem(bucket, self.video, self.compression, self.patch_size, self.sequence_shards,
-                             self.rope_max_seq_len)
+        return shape_problem(
+            bucket, self.video, self.compression, self.patch_size, self.sequence_shards, self.rope_max_seq_len
+        )
 
 
 class WorkerState(TypedDict):
@@ -114,8 +115,19 @@ class WorkerState(TypedDict):
 
 
 def fresh_state() -> WorkerState:
-    return {"epoch": 0, "shard_pos": 0, "sample_pos": 0, "pending": [], "seen": 0, "batches": 0, "stalled": 0,
-            "visit_usable": 0, "visit_batches": 0, "bad": {}, "bad_shards": {}}
+    return {
+        "epoch": 0,
+        "shard_pos": 0,
+        "sample_pos": 0,
+        "pending": [],
+        "seen": 0,
+        "batches": 0,
+        "stalled": 0,
+        "visit_usable": 0,
+        "visit_batches": 0,
+        "bad": {},
+        "bad_shards": {},
+    }
 
 
 def _rng(*entropy: int) -> np.random.Generator:
@@ -197,11 +209,20 @@ def load_latent_sample(key: str, members: dict[str, bytes], shard: str, spec: St
     except Exception as exc:  # numpy raises ValueError, EOFError, OSError... for a broken .npy
         raise SampleError(errors.BAD_LATENT, key, shard, f"unreadable .npy ({describe(exc, DETAIL_CHARS)})") from None
     if latents.ndim != 4 or latents.shape[0] != spec.in_channels or latents.dtype.kind != "f" or 0 in latents.shape:
-        raise SampleError(errors.BAD_LATENT, key, shard, f"latents {latents.dtype} {latents.shape}, expected float "
-                                                         f"[{spec.in_channels}, F, H, W] (model.in_channels)")
+        raise SampleError(
+            errors.BAD_LATENT,
+            key,
+            shard,
+            f"latents {latents.dtype} {latents.shape}, expected float "
+            f"[{spec.in_channels}, F, H, W] (model.in_channels)",
+        )
     if text.ndim != 2 or text.shape[1] != spec.text_dim or text.dtype.kind != "f":
-        raise SampleError(errors.BAD_LATENT, key, shard, f"text {text.dtype} {text.shape}, expected float "
-                                                         f"[L, {spec.text_dim}] (model.text_dim)")
+        raise SampleError(
+            errors.BAD_LATENT,
+            key,
+            shard,
+            f"text {text.dtype} {text.shape}, expected float [L, {spec.text_dim}] (model.text_dim)",
+        )
     # Zero rows pad a short text, as Wan pads umT5 outputs; a longer one is cut at text_len.
     fixed = np.zeros((spec.text_len, spec.text_dim), dtype=np.float32)
     fixed[: min(len(text), spec.text_len)] = text[: spec.text_len]
@@ -237,7 +258,7 @@ class WorkerStream:
         if self._shards is None or self._shards[0] != epoch:
             spec = self.spec
             order = _rng(spec.seed, epoch, 0).permutation(len(spec.shards))
-            mine = order[spec.dp_rank::spec.dp_size][self.worker::spec.num_workers]
+            mine = order[spec.dp_rank :: spec.dp_size][self.worker :: spec.num_workers]
             self._shards = (epoch, [spec.shards[i] for i in mine])
         return self._shards[1]
 
@@ -335,10 +356,19 @@ class WorkerStream:
     # --- the stream ------------------------------------------------------------------------
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "shard_pos": self.shard_pos, "sample_pos": self.sample_pos,
-                "pending": self.bucketer.state(), "seen": self.seen, "batches": self.batches,
-                "stalled": self.stalled, "visit_usable": self.visit_usable, "visit_batches": self.visit_batches,
-                "bad": dict(self.bad), "bad_shards": dict(self.bad_shards)}
+        return {
+            "epoch": self.epoch,
+            "shard_pos": self.shard_pos,
+            "sample_pos": self.sample_pos,
+            "pending": self.bucketer.state(),
+            "seen": self.seen,
+            "batches": self.batches,
+            "stalled": self.stalled,
+            "visit_usable": self.visit_usable,
+            "visit_batches": self.visit_batches,
+            "bad": dict(self.bad),
+            "bad_shards": dict(self.bad_shards),
+        }
 
     def __iter__(self):
         return self
@@ -379,9 +409,11 @@ class WorkerStream:
         self.visit_usable = self.visit_batches = 0
         if self.stalled >= self.max_stalled:
             worst = ", ".join(f"{p} ({n})" for p, n in self.bad_shards.most_common(3))
-            raise DataError(f"loader worker {self.worker} of data-parallel rank {self.spec.dp_rank} visited "
-                            f"{self.stalled} shards in a row without one usable sample (worst: {worst or 'none'}); "
-                            f"check data.path and the shards")
+            raise DataError(
+                f"loader worker {self.worker} of data-parallel rank {self.spec.dp_rank} visited "
+                f"{self.stalled} shards in a row without one usable sample (worst: {worst or 'none'}); "
+                f"check data.path and the shards"
+            )
         return report
 
 
@@ -396,8 +428,11 @@ class _Skip(Exception):
 
 def collate(samples: list[dict], video: bool) -> dict:
     """numpy batch of one bucket (torch conversion happens in the training process)."""
-    batch = {"caption": [s["caption"] for s in samples], "key": [s["key"] for s in samples],
-             "bucket": list(samples[0]["bucket"])}
+    batch = {
+        "caption": [s["caption"] for s in samples],
+        "key": [s["key"] for s in samples],
+        "bucket": list(samples[0]["bucket"]),
+    }
     if video:
         batch["pixels"] = np.stack([s["pixels"] for s in samples])  # uint8 [B, F, H, W, 3]
     else:

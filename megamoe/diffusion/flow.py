@@ -56,8 +56,9 @@ def drop_text(text: torch.Tensor, prob: float, generator: torch.Generator) -> to
     return text * keep.view(-1, 1, 1).to(text.device)
 
 
-def flow_matching_loss(model, x0: torch.Tensor, text: torch.Tensor, cfg: DiffusionConfig,
-                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def flow_matching_loss(
+    model, x0: torch.Tensor, text: torch.Tensor, cfg: DiffusionConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One Monte-Carlo estimate of the velocity loss for a batch, in fp32; also returns the
     velocity target (for losses that predict it from inside the network).
 
@@ -82,5 +83,3 @@ def sampling_schedule(num_steps: int, shift: float) -> list[float]:
     """Noise levels from 1 down to 0 for the Euler sampler, shifted like training."""
     s = torch.linspace(1.0, 0.0, num_steps + 1)
     return shift_noise_level(s, shift).tolist()
-
-

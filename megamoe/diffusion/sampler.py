@@ -8,8 +8,15 @@ from megamoe.diffusion.flow import TIMESTEP_SCALE, sampling_schedule
 
 
 @torch.no_grad()
-def euler_sample(model, shape: tuple, text: torch.Tensor, num_steps: int = 30, guidance_scale: float = 4.0,
-                 shift: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def euler_sample(
+    model,
+    shape: tuple,
+    text: torch.Tensor,
+    num_steps: int = 30,
+    guidance_scale: float = 4.0,
+    shift: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Integrate dx/ds = v(x, s, text) from pure noise (s=1) to data (s=0).
 
     With guidance_scale w != 1 the velocity is v_null + w * (v_text - v_null), where v_null

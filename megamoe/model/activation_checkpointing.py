@@ -65,8 +65,9 @@ def checkpointed_blocks(spec: str, num_blocks: int) -> list[int]:
         return list(range(num_blocks))
     every = re.fullmatch(r"every_([1-9][0-9]*)", spec)
     if every is None:
-        raise ConfigError(f"train.activation_checkpointing='{spec}' must be 'none', 'all' or 'every_<n>' "
-                          f"(n >= 1, e.g. every_2)")
+        raise ConfigError(
+            f"train.activation_checkpointing='{spec}' must be 'none', 'all' or 'every_<n>' (n >= 1, e.g. every_2)"
+        )
     return list(range(0, num_blocks, int(every.group(1))))
 
 

@@ -38,8 +38,12 @@ class WanAttention(nn.Module):
         self.norm_k = nn.RMSNorm(dim, eps=eps, elementwise_affine=True)
         self.attend = attend
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """x [B, L, dim]; context [B, L_ctx, dim] for cross-attention, None for self-attention;
         rope (cos, sin) [L, head_dim/2] applied to q and k (self-attention only)."""
         kv = x if context is None else context

@@ -98,7 +98,9 @@ class WanBlock(nn.Module):
         self.attn2 = WanAttention(dim, cfg.num_heads, cfg.eps)
         self.norm3 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         if layer_index in moe_layer_indices(cfg):
-            self.ffn = MoEFeedForward(dim, cfg.ffn_dim, cfg.moe, target_dim=cfg.out_channels * math.prod(cfg.patch_size))
+            self.ffn = MoEFeedForward(
+                dim, cfg.ffn_dim, cfg.moe, target_dim=cfg.out_channels * math.prod(cfg.patch_size)
+            )
         else:
             self.ffn = FeedForward(dim, cfg.ffn_dim)
         # Per-block offset added to the shared time projection: each block gets its own
@@ -109,12 +111,14 @@ class WanBlock(nn.Module):
         """N(0, 1/dim) modulation offsets, as Wan (WanDiT.parameter_inits says why)."""
         return {"scale_shift_table": Init.normal(self.scale_shift_table.shape[-1] ** -0.5)}
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor, modulation: torch.Tensor, rope,
-                ctx: RoutingContext | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, text: torch.Tensor, modulation: torch.Tensor, rope, ctx: RoutingContext | None = None
+    ) -> torch.Tensor:
         """x [B, L, dim]; text [B, L_text, dim]; modulation [B, T, 6, dim] with T in {1, L};
         ctx: what an MoE FFN's router may condition on."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
-            (self.scale_shift_table[None] + modulation.float()).unbind(2)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + modulation.float()
+        ).unbind(2)
         dtype = x.dtype
 
         h = self.attn1(_modulate(self.norm1(x.float()), shift_msa, scale_msa, dtype), rope=rope)
@@ -183,10 +187,13 @@ class WanDiT(nn.Module):
         kernel (fan_out = dim, not dim * prod(patch) as torch counts a convolution's).
         """
         embed = self.patch_embedding
-        inits = {"scale_shift_table": Init.normal(self.cfg.dim ** -0.5),
-                 "proj_out.weight": ZEROS, "proj_out.bias": ZEROS,
-                 "patch_embedding.weight": Init.xavier_uniform(embed.weight[0].numel(), embed.out_channels),
-                 "patch_embedding.bias": ZEROS}
+        inits = {
+            "scale_shift_table": Init.normal(self.cfg.dim**-0.5),
+            "proj_out.weight": ZEROS,
+            "proj_out.bias": ZEROS,
+            "patch_embedding.weight": Init.xavier_uniform(embed.weight[0].numel(), embed.out_channels),
+            "patch_embedding.bias": ZEROS,
+        }
         for mlp in ("time_embedder", "text_embedder"):
             for linear in ("linear_1", "linear_2"):
                 inits[f"condition_embedder.{mlp}.{linear}.weight"] = Init.normal(0.02)
@@ -206,8 +213,10 @@ class WanDiT(nn.Module):
         if timestep.ndim == 1:
             timestep = timestep[:, None]
         if timestep.shape not in ((b, 1), (b, x.shape[1])):
-            raise ValueError(f"timestep has shape {tuple(timestep.shape)}; expected [{b}] or [{b}, {x.shape[1]}] "
-                             f"(one per sample, or one per token)")
+            raise ValueError(
+                f"timestep has shape {tuple(timestep.shape)}; expected [{b}] or [{b}, {x.shape[1]}] "
+                f"(one per sample, or one per token)"
+            )
         # The CFG-null text is the all-zero embedding (text dropout and the sampler use zeros, as
         # Wan pads with zeros), so an all-zero raw input marks an unconditional sample;
         # after the text MLP it would no longer be zero.
@@ -219,9 +228,14 @@ class WanDiT(nn.Module):
         if timestep.shape[1] != 1:
             timestep = shards.shard(timestep)
         temb, modulation, text = self.condition_embedder(timestep, text)
-        ctx = RoutingContext(batch_size=b, seq_len=x.shape[1], temb=temb[:, 0] if temb.shape[1] == 1 else temb,
-                             text=text, is_null=is_null,
-                             timestep=timestep[:, 0] if timestep.shape[1] == 1 else timestep)
+        ctx = RoutingContext(
+            batch_size=b,
+            seq_len=x.shape[1],
+            temb=temb[:, 0] if temb.shape[1] == 1 else temb,
+            text=text,
+            is_null=is_null,
+            timestep=timestep[:, 0] if timestep.shape[1] == 1 else timestep,
+        )
         rope = shards.shard_rope(*self.rope(grid, x.device))
         for block in self.blocks:
             x = block(x, text, modulation, rope, ctx)
@@ -231,12 +245,15 @@ class WanDiT(nn.Module):
 
     def _grid(self, latents: torch.Tensor) -> tuple[int, int, int]:
         if latents.ndim != 5 or latents.shape[1] != self.cfg.in_channels:
-            raise ValueError(f"latents must be [B, {self.cfg.in_channels}, F, H, W] (model.in_channels), "
-                             f"got {tuple(latents.shape)}")
+            raise ValueError(
+                f"latents must be [B, {self.cfg.in_channels}, F, H, W] (model.in_channels), got {tuple(latents.shape)}"
+            )
         fhw = latents.shape[2:]
         if any(n % p for n, p in zip(fhw, self.patch_size)):
-            raise ValueError(f"latent size (F, H, W)={tuple(fhw)} is not divisible by model.patch_size="
-                             f"{list(self.patch_size)}; crop or pad the latents to a multiple of it")
+            raise ValueError(
+                f"latent size (F, H, W)={tuple(fhw)} is not divisible by model.patch_size="
+                f"{list(self.patch_size)}; crop or pad the latents to a multiple of it"
+            )
         return tuple(n // p for n, p in zip(fhw, self.patch_size))
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -261,8 +278,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0,
-                initialize: bool = True) -> WanDiT:
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0, initialize: bool = True) -> WanDiT:
     """Build and initialise a WanDiT in one process.
 
     Built on the meta device, then each parameter is allocated on `device` and drawn as a pure

@@ -110,7 +110,7 @@ def inits_of(model: nn.Module) -> dict[str, Init]:
     rules: dict[str, Init] = {}
     for prefix, module in model.named_modules():  # parents before children: the outermost override wins
         dot = f"{prefix}." if prefix else ""
-        for name, init in (module.parameter_inits().items() if hasattr(module, "parameter_inits") else ()):
+        for name, init in module.parameter_inits().items() if hasattr(module, "parameter_inits") else ():
             rules.setdefault(dot + name, init)
     for prefix, module in model.named_modules():
         dot = f"{prefix}." if prefix else ""
@@ -119,8 +119,10 @@ def inits_of(model: nn.Module) -> dict[str, Init]:
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(rules))
     if missing:
-        raise ValueError(f"no initialisation rule for parameter(s) {missing[:3]}: give their module a "
-                         f"parameter_inits() method (see megamoe/model/init.py)")
+        raise ValueError(
+            f"no initialisation rule for parameter(s) {missing[:3]}: give their module a "
+            f"parameter_inits() method (see megamoe/model/init.py)"
+        )
     return {name: rules[name] for name in params}
 
 
@@ -195,12 +197,18 @@ def draw_(tensor: torch.Tensor, init: Init, seed: int, name: str, where: tuple[i
             for size, full_size, off in zip(reversed(local), reversed(full), reversed(offset)):
                 index += (rest % size + off) * stride
                 rest, stride = rest // size, stride * full_size
-        flat[start:start + index.numel()] = init.sample(key, index, tensor.dtype)
+        flat[start : start + index.numel()] = init.sample(key, index, tensor.dtype)
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, inits: dict[str, Init], device: str | torch.device, seed: int,
-                locate: Locate | None = None, initialize: bool | Callable[[str], bool] = True) -> nn.Module:
+def materialize(
+    model: nn.Module,
+    inits: dict[str, Init],
+    device: str | torch.device,
+    seed: int,
+    locate: Locate | None = None,
+    initialize: bool | Callable[[str], bool] = True,
+) -> nn.Module:
     """Give a meta-device `model` real storage on `device`, in place, and initialise it.
 
     inits: `inits_of` the unsharded model. locate: where each (possibly sharded) parameter sits
@@ -229,8 +237,10 @@ def materialize(model: nn.Module, inits: dict[str, Init], device: str | torch.de
             module._parameters[name] = done[id(param)]
         metas = [name for name, buf in module._buffers.items() if buf is not None and buf.is_meta]
         if metas and not hasattr(module, "reset_buffers"):
-            raise TypeError(f"{type(module).__name__} ('{prefix}') holds buffers {metas} but no reset_buffers() "
-                            f"to compute them after a meta-device build; add one")
+            raise TypeError(
+                f"{type(module).__name__} ('{prefix}') holds buffers {metas} but no reset_buffers() "
+                f"to compute them after a meta-device build; add one"
+            )
         for name in metas:
             meta = module._buffers[name]
             module._buffers[name] = torch.empty(meta.shape, dtype=meta.dtype, device=device)

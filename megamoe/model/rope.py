@@ -40,7 +40,8 @@ class WanRotaryEmbedding(torch.nn.Module):
         if max(grid) > self.max_seq_len:
             raise ValueError(
                 f"patch grid {tuple(grid)} exceeds model.rope_max_seq_len={self.max_seq_len} on one axis; "
-                f"raise model.rope_max_seq_len to at least {max(grid)} (diffusers' tables stop there too)")
+                f"raise model.rope_max_seq_len to at least {max(grid)} (diffusers' tables stop there too)"
+            )
         f, h, w = grid
         # Per-axis tables are tiny ([n, d/2]); only they cross to the device, the grid is built there.
         tables = [_axis_angles(n, d, self.theta) for n, d in zip(grid, self.axis_dims)]
@@ -51,11 +52,14 @@ class WanRotaryEmbedding(torch.nn.Module):
     def _per_token(axes: list[torch.Tensor], grid: tuple[int, int, int]) -> torch.Tensor:
         # Broadcast each axis over the grid and concatenate per token: [frame | height | width] pairs.
         f, h, w = grid
-        return torch.cat([
-            axes[0][:, None, None].expand(f, h, w, -1),
-            axes[1][None, :, None].expand(f, h, w, -1),
-            axes[2][None, None, :].expand(f, h, w, -1),
-        ], dim=-1).reshape(f * h * w, -1)
+        return torch.cat(
+            [
+                axes[0][:, None, None].expand(f, h, w, -1),
+                axes[1][None, :, None].expand(f, h, w, -1),
+                axes[2][None, None, :].expand(f, h, w, -1),
+            ],
+            dim=-1,
+        ).reshape(f * h * w, -1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -36,10 +36,21 @@ INDEX_NAME = WEIGHTS_NAME + ".index.json"
 CONFIG_NAME = "config.json"
 DENSE_CLASS_NAME = "WanTransformer3DModel"
 MOE_CLASS_NAME = "WanMoETransformer3DModel"
-MOE_REFUSAL = ("none: this is a megamoe Mixture-of-Experts WanDiT, whose routed experts replace the dense FFNs, "
-               "so WanTransformer3DModel cannot hold it; load it with megamoe (train.init_from, launcher/sample.py)")
-STRUCTURAL_MOE_FIELDS = ("num_experts", "layers", "expert_ffn_dim", "num_shared_experts", "shared_ffn_dim",
-                         "num_null_experts", "router", "router_hidden_dim", "num_prototypes_per_expert")
+MOE_REFUSAL = (
+    "none: this is a megamoe Mixture-of-Experts WanDiT, whose routed experts replace the dense FFNs, "
+    "so WanTransformer3DModel cannot hold it; load it with megamoe (train.init_from, launcher/sample.py)"
+)
+STRUCTURAL_MOE_FIELDS = (
+    "num_experts",
+    "layers",
+    "expert_ffn_dim",
+    "num_shared_experts",
+    "shared_ffn_dim",
+    "num_null_experts",
+    "router",
+    "router_hidden_dim",
+    "num_prototypes_per_expert",
+)
 """The moe fields that change the parameter set; losses, schedules and diagnostics may differ."""
 
 
@@ -75,24 +86,32 @@ def diffusers_config(cfg: ModelConfig) -> dict:
         "pos_embed_seq_len": None,
     }
     if cfg.moe.num_experts > 0:
-        conf.update(_class_name=MOE_CLASS_NAME, moe=dataclasses.asdict(cfg.moe),
-                    quantization_config={"quant_method": MOE_REFUSAL})
+        conf.update(
+            _class_name=MOE_CLASS_NAME,
+            moe=dataclasses.asdict(cfg.moe),
+            quantization_config={"quant_method": MOE_REFUSAL},
+        )
     return conf
 
 
 # ---------------------------------------------------------------------------------------------
 # What a checkpoint implies about the model config, for error messages that name the fix.
 
+
 def model_fields_from_diffusers_config(conf: dict, where: str) -> dict:
     """The ModelConfig fields a diffusers config.json states ({"dim": 3072, ...}); raises WeightsError
     naming `where` for a model megamoe cannot load (another class, image conditioning, another qk norm)."""
     if conf.get("_class_name", DENSE_CLASS_NAME) not in (DENSE_CLASS_NAME, MOE_CLASS_NAME):
-        raise WeightsError(f"{where} describes a {conf['_class_name']}, not a WanTransformer3DModel; "
-                           f"point to the transformer/ folder of a Wan checkpoint")
+        raise WeightsError(
+            f"{where} describes a {conf['_class_name']}, not a WanTransformer3DModel; "
+            f"point to the transformer/ folder of a Wan checkpoint"
+        )
     for key in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
         if conf.get(key) is not None:
-            raise WeightsError(f"{where} has {key}={conf[key]} (image-conditioned Wan); "
-                               f"only text-conditioned checkpoints (Wan2.x T2V / TI2V) are supported")
+            raise WeightsError(
+                f"{where} has {key}={conf[key]} (image-conditioned Wan); "
+                f"only text-conditioned checkpoints (Wan2.x T2V / TI2V) are supported"
+            )
     if conf.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
         raise WeightsError(f"{where} has qk_norm={conf['qk_norm']!r}; only 'rms_norm_across_heads' is supported")
     fields = {}
@@ -118,8 +137,10 @@ def model_fields_from_shapes(shapes: Mapping[str, tuple]) -> dict:
         fields["dim"], fields["patch_size"] = dim, list(patch)
         if "proj_out.weight" in shapes:
             fields["out_channels"] = shapes["proj_out.weight"][0] // math.prod(patch)
-    for field, key in (("freq_dim", "condition_embedder.time_embedder.linear_1.weight"),
-                       ("text_dim", "condition_embedder.text_embedder.linear_1.weight")):
+    for field, key in (
+        ("freq_dim", "condition_embedder.time_embedder.linear_1.weight"),
+        ("text_dim", "condition_embedder.text_embedder.linear_1.weight"),
+    ):
         if len(shapes.get(key, ())) == 2:
             fields[field] = shapes[key][1]
     if len(shapes.get("blocks.0.ffn.net.0.proj.weight", ())) == 2:
@@ -133,8 +154,11 @@ def model_fields_from_shapes(shapes: Mapping[str, tuple]) -> dict:
 
 def config_fix_for(cfg: ModelConfig, fields: dict) -> str:
     """'set model.dim=3072, ... to match the checkpoint' for the `fields` where `cfg` differs; '' if none."""
-    diffs = [f"model.{k}={v}" for k, v in fields.items() if getattr(cfg, k) != v
-             and not (k == "patch_size" and [int(p) for p in cfg.patch_size] == v)]
+    diffs = [
+        f"model.{k}={v}"
+        for k, v in fields.items()
+        if getattr(cfg, k) != v and not (k == "patch_size" and [int(p) for p in cfg.patch_size] == v)
+    ]
     return f"set {', '.join(diffs)} to match the checkpoint" if diffs else ""
 
 
@@ -146,6 +170,7 @@ def first_keys(keys, n: int = 3) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Reading checkpoints: every file's header first, tensors (or blocks of them) later.
+
 
 @dataclasses.dataclass(frozen=True)
 class LocalShard:
@@ -174,10 +199,13 @@ def _header(path: str) -> dict[str, tuple]:
     except Exception as exc:  # safetensors raises several types for corrupt files
         reason = first_line(exc) or type(exc).__name__
         if "not fully covered" in reason:
-            raise WeightsError(f"'{path}' is truncated: its header describes more bytes than the file holds "
-                               f"(an interrupted download or copy); re-download or re-export it") from None
-        raise WeightsError(f"'{path}' is not a valid safetensors file ({reason}); "
-                           f"re-download or re-export it") from None
+            raise WeightsError(
+                f"'{path}' is truncated: its header describes more bytes than the file holds "
+                f"(an interrupted download or copy); re-download or re-export it"
+            ) from None
+        raise WeightsError(
+            f"'{path}' is not a valid safetensors file ({reason}); re-download or re-export it"
+        ) from None
 
 
 def _shards(index_path: str) -> dict[str, set]:
@@ -194,8 +222,10 @@ def _shards(index_path: str) -> dict[str, set]:
         raise WeightsError(f"'{index_path}' is not a valid safetensors index ({exc!r}); re-download it") from None
     for file in files:
         if not os.path.isfile(file):
-            raise WeightsError(f"index '{index_path}' names shard '{os.path.basename(file)}', which does not exist; "
-                               f"re-download or re-export the checkpoint (the index lists every shard)")
+            raise WeightsError(
+                f"index '{index_path}' names shard '{os.path.basename(file)}', which does not exist; "
+                f"re-download or re-export the checkpoint (the index lists every shard)"
+            )
     return files
 
 
@@ -242,10 +272,16 @@ class WeightSource:
             elif os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
                 files = {os.path.join(path, WEIGHTS_NAME): None}
             else:
-                inside = [os.path.join(path, d) for d in ("weights", "ema_weights", "transformer")
-                          if any(os.path.isfile(os.path.join(path, d, n)) for n in (WEIGHTS_NAME, INDEX_NAME))]
-                fix = (f"it is a checkpoint or pipeline directory: pass '{inside[0]}'" if inside else
-                       "point to a diffusers transformer folder or a .safetensors file")
+                inside = [
+                    os.path.join(path, d)
+                    for d in ("weights", "ema_weights", "transformer")
+                    if any(os.path.isfile(os.path.join(path, d, n)) for n in (WEIGHTS_NAME, INDEX_NAME))
+                ]
+                fix = (
+                    f"it is a checkpoint or pipeline directory: pass '{inside[0]}'"
+                    if inside
+                    else "point to a diffusers transformer folder or a .safetensors file"
+                )
                 raise WeightsError(f"directory '{path}' has neither {WEIGHTS_NAME} nor {INDEX_NAME}; {fix}")
         elif path.endswith(".index.json"):
             files = _shards(path)
@@ -255,9 +291,11 @@ class WeightSource:
         for file, keys in files.items():
             header = _header(file)
             if keys is not None and not keys <= header.keys():
-                raise WeightsError(f"shard '{file}' lacks {first_keys(keys - header.keys())} that its index lists; "
-                                   f"re-download the shard")
-            for k in (header if keys is None else keys):
+                raise WeightsError(
+                    f"shard '{file}' lacks {first_keys(keys - header.keys())} that its index lists; "
+                    f"re-download the shard"
+                )
+            for k in header if keys is None else keys:
                 self.shapes[k], self._file_of[k] = header[k], file
 
     def read(self, key: str, index: tuple = ()) -> torch.Tensor:
@@ -279,29 +317,37 @@ def check_matches(source: WeightSource, cfg: ModelConfig, expected: Mapping[str,
         saved = source.config.get("moe")
         if isinstance(saved, dict) and cfg.moe.num_experts > 0:
             current = dataclasses.asdict(cfg.moe)
-            diffs = [f"model.moe.{k}={saved[k]}" for k in STRUCTURAL_MOE_FIELDS
-                     if k in saved and saved[k] != current[k]]
+            diffs = [
+                f"model.moe.{k}={saved[k]}" for k in STRUCTURAL_MOE_FIELDS if k in saved and saved[k] != current[k]
+            ]
             if diffs:
                 raise WeightsError(f"MoE weights in {what} were saved with {', '.join(diffs)}; set that to load them")
     missing, unexpected = expected.keys() - shapes.keys(), shapes.keys() - expected.keys()
     # Weights before biases: a weight's shape shows which config field differs.
-    wrong = sorted((k for k in expected.keys() & shapes.keys() if tuple(expected[k]) != tuple(shapes[k])),
-                   key=lambda k: (k.endswith("bias"), k))
+    wrong = sorted(
+        (k for k in expected.keys() & shapes.keys() if tuple(expected[k]) != tuple(shapes[k])),
+        key=lambda k: (k.endswith("bias"), k),
+    )
     fix = config_fix_for(cfg, model_fields_from_shapes(shapes))
     if wrong:
         k = wrong[0]
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
-        raise WeightsError(f"{what} has {k} of shape {tuple(shapes[k])} but the model expects {tuple(expected[k])}"
-                           f"{more}; {fix or 'the checkpoint is not a WanTransformer3DModel of this shape'}")
+        raise WeightsError(
+            f"{what} has {k} of shape {tuple(shapes[k])} but the model expects {tuple(expected[k])}"
+            f"{more}; {fix or 'the checkpoint is not a WanTransformer3DModel of this shape'}"
+        )
     if missing or unexpected:
-        parts = ([f"lacks {first_keys(missing)}"] if missing else []) + \
-                ([f"has unexpected {first_keys(unexpected)}"] if unexpected else [])
+        parts = ([f"lacks {first_keys(missing)}"] if missing else []) + (
+            [f"has unexpected {first_keys(unexpected)}"] if unexpected else []
+        )
         if not fix:
             if any(re.match(r"(model|module|_orig_mod)\.", k) for k in unexpected):
                 fix = "strip the key prefix before 'blocks.' (saved from a wrapped or compiled model)"
             elif len(missing) > len(expected) // 2:
-                fix = ("convert it to diffusers' WanTransformer3DModel layout (e.g. load it with diffusers' "
-                       "WanTransformer3DModel.from_single_file and save_pretrained) and load that")
+                fix = (
+                    "convert it to diffusers' WanTransformer3DModel layout (e.g. load it with diffusers' "
+                    "WanTransformer3DModel.from_single_file and save_pretrained) and load that"
+                )
             else:
                 fix = "the checkpoint is incomplete or a different Wan variant; re-export it from a matching model"
         raise WeightsError(f"{what} does not match the model: {'; '.join(parts)}; {fix}")
@@ -339,6 +385,7 @@ def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # Writing, in one process (the sharded writer of a parallel run is megamoe/parallel/sharded_weights.py).
 
+
 def write_config(cfg: ModelConfig, directory: str) -> None:
     text = json.dumps(diffusers_config(cfg), indent=2, sort_keys=True) + "\n"
     write_text_atomic(os.path.join(os.fspath(directory), CONFIG_NAME), text)
@@ -349,8 +396,11 @@ def remove_stale_weights(directory: str, keep: set[str]) -> None:
     diffusers reads an index before a single file, so a stale one would shadow what was just written."""
     directory = os.fspath(directory)
     for name in os.listdir(directory):
-        if name.startswith("diffusion_pytorch_model") and name.endswith((".safetensors", ".index.json")) \
-                and name not in keep:
+        if (
+            name.startswith("diffusion_pytorch_model")
+            and name.endswith((".safetensors", ".index.json"))
+            and name not in keep
+        ):
             os.remove(os.path.join(directory, name))
 
 

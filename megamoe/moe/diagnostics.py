@@ -92,9 +92,17 @@ class DiagnosticsReport:
     def to_json(self) -> str:
         def plain(a):
             return None if a is None else np.asarray(a).tolist()
-        return json.dumps({"step": self.step, "scalars": self.scalars, "layer_names": self.layer_names,
-                           "load_matrix": plain(self.load_matrix), "timestep_load": plain(self.timestep_load),
-                           "warnings": self.warnings})
+
+        return json.dumps(
+            {
+                "step": self.step,
+                "scalars": self.scalars,
+                "layer_names": self.layer_names,
+                "load_matrix": plain(self.load_matrix),
+                "timestep_load": plain(self.timestep_load),
+                "warnings": self.warnings,
+            }
+        )
 
 
 def track_router_update(before: dict, after: dict) -> float:
@@ -154,11 +162,19 @@ def write_tensorboard(writer, report: DiagnosticsReport, step: int) -> None:
 
 
 class RoutingDiagnostics:
-    def __init__(self, model: torch.nn.Module, moe_cfg: MoEConfig, thresholds: DiagnosticsThresholds | None = None,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        moe_cfg: MoEConfig,
+        thresholds: DiagnosticsThresholds | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         # Duck-typed so a DeepSpeed engine or a wrapped model works: an MoE layer has a Router and experts.
-        self.layers = [(name, m) for name, m in model.named_modules()
-                       if isinstance(getattr(m, "router", None), Router) and hasattr(m, "experts")]
+        self.layers = [
+            (name, m)
+            for name, m in model.named_modules()
+            if isinstance(getattr(m, "router", None), Router) and hasattr(m, "experts")
+        ]
         self.labels = []
         for i, (name, _) in enumerate(self.layers):
             found = re.search(r"blocks\.(\d+)\.", name + ".")
@@ -201,7 +217,9 @@ class RoutingDiagnostics:
             acc = per_layer.setdefault(label, [0, 0])
             acc[0] += lost[full]
             acc[1] += changed[full]
-        self._bf16_scalars = {f"moe/{label}/bf16_lost_update_frac": l / max(1, c) for label, (l, c) in per_layer.items()}
+        self._bf16_scalars = {
+            f"moe/{label}/bf16_lost_update_frac": l / max(1, c) for label, (l, c) in per_layer.items()
+        }
         total = sum(lost.values()) / max(1, sum(changed.values()))
         self._bf16_scalars["moe/bf16_lost_update_frac"] = total
         self._snapshot = None
@@ -242,9 +260,20 @@ class RoutingDiagnostics:
             t = t.expand(-1, ctx.seq_len) if t.shape[1] == 1 else t
             bucket = (t.reshape(-1) / 1000.0 * buckets).long().clamp(0, buckets - 1).to(probs.device)
             by_time.index_add_(0, bucket, real.double())
-        sums = torch.tensor([token_entropy[has_weight].sum(), has_weight.sum(), probs.max(1).values.sum(), n,
-                             gap[multi].sum(), multi.sum(), routing_map[:, e:].sum(), routing_map.sum()],
-                            dtype=torch.float64, device=probs.device)
+        sums = torch.tensor(
+            [
+                token_entropy[has_weight].sum(),
+                has_weight.sum(),
+                probs.max(1).values.sum(),
+                n,
+                gap[multi].sum(),
+                multi.sum(),
+                routing_map[:, e:].sum(),
+                routing_map.sum(),
+            ],
+            dtype=torch.float64,
+            device=probs.device,
+        )
         out = torch.cat([load, top1, by_time.flatten(), sums])
         return self.reduce(out) if self.reduce is not None else out
 
@@ -266,12 +295,17 @@ class RoutingDiagnostics:
             if w1 is not None:
                 sim, sim_nn = expert_similarity(w1)
                 s[p + "expert_similarity"], s[p + "expert_similarity_nn"] = sim, sim_nn
-                self._warn(label, "expert homogenization", step >= th.homogenization_grace_steps
-                           and sim > th.homogenization_similarity,
-                           f"mean pairwise cosine of expert weights {sim:.4f} > {th.homogenization_similarity} "
-                           f"at step {step}; experts have not diverged (raise router LR / add shared-expert noise)",
-                           report.warnings)
-            s[p + "router_param_norm"] = float(sum(q.detach().float().pow(2).sum() for q in layer.router.parameters())) ** 0.5
+                self._warn(
+                    label,
+                    "expert homogenization",
+                    step >= th.homogenization_grace_steps and sim > th.homogenization_similarity,
+                    f"mean pairwise cosine of expert weights {sim:.4f} > {th.homogenization_similarity} "
+                    f"at step {step}; experts have not diverged (raise router LR / add shared-expert noise)",
+                    report.warnings,
+                )
+            s[p + "router_param_norm"] = (
+                float(sum(q.detach().float().pow(2).sum() for q in layer.router.parameters())) ** 0.5
+            )
             norms = getattr(layer, "last_output_norms", None)
             if norms is not None:
                 s[p + "shared_routed_norm_ratio"] = float(norms[0]) / max(float(norms[1]), 1e-30)
@@ -283,9 +317,9 @@ class RoutingDiagnostics:
             if recorded is None:
                 continue  # not recorded this step: routing scalars are left out, streaks unchanged
             c = self._counts(*recorded).cpu().numpy()
-            load, top1 = c[:e], c[e:2 * e]
-            by_time = c[2 * e:2 * e + nb * e].reshape(nb, e)
-            ent_sum, ent_n, maxp_sum, n, gap_sum, gap_n, null_assign, all_assign = c[2 * e + nb * e:]
+            load, top1 = c[:e], c[e : 2 * e]
+            by_time = c[2 * e : 2 * e + nb * e].reshape(nb, e)
+            ent_sum, ent_n, maxp_sum, n, gap_sum, gap_n, null_assign, all_assign = c[2 * e + nb * e :]
             layer.last_routing = None  # a later compute must not re-count a stale forward
 
             total = load.sum()
@@ -310,18 +344,27 @@ class RoutingDiagnostics:
             s[p + "dead_experts"] = float(dead.sum())
             s[p + "dead_streak"] = float(self.dead_streak[i].max(initial=0))
             stuck = np.flatnonzero(self.dead_streak[i] >= th.dead_patience)
-            self._warn(label, "dead experts", len(stuck) > 0,
-                       f"experts {stuck.tolist()} got no tokens for {th.dead_patience}+ diagnostics in a row at step {step}",
-                       report.warnings)
+            self._warn(
+                label,
+                "dead experts",
+                len(stuck) > 0,
+                f"experts {stuck.tolist()} got no tokens for {th.dead_patience}+ diagnostics in a row at step {step}",
+                report.warnings,
+            )
 
             monopoly = top1.max() / top1.sum() if top1.sum() > 0 else 0.0
             leader = int(top1.argmax())
             self.deadlock_streak[i] = self.deadlock_streak[i] + 1 if monopoly > th.deadlock_share else 0
             s[p + "monopoly_share"], s[p + "monopoly_expert"] = float(monopoly), float(leader)
             s[p + "deadlock_streak"] = float(self.deadlock_streak[i])
-            self._warn(label, "selective deadlock", self.deadlock_streak[i] >= th.deadlock_patience,
-                       f"expert {leader} is top-1 for {monopoly:.0%} of tokens for {self.deadlock_streak[i]} "
-                       f"diagnostics in a row at step {step}", report.warnings)
+            self._warn(
+                label,
+                "selective deadlock",
+                self.deadlock_streak[i] >= th.deadlock_patience,
+                f"expert {leader} is top-1 for {monopoly:.0%} of tokens for {self.deadlock_streak[i]} "
+                f"diagnostics in a row at step {step}",
+                report.warnings,
+            )
 
         s.update(self._bf16_scalars)
         self._bf16_scalars = {}
@@ -331,8 +374,13 @@ class RoutingDiagnostics:
 
     def _summarise(self, s: dict) -> None:
         """Model-wide lines for a dashboard's first glance."""
-        for name, how in (("max_violation", max), ("monopoly_share", max), ("expert_similarity", max),
-                          ("dead_experts", sum), ("mean_max_prob", max)):
+        for name, how in (
+            ("max_violation", max),
+            ("monopoly_share", max),
+            ("expert_similarity", max),
+            ("dead_experts", sum),
+            ("mean_max_prob", max),
+        ):
             values = [v for k, v in s.items() if k.endswith("/" + name) and k.count("/") == 2]
             if values:
                 s[f"moe/{'total' if how is sum else 'max'}_{name}"] = float(how(values))

@@ -37,8 +37,9 @@ class DispatchState:
 class LocalDispatcher:
     def dispatch(self, tokens: torch.Tensor, routing_map: torch.Tensor):
         if routing_map.dtype != torch.bool or routing_map.shape[0] != tokens.shape[0]:
-            raise ValueError(f"routing_map must be bool [{tokens.shape[0]}, E], got {routing_map.dtype} "
-                             f"{tuple(routing_map.shape)}")
+            raise ValueError(
+                f"routing_map must be bool [{tokens.shape[0]}, E], got {routing_map.dtype} {tuple(routing_map.shape)}"
+            )
         # nonzero of the [E, N] view lists assignments expert-major, tokens in order within an
         # expert: exactly the grouping the experts expect, without a sort. (On GPU this is the
         # one host sync of the layer; a dropless layer needs the sizes anyway.)

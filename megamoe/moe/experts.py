@@ -45,8 +45,9 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, dim: int, hidden: int):
         super().__init__()
         if num_experts < 1 or dim < 1 or hidden < 1:
-            raise ValueError(f"GroupedExperts needs positive sizes, got experts={num_experts} dim={dim} "
-                             f"hidden={hidden}")
+            raise ValueError(
+                f"GroupedExperts needs positive sizes, got experts={num_experts} dim={dim} hidden={hidden}"
+            )
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden))
@@ -75,19 +76,25 @@ class GroupedExperts(nn.Module):
         if tokens.ndim != 2 or tokens.shape[1] != self.dim:
             raise ValueError(f"expert input must be [M, {self.dim}], got {tuple(tokens.shape)}")
         if tokens_per_expert.shape != (self.num_experts,):
-            raise ValueError(f"tokens_per_expert must have {self.num_experts} entries, "
-                             f"got {tuple(tokens_per_expert.shape)}")
+            raise ValueError(
+                f"tokens_per_expert must have {self.num_experts} entries, got {tuple(tokens_per_expert.shape)}"
+            )
         # Under autocast, compute in its dtype as nn.Linear would, on both paths alike.
-        dtype = torch.get_autocast_dtype(tokens.device.type) if torch.is_autocast_enabled(tokens.device.type) \
+        dtype = (
+            torch.get_autocast_dtype(tokens.device.type)
+            if torch.is_autocast_enabled(tokens.device.type)
             else tokens.dtype
+        )
         tokens = tokens.to(dtype)
         weights = [p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2)]
         use = self.use_grouped_mm
         supported = grouped_mm_supported(tokens, self.dim, self.hidden)
         if use and not supported:
-            raise ValueError(f"torch._grouped_mm cannot run {dtype} tokens [{tokens.shape[0]}, {self.dim}] with "
-                             f"hidden {self.hidden} (needs fp32/bf16/fp16 and 16-byte row strides); "
-                             f"set use_grouped_mm=None to fall back to the loop")
+            raise ValueError(
+                f"torch._grouped_mm cannot run {dtype} tokens [{tokens.shape[0]}, {self.dim}] with "
+                f"hidden {self.hidden} (needs fp32/bf16/fp16 and 16-byte row strides); "
+                f"set use_grouped_mm=None to fall back to the loop"
+            )
         if use is None:
             use = supported
         use = use and tokens.shape[0] > 0
@@ -100,8 +107,9 @@ class GroupedExperts(nn.Module):
     def _grouped(x, tokens_per_expert, w1, b1, w2, b2):
         ends = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
         # Row r's expert, for the biases (grouped_mm takes no bias on CPU).
-        expert_of_row = torch.repeat_interleave(torch.arange(len(tokens_per_expert), device=x.device),
-                                                tokens_per_expert, output_size=x.shape[0])
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(len(tokens_per_expert), device=x.device), tokens_per_expert, output_size=x.shape[0]
+        )
         h = torch._grouped_mm(x.contiguous(), w1, offs=ends)
         if h.requires_grad:
             h.register_hook(_contiguous_grad)

@@ -42,11 +42,15 @@ def moe_layer_indices(cfg: ModelConfig) -> set[int]:
         except ValueError:
             indices = None
         if not indices or any(not 0 <= i < n for i in indices):
-            raise ConfigError(f"model.moe.layers='{cfg.moe.layers}' is not 'all', 'every_other' or a comma list of "
-                              f"block indices in [0, {n}) like '0,4,8'; fix model.moe.layers")
+            raise ConfigError(
+                f"model.moe.layers='{cfg.moe.layers}' is not 'all', 'every_other' or a comma list of "
+                f"block indices in [0, {n}) like '0,4,8'; fix model.moe.layers"
+            )
     if cfg.moe.num_experts > 0 and not indices:
-        raise ConfigError(f"model.moe.layers='{cfg.moe.layers}' selects no block of model.num_layers={n}, so the "
-                          f"model would be dense; choose blocks that exist or set model.moe.num_experts=0")
+        raise ConfigError(
+            f"model.moe.layers='{cfg.moe.layers}' selects no block of model.num_layers={n}, so the "
+            f"model would be dense; choose blocks that exist or set model.moe.num_experts=0"
+        )
     return indices if cfg.moe.num_experts > 0 else set()
 
 

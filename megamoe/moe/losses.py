@@ -18,9 +18,17 @@ BALANCE_SCOPES = ("micro_batch", "sequence", "global")  # model.moe.balance_scop
 # ---------------------------------------------------------------------------------------------
 # Load balance and logit size (token-choice routers)
 
-def switch_balance_loss(probs_full: torch.Tensor, routing_map: torch.Tensor, num_experts: int,
-                        batch_size: int, seq_len: int, scope: str = "micro_batch",
-                        shards: TokenShards = ONE_PROCESS, counts: torch.Tensor | None = None) -> torch.Tensor:
+
+def switch_balance_loss(
+    probs_full: torch.Tensor,
+    routing_map: torch.Tensor,
+    num_experts: int,
+    batch_size: int,
+    seq_len: int,
+    scope: str = "micro_batch",
+    shards: TokenShards = ONE_PROCESS,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Switch/GShard load balance: E * sum_i f_i * P_i over the real experts.
 
     probs_full [N, E_total]: each token's full score distribution (before top-k);

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from megamoe.moe.token_shards import ONE_PROCESS, TokenShards
 
 
-def router_similarity_loss(logits: torch.Tensor, routing_map: torch.Tensor,
-                           shards: TokenShards = ONE_PROCESS) -> torch.Tensor:
+def router_similarity_loss(
+    logits: torch.Tensor, routing_map: torch.Tensor, shards: TokenShards = ONE_PROCESS
+) -> torch.Tensor:
     """Race-DiT router similarity loss: the switch balance loss extended to pairs of experts.
 
         P    = softmax_e(logits)                 [N, E]  soft assignment (carries the gradient)
@@ -43,8 +44,10 @@ def router_similarity_loss(logits: torch.Tensor, routing_map: torch.Tensor,
     and agrees with independent public re-implementations (normalised by the token count N).
     """
     if logits.dim() != 2 or logits.shape != routing_map.shape:
-        raise ValueError(f"router_similarity_loss expects logits and routing_map of one shape [tokens, experts], "
-                         f"got {tuple(logits.shape)} and {tuple(routing_map.shape)}")
+        raise ValueError(
+            f"router_similarity_loss expects logits and routing_map of one shape [tokens, experts], "
+            f"got {tuple(logits.shape)} and {tuple(routing_map.shape)}"
+        )
     n, e = logits.shape
     p = F.softmax(logits.float(), dim=-1)
     m = routing_map.to(p.dtype)
@@ -70,8 +73,10 @@ def layer_reg_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
     to predict the target directly gives them a strong, short gradient path.
     """
     if prediction.shape != target.shape:
-        raise ValueError(f"layer_reg_loss: prediction {tuple(prediction.shape)} and target {tuple(target.shape)} "
-                         "differ; patchify the target to [tokens, prod(patch_size) * out_channels]")
+        raise ValueError(
+            f"layer_reg_loss: prediction {tuple(prediction.shape)} and target {tuple(target.shape)} "
+            "differ; patchify the target to [tokens, prod(patch_size) * out_channels]"
+        )
     return F.mse_loss(prediction.float(), target.float())
 
 
@@ -120,8 +125,9 @@ def routing_contrastive_loss(
     logits = F.normalize(prototypes[active], dim=1) @ F.normalize(centroids, dim=1).t() / temperature
     if groups is not None:
         g = groups[active]
-        same_expert = (g.unsqueeze(1) == g.unsqueeze(0)) & ~torch.eye(active.numel(), dtype=torch.bool,
-                                                                       device=logits.device)
+        same_expert = (g.unsqueeze(1) == g.unsqueeze(0)) & ~torch.eye(
+            active.numel(), dtype=torch.bool, device=logits.device
+        )
         logits = logits.masked_fill(same_expert, float("-inf"))
     target = torch.arange(active.numel(), device=logits.device)
     return F.cross_entropy(logits, target) + zero

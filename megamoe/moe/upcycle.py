@@ -69,12 +69,16 @@ def slices_per_ffn(cfg: ModelConfig) -> int:
         raise ValueError("model.moe.num_experts is 0 (a dense model); set it > 0 to upcycle")
     width = moe.expert_ffn_dim or cfg.ffn_dim
     if width <= 0 or cfg.ffn_dim % width:
-        raise ValueError(f"model.moe.expert_ffn_dim={width} does not divide model.ffn_dim={cfg.ffn_dim}; "
-                         f"use ffn_dim / G for G slices per dense FFN (or null for cloned experts)")
+        raise ValueError(
+            f"model.moe.expert_ffn_dim={width} does not divide model.ffn_dim={cfg.ffn_dim}; "
+            f"use ffn_dim / G for G slices per dense FFN (or null for cloned experts)"
+        )
     g = cfg.ffn_dim // width
     if moe.num_experts % g:
-        raise ValueError(f"model.moe.num_experts={moe.num_experts} is not a multiple of the {g} slices per dense FFN "
-                         f"(ffn_dim {cfg.ffn_dim} / expert_ffn_dim {width}); use a multiple of {g}")
+        raise ValueError(
+            f"model.moe.num_experts={moe.num_experts} is not a multiple of the {g} slices per dense FFN "
+            f"(ffn_dim {cfg.ffn_dim} / expert_ffn_dim {width}); use a multiple of {g}"
+        )
     return g
 
 
@@ -91,25 +95,31 @@ def check_dense(source: WeightSource, cfg: ModelConfig) -> None:
         if fix:
             raise WeightsError(f"dense {what} does not match the config: {fix}")
     if not is_dense(source):
-        raise WeightsError(f"{what} is already an MoE checkpoint; upcycle from a dense one "
-                           f"(or load it directly with train.init_from)")
+        raise WeightsError(
+            f"{what} is already an MoE checkpoint; upcycle from a dense one (or load it directly with train.init_from)"
+        )
     expected = {k: tuple(v.shape) for k, v in build_model(dense_config(cfg), "meta").state_dict().items()}
     fix = config_fix_for(cfg, model_fields_from_shapes(shapes)) or "the checkpoint is not a dense WanDiT of this shape"
-    wrong = sorted((k for k in expected.keys() & shapes.keys() if expected[k] != tuple(shapes[k])),
-                   key=lambda k: (k.endswith("bias"), k))  # a weight's shape names the config field
+    wrong = sorted(
+        (k for k in expected.keys() & shapes.keys() if expected[k] != tuple(shapes[k])),
+        key=lambda k: (k.endswith("bias"), k),
+    )  # a weight's shape names the config field
     if wrong:
         k = wrong[0]
-        raise WeightsError(f"dense {what} has {k} of shape {tuple(shapes[k])} but model config expects "
-                           f"{expected[k]}; {fix}")
+        raise WeightsError(
+            f"dense {what} has {k} of shape {tuple(shapes[k])} but model config expects {expected[k]}; {fix}"
+        )
     missing, unexpected = expected.keys() - shapes.keys(), shapes.keys() - expected.keys()
     if missing or unexpected:
-        parts = ([f"lacks {first_keys(missing)}"] if missing else []) + \
-                ([f"has unexpected {first_keys(unexpected)}"] if unexpected else [])
+        parts = ([f"lacks {first_keys(missing)}"] if missing else []) + (
+            [f"has unexpected {first_keys(unexpected)}"] if unexpected else []
+        )
         raise WeightsError(f"dense {what} does not match the model config: {'; '.join(parts)}; {fix}")
 
 
 # ---------------------------------------------------------------------------------------------
 # The three laws, for the block of one tensor that a rank holds.
+
 
 def coordinate_seed(seed: int, name: str, *coords: int) -> int:
     """A 64-bit seed that depends only on (seed, name, coordinates): random values that are the
@@ -207,16 +217,22 @@ def upcycle_into(model: WanDiT, source, mode: str, seed: int, shards: dict[str, 
         elif m := _EXPERT_KEY.match(key):
             value = expert_block(m.group(2), m.group(1), source, shard, g)
         elif _SHARED_KEY.match(key):
-            value = torch.zeros(target.shape) if mode == "verify" else \
-                shared_noise(seed, key, shard, cfg.moe.shared_init_std)
+            value = (
+                torch.zeros(target.shape)
+                if mode == "verify"
+                else shared_noise(seed, key, shard, cfg.moe.shared_init_std)
+            )
         elif key in source.shapes:
             value = source.read(key, shard.index)
         else:
-            raise WeightsError(f"upcycling does not know how to initialise MoE key {key}; "
-                               f"teach megamoe/moe/upcycle.py about it")
+            raise WeightsError(
+                f"upcycling does not know how to initialise MoE key {key}; teach megamoe/moe/upcycle.py about it"
+            )
         if tuple(value.shape) != tuple(target.shape):
-            raise WeightsError(f"upcycled {key} has shape {tuple(value.shape)} but the MoE model expects "
-                               f"{tuple(target.shape)}; check model.moe.expert_ffn_dim / shared_ffn_dim")
+            raise WeightsError(
+                f"upcycled {key} has shape {tuple(value.shape)} but the MoE model expects "
+                f"{tuple(target.shape)}; check model.moe.expert_ffn_dim / shared_ffn_dim"
+            )
         target.copy_(value)
 
 

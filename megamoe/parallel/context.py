@@ -60,9 +60,11 @@ class SequenceSharding:
 
     def _chunk(self, length: int) -> int:
         if length % self.num_shards:
-            raise ValueError(f"sequence of {length} tokens is not divisible into {self.num_shards} shards "
-                             f"(parallel.context_parallel_size, times tensor_parallel_size with sequence_parallel); "
-                             f"choose latent sizes whose token count is a multiple of {self.num_shards}")
+            raise ValueError(
+                f"sequence of {length} tokens is not divisible into {self.num_shards} shards "
+                f"(parallel.context_parallel_size, times tensor_parallel_size with sequence_parallel); "
+                f"choose latent sizes whose token count is a multiple of {self.num_shards}"
+            )
         return length // self.num_shards
 
 
@@ -75,8 +77,9 @@ class UlyssesAttend:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.shape[1] % self.size:
-            raise ValueError(f"{q.shape[1]} local attention heads are not divisible by "
-                             f"parallel.context_parallel_size={self.size}")
+            raise ValueError(
+                f"{q.shape[1]} local attention heads are not divisible by parallel.context_parallel_size={self.size}"
+            )
         out = self.inner(self._to_heads(q), self._to_heads(k), self._to_heads(v))
         return self._to_sequence(out)
 

@@ -71,15 +71,17 @@ class AllToAllDispatcher:
 def shard_experts(experts: GroupedExperts, ep_rank: int, ep_size: int) -> GroupedExperts:
     """The slice of the stacked experts that expert-parallel rank `ep_rank` holds."""
     if experts.num_experts % ep_size:
-        raise ValueError(f"model.moe.num_experts={experts.num_experts} is not divisible by "
-                         f"parallel.expert_parallel_size={ep_size}; choose sizes that divide")
+        raise ValueError(
+            f"model.moe.num_experts={experts.num_experts} is not divisible by "
+            f"parallel.expert_parallel_size={ep_size}; choose sizes that divide"
+        )
     local = experts.num_experts // ep_size
     start = ep_rank * local
     with torch.device(experts.w1.device):  # on the meta device: nothing allocated, nothing drawn
         shard = GroupedExperts(local, experts.dim, experts.hidden).to(experts.w1.dtype)
     with torch.no_grad():
         for name in ("w1", "b1", "w2", "b2"):
-            getattr(shard, name).copy_(getattr(experts, name)[start:start + local])
+            getattr(shard, name).copy_(getattr(experts, name)[start : start + local])
     shard.use_grouped_mm = experts.use_grouped_mm
     return shard
 

@@ -46,8 +46,9 @@ from megamoe.parallel.expert import apply_expert_parallel
 from megamoe.parallel.tensor import shard_module, sum_partial_gradients, tensor_parallel_modules
 
 
-def build_sharded_model(cfg: Config, device: str | torch.device,
-                        initialize: bool | Callable[[str], bool] = True) -> WanDiT:
+def build_sharded_model(
+    cfg: Config, device: str | torch.device, initialize: bool | Callable[[str], bool] = True
+) -> WanDiT:
     """This rank's shard of the model of `cfg`, allocated on `device` only, initialised.
 
     Built on the meta device, sharded by `parallelize` for cfg.parallel (the process groups of
@@ -91,11 +92,15 @@ def _shard(model: WanDiT, parallel: ParallelConfig) -> None:
     sp = parallel.sequence_parallel and tp > 1
     heads = model.cfg.num_heads
     if heads % (tp * cp):
-        raise ValueError(f"model.num_heads={heads} is not divisible by parallel.tensor_parallel_size x "
-                         f"context_parallel_size = {tp * cp}; choose sizes whose product divides the heads")
+        raise ValueError(
+            f"model.num_heads={heads} is not divisible by parallel.tensor_parallel_size x "
+            f"context_parallel_size = {tp * cp}; choose sizes whose product divides the heads"
+        )
     if tp > 1 and moe_layers(model) and not parallel.sequence_parallel:
-        raise ValueError("MoE layers with parallel.tensor_parallel_size > 1 need parallel.sequence_parallel=true "
-                         "(experts are not tensor-parallel: without SP every TP rank would route the same tokens)")
+        raise ValueError(
+            "MoE layers with parallel.tensor_parallel_size > 1 need parallel.sequence_parallel=true "
+            "(experts are not tensor-parallel: without SP every TP rank would route the same tokens)"
+        )
 
     if tp > 1:
         tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -133,12 +138,17 @@ def token_batch_group(parallel: ParallelConfig):
 
 
 def _sizes(parallel: ParallelConfig) -> tuple[int, int, int]:
-    sizes = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_context_parallel_world_size(),
-             parallel_state.get_expert_model_parallel_world_size())
+    sizes = (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_context_parallel_world_size(),
+        parallel_state.get_expert_model_parallel_world_size(),
+    )
     wanted = (parallel.tensor_parallel_size, parallel.context_parallel_size, parallel.expert_parallel_size)
     if sizes != wanted:
-        raise RuntimeError(f"process groups are (TP, CP, EP) = {sizes} but parallel asks for {wanted}; "
-                           f"call megamoe.parallel.topology.init_distributed with the same ParallelConfig")
+        raise RuntimeError(
+            f"process groups are (TP, CP, EP) = {sizes} but parallel asks for {wanted}; "
+            f"call megamoe.parallel.topology.init_distributed with the same ParallelConfig"
+        )
     return sizes
 
 
@@ -148,11 +158,15 @@ def _sequence_sharding(sp: bool) -> SequenceSharding:
         return SequenceSharding(cp_group, cp_group)
     group = parallel_state.get_tensor_and_context_parallel_group()
     # Chunk cp * TP + tp must be the rank's place in the group the prediction is gathered over.
-    expected = (parallel_state.get_context_parallel_rank() * parallel_state.get_tensor_model_parallel_world_size()
-                + parallel_state.get_tensor_model_parallel_rank())
+    expected = (
+        parallel_state.get_context_parallel_rank() * parallel_state.get_tensor_model_parallel_world_size()
+        + parallel_state.get_tensor_model_parallel_rank()
+    )
     if dist.get_rank(group) != expected:
-        raise RuntimeError(f"megatron-core's tensor-and-context group puts this rank at {dist.get_rank(group)}, "
-                           f"expected cp_rank * TP + tp_rank = {expected} (group order must be TP fastest)")
+        raise RuntimeError(
+            f"megatron-core's tensor-and-context group puts this rank at {dist.get_rank(group)}, "
+            f"expected cp_rank * TP + tp_rank = {expected} (group order must be TP fastest)"
+        )
     return SequenceSharding(group, cp_group)
 
 

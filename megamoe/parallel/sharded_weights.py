@@ -48,9 +48,18 @@ from megamoe.model.weights import (
 from megamoe.moe.upcycle import check_dense, is_dense, mode_of, upcycle_into
 from megamoe.parallel.parallelize import split_of
 
-_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                       torch.uint8: "U8", torch.bool: "BOOL"}
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def local_shards(model: torch.nn.Module) -> dict[str, LocalShard]:
@@ -71,6 +80,7 @@ def local_shards(model: torch.nn.Module) -> dict[str, LocalShard]:
 
 # ---------------------------------------------------------------------------------------------
 # Reading.
+
 
 def open_init_source(path, cfg: ModelConfig) -> tuple[WeightSource, bool]:
     """Open `train.init_from` and check it against the model `cfg` describes: headers only, no
@@ -111,6 +121,7 @@ def init_from(model: torch.nn.Module, path, seed: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # Writing.
 
+
 class _SafetensorsStream:
     """A safetensors file written tensor by tensor: the header (every name, dtype, shape and
     offset) first, then each tensor's bytes in header order, so only one tensor is in memory."""
@@ -119,8 +130,11 @@ class _SafetensorsStream:
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name, dtype, shape in entries:
             size = torch.Size(shape).numel() * dtype.itemsize
-            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + size]}
+            header[name] = {
+                "dtype": _SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
             offset += size
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
@@ -172,8 +186,9 @@ def export_weights(model: torch.nn.Module, directory, tensors: Mapping[str, torc
 
 
 @torch.no_grad()
-def write_sharded_weights(tensors: Mapping[str, torch.Tensor], splits: Mapping[str, tuple | None],
-                          cfg: ModelConfig, directory) -> dict:
+def write_sharded_weights(
+    tensors: Mapping[str, torch.Tensor], splits: Mapping[str, tuple | None], cfg: ModelConfig, directory
+) -> dict:
     """Collective over the world: write full tensors assembled from every rank's shards.
 
     tensors: this rank's local shard of every tensor, by diffusers key, in the same order on
@@ -244,8 +259,10 @@ def write_sharded_weights(tensors: Mapping[str, torch.Tensor], splits: Mapping[s
         if failure:
             stream.abort()
     if me == 0:
-        index = {"metadata": {"total_size": sum(torch.Size(s).numel() * d.itemsize for _, s, d, _ in entries)},
-                 "weight_map": {key: files[w] for (key, _, _, _), w in zip(entries, writer)}}
+        index = {
+            "metadata": {"total_size": sum(torch.Size(s).numel() * d.itemsize for _, s, d, _ in entries)},
+            "weight_map": {key: files[w] for (key, _, _, _), w in zip(entries, writer)},
+        }
         text = json.dumps(index, indent=2, sort_keys=True) + "\n"
         on_file(lambda: write_text_atomic(os.path.join(directory, INDEX_NAME), text))
         on_file(lambda: write_config(cfg, directory))

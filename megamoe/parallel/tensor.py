@@ -44,8 +44,10 @@ def _tag(param: nn.Parameter, dim: int) -> nn.Parameter:
 def _shard(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     if tensor.shape[dim] % size:
-        raise ValueError(f"cannot split {tuple(tensor.shape)} into {size} tensor-parallel shards along dim {dim}; "
-                         f"choose a parallel.tensor_parallel_size that divides {tensor.shape[dim]}")
+        raise ValueError(
+            f"cannot split {tuple(tensor.shape)} into {size} tensor-parallel shards along dim {dim}; "
+            f"choose a parallel.tensor_parallel_size that divides {tensor.shape[dim]}"
+        )
     return tensor.detach().chunk(size, dim)[rank].clone()
 
 
@@ -84,8 +86,11 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         partial = F.linear(x, self.weight)
-        y = reduce_scatter_sequence(partial, 1, self.group) if self.scatter_sequence else \
-            reduce_from_group(partial, self.group)
+        y = (
+            reduce_scatter_sequence(partial, 1, self.group)
+            if self.scatter_sequence
+            else reduce_from_group(partial, self.group)
+        )
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -126,6 +131,7 @@ def prepare_input(module: nn.Module, group, sequence_parallel: bool) -> None:
     `sum_partial_gradients` sum the text embedder's parameter gradients over TP; an all-reduce
     here would count every contribution TP times.
     """
+
     def hook(_module, args, kwargs):
         x = gather_sequence(args[0], 1, group) if sequence_parallel else copy_to_group(args[0], group)
         if kwargs.get("context") is not None and not sequence_parallel:
@@ -137,8 +143,14 @@ def prepare_input(module: nn.Module, group, sequence_parallel: bool) -> None:
 
 # The submodules TP replaces, by path inside a WanAttention / a FeedForward, and the class that
 # replaces each: attention splits whole heads, an FFN its hidden units (GELU is per unit).
-ATTENTION_SHARDS = {"to_q": ColumnParallelLinear, "to_k": ColumnParallelLinear, "to_v": ColumnParallelLinear,
-                    "to_out.0": RowParallelLinear, "norm_q": HeadShardedRMSNorm, "norm_k": HeadShardedRMSNorm}
+ATTENTION_SHARDS = {
+    "to_q": ColumnParallelLinear,
+    "to_k": ColumnParallelLinear,
+    "to_v": ColumnParallelLinear,
+    "to_out.0": RowParallelLinear,
+    "norm_q": HeadShardedRMSNorm,
+    "norm_k": HeadShardedRMSNorm,
+}
 FEED_FORWARD_SHARDS = {"net.0.proj": ColumnParallelLinear, "net.2": RowParallelLinear}
 
 
@@ -153,8 +165,9 @@ def shard_module(module: nn.Module, shards: dict, group, sequence_parallel: bool
     size = dist.get_world_size(group)
     if hasattr(module, "num_heads"):
         if module.num_heads % size:
-            raise ValueError(f"model.num_heads={module.num_heads} is not divisible by "
-                             f"parallel.tensor_parallel_size={size}")
+            raise ValueError(
+                f"model.num_heads={module.num_heads} is not divisible by parallel.tensor_parallel_size={size}"
+            )
         module.num_heads //= size
     for path, cls in shards.items():
         module.set_submodule(path, cls(module.get_submodule(path), group, sequence_parallel))
@@ -177,8 +190,11 @@ def tensor_parallel_modules(model: nn.Module) -> list[tuple[str, nn.Module, dict
 def tensor_parallel_dims(model: nn.Module) -> dict[str, int]:
     """{parameter name of the plain model: dimension TP splits it along}; every other parameter stays
     whole on each TP rank. What `parallelize` does, read off an unsharded (e.g. meta-device) model."""
-    return {f"{name}.{path}": dim for name, _, shards in tensor_parallel_modules(model)
-            for path, dim in partition_dims(shards).items()}
+    return {
+        f"{name}.{path}": dim
+        for name, _, shards in tensor_parallel_modules(model)
+        for path, dim in partition_dims(shards).items()
+    }
 
 
 def sum_partial_gradients(model: nn.Module, group) -> None:

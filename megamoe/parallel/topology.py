@@ -76,8 +76,9 @@ def init_distributed(parallel: ParallelConfig, device: torch.device, timeout_min
     return _model_parallel_groups(parallel, device)
 
 
-def init_rehearsal_distributed(parallel: ParallelConfig, device: torch.device, rank: int, world_size: int,
-                               gpus_per_node: int) -> Topology:
+def init_rehearsal_distributed(
+    parallel: ParallelConfig, device: torch.device, rank: int, world_size: int, gpus_per_node: int
+) -> Topology:
     """One process plays global rank `rank` of a `world_size` layout (launcher/rehearse.py).
 
     torch's fake process group accepts every collective and moves no data (an all-reduce leaves
@@ -88,8 +89,13 @@ def init_rehearsal_distributed(parallel: ParallelConfig, device: torch.device, r
     """
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank % gpus_per_node),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank % gpus_per_node),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=os.environ.get("MASTER_PORT", "29500"),
+    )
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     return _model_parallel_groups(parallel, device, gloo_side_groups=False)
 
@@ -134,8 +140,13 @@ def _store_of_this_attempt(timeout: timedelta) -> dict:
         return {}
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     hosts_own_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank == 0
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=hosts_own_store, timeout=timeout)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=hosts_own_store,
+        timeout=timeout,
+    )
     return {"store": dist.PrefixStore(f"megamoe/attempt_{attempt}", store), "rank": rank, "world_size": world_size}
 
 
@@ -172,14 +183,18 @@ def share_expert_groups_with_deepspeed(expert_parallel_size: int) -> str:
     deepspeeds_ep_group, deepspeeds_edp_group = registered_expert_groups(name)
     theirs = (dist.get_process_group_ranks(deepspeeds_ep_group), dist.get_process_group_ranks(deepspeeds_edp_group))
     if ours != theirs:
-        raise RuntimeError(f"rank {dist.get_rank()}: DeepSpeed's expert groups {theirs} differ from megatron-core's "
-                           f"{ours}; expert gradients would be reduced over the wrong ranks")
+        raise RuntimeError(
+            f"rank {dist.get_rank()}: DeepSpeed's expert groups {theirs} differ from megatron-core's "
+            f"{ours}; expert gradients would be reduced over the wrong ranks"
+        )
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     replicas = [None] * len(ours[1])
     dist.all_gather_object(replicas, ep_rank, group=edp_group)
     if set(replicas) != {ep_rank} or set(ours[0]) & set(ours[1]) != {dist.get_rank()}:
-        raise RuntimeError(f"rank {dist.get_rank()}: expert-data-parallel group {ours[1]} holds expert-parallel ranks "
-                           f"{replicas}, expected only {ep_rank}; its members do not keep the same experts")
+        raise RuntimeError(
+            f"rank {dist.get_rank()}: expert-data-parallel group {ours[1]} holds expert-parallel ranks "
+            f"{replicas}, expected only {ep_rank}; its members do not keep the same experts"
+        )
     return name
 
 

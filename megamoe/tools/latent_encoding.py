@@ -37,12 +37,25 @@ def sample_rng(seed: int, key: str) -> np.random.Generator:
 def _encode_batch(batch: list[dict], vae, encoder, tokenizer, text_len: int) -> list[tuple[str, dict[str, bytes]]]:
     latents = encode_video(vae, torch.stack([b["pixels"] for b in batch]))
     text = encode_text(encoder, tokenizer, [b["caption"] for b in batch], text_len)
-    return [(b["key"], encode_sample(z.cpu().numpy(), t.cpu().numpy(), b["caption"]))
-            for b, z, t in zip(batch, latents, text)]
+    return [
+        (b["key"], encode_sample(z.cpu().numpy(), t.cpu().numpy(), b["caption"]))
+        for b, z, t in zip(batch, latents, text)
+    ]
 
 
-def encode_raw_shards(raw_shards: list[str], out_dir: str, vae, encoder, tokenizer, spec: FrameSpec, text_len: int,
-                      seed: int = 0, batch_size: int = 1, timeout_s: float | None = None, log=print) -> dict:
+def encode_raw_shards(
+    raw_shards: list[str],
+    out_dir: str,
+    vae,
+    encoder,
+    tokenizer,
+    spec: FrameSpec,
+    text_len: int,
+    seed: int = 0,
+    batch_size: int = 1,
+    timeout_s: float | None = None,
+    log=print,
+) -> dict:
     """Encode every raw shard into a latent shard of the same name in `out_dir`; skip and count bad samples.
 
     Returns {'samples': n, 'skipped': {cause: n}, 'shards': [...]} and writes it with the
@@ -75,9 +88,17 @@ def encode_raw_shards(raw_shards: list[str], out_dir: str, vae, encoder, tokeniz
         total += len(samples)
         log(f"{name}: {len(samples)} of {len(raw)} samples encoded")
     report = {"samples": total, "skipped": skipped, "shards": shards}
-    params = {"frames": spec.num_frames, "fps": spec.fps, "height": spec.height, "width": spec.width,
-              "text_len": text_len, "seed": seed, "z_dim": vae.config.z_dim,
-              "text_dim": encoder.config.d_model, "latents_normalised": "(z - latents_mean) / latents_std"}
+    params = {
+        "frames": spec.num_frames,
+        "fps": spec.fps,
+        "height": spec.height,
+        "width": spec.width,
+        "text_len": text_len,
+        "seed": seed,
+        "z_dim": vae.config.z_dim,
+        "text_dim": encoder.config.d_model,
+        "latents_normalised": "(z - latents_mean) / latents_std",
+    }
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump({"params": params, **report}, f, indent=2, sort_keys=True)
         f.write("\n")

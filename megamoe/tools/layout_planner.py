@@ -83,14 +83,22 @@ class Layout:
     @classmethod
     def of(cls, cfg: Config) -> Layout:
         p = cfg.parallel
-        return cls(p.tensor_parallel_size, p.context_parallel_size, p.expert_parallel_size, cfg.optim.zero_stage,
-                   cfg.train.activation_checkpointing, p.sequence_parallel)
+        return cls(
+            p.tensor_parallel_size,
+            p.context_parallel_size,
+            p.expert_parallel_size,
+            cfg.optim.zero_stage,
+            cfg.train.activation_checkpointing,
+            p.sequence_parallel,
+        )
 
     def overrides(self) -> str:
         """The layout as the key=value overrides a launch takes."""
-        return (f"parallel.tensor_parallel_size={self.tp} parallel.context_parallel_size={self.cp} "
-                f"parallel.expert_parallel_size={self.ep} optim.zero_stage={self.zero_stage} "
-                f"train.activation_checkpointing={self.activation_checkpointing}")
+        return (
+            f"parallel.tensor_parallel_size={self.tp} parallel.context_parallel_size={self.cp} "
+            f"parallel.expert_parallel_size={self.ep} optim.zero_stage={self.zero_stage} "
+            f"train.activation_checkpointing={self.activation_checkpointing}"
+        )
 
 
 @dataclass
@@ -158,10 +166,12 @@ def _linear(n_in: int, n_out: int, bias: bool = True) -> int:
 def _router_parameters(m: ModelConfig) -> int:
     e, d = m.moe, m.dim
     total, h = e.num_experts + e.num_null_experts, e.router_hidden_dim
-    n = {"linear": _linear(d, total, False),
-         "mlp": _linear(d, h) + _linear(h, total, False),
-         "cross_attention": 3 * _linear(d, h) + _linear(h, total, False),
-         "promoe": (e.num_experts - 1) * e.num_prototypes_per_expert * d + 1}.get(e.router, d * e.num_experts)
+    n = {
+        "linear": _linear(d, total, False),
+        "mlp": _linear(d, h) + _linear(h, total, False),
+        "cross_attention": 3 * _linear(d, h) + _linear(h, total, False),
+        "promoe": (e.num_experts - 1) * e.num_prototypes_per_expert * d + 1,
+    }.get(e.router, d * e.num_experts)
     if e.layer_reg_loss > 0:
         n += _linear(d, m.out_channels * math.prod(m.patch_size))
     return n
@@ -172,8 +182,14 @@ def config_parameter_counts(m: ModelConfig) -> ParameterCounts:
     counts a built module; tests compare the two on the meta-device model)."""
     d, f = m.dim, m.ffn_dim
     patch = math.prod(m.patch_size)
-    embed = (m.in_channels * patch * d + d) + _linear(m.freq_dim, d) + _linear(d, d) + _linear(d, 6 * d) \
-        + _linear(m.text_dim, d) + _linear(d, d)
+    embed = (
+        (m.in_channels * patch * d + d)
+        + _linear(m.freq_dim, d)
+        + _linear(d, d)
+        + _linear(d, 6 * d)
+        + _linear(m.text_dim, d)
+        + _linear(d, d)
+    )
     head = _linear(d, m.out_channels * patch) + 2 * d
     # TP shards q/k/v (weight + bias: column-parallel), out (weight; its bias is added after the reduce)
     # and the q/k RMSNorm weights, which follow the heads (parallel/tensor.py's table).
@@ -193,8 +209,9 @@ def config_parameter_counts(m: ModelConfig) -> ParameterCounts:
         total += 2 * attn_tp + block_rest
         tp += 2 * attn_tp
         if i in moe:
-            shared_tp, shared_rest = ffn(e.num_shared_experts * (e.shared_ffn_dim or width)) \
-                if e.num_shared_experts else (0, 0)
+            shared_tp, shared_rest = (
+                ffn(e.num_shared_experts * (e.shared_ffn_dim or width)) if e.num_shared_experts else (0, 0)
+            )
             experts = e.num_experts * one_expert
             total += _router_parameters(m) + experts + shared_tp + shared_rest
             routed += experts
@@ -205,8 +222,7 @@ def config_parameter_counts(m: ModelConfig) -> ParameterCounts:
             total += dense_tp + dense_rest
             tp += dense_tp
     total += embed + head
-    return ParameterCounts(total=total, activated=total - routed + activated, routed_experts=routed,
-                           tensor_parallel=tp)
+    return ParameterCounts(total=total, activated=total - routed + activated, routed_experts=routed, tensor_parallel=tp)
 
 
 RANK_FILE_BYTES = 1 << 16
@@ -248,8 +264,11 @@ def parameter_shapes(m: ModelConfig) -> list[tuple[tuple, bool, int | None]]:
         model = build_model(m, "meta")
         tp_dims = tensor_parallel_dims(model)
         experts = {id(p) for layer in moe_layers(model) for p in layer.experts.parameters()}
-        _PARAMETERS[key] = [(tuple(p.shape), id(p) in experts, tp_dims.get(name))
-                            for name, p in model.named_parameters() if p.requires_grad]
+        _PARAMETERS[key] = [
+            (tuple(p.shape), id(p) in experts, tp_dims.get(name))
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        ]
     return _PARAMETERS[key]
 
 
@@ -335,8 +354,10 @@ def planned_latent(cfg: Config) -> tuple:
         shapes = [latent_shape(tuple(b), video, VAE_COMPRESSION) for b in d.buckets]
         return max(shapes, key=math.prod)
     if d.path is not None:
-        raise ConfigError("data.buckets is empty, so the sample size of data.path is unknown before reading it; "
-                          "set data.buckets or pass --latent F,H,W to the planner")
+        raise ConfigError(
+            "data.buckets is empty, so the sample size of data.path is unknown before reading it; "
+            "set data.buckets or pass --latent F,H,W to the planner"
+        )
     return (d.synthetic_frames, d.synthetic_size, d.synthetic_size)
 
 
@@ -363,8 +384,9 @@ def tokens_of(m: ModelConfig, latent: tuple) -> int:
 _FP32_SEQ, _ACT_SEQ, _FP32_TP, _ACT_TP = 6, 3, 6, 6
 
 
-def activation_bytes(cfg: Config, layout: Layout, tokens_per_sample: int,
-                     checkpointing: str | None = None) -> tuple[float, float]:
+def activation_bytes(
+    cfg: Config, layout: Layout, tokens_per_sample: int, checkpointing: str | None = None
+) -> tuple[float, float]:
     """(held for backward, peak including one recomputed block) of one micro-batch on one GPU."""
     m, e = cfg.model, cfg.model.moe
     act = 2 if cfg.train.precision == "bf16" else 4
@@ -372,8 +394,9 @@ def activation_bytes(cfg: Config, layout: Layout, tokens_per_sample: int,
     tokens = cfg.data.micro_batch_size * tokens_per_sample / layout.cp
     seq = tokens / (layout.tp if layout.sequence_parallel else 1)  # tokens of the sequence-sharded parts
     interior = tokens / layout.tp  # tokens x TP-sharded width, per rank
-    attention = seq * d * (4 * _FP32_SEQ + act * _ACT_SEQ) + interior * (d * (4 * _FP32_TP + act * _ACT_TP)
-                                                                         + 8 * m.num_heads)
+    attention = seq * d * (4 * _FP32_SEQ + act * _ACT_SEQ) + interior * (
+        d * (4 * _FP32_TP + act * _ACT_TP) + 8 * m.num_heads
+    )
 
     def ffn_bytes(moe_block: bool) -> float:
         if not moe_block:
@@ -383,8 +406,9 @@ def activation_bytes(cfg: Config, layout: Layout, tokens_per_sample: int,
         # The router keeps an fp32 copy of its input and ~4 fp32 [T, E] score tensors; each (token, expert)
         # row keeps its gathered input and expert output (model dtype), its fp32 weighted output, the
         # expert's pre- and post-GELU hidden, and ~28 bytes of indices and weight.
-        routed = seq * (4 * d + 16 * (e.num_experts + e.num_null_experts)
-                        + e.top_k * (d * (2 * act + 4) + 2 * width * act + 28))
+        routed = seq * (
+            4 * d + 16 * (e.num_experts + e.num_null_experts) + e.top_k * (d * (2 * act + 4) + 2 * width * act + 28)
+        )
         # Shared experts read the model-dtype tokens: under fp32 that is the router's input, already counted.
         shared_bytes = (seq * d * act * (act != 4) + interior * 2 * shared * act) if shared else 0.0
         return routed + shared_bytes
@@ -404,7 +428,9 @@ def all_to_all_bytes(cfg: Config, layout: Layout, tokens_per_sample: int) -> flo
     if e.num_experts == 0 or layout.ep == 1:
         return 0.0
     act = 2 if cfg.train.precision == "bf16" else 4
-    tokens = cfg.data.micro_batch_size * tokens_per_sample / (layout.cp * (layout.tp if layout.sequence_parallel else 1))
+    tokens = (
+        cfg.data.micro_batch_size * tokens_per_sample / (layout.cp * (layout.tp if layout.sequence_parallel else 1))
+    )
     chosen = set(checkpointed_blocks(layout.activation_checkpointing, m.num_layers))
     passes = sum(3 if i in chosen else 2 for i in moe_layer_indices(m))
     return tokens * e.top_k * m.dim * act * 2 * passes * (layout.ep - 1) / layout.ep * cfg.train.grad_accum
@@ -412,12 +438,19 @@ def all_to_all_bytes(cfg: Config, layout: Layout, tokens_per_sample: int) -> flo
 
 def with_layout(cfg: Config, layout: Layout) -> Config:
     """A copy of `cfg` set to `layout`."""
-    parallel = dataclasses.replace(cfg.parallel, tensor_parallel_size=layout.tp, context_parallel_size=layout.cp,
-                                   expert_parallel_size=layout.ep, sequence_parallel=layout.sequence_parallel)
-    return dataclasses.replace(cfg, parallel=parallel,
-                               optim=dataclasses.replace(cfg.optim, zero_stage=layout.zero_stage),
-                               train=dataclasses.replace(cfg.train,
-                                                         activation_checkpointing=layout.activation_checkpointing))
+    parallel = dataclasses.replace(
+        cfg.parallel,
+        tensor_parallel_size=layout.tp,
+        context_parallel_size=layout.cp,
+        expert_parallel_size=layout.ep,
+        sequence_parallel=layout.sequence_parallel,
+    )
+    return dataclasses.replace(
+        cfg,
+        parallel=parallel,
+        optim=dataclasses.replace(cfg.optim, zero_stage=layout.zero_stage),
+        train=dataclasses.replace(cfg.train, activation_checkpointing=layout.activation_checkpointing),
+    )
 
 
 def check_layout(cfg: Config, layout: Layout, world: int) -> str | None:
@@ -429,8 +462,14 @@ def check_layout(cfg: Config, layout: Layout, world: int) -> str | None:
     return None
 
 
-def make_plan(cfg: Config, world: int, layout: Layout | None = None, gpu_memory_gb: float = 80.0,
-              reserve_gb: float = 6.0, latent: tuple | None = None) -> Plan:
+def make_plan(
+    cfg: Config,
+    world: int,
+    layout: Layout | None = None,
+    gpu_memory_gb: float = 80.0,
+    reserve_gb: float = 6.0,
+    latent: tuple | None = None,
+) -> Plan:
     layout = layout or Layout.of(cfg)
     problem = check_layout(cfg, layout, world)
     if problem:
@@ -450,15 +489,29 @@ def make_plan(cfg: Config, world: int, layout: Layout | None = None, gpu_memory_
     optimizer = sharded * (12 if zero >= 1 or w_bytes == 2 else 8)
     # Ranks differ only by their place in the sharding groups; the worst one decides the fit.
     grads = max(zero_gradient_bytes(cfg, layout, world, r) for r in range(world if zero >= 2 else 1))
-    by_ckpt = {spec: activation_bytes(cfg, layout, tokens, spec)
-               for spec in dict.fromkeys(("none", layout.activation_checkpointing, "all"))}
-    return Plan(cfg=cfg, layout=layout, world=world, params=params, latent=latent, tokens_per_sample=tokens,
-                weights=(dense_local + experts_local) * w_bytes, gradients=grads, optimizer=optimizer,
-                activations=by_ckpt[layout.activation_checkpointing][1], activations_by_checkpointing=by_ckpt,
-                all_to_all=all_to_all_bytes(cfg, layout, tokens), reserve=reserve_gb * GB,
-                gradient_traffic=2 * w_bytes * (dense_local * (1 - 1 / (dp * layout.cp))
-                                                + experts_local * (1 - layout.ep / world)),
-                gpu_memory=gpu_memory_gb * GB)
+    by_ckpt = {
+        spec: activation_bytes(cfg, layout, tokens, spec)
+        for spec in dict.fromkeys(("none", layout.activation_checkpointing, "all"))
+    }
+    return Plan(
+        cfg=cfg,
+        layout=layout,
+        world=world,
+        params=params,
+        latent=latent,
+        tokens_per_sample=tokens,
+        weights=(dense_local + experts_local) * w_bytes,
+        gradients=grads,
+        optimizer=optimizer,
+        activations=by_ckpt[layout.activation_checkpointing][1],
+        activations_by_checkpointing=by_ckpt,
+        all_to_all=all_to_all_bytes(cfg, layout, tokens),
+        reserve=reserve_gb * GB,
+        gradient_traffic=2
+        * w_bytes
+        * (dense_local * (1 - 1 / (dp * layout.cp)) + experts_local * (1 - layout.ep / world)),
+        gpu_memory=gpu_memory_gb * GB,
+    )
 
 
 def _divisors(n: int) -> list[int]:
@@ -477,7 +530,7 @@ def search(cfg: Config, world: int, gpus_per_node: int, **kwargs) -> Plan | None
     best, best_key = None, None
     for tp in (t for t in _divisors(gpus_per_node) if world % t == 0):
         for cp in _divisors(world // tp):
-            for ep in (_divisors(world) if experts else [1]):
+            for ep in _divisors(world) if experts else [1]:
                 for ac_rank, ac in enumerate(CHECKPOINTING):
                     for zero in (2, 1):
                         layout = Layout(tp, cp, ep, zero, ac, cfg.parallel.sequence_parallel)
@@ -523,8 +576,14 @@ def format_plan(plan: Plan, nodes: int, gpus_per_node: int) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: Config, nodes: int, gpus_per_node: int, gpu_memory_gb: float = 80.0, reserve_gb: float = 6.0,
-        latent: tuple | None = None) -> tuple[int, str, str]:
+def run(
+    cfg: Config,
+    nodes: int,
+    gpus_per_node: int,
+    gpu_memory_gb: float = 80.0,
+    reserve_gb: float = 6.0,
+    latent: tuple | None = None,
+) -> tuple[int, str, str]:
     """(exit code, report for stdout, one-line verdict for stderr or ''); raises ConfigError on a bad config."""
     world = nodes * gpus_per_node
     validate(cfg, world_size=world)
@@ -537,5 +596,4 @@ def run(cfg: Config, nodes: int, gpus_per_node: int, gpu_memory_gb: float = 80.0
     need = f"layout needs {plan.total / GB:.1f} GB per GPU, more than the {gpu_memory_gb:g} GB of a GPU"
     if better is None:
         return 1, report, f"error: {need}, and no layout of {world} GPUs fits; use more nodes"
-    return 1, report, (f"error: {need}; this layout fits ({better.total / GB:.1f} GB): "
-                       f"{better.layout.overrides()}")
+    return 1, report, (f"error: {need}; this layout fits ({better.total / GB:.1f} GB): {better.layout.overrides()}")

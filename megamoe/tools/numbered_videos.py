@@ -34,12 +34,17 @@ def synthetic_frames(num_frames: int, height: int, width: int) -> np.ndarray:
     for i in range(num_frames):
         frames[i] = frame_level(i)
         x = (i * 2) % max(1, width - side)
-        frames[i, :side, x:x + side] = 255
+        frames[i, :side, x : x + side] = 255
     return frames
 
 
-def encode_frames(frames: np.ndarray, fps: float = 30.0, codec: str = "libx264", container: str | None = None,
-                  pix_fmt: str = "yuv420p") -> bytes:
+def encode_frames(
+    frames: np.ndarray,
+    fps: float = 30.0,
+    codec: str = "libx264",
+    container: str | None = None,
+    pix_fmt: str = "yuv420p",
+) -> bytes:
     """uint8 [F, H, W, 3] -> the bytes of a video file. yuv420p with libx264 needs even sides."""
     import av
 
@@ -62,6 +67,7 @@ def encode_frames(frames: np.ndarray, fps: float = 30.0, codec: str = "libx264",
     return buf.getvalue()
 
 
-def make_video(num_frames: int, height: int, width: int, fps: float = 30.0, codec: str = "libx264",
-               container: str | None = None) -> bytes:
+def make_video(
+    num_frames: int, height: int, width: int, fps: float = 30.0, codec: str = "libx264", container: str | None = None
+) -> bytes:
     return encode_frames(synthetic_frames(num_frames, height, width), fps, codec, container)

@@ -30,8 +30,10 @@ def tensor_shapes(config_path: str, overrides=()) -> tuple[dict[str, tuple], obj
     """Diffusers state-dict names and shapes of the dense model of a config (built on the meta device)."""
     cfg = load_config(config_path, list(overrides))
     if cfg.model.moe is not None and cfg.model.moe.num_experts > 0:
-        raise ConfigError(f"{config_path} is an MoE config; give its dense counterpart (diffusers' "
-                          f"WanTransformer3DModel is dense), e.g. configs/wan2.2_ti2v_5b.yaml")
+        raise ConfigError(
+            f"{config_path} is an MoE config; give its dense counterpart (diffusers' "
+            f"WanTransformer3DModel is dense), e.g. configs/wan2.2_ti2v_5b.yaml"
+        )
     model = build_model(cfg.model, device="meta")
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}, cfg.model
 
@@ -60,8 +62,16 @@ def plan_shards(shapes: dict[str, tuple], bytes_per_value: int, max_shard_bytes:
     return shards
 
 
-def write_random_wan(config_path: str, out: str, dtype: str = "bf16", seed: int = 0, std: float = 0.02,
-                     max_shard_gb: float = 2.0, overrides=(), log=print) -> dict:
+def write_random_wan(
+    config_path: str,
+    out: str,
+    dtype: str = "bf16",
+    seed: int = 0,
+    std: float = 0.02,
+    max_shard_gb: float = 2.0,
+    overrides=(),
+    log=print,
+) -> dict:
     """Write the checkpoint; returns its index json as a dict. Refuses to write into a non-empty directory."""
     if os.path.isdir(out) and os.listdir(out):
         raise ConfigError(f"--out {out} exists and is not empty; choose a new directory")
@@ -86,6 +96,8 @@ def write_random_wan(config_path: str, out: str, dtype: str = "bf16", seed: int 
         json.dump(index, f, indent=2, sort_keys=True)
     with open(os.path.join(out, CONFIG_NAME), "w") as f:
         json.dump(diffusers_config(model_cfg), f, indent=2, sort_keys=True)
-    log(f"{out}: {len(shapes)} tensors, {sum(torch.Size(s).numel() for s in shapes.values()) / 1e9:.3f}B "
-        f"parameters, {total / 1e9:.2f} GB {dtype} in {len(groups)} shard(s)")
+    log(
+        f"{out}: {len(shapes)} tensors, {sum(torch.Size(s).numel() for s in shapes.values()) / 1e9:.3f}B "
+        f"parameters, {total / 1e9:.2f} GB {dtype} in {len(groups)} shard(s)"
+    )
     return index

@@ -48,8 +48,12 @@ def collect_inputs(folder: str | None = None, index: str | None = None) -> list[
     if folder is not None:
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"video folder '{folder}' does not exist")
-        paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
-                       if name.lower().endswith(VIDEO_SUFFIXES))
+        paths = sorted(
+            os.path.join(root, name)
+            for root, _, names in os.walk(folder)
+            for name in names
+            if name.lower().endswith(VIDEO_SUFFIXES)
+        )
         return [(p, _sidecar_caption(p)) for p in paths]
     base = os.path.dirname(os.path.abspath(index))
     rows: list[dict] = []
@@ -114,8 +118,13 @@ class TarShardWriter:
         self._close_current()
 
 
-def write_raw_shards(inputs: list[tuple[str, str | bytes | None]], out_dir: str, shard_size_mb: float = 256.0,
-                     caption_format: str = "txt", log=print) -> dict:
+def write_raw_shards(
+    inputs: list[tuple[str, str | bytes | None]],
+    out_dir: str,
+    shard_size_mb: float = 256.0,
+    caption_format: str = "txt",
+    log=print,
+) -> dict:
     """Probe each (video, caption), write the usable ones into raw shards of about `shard_size_mb`.
 
     Returns {'samples': n, 'shards': [...], 'skipped': {cause: n}}; writes index.jsonl and
@@ -129,8 +138,10 @@ def write_raw_shards(inputs: list[tuple[str, str | bytes | None]], out_dir: str,
     writer = TarShardWriter(out_dir, int(shard_size_mb * 1024 * 1024))
     skipped: dict[str, int] = {}
     count = 0
-    with open(os.path.join(out_dir, "index.jsonl"), "w") as index, \
-            open(os.path.join(out_dir, "skipped.jsonl"), "w") as skip_log:
+    with (
+        open(os.path.join(out_dir, "index.jsonl"), "w") as index,
+        open(os.path.join(out_dir, "skipped.jsonl"), "w") as skip_log,
+    ):
         for path, caption in inputs:
             try:
                 if caption is None:
@@ -158,6 +169,8 @@ def write_raw_shards(inputs: list[tuple[str, str | bytes | None]], out_dir: str,
             index.write(json.dumps({"key": key, "shard": shard, "source": path, **info}) + "\n")
             count += 1
     writer.close()
-    log(f"wrote {count} samples into {len(writer.names)} shards in {out_dir}; skipped "
-        + (", ".join(f"{n} {c}" for c, n in sorted(skipped.items())) or "none"))
+    log(
+        f"wrote {count} samples into {len(writer.names)} shards in {out_dir}; skipped "
+        + (", ".join(f"{n} {c}" for c, n in sorted(skipped.items())) or "none")
+    )
     return {"samples": count, "shards": list(writer.names), "skipped": skipped}

@@ -171,17 +171,33 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def dataset_params(num_clips: int, frames: int, size: int, channels: int, text_len: int, text_dim: int,
-                   seed: int = SYNTHETIC_SEED) -> dict:
+def dataset_params(
+    num_clips: int, frames: int, size: int, channels: int, text_len: int, text_dim: int, seed: int = SYNTHETIC_SEED
+) -> dict:
     """Everything that defines a synthetic dataset; its hash names the cache directory."""
-    return {"generator": "moving-shapes", "version": GENERATOR_VERSION, "seed": seed, "num_clips": num_clips,
-            "frames": frames, "size": size, "channels": channels, "text_len": text_len, "text_dim": text_dim}
+    return {
+        "generator": "moving-shapes",
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "num_clips": num_clips,
+        "frames": frames,
+        "size": size,
+        "channels": channels,
+        "text_len": text_len,
+        "text_dim": text_dim,
+    }
 
 
 def synthetic_params(data_cfg, model_cfg) -> dict:
     """The parameters of a run's embedded dataset (`DataConfig`, `ModelConfig`)."""
-    return dataset_params(data_cfg.synthetic_num_clips, data_cfg.synthetic_frames, data_cfg.synthetic_size,
-                          model_cfg.in_channels, data_cfg.text_len, model_cfg.text_dim)
+    return dataset_params(
+        data_cfg.synthetic_num_clips,
+        data_cfg.synthetic_frames,
+        data_cfg.synthetic_size,
+        model_cfg.in_channels,
+        data_cfg.text_len,
+        model_cfg.text_dim,
+    )
 
 
 def params_hash(params: dict) -> str:
@@ -210,7 +226,9 @@ def write_synthetic_dataset(out_dir: str, params: dict) -> dict:
         name = f"shard-{number:06d}.tar"
         path = os.path.join(out_dir, name)
         write_shard(path, samples)
-        shards.append({"name": name, "num_samples": len(indices), "bytes": os.path.getsize(path), "sha256": _sha256(path)})
+        shards.append(
+            {"name": name, "num_samples": len(indices), "bytes": os.path.getsize(path), "sha256": _sha256(path)}
+        )
     manifest = {"params": params, "num_clips": p["num_clips"], "shards": shards}
     # Written last: a manifest means every shard before it is complete.
     with open(os.path.join(out_dir, MANIFEST), "w") as f:
@@ -263,8 +281,9 @@ def ensure_synthetic_dataset(data_cfg, model_cfg) -> str:
             os.rename(tmp, target)
         except OSError:  # the target exists: another process renamed its copy in first, or debris
             if not dataset_is_complete(target, params):
-                raise RuntimeError(f"'{target}' exists but is not a complete synthetic dataset; "
-                                   f"delete it and rerun") from None
+                raise RuntimeError(
+                    f"'{target}' exists but is not a complete synthetic dataset; delete it and rerun"
+                ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -80,25 +80,32 @@ def inspect_checkpoint(path: str | Path, or_else: str = "") -> dict:
     """
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint '{path}' does not exist; pass an existing checkpoint directory"
-                              f"{_nearby(path)}{' ' + or_else if or_else else ''}")
+        raise CheckpointError(
+            f"checkpoint '{path}' does not exist; pass an existing checkpoint directory"
+            f"{_nearby(path)}{' ' + or_else if or_else else ''}"
+        )
     meta_file = path / "meta.json"
     if not meta_file.is_file():
-        raise CheckpointError(f"checkpoint '{path}' is incomplete (no meta.json); pass a complete checkpoint"
-                              f"{_nearby(path)}{' ' + or_else if or_else else ''}")
+        raise CheckpointError(
+            f"checkpoint '{path}' is incomplete (no meta.json); pass a complete checkpoint"
+            f"{_nearby(path)}{' ' + or_else if or_else else ''}"
+        )
     try:
         meta = json.loads(meta_file.read_text())
         files = meta["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint '{path}' has a corrupt meta.json ({type(exc).__name__}); "
-                              f"pass another checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint '{path}' has a corrupt meta.json ({type(exc).__name__}); pass another checkpoint"
+        ) from None
     for rel, size in files.items():
         f = path / rel
         if not f.is_file():
             raise CheckpointError(f"checkpoint '{path}' is missing '{rel}'; it is corrupt, pass another checkpoint")
         if f.stat().st_size != size:
-            raise CheckpointError(f"checkpoint '{path}' has '{rel}' of {f.stat().st_size} bytes, expected {size} "
-                                  f"(truncated or modified); pass another checkpoint")
+            raise CheckpointError(
+                f"checkpoint '{path}' has '{rel}' of {f.stat().st_size} bytes, expected {size} "
+                f"(truncated or modified); pass another checkpoint"
+            )
     return meta
 
 
@@ -125,15 +132,19 @@ def resolve_resume(cfg: Config, resume: str | None, world_size: int | None = Non
     if resume is None:
         existing = complete_checkpoints(root)
         if existing:
-            raise CheckpointError(f"train.output_dir '{cfg.train.output_dir}' already holds checkpoints "
-                                  f"(newest {existing[-1].name}); pass --resume latest to continue it, "
-                                  f"or set train.output_dir to a new directory")
+            raise CheckpointError(
+                f"train.output_dir '{cfg.train.output_dir}' already holds checkpoints "
+                f"(newest {existing[-1].name}); pass --resume latest to continue it, "
+                f"or set train.output_dir to a new directory"
+            )
         return None
     if resume == "latest":
         existing = complete_checkpoints(root)
         if not existing:
-            raise CheckpointError(f"--resume latest found no complete checkpoint in '{root}'; "
-                                  f"drop --resume to start a fresh run, or pass a checkpoint path")
+            raise CheckpointError(
+                f"--resume latest found no complete checkpoint in '{root}'; "
+                f"drop --resume to start a fresh run, or pass a checkpoint path"
+            )
         path = existing[-1]
     else:
         path = Path(resume)
@@ -174,19 +185,23 @@ def check_resumable(cfg: Config, meta: dict, path: Path, world_size: int | None)
     another data-parallel size unless the stream restarts.
     """
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint '{path}' is in DeepSpeed's own format (written before megamoe's "
-                              f"layout-independent checkpoints); resume it with the megamoe version that wrote it, "
-                              f"or start from its weights with train.init_from={path / 'weights'}")
+        raise CheckpointError(
+            f"checkpoint '{path}' is in DeepSpeed's own format (written before megamoe's "
+            f"layout-independent checkpoints); resume it with the megamoe version that wrote it, "
+            f"or start from its weights with train.init_from={path / 'weights'}"
+        )
     if world_size is None:
         return
     p = cfg.parallel
     dp_size = world_size // max(1, p.tensor_parallel_size * p.context_parallel_size)
     saved = meta.get("dp_size", dp_size)
     if saved != dp_size and not cfg.data.restart_stream_on_resume:
-        raise CheckpointError(f"checkpoint '{path}' was written at data-parallel size {saved}, this run has {dp_size}; "
-                              f"the data stream's position does not carry over to another data-parallel size: "
-                              f"set data.restart_stream_on_resume=true to restart it at epoch 0 (samples may repeat), "
-                              f"or launch with data-parallel size {saved}")
+        raise CheckpointError(
+            f"checkpoint '{path}' was written at data-parallel size {saved}, this run has {dp_size}; "
+            f"the data stream's position does not carry over to another data-parallel size: "
+            f"set data.restart_stream_on_resume=true to restart it at epoch 0 (samples may repeat), "
+            f"or launch with data-parallel size {saved}"
+        )
 
 
 def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
@@ -196,12 +211,16 @@ def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
     try:
         saved = from_yaml_text(meta["config"])
     except (KeyError, ConfigError) as exc:
-        raise CheckpointError(f"checkpoint '{path}' has an unreadable config ({exc}); pass another checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint '{path}' has an unreadable config ({exc}); pass another checkpoint"
+        ) from None
     theirs, ours = asdict(saved.model), asdict(cfg.model)
     diff = [f"model.{k} (checkpoint {theirs[k]}, config {ours[k]})" for k in ours if theirs.get(k) != ours[k]]
     if diff:
-        raise CheckpointError(f"checkpoint '{path}' does not match the config: {', '.join(diff)}; "
-                              f"set these keys to the checkpoint's values")
+        raise CheckpointError(
+            f"checkpoint '{path}' does not match the config: {', '.join(diff)}; "
+            f"set these keys to the checkpoint's values"
+        )
 
 
 def save_checkpoint(engine, cfg: Config, state, topology, export_weights) -> Path:
@@ -245,13 +264,16 @@ def save_checkpoint(engine, cfg: Config, state, topology, export_weights) -> Pat
         raise CheckpointSaveError(
             f"could not write checkpoint '{final}' ({message}); the unfinished save was removed and "
             f"{f'{kept[-1].name} is the newest checkpoint' if kept else 'there is no earlier checkpoint'}: "
-            f"free space or fix the permissions of train.output_dir, then continue with --resume auto")
+            f"free space or fix the permissions of train.output_dir, then continue with --resume auto"
+        )
 
     if topology.is_main:
+
         def fresh():
             root.mkdir(parents=True, exist_ok=True)
             _remove(tmp)  # left by a save that was killed
             tmp.mkdir()
+
         attempt(fresh)
     settle()
 
@@ -267,22 +289,36 @@ def save_checkpoint(engine, cfg: Config, state, topology, export_weights) -> Pat
     if ema is not None:
         settle()
         # The model's state dict with each parameter replaced by its EMA (sharded like the parameter).
-        attempt(lambda: export_weights(engine.module, tmp / "ema_weights",
-                                       {**engine.module.state_dict(), **ema.state_dict()}))
+        attempt(
+            lambda: export_weights(
+                engine.module, tmp / "ema_weights", {**engine.module.state_dict(), **ema.state_dict()}
+            )
+        )
     settle()
 
     if topology.is_main:
+
         def publish():
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
             p = cfg.parallel
-            meta = {"format": FORMAT, "step": step, "world_size": topology.world_size, "dp_size": topology.dp_size,
-                    "dp_ranks": dp_ranks, "expert_parallel_size": p.expert_parallel_size,
-                    "tensor_parallel_size": p.tensor_parallel_size, "context_parallel_size": p.context_parallel_size,
-                    "train_state": train_state, "config": to_yaml(cfg), "files": files}
+            meta = {
+                "format": FORMAT,
+                "step": step,
+                "world_size": topology.world_size,
+                "dp_size": topology.dp_size,
+                "dp_ranks": dp_ranks,
+                "expert_parallel_size": p.expert_parallel_size,
+                "tensor_parallel_size": p.tensor_parallel_size,
+                "context_parallel_size": p.context_parallel_size,
+                "train_state": train_state,
+                "config": to_yaml(cfg),
+                "files": files,
+            }
             write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
             if final.exists():  # re-saving a step after a resume: replace the old copy only now
                 shutil.rmtree(final)
             os.replace(tmp, final)
+
         attempt(publish)
         if problem is None:
             prune_checkpoints(root, cfg.checkpoint.keep_last)
@@ -306,8 +342,10 @@ def load_checkpoint(engine, path: Path, topology, state) -> None:
     path, ema = Path(path), state.ema
     meta = inspect_checkpoint(path)
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint '{path}' is not in megamoe's format '{FORMAT}'; "
-                              f"start from its weights with train.init_from={path / 'weights'}")
+        raise CheckpointError(
+            f"checkpoint '{path}' is not in megamoe's format '{FORMAT}'; "
+            f"start from its weights with train.init_from={path / 'weights'}"
+        )
     # Everything a rank can check alone comes first, and all ranks agree before the collective
     # load: a rank that fails alone must not leave the others waiting in a collective.
     rank_state, problem = None, None
@@ -319,8 +357,9 @@ def load_checkpoint(engine, path: Path, topology, state) -> None:
         if why:
             problem = f"its state does not fit the model: {why}"
         elif ema is not None and not has_ema(stored):
-            problem = ("it has no EMA but train.ema_decay > 0; set train.ema_decay=0 "
-                       "or pass a checkpoint written with EMA")
+            problem = (
+                "it has no EMA but train.ema_decay > 0; set train.ema_decay=0 or pass a checkpoint written with EMA"
+            )
     except Exception as exc:  # torch and safetensors raise many types for a bad file; the user needs one line
         problem = describe(exc)
     failed = torch.tensor([0.0 if problem is None else 1.0], device=topology.device)
@@ -334,8 +373,9 @@ def load_checkpoint(engine, path: Path, topology, state) -> None:
     except CheckpointError:
         raise
     except Exception as exc:
-        raise CheckpointError(f"checkpoint '{path}' could not be loaded ({describe(exc)}); "
-                              f"pass another checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint '{path}' could not be loaded ({describe(exc)}); pass another checkpoint"
+        ) from None
     resync_lr(engine)
     state.load_state_dict(rank_state)
 
@@ -382,9 +422,11 @@ def restore_engine_state(engine, state: dict) -> None:
         values = saved.get(key)
         if values is not None and len(values) != groups:
             if len(set(values)) != 1:
-                raise CheckpointError(f"the checkpoint's LR schedule has {len(values)} different param-group "
-                                      f"values ({values}), this run has {groups} groups; resume at the saved "
-                                      f"parallel.expert_parallel_size")
+                raise CheckpointError(
+                    f"the checkpoint's LR schedule has {len(values)} different param-group "
+                    f"values ({values}), this run has {groups} groups; resume at the saved "
+                    f"parallel.expert_parallel_size"
+                )
             fitted[key] = values[:1] * groups
     scheduler.load_state_dict({**fitted, "lr_lambdas": [None] * groups})
     for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):

@@ -39,17 +39,23 @@ def check_deepspeed_version(installed: str | None = None) -> None:
         try:
             installed = importlib.metadata.version("deepspeed")
         except importlib.metadata.PackageNotFoundError:
-            raise ImportError("DeepSpeed is not installed; megamoe needs it: "
-                              f"pip install 'deepspeed>={TESTED_DEEPSPEED[0]},<={TESTED_DEEPSPEED[1]}'") from None
+            raise ImportError(
+                "DeepSpeed is not installed; megamoe needs it: "
+                f"pip install 'deepspeed>={TESTED_DEEPSPEED[0]},<={TESTED_DEEPSPEED[1]}'"
+            ) from None
     low, high = TESTED_DEEPSPEED
     release = Version(installed).release
     if release < Version(low).release:
-        raise ImportError(f"DeepSpeed {installed} is installed but megamoe is tested with {low} to {high} and relies "
-                          f"on internals older releases lack; pip install 'deepspeed>={low},<={high}'")
+        raise ImportError(
+            f"DeepSpeed {installed} is installed but megamoe is tested with {low} to {high} and relies "
+            f"on internals older releases lack; pip install 'deepspeed>={low},<={high}'"
+        )
     if release > Version(high).release:
-        warnings.warn(f"DeepSpeed {installed} is newer than megamoe's tested range {low} to {high}; run "
-                      f"tests/train/test_deepspeed_adapter.py before training, or pip install 'deepspeed=={high}'",
-                      stacklevel=2)
+        warnings.warn(
+            f"DeepSpeed {installed} is newer than megamoe's tested range {low} to {high}; run "
+            f"tests/train/test_deepspeed_adapter.py before training, or pip install 'deepspeed=={high}'",
+            stacklevel=2,
+        )
 
 
 check_deepspeed_version()
@@ -57,6 +63,7 @@ check_deepspeed_version()
 
 # ---------------------------------------------------------------------------------------------
 # The engine.
+
 
 def build_expert_aware_engine(model, params, schedule, mpu, config: dict, num_experts: int):
     """A DeepSpeed engine that treats `model` as a MoE model although it has no DeepSpeed MoE layer.
@@ -84,18 +91,28 @@ def build_expert_aware_engine(model, params, schedule, mpu, config: dict, num_ex
             self.has_moe_layers = True
             self.num_experts = [num_experts]
 
-    engine = ExpertAwareEngine(args=None, model=model, optimizer=None, model_parameters=params,
-                               lr_scheduler=schedule, mpu=mpu, config=config,
-                               config_class=DeepSpeedConfig(config, mpu))
+    engine = ExpertAwareEngine(
+        args=None,
+        model=model,
+        optimizer=None,
+        model_parameters=params,
+        lr_scheduler=schedule,
+        mpu=mpu,
+        config=config,
+        config_class=DeepSpeedConfig(config, mpu),
+    )
     if not any(group.get("moe", False) for group in torch_optimizer(engine).param_groups):
-        raise RuntimeError(f"DeepSpeed {importlib.metadata.version('deepspeed')} did not give the expert parameters "
-                           f"their own optimizer group; megamoe's engine hook no longer takes effect "
-                           f"(megamoe is tested with DeepSpeed {TESTED_DEEPSPEED[0]} to {TESTED_DEEPSPEED[1]})")
+        raise RuntimeError(
+            f"DeepSpeed {importlib.metadata.version('deepspeed')} did not give the expert parameters "
+            f"their own optimizer group; megamoe's engine hook no longer takes effect "
+            f"(megamoe is tested with DeepSpeed {TESTED_DEEPSPEED[0]} to {TESTED_DEEPSPEED[1]})"
+        )
     return engine
 
 
 # ---------------------------------------------------------------------------------------------
 # Expert groups: DeepSpeed's module-level tables in `deepspeed.utils.groups`.
+
 
 def register_expert_groups(name: str, ep_group, edp_group) -> None:
     """Make DeepSpeed use these expert-parallel and expert-data-parallel groups under `name`.
@@ -144,14 +161,19 @@ def forget_expert_groups() -> None:
     groups = sys.modules.get("deepspeed.utils.groups")
     if groups is None:
         return
-    for table in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
-                  groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
+    for table in (
+        groups._EXPERT_PARALLEL_GROUP,
+        groups._EXPERT_PARALLEL_GROUP_RANKS,
+        groups._EXPERT_DATA_PARALLEL_GROUP,
+        groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+    ):
         table.clear()
     groups.mpu = None
 
 
 # ---------------------------------------------------------------------------------------------
 # Optimizer state.
+
 
 def torch_optimizer(engine) -> torch.optim.Optimizer:
     """The torch AdamW that owns the state, inside DeepSpeed's ZeRO / bf16 wrapper if there is one.
@@ -212,6 +234,7 @@ def fp32_master_partitions(engine) -> list[torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------
 # The engine's counters.
+
 
 def skip_micro_step(engine) -> None:
     """Count the micro-step as `engine.step()` would, without stepping.

@@ -26,8 +26,14 @@ def deepspeed_config(cfg: Config) -> dict:
         "gradient_accumulation_steps": t.grad_accum,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
-                       "torch_adam": True, "adam_w_mode": True},
+            "params": {
+                "lr": o.lr,
+                "betas": list(o.betas),
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                "torch_adam": True,
+                "adam_w_mode": True,
+            },
         },
         "zero_optimization": {"stage": o.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
@@ -60,13 +66,15 @@ def build_engine(model: torch.nn.Module, cfg: Config):
     def schedule(optimizer):
         o = cfg.optim
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, o.warmup_steps, cfg.train.steps, o.min_lr_ratio))
+            optimizer, lambda step: warmup_cosine(step, o.warmup_steps, cfg.train.steps, o.min_lr_ratio)
+        )
 
     params = [p for p in model.parameters() if p.requires_grad]
     if any(is_expert_parameter(p) for p in params):
         return _expert_aware_engine(model, params, schedule, cfg)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, lr_scheduler=schedule,
-                                           mpu=DeepSpeedMPU(), config=deepspeed_config(cfg))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=params, lr_scheduler=schedule, mpu=DeepSpeedMPU(), config=deepspeed_config(cfg)
+    )
     return engine
 
 
@@ -91,8 +99,9 @@ def _expert_aware_engine(model, params, schedule, cfg: Config):
     for param in params:
         if is_expert_parameter(param):
             param.model_parallel = True
-    return build_expert_aware_engine(model, params, schedule, DeepSpeedMPU(), deepspeed_config(cfg),
-                                     cfg.model.moe.num_experts)
+    return build_expert_aware_engine(
+        model, params, schedule, DeepSpeedMPU(), deepspeed_config(cfg), cfg.model.moe.num_experts
+    )
 
 
 def resync_lr(engine) -> None:

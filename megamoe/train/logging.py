@@ -57,8 +57,9 @@ class RunLogger:
         if self.enabled:
             print(message, flush=True)
 
-    def log_step(self, step: int, scalars: dict[str, float], samples_per_step: int,
-                 data: dict[str, int] | None = None) -> None:
+    def log_step(
+        self, step: int, scalars: dict[str, float], samples_per_step: int, data: dict[str, int] | None = None
+    ) -> None:
         """Record `scalars` for the (1-based) completed step and print the progress line.
 
         `data`: 'samples_seen' and 'bad_<cause>' counts of the data loader (tensorboard `data/...`,
@@ -90,8 +91,11 @@ class RunLogger:
         bad = f" | bad {skipped}" if skipped else ""
         nonfinite = scalars.get("skipped_steps", 0)  # optimizer steps skipped for a NaN/inf loss or grad norm
         bad += f" | skipped_steps {nonfinite}" if nonfinite else ""
-        print(f"step {step}/{self.total_steps} | loss {scalars['loss']:.4f} | lr {scalars['lr']:.2e} | "
-              f"grad_norm {scalars['grad_norm']:.3f} | {speed} samples/s | eta {eta}{bad}", flush=True)
+        print(
+            f"step {step}/{self.total_steps} | loss {scalars['loss']:.4f} | lr {scalars['lr']:.2e} | "
+            f"grad_norm {scalars['grad_norm']:.3f} | {speed} samples/s | eta {eta}{bad}",
+            flush=True,
+        )
 
     def log_diagnostics(self, report, step: int) -> None:
         """Routing diagnostics: tensorboard scalars + load heatmap, diagnostics.jsonl, warnings."""

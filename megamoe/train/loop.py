@@ -60,8 +60,9 @@ class Batches:
     start-up, where the ranks agree on it (`stop_together`), so a stand-in always has a shape.
     """
 
-    def __init__(self, loader: ShardLoader, to_latents: VideoToLatents | None, device: torch.device,
-                 agreement: StepAgreement):
+    def __init__(
+        self, loader: ShardLoader, to_latents: VideoToLatents | None, device: torch.device, agreement: StepAgreement
+    ):
         self.loader, self.to_latents, self.device, self.agreement = loader, to_latents, device, agreement
         self._first = self._read()
         self._last = self._first
@@ -85,14 +86,15 @@ class Batches:
         return tuple(torch.zeros_like(t) for t in self._last)
 
 
-
 def describe_run(cfg: Config, topology: Topology) -> str:
     """The start-up line: model size, ranks and how they split the work, device."""
     layout = cfg.parallel
     sequence_parallel = layout.sequence_parallel and layout.tensor_parallel_size > 1
-    return (f"model: {count_parameters(build_model(cfg.model, 'meta')) / 1e6:.2f}M parameters, "
-            f"{topology.world_size} rank(s) as {topology.describe()}{', sequence parallel' if sequence_parallel else ''}, "
-            f"device {topology.device.type}")
+    return (
+        f"model: {count_parameters(build_model(cfg.model, 'meta')) / 1e6:.2f}M parameters, "
+        f"{topology.world_size} rank(s) as {topology.describe()}{', sequence parallel' if sequence_parallel else ''}, "
+        f"device {topology.device.type}"
+    )
 
 
 def progress_scalars(cfg: Config, engine, outcome: StepOutcome, state: TrainState) -> dict[str, float]:
@@ -100,9 +102,13 @@ def progress_scalars(cfg: Config, engine, outcome: StepOutcome, state: TrainStat
     gradient norm and skipped steps. The total is rebuilt from the averaged parts."""
     means = mean_over_token_shards(outcome.losses, cfg.parallel)
     grad_norm = engine.get_global_grad_norm()
-    return {"loss": weighted_total(cfg, means), "lr": engine.get_lr()[0],
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "skipped_steps": state.agreement.skipped_steps, **{f"loss_{name}": v for name, v in means.items()}}
+    return {
+        "loss": weighted_total(cfg, means),
+        "lr": engine.get_lr()[0],
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "skipped_steps": state.agreement.skipped_steps,
+        **{f"loss_{name}": v for name, v in means.items()},
+    }
 
 
 def data_counts(loader: ShardLoader) -> dict[str, int]:
@@ -153,8 +159,10 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
         outcome = train_step(engine, cfg, state.step + 1, micro_batches, agreement, hooks, ema)
         state.step = step = state.step + 1
         if outcome.skipped:
-            log.info(f"warning: step {step}: non-finite loss or gradient norm; step skipped, weights unchanged "
-                     f"({agreement.streak} in a row, {agreement.skipped_steps} in all)")
+            log.info(
+                f"warning: step {step}: non-finite loss or gradient norm; step skipped, weights unchanged "
+                f"({agreement.streak} in a row, {agreement.skipped_steps} in all)"
+            )
         if outcome.report is not None:
             log.log_diagnostics(outcome.report, step)
 

@@ -17,19 +17,27 @@ from megamoe.moe.router_losses import layer_reg_loss
 
 def loss_weights(cfg: Config) -> dict[str, float]:
     moe = cfg.model.moe
-    return {"balance": moe.balance_loss, "z": moe.z_loss, "similarity": moe.similarity_loss,
-            "contrastive": moe.contrastive_loss, "layer_reg": moe.layer_reg_loss}
+    return {
+        "balance": moe.balance_loss,
+        "z": moe.z_loss,
+        "similarity": moe.similarity_loss,
+        "contrastive": moe.contrastive_loss,
+        "layer_reg": moe.layer_reg_loss,
+    }
 
 
 def weighted_total(cfg: Config, parts: dict[str, float]) -> float:
     """The total loss from its parts ({'flow': ..., router loss name: unweighted value}), as
     `training_loss` forms it: flow + sum of weight x part over the enabled router losses."""
     weights = loss_weights(cfg)
-    return parts["flow"] + sum(weights[n] * v for n, v in sorted(parts.items()) if n != "flow" and weights.get(n, 0.0) > 0)
+    return parts["flow"] + sum(
+        weights[n] * v for n, v in sorted(parts.items()) if n != "flow" and weights.get(n, 0.0) > 0
+    )
 
 
-def training_loss(model, module, latents: torch.Tensor, text: torch.Tensor, cfg: Config,
-                  generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def training_loss(
+    model, module, latents: torch.Tensor, text: torch.Tensor, cfg: Config, generator: torch.Generator
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`model` is what runs the forward (a DeepSpeed engine or the module), `module` the plain
     WanDiT inside it. Returns (total loss, {part name: unweighted value}).
 
@@ -47,8 +55,10 @@ def training_loss(model, module, latents: torch.Tensor, text: torch.Tensor, cfg:
             parts[name] = value.detach()
     if weights["layer_reg"] > 0:
         target_tokens = module.sequence_sharding.shard(module.patchify(target)).flatten(0, 1)  # this rank's tokens
-        reg = sum(layer.router.token_shards.mean(layer_reg_loss(layer.aux["layer_reg_prediction"], target_tokens))
-                  for layer in moe_layers(module))
+        reg = sum(
+            layer.router.token_shards.mean(layer_reg_loss(layer.aux["layer_reg_prediction"], target_tokens))
+            for layer in moe_layers(module)
+        )
         total = total + weights["layer_reg"] * reg
         parts["layer_reg"] = reg.detach()
     return total, parts

@@ -139,8 +139,9 @@ class StepAgreement:
         Raises AgreedStop on every rank when any rank holds a problem (see `hold`), and
         NonFiniteError when `max_nonfinite_steps` steps in a row were skipped.
         """
-        flags = torch.tensor([float(stop_requested), float(step_skipped), float(self.problem is not None)],
-                             device=self.device)
+        flags = torch.tensor(
+            [float(stop_requested), float(step_skipped), float(self.problem is not None)], device=self.device
+        )
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         stop, skipped, failed = (bool(v) for v in flags.tolist())
         if failed:
@@ -153,7 +154,8 @@ class StepAgreement:
                 raise NonFiniteError(
                     f"steps {first}..{step} all had a non-finite loss or gradient norm ({self.streak} in a row, "
                     f"train.max_nonfinite_steps={self.max_nonfinite_steps}); stopped at step {step}: lower optim.lr, "
-                    f"check the data, or resume from an earlier checkpoint")
+                    f"check the data, or resume from an earlier checkpoint"
+                )
         else:
             self.streak = 0
         return stop, skipped

@@ -69,10 +69,12 @@ def check_output_dir(cfg: Config, world_size: int) -> None:
     reclaimable = sum(_size(p) for p in unfinished_saves(out))
     have = free_bytes(existing) + reclaimable
     if have < need:
-        raise RunDirError(f"train.output_dir '{out}' has {have / GB:.2f} GB free"
-                          f"{f' (with {reclaimable / GB:.2f} GB of unfinished saves)' if reclaimable else ''}, "
-                          f"one checkpoint needs {need / GB:.2f} GB; free space there or set train.output_dir "
-                          f"to a filesystem with room")
+        raise RunDirError(
+            f"train.output_dir '{out}' has {have / GB:.2f} GB free"
+            f"{f' (with {reclaimable / GB:.2f} GB of unfinished saves)' if reclaimable else ''}, "
+            f"one checkpoint needs {need / GB:.2f} GB; free space there or set train.output_dir "
+            f"to a filesystem with room"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -118,13 +120,18 @@ class RunLock:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
             os.close(fd)
             if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                print(f"warning: the filesystem of '{self.path.parent}' does not support locks; make sure "
-                      f"no other run writes to it", flush=True)
+                print(
+                    f"warning: the filesystem of '{self.path.parent}' does not support locks; make sure "
+                    f"no other run writes to it",
+                    flush=True,
+                )
                 return
-            raise RunDirError(f"train.output_dir '{self.path.parent}' is in use by another run "
-                              f"({holder or 'which has not written its host and pid yet'}; see {self.path}): "
-                              f"stop that run first (its ranks can outlive a killed torchrun: kill that pid on "
-                              f"that host), or set train.output_dir to another directory") from None
+            raise RunDirError(
+                f"train.output_dir '{self.path.parent}' is in use by another run "
+                f"({holder or 'which has not written its host and pid yet'}; see {self.path}): "
+                f"stop that run first (its ranks can outlive a killed torchrun: kill that pid on "
+                f"that host), or set train.output_dir to another directory"
+            ) from None
         os.ftruncate(fd, 0)
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {started}\n".encode(), 0)

@@ -48,6 +48,7 @@ LOAD_BUCKET_BYTES = 1 << 30
 # ---------------------------------------------------------------------------------------------
 # Where a rank's tensor sits in the full tensor.
 
+
 def global_shape(local: torch.Tensor, split) -> torch.Size:
     if split is None:
         return local.shape
@@ -85,12 +86,14 @@ def as_dcp_value(local: torch.Tensor, split):
     if key not in _MESHES:
         _MESHES[key] = DeviceMesh.from_group(group, local.device.type)
     shape = global_shape(local, split)
-    return DTensor.from_local(local, _MESHES[key], [Shard(dim)], run_check=False, shape=shape,
-                              stride=_contiguous_stride(shape))
+    return DTensor.from_local(
+        local, _MESHES[key], [Shard(dim)], run_check=False, shape=shape, stride=_contiguous_stride(shape)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # DeepSpeed's optimizer, through its public API (and train/deepspeed_adapter.py where it has none).
+
 
 def ensure_optimizer_state(engine) -> None:
     """Create Adam's state (zero moments, step 0) where torch has not yet, and link DeepSpeed's fragments.
@@ -106,9 +109,11 @@ def ensure_optimizer_state(engine) -> None:
         on_device = group.get("capturable", False) or group.get("fused", False)
         for p in group["params"]:
             if not base.state[p]:
-                base.state[p].update(step=torch.tensor(0.0, dtype=torch.float32, device=p.device if on_device else None),
-                                     exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
-                                     exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+                base.state[p].update(
+                    step=torch.tensor(0.0, dtype=torch.float32, device=p.device if on_device else None),
+                    exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                    exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format),
+                )
     relink_optimizer_state(engine)
 
 
@@ -169,6 +174,7 @@ def write_full(engine, param, kind: str, value: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 # Saving and loading.
 
+
 def _entries(module, ema=None) -> Iterator[tuple[str, str, torch.Tensor, bool]]:
     """(key, kind, tensor, is_parameter) in the same order on every rank.
 
@@ -178,7 +184,7 @@ def _entries(module, ema=None) -> Iterator[tuple[str, str, torch.Tensor, bool]]:
     params = dict(module.named_parameters())
     for name, tensor in module.state_dict(keep_vars=True).items():
         is_param = name in params and params[name].requires_grad
-        for kind in (KINDS if is_param else ("model",)):
+        for kind in KINDS if is_param else ("model",):
             yield f"{kind}/{name}", kind, tensor, is_param
         if ema is not None and name in ema.shadow:
             yield f"ema/{name}", "ema", tensor, is_param

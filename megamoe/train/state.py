@@ -47,15 +47,25 @@ class TrainState:
     over instead of continuing it (another data-parallel size).
     """
 
-    def __init__(self, loader: ShardLoader, agreement: StepAgreement, ema: EMA | None, device: torch.device,
-                 restart_stream: bool = False):
+    def __init__(
+        self,
+        loader: ShardLoader,
+        agreement: StepAgreement,
+        ema: EMA | None,
+        device: torch.device,
+        restart_stream: bool = False,
+    ):
         self.step = 0
         self.loader, self.agreement, self.ema, self.device = loader, agreement, ema, device
         self.restart_stream = restart_stream
 
     def state_dict(self) -> RankState:
-        return {"step": self.step, "data": self.loader.state_dict(), "rng": rng_states(self.device),
-                **self.agreement.state_dict()}
+        return {
+            "step": self.step,
+            "data": self.loader.state_dict(),
+            "rng": rng_states(self.device),
+            **self.agreement.state_dict(),
+        }
 
     def load_state_dict(self, state: RankState) -> None:
         """Raises StreamStateError when the saved data position cannot be continued (see data/loader.py)."""

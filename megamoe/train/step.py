@@ -79,8 +79,15 @@ class StepOutcome:
     """What the hooks returned after an applied step (MoE: a diagnostics report), else None."""
 
 
-def train_step(engine, cfg: Config, step: int, micro_batches: Iterator[MicroBatch], agreement: StepAgreement,
-               hooks: StepHooks | None = None, ema=None) -> StepOutcome:
+def train_step(
+    engine,
+    cfg: Config,
+    step: int,
+    micro_batches: Iterator[MicroBatch],
+    agreement: StepAgreement,
+    hooks: StepHooks | None = None,
+    ema=None,
+) -> StepOutcome:
     """Take optimizer step `step` (1-based) from `cfg.train.grad_accum` micro-batches. Collective.
 
     engine: the DeepSpeed engine (its `.module` is the WanDiT); it steps the optimizer, clips and

@@ -43,8 +43,9 @@ class LatentShardStream:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
         if len(shards) < dp_size:
-            raise ValueError(f"{len(shards)} shards cannot feed {dp_size} data-parallel ranks; "
-                             f"write at least {dp_size} shards")
+            raise ValueError(
+                f"{len(shards)} shards cannot feed {dp_size} data-parallel ranks; write at least {dp_size} shards"
+            )
         self.shards = list(shards)
         self.micro_batch_size = micro_batch_size
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
@@ -56,7 +57,7 @@ class LatentShardStream:
     def rank_shards(self, epoch: int) -> list[str]:
         if self._rank_shards is None or self._rank_shards[0] != epoch:
             order = _rng(self.seed, epoch, 0).permutation(len(self.shards))
-            self._rank_shards = (epoch, [self.shards[i] for i in order[self.dp_rank::self.dp_size]])
+            self._rank_shards = (epoch, [self.shards[i] for i in order[self.dp_rank :: self.dp_size]])
         return self._rank_shards[1]
 
     def _shard_samples(self, epoch: int, shard_pos: int, path: str) -> list:
@@ -120,11 +121,15 @@ class LatentShardStream:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data stream state has version {state.get('version')}, this code reads {STATE_VERSION}")
         if state["dp_size"] != self.dp_size:
-            raise ValueError(f"the data-parallel size changed from {state['dp_size']} to {self.dp_size}; "
-                             f"resuming the data stream at another data-parallel size is not supported yet")
+            raise ValueError(
+                f"the data-parallel size changed from {state['dp_size']} to {self.dp_size}; "
+                f"resuming the data stream at another data-parallel size is not supported yet"
+            )
         for name, now in (("seed", self.seed), ("dp_rank", self.dp_rank), ("num_shards", len(self.shards))):
             if state[name] != now:
-                raise ValueError(f"data stream state was saved with {name}={state[name]} but this stream has "
-                                 f"{name}={now}; resume with the same data.seed, rank layout and shards")
+                raise ValueError(
+                    f"data stream state was saved with {name}={state[name]} but this stream has "
+                    f"{name}={now}; resume with the same data.seed, rank layout and shards"
+                )
         self.epoch, self.shard_pos, self.sample_pos = state["epoch"], state["shard_pos"], state["sample_pos"]
         self._shard = None

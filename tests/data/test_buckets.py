@@ -93,9 +93,21 @@ def mixed_dir(tmp_path_factory):
 
 
 def mixed_spec(shards, workers=1):
-    return StreamSpec(shards=tuple(shards), format="latent", seed=5, dp_rank=0, dp_size=1, num_workers=workers,
-                      micro_batch_size=4, tokens_per_batch=BUDGET, buckets=BUCKETS, patch_size=PATCH,
-                      in_channels=3, text_dim=4, text_len=4)
+    return StreamSpec(
+        shards=tuple(shards),
+        format="latent",
+        seed=5,
+        dp_rank=0,
+        dp_size=1,
+        num_workers=workers,
+        micro_batch_size=4,
+        tokens_per_batch=BUDGET,
+        buckets=BUCKETS,
+        patch_size=PATCH,
+        in_channels=3,
+        text_dim=4,
+        text_len=4,
+    )
 
 
 def test_every_batch_holds_one_bucket_within_the_budget(mixed_dir):
@@ -136,9 +148,21 @@ def test_raw_video_that_does_not_fit_is_skipped_as_bad_shape_before_decoding():
     from megamoe.data.video_buckets import decode_to_bucket
     from megamoe.tools.numbered_videos import make_video
 
-    spec = StreamSpec(shards=(), format="video", seed=0, dp_rank=0, dp_size=1, num_workers=1, micro_batch_size=1,
-                      patch_size=PATCH, compression=(4, 16), video_frames=1, video_fps=16.0, sequence_shards=2,
-                      rope_max_seq_len=2)
+    spec = StreamSpec(
+        shards=(),
+        format="video",
+        seed=0,
+        dp_rank=0,
+        dp_size=1,
+        num_workers=1,
+        micro_batch_size=1,
+        patch_size=PATCH,
+        compression=(4, 16),
+        video_frames=1,
+        video_fps=16.0,
+        sequence_shards=2,
+        rope_max_seq_len=2,
+    )
     fits = decode_to_bucket(make_video(4, 64, 32, 16.0), spec, seed=0)  # 2 tokens
     assert fits["bucket"] == [1, 64, 32] and fits["clip"].shape == (1, 64, 32, 3)
     assert decode_to_bucket(make_video(4, 96, 32, 16.0), spec, seed=0) == {"skip": "bad_shape"}  # 3 tokens

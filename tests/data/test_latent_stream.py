@@ -15,7 +15,9 @@ from tests.data.latent_stream_oracle import LatentShardStream
 def shard_dir(tmp_path_factory):
     """20 clips in 8 shards of 2-3 clips: small enough that a few batches cross epochs."""
     out = tmp_path_factory.mktemp("shards")
-    write_synthetic_dataset(str(out), dataset_params(num_clips=20, frames=2, size=4, channels=3, text_len=4, text_dim=4))
+    write_synthetic_dataset(
+        str(out), dataset_params(num_clips=20, frames=2, size=4, channels=3, text_len=4, text_dim=4)
+    )
     return str(out)
 
 

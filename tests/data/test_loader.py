@@ -22,14 +22,27 @@ from tests.data.latent_stream_oracle import LatentShardStream
 def shard_dir(tmp_path_factory):
     """20 clips in 8 shards of 2-3 clips: a few batches cross epochs."""
     out = tmp_path_factory.mktemp("shards")
-    write_synthetic_dataset(str(out), dataset_params(num_clips=20, frames=2, size=4, channels=3, text_len=4, text_dim=4))
+    write_synthetic_dataset(
+        str(out), dataset_params(num_clips=20, frames=2, size=4, channels=3, text_len=4, text_dim=4)
+    )
     return str(out)
 
 
 def spec(shards, dp_rank=0, dp_size=1, workers=2, micro_batch_size=3, seed=11, **layout):
-    return StreamSpec(shards=tuple(shards), format="latent", seed=seed, dp_rank=dp_rank, dp_size=dp_size,
-                      num_workers=max(1, workers), micro_batch_size=micro_batch_size, patch_size=(1, 2, 2),
-                      in_channels=3, text_dim=4, text_len=4, **layout)
+    return StreamSpec(
+        shards=tuple(shards),
+        format="latent",
+        seed=seed,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        num_workers=max(1, workers),
+        micro_batch_size=micro_batch_size,
+        patch_size=(1, 2, 2),
+        in_channels=3,
+        text_dim=4,
+        text_len=4,
+        **layout,
+    )
 
 
 def loader(shards, workers=2, max_failure_fraction=0.05, min_samples=100, **kw):
@@ -53,7 +66,9 @@ def test_shards_are_split_by_rank_then_by_worker(shard_dir):
     shards = resolve_shards(shard_dir)
     orders = []
     for epoch in range(3):
-        parts = [WorkerStream(spec(shards, r, 2, workers=2), w).worker_shards(epoch) for r in range(2) for w in range(2)]
+        parts = [
+            WorkerStream(spec(shards, r, 2, workers=2), w).worker_shards(epoch) for r in range(2) for w in range(2)
+        ]
         flat = [s for part in parts for s in part]
         assert sorted(flat) == sorted(shards)  # a partition: every shard once per epoch
         # rank r takes order[r::2], its worker w takes those[w::2]: the worker lists interleave per rank
@@ -93,7 +108,9 @@ def test_resume_at_another_data_parallel_size_is_refused_unless_restarted(shard_
     saved = loader(shards, workers=0, dp_size=2)
     next(saved)
     state = saved.state_dict()
-    with pytest.raises(StreamStateError, match="data-parallel size 2, this run has 4.*data.restart_stream_on_resume=true"):
+    with pytest.raises(
+        StreamStateError, match="data-parallel size 2, this run has 4.*data.restart_stream_on_resume=true"
+    ):
         loader(shards, workers=0, dp_size=4).load_state_dict(state)
     with pytest.raises(StreamStateError, match="data.num_workers=1, this run has 2"):
         loader(shards, workers=2, dp_size=2).load_state_dict(state)
@@ -109,14 +126,19 @@ def test_resume_at_another_data_parallel_size_is_refused_unless_restarted(shard_
 
 def good_sample(index, channels=3, size=4):
     rng = np.random.default_rng(index)
-    return encode_sample(rng.standard_normal((channels, 2, size, size)).astype(np.float32),
-                         rng.standard_normal((4, 4)).astype(np.float32), f"clip {index}")
+    return encode_sample(
+        rng.standard_normal((channels, 2, size, size)).astype(np.float32),
+        rng.standard_normal((4, 4)).astype(np.float32),
+        f"clip {index}",
+    )
 
 
 @pytest.fixture(scope="module")
 def bad_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("bad")
-    write_synthetic_dataset(str(out), dataset_params(num_clips=24, frames=2, size=4, channels=3, text_len=4, text_dim=4))
+    write_synthetic_dataset(
+        str(out), dataset_params(num_clips=24, frames=2, size=4, channels=3, text_len=4, text_dim=4)
+    )
     wrong_shape = [(f"{i:08d}", good_sample(i)) for i in range(100, 103)] + [("00000103", good_sample(103, channels=2))]
     write_shard(str(out / "shard-000100.tar"), wrong_shape)
     missing = [(f"{i:08d}", good_sample(i)) for i in range(200, 203)]
@@ -158,11 +180,13 @@ def test_bad_samples_and_tars_are_skipped_and_counted(bad_dir):
 
 
 def test_too_many_failures_stop_with_the_worst_shards_named(tmp_path):
-    write_synthetic_dataset(str(tmp_path), dataset_params(num_clips=32, frames=2, size=4, channels=3, text_len=4,
-                                                          text_dim=4))
+    write_synthetic_dataset(
+        str(tmp_path), dataset_params(num_clips=32, frames=2, size=4, channels=3, text_len=4, text_dim=4)
+    )
     write_shard(str(tmp_path / "shard-000200.tar"), [(f"{i:08d}", good_sample(i, channels=5)) for i in range(200, 212)])
-    write_shard(str(tmp_path / "shard-000201.tar"), [("00000300", good_sample(300, channels=5)),
-                                                     ("00000301", good_sample(301))])
+    write_shard(
+        str(tmp_path / "shard-000201.tar"), [("00000300", good_sample(300, channels=5)), ("00000301", good_sample(301))]
+    )
     ours = loader(resolve_shards(str(tmp_path)), max_failure_fraction=0.1, min_samples=20)
     with pytest.raises(DataError) as info:
         for _ in range(200):
@@ -184,8 +208,9 @@ def test_shards_without_one_usable_sample_stop_instead_of_hanging(tmp_path):
 
 def test_a_killed_worker_is_replaced_and_the_stream_goes_on(tmp_path):
     # Batches of some 20 KB: the pipe buffers only a few, so the death is noticed within a few batches.
-    write_synthetic_dataset(str(tmp_path), dataset_params(num_clips=48, frames=2, size=16, channels=3, text_len=4,
-                                                          text_dim=4))
+    write_synthetic_dataset(
+        str(tmp_path), dataset_params(num_clips=48, frames=2, size=16, channels=3, text_len=4, text_dim=4)
+    )
     shards = resolve_shards(str(tmp_path))
     reference = loader(shards)
     expected = [next(reference) for _ in range(40)]
@@ -202,16 +227,25 @@ def test_a_killed_worker_is_replaced_and_the_stream_goes_on(tmp_path):
 
 
 def test_too_few_shards_for_ranks_times_workers(shard_dir):
-    with pytest.raises(DataError, match="8 shards cannot feed 2 data-parallel rank.*x 5 loader worker.*data.num_workers"):
+    with pytest.raises(
+        DataError, match="8 shards cannot feed 2 data-parallel rank.*x 5 loader worker.*data.num_workers"
+    ):
         loader(resolve_shards(shard_dir), workers=5, dp_size=2)
 
 
-@pytest.mark.parametrize("override,key", [
-    ("data.format=mp4", "data.format"), ("data.num_workers=-1", "data.num_workers"),
-    ("data.video_frames=16", "data.video_frames"), ("data.tokens_per_batch=-5", "data.tokens_per_batch"),
-    ("data.max_failure_fraction=1.5", "data.max_failure_fraction"), ("data.decode_timeout_s=0", "data.decode_timeout_s"),
-    ("data.buckets=[[5,16]]", "data.buckets"), ("data.buckets=[[5,15,16]]", "data.buckets"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("data.format=mp4", "data.format"),
+        ("data.num_workers=-1", "data.num_workers"),
+        ("data.video_frames=16", "data.video_frames"),
+        ("data.tokens_per_batch=-5", "data.tokens_per_batch"),
+        ("data.max_failure_fraction=1.5", "data.max_failure_fraction"),
+        ("data.decode_timeout_s=0", "data.decode_timeout_s"),
+        ("data.buckets=[[5,16]]", "data.buckets"),
+        ("data.buckets=[[5,15,16]]", "data.buckets"),
+    ],
+)
 def test_data_config_is_validated(override, key):
     from megamoe.config import ConfigError, load_config
     from megamoe.config_checks import validate
@@ -232,15 +266,26 @@ def test_samples_that_do_not_fit_the_model_or_the_layout_are_skipped_as_bad_shap
     'bad_shape', and the stream goes on: it is the stream without those limits (where the misfits
     form batches of their own shapes) less the misfits' batches. A latent that does not split into
     patches fits no layout: 'bad_shape' in both."""
+
     def sample(i, frames=2, height=4, width=4):
         rng = np.random.default_rng(i)
-        return (f"{i:08d}", encode_sample(rng.standard_normal((3, frames, height, width)).astype(np.float32),
-                                          rng.standard_normal((4, 4)).astype(np.float32), f"clip {i}"))
+        return (
+            f"{i:08d}",
+            encode_sample(
+                rng.standard_normal((3, frames, height, width)).astype(np.float32),
+                rng.standard_normal((4, 4)).astype(np.float32),
+                f"clip {i}",
+            ),
+        )
 
-    misfits = [sample(100, 1, 4, 6), sample(101, 1, 4, 6),  # 1 x 2 x 3 = 6 tokens: not a multiple of 4
-               sample(102, 2, 4, 8), sample(103, 2, 4, 8)]  # grid (2, 2, 4): 4 > rope_max_seq_len=2
+    misfits = [
+        sample(100, 1, 4, 6),
+        sample(101, 1, 4, 6),  # 1 x 2 x 3 = 6 tokens: not a multiple of 4
+        sample(102, 2, 4, 8),
+        sample(103, 2, 4, 8),
+    ]  # grid (2, 2, 4): 4 > rope_max_seq_len=2
     for s in range(4):  # 3 good samples (grid (2, 2, 2), 8 tokens) and a misfit in every shard
-        write_shard(str(tmp_path / f"shard-{s:06d}.tar"), [sample(3 * s + i) for i in range(3)] + misfits[s:s + 1])
+        write_shard(str(tmp_path / f"shard-{s:06d}.tar"), [sample(3 * s + i) for i in range(3)] + misfits[s : s + 1])
     write_shard(str(tmp_path / "shard-000004.tar"), [sample(12), sample(13), sample(104, 2, 4, 5)])
     shards = resolve_shards(str(tmp_path))
     ours = ShardLoader(spec(shards, workers=0, micro_batch_size=2, sequence_shards=4, rope_max_seq_len=2), 0, 1.0)

@@ -34,15 +34,23 @@ def load_tool(name):
 def video_folder(tmp_path_factory):
     """Three good videos with sidecar captions, one without a caption, one corrupt file."""
     folder = tmp_path_factory.mktemp("videos")
-    clips = {"cat.mp4": (40, 48, 64, 30.0, "libx264"), "dog.webm": (30, 33, 47, 24.0, "libvpx-vp9"),
-             "sub/red.mp4": (25, 40, 40, 25.0, "mpeg4"), "nocaption.mp4": (20, 32, 32, 30.0, "libx264")}
+    clips = {
+        "cat.mp4": (40, 48, 64, 30.0, "libx264"),
+        "dog.webm": (30, 33, 47, 24.0, "libvpx-vp9"),
+        "sub/red.mp4": (25, 40, 40, 25.0, "mpeg4"),
+        "nocaption.mp4": (20, 32, 32, 30.0, "libx264"),
+    }
     for name, (frames, h, w, fps, codec) in clips.items():
         path = folder / name
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(make_video(frames, h, w, fps, codec))
     (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(200))
-    for name, caption in [("cat", "a cat moving left"), ("dog", "a dog moving up"), ("sub/red", "a red square"),
-                          ("broken", "a broken file")]:
+    for name, caption in [
+        ("cat", "a cat moving left"),
+        ("dog", "a dog moving up"),
+        ("sub/red", "a red square"),
+        ("broken", "a broken file"),
+    ]:
         (folder / f"{name}.txt").write_text(caption)
     return folder
 
@@ -88,14 +96,15 @@ def test_make_shards_from_csv_and_jsonl(video_folder, tmp_path):
         writer.writerow([str(video_folder / "dog.webm"), ""])  # empty caption: skipped
     report = tool.main(["--index", str(tmp_path / "index.csv"), "--out", str(tmp_path / "a"), "--quiet"])
     assert report["samples"] == 1 and report["skipped"] == {"bad_caption": 1}
-    (key, members), = read_shard(str(tmp_path / "a" / report["shards"][0]))
+    ((key, members),) = read_shard(str(tmp_path / "a" / report["shards"][0]))
     assert members["txt"] == b"a cat, quoted, with commas"
 
     rel = os.path.relpath(video_folder / "dog.webm", tmp_path)  # relative to the index file
     (tmp_path / "index.jsonl").write_text(json.dumps({"path": rel, "caption": "a dog"}) + "\n")
-    report = tool.main(["--index", str(tmp_path / "index.jsonl"), "--out", str(tmp_path / "b"),
-                        "--caption-format", "json", "--quiet"])
-    (key, members), = read_shard(str(tmp_path / "b" / report["shards"][0]))
+    report = tool.main(
+        ["--index", str(tmp_path / "index.jsonl"), "--out", str(tmp_path / "b"), "--caption-format", "json", "--quiet"]
+    )
+    ((key, members),) = read_shard(str(tmp_path / "b" / report["shards"][0]))
     assert json.loads(members["json"]) == {"caption": "a dog"} and "webm" in members
 
 
@@ -116,7 +125,7 @@ def test_make_shards_skips_a_caption_that_is_not_utf8_as_the_loader_would(tmp_pa
     skipped = [json.loads(line) for line in (tmp_path / "raw" / "skipped.jsonl").read_text().splitlines()]
     assert [(os.path.basename(s["source"]), s["cause"]) for s in skipped] == [("latin1.mp4", "bad_caption")]
     assert "not utf-8" in skipped[0]["detail"]
-    (key, members), = read_shard(str(tmp_path / "raw" / report["shards"][0]))
+    ((key, members),) = read_shard(str(tmp_path / "raw" / report["shards"][0]))
     assert parse_caption(members) == "a caf\u00e9 scene"
     with pytest.raises(SampleError) as info:  # what the loader does with the caption make_shards skipped
         parse_caption({"txt": (folder / "latin1.txt").read_bytes()})
@@ -133,19 +142,35 @@ def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     # Non-trivial latents_mean/std, so a wrong normalisation convention cannot pass the checks below.
-    vae = AutoencoderKLWan(base_dim=8, z_dim=Z_DIM, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           latents_mean=[0.1 * i for i in range(Z_DIM)],
-                           latents_std=[1.0 + 0.5 * i for i in range(Z_DIM)])
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=Z_DIM,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        latents_mean=[0.1 * i for i in range(Z_DIM)],
+        latents_std=[1.0 + 0.5 * i for i in range(Z_DIM)],
+    )
     vae.save_pretrained(root / "vae")
-    config = UMT5Config(vocab_size=len(WORDS) + 3, d_model=TEXT_DIM, num_layers=1, num_heads=2, d_kv=16, d_ff=64,
-                        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    config = UMT5Config(
+        vocab_size=len(WORDS) + 3,
+        d_model=TEXT_DIM,
+        num_layers=1,
+        num_heads=2,
+        d_kv=16,
+        d_ff=64,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     UMT5EncoderModel(config).save_pretrained(root / "text")
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])  # as T5: EOS
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>") \
-        .save_pretrained(root / "text")
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(root / "text")
     return str(root / "vae"), str(root / "text")
 
 
@@ -180,10 +205,34 @@ def test_encode_latents_tool_writes_stream_readable_shards(video_folder, tiny_mo
     (raw / "zz-not-a-tar.tar").write_bytes(b"garbage" * 100)  # a broken shard is skipped, not fatal
     out = tmp_path / "latents"
     spec = FrameSpec(5, 12.0, 16, 24)
-    report = load_tool("encode_latents").main([
-        "--raw", str(raw), "--out", str(out), "--vae", tiny_models[0], "--text-encoder", tiny_models[1],
-        "--frames", "5", "--fps", "12", "--height", "16", "--width", "24", "--text-len", str(TEXT_LEN),
-        "--seed", "3", "--batch-size", "2", "--decode-timeout", "30"])  # decodes in a DecodePool
+    report = load_tool("encode_latents").main(
+        [
+            "--raw",
+            str(raw),
+            "--out",
+            str(out),
+            "--vae",
+            tiny_models[0],
+            "--text-encoder",
+            tiny_models[1],
+            "--frames",
+            "5",
+            "--fps",
+            "12",
+            "--height",
+            "16",
+            "--width",
+            "24",
+            "--text-len",
+            str(TEXT_LEN),
+            "--seed",
+            "3",
+            "--batch-size",
+            "2",
+            "--decode-timeout",
+            "30",
+        ]
+    )  # decodes in a DecodePool
     assert report["samples"] == 3 and report["skipped"] == {BAD_TAR: 1}
     stream = LatentShardStream(resolve_shards(str(out)), micro_batch_size=3, dp_rank=0, dp_size=1, seed=0)
     batch = next(stream)

@@ -101,8 +101,11 @@ def test_decord_and_pyav_decode_the_same_frames(videos, codec, fmt, height, widt
     results = {}
     for backend in ("decord", "pyav"):
         picked = []
-        r = decode_frames(videos[codec], lambda n, fps: picked.append(
-            sample_frame_indices(n, fps, 9, 15.0, rng(5))) or picked[-1], backend)
+        r = decode_frames(
+            videos[codec],
+            lambda n, fps: picked.append(sample_frame_indices(n, fps, 9, 15.0, rng(5))) or picked[-1],
+            backend,
+        )
         assert r.backend == backend and r.num_source_frames == 40 and r.source_fps == pytest.approx(30.0)
         assert r.frames.shape == (9, height, width, 3) and r.frames.dtype == np.uint8
         # The frames decoded are the frames asked for: each frame's grey level names its index.
@@ -160,16 +163,20 @@ def test_resize_matches_float_reference_within_one_level():
     frames = np.random.default_rng(0).integers(0, 256, (3, 33, 47, 3), dtype=np.uint8)
     out = resize_and_crop(frames, 16, 16)
     # Reference: float bilinear antialias to 16x23 (covers 16x16), centre columns 3..18, [-1, 1].
-    ref = torch.nn.functional.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2).float(), size=(16, 23),
-                                          mode="bilinear", antialias=True, align_corners=False)[..., 3:19]
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(frames).permute(0, 3, 1, 2).float(),
+        size=(16, 23),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
+    )[..., 3:19]
     ref = (ref / 127.5 - 1).permute(1, 0, 2, 3)
     assert (out - ref).abs().max() <= 1 / 127.5 + 1e-6  # 8-bit rounding only
 
 
 @pytest.mark.parametrize("codec,fmt,height,width", CODECS)
 @pytest.mark.parametrize("target", [(16, 16), (17, 23), (64, 96)])  # down, odd down, up
-def test_decord_scaling_while_decoding_matches_a_torch_resize(videos, codec, fmt, height, width, target,
-                                                                 monkeypatch):
+def test_decord_scaling_while_decoding_matches_a_torch_resize(videos, codec, fmt, height, width, target, monkeypatch):
     """decord scales inside its decoder (FFmpeg's scaler); the PyAV fallback decodes full frames
     that torch resizes. Both must give the same clip: same frames, same size, and pixels within a
     few levels (different filters: FFmpeg's bicubic vs torch's antialiased bilinear)."""
@@ -210,8 +217,11 @@ def test_decode_video_sample_inline(videos):
 @pytest.mark.parametrize("backend", ["auto", "pyav"])
 def test_broken_video_is_corrupt(videos, kind, backend):
     good = videos["libx264"]
-    data = {"zero": b"", "truncated": good[:len(good) // 2],
-            "random": np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()}[kind]
+    data = {
+        "zero": b"",
+        "truncated": good[: len(good) // 2],
+        "random": np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+    }[kind]
     with pytest.raises(SampleError) as e:
         decode_frames(data, lambda n, fps: np.arange(1), backend)
     assert e.value.cause == CORRUPT_VIDEO
@@ -227,9 +237,15 @@ def test_captions():
     assert parse_caption({"txt": b"  a  cat\n"}) == "a cat"
     assert parse_caption({"json": json.dumps({"caption": "a dog"}).encode()}) == "a dog"
     assert parse_caption({"json": json.dumps({"text": "a bird"}).encode()}) == "a bird"
-    cases = [({"mp4": b"x"}, MISSING_MEMBER), ({"txt": b"   "}, BAD_CAPTION), ({"txt": b"\xff\xfe"}, BAD_CAPTION),
-             ({"json": b"{not json"}, BAD_CAPTION), ({"json": b'{"title": "x"}'}, BAD_CAPTION),
-             ({"json": b'["a cat"]'}, BAD_CAPTION), ({"json": b'{"caption": 3}'}, BAD_CAPTION)]
+    cases = [
+        ({"mp4": b"x"}, MISSING_MEMBER),
+        ({"txt": b"   "}, BAD_CAPTION),
+        ({"txt": b"\xff\xfe"}, BAD_CAPTION),
+        ({"json": b"{not json"}, BAD_CAPTION),
+        ({"json": b'{"title": "x"}'}, BAD_CAPTION),
+        ({"json": b'["a cat"]'}, BAD_CAPTION),
+        ({"json": b'{"caption": 3}'}, BAD_CAPTION),
+    ]
     for members, cause in cases:
         with pytest.raises(SampleError) as e:
             parse_caption(members, "k1", "s.tar")
@@ -240,8 +256,11 @@ def test_raw_sample_errors_name_key_and_shard(videos):
     spec = FrameSpec(5, 15.0, 8, 8)
     sample = decode_raw_sample("00000007", {"mp4": videos["libx264"], "txt": b"a cat"}, "raw-0.tar", spec, rng())
     assert sample["pixels"].shape == (3, 5, 8, 8) and sample["caption"] == "a cat"
-    for members, cause in [({"txt": b"a cat"}, MISSING_MEMBER), ({"mp4": videos["libx264"]}, MISSING_MEMBER),
-                           ({"mp4": b"", "txt": b"a cat"}, CORRUPT_VIDEO)]:
+    for members, cause in [
+        ({"txt": b"a cat"}, MISSING_MEMBER),
+        ({"mp4": videos["libx264"]}, MISSING_MEMBER),
+        ({"mp4": b"", "txt": b"a cat"}, CORRUPT_VIDEO),
+    ]:
         with pytest.raises(SampleError) as e:
             decode_raw_sample("00000007", members, "raw-0.tar", spec, rng())
         assert e.value.cause == cause and "'00000007'" in str(e.value) and "'raw-0.tar'" in str(e.value)

@@ -37,7 +37,9 @@ def test_timestep_distributions():
     g = torch.Generator().manual_seed(0)
     u = sample_noise_levels(200_000, DiffusionConfig(timestep_sampling="uniform"), g)
     assert abs(u.mean().item() - 0.5) < 5e-3 and abs(u.var().item() - 1 / 12) < 2e-3
-    ln = sample_noise_levels(200_000, DiffusionConfig(timestep_sampling="logit_normal", logit_mean=0.5, logit_std=0.8), g)
+    ln = sample_noise_levels(
+        200_000, DiffusionConfig(timestep_sampling="logit_normal", logit_mean=0.5, logit_std=0.8), g
+    )
     logits = torch.log(ln / (1 - ln))
     assert abs(logits.mean().item() - 0.5) < 1e-2 and abs(logits.std().item() - 0.8) < 1e-2
 
@@ -70,8 +72,15 @@ class _OracleVelocity(torch.nn.Module):
 def test_euler_sampler_reaches_the_data_point_exactly():
     x0 = torch.randn(1, 3, 2, 4, 4)
     model = _OracleVelocity(x0, x0)
-    out = euler_sample(model, (2, 3, 2, 4, 4), torch.ones(2, 5, 7), num_steps=7, guidance_scale=1.0,
-                       shift=3.0, generator=torch.Generator().manual_seed(1))
+    out = euler_sample(
+        model,
+        (2, 3, 2, 4, 4),
+        torch.ones(2, 5, 7),
+        num_steps=7,
+        guidance_scale=1.0,
+        shift=3.0,
+        generator=torch.Generator().manual_seed(1),
+    )
     torch.testing.assert_close(out, x0.expand(2, -1, -1, -1, -1), rtol=0, atol=1e-5)
 
 
@@ -79,8 +88,14 @@ def test_classifier_free_guidance_extrapolates_linearly():
     # With conditional point a and unconditional point b, guided Euler lands on b + w (a - b).
     a, b = torch.randn(1, 3, 1, 2, 2), torch.randn(1, 3, 1, 2, 2)
     w = 3.0
-    out = euler_sample(_OracleVelocity(a, b), (1, 3, 1, 2, 2), torch.ones(1, 4, 5), num_steps=5,
-                       guidance_scale=w, generator=torch.Generator().manual_seed(2))
+    out = euler_sample(
+        _OracleVelocity(a, b),
+        (1, 3, 1, 2, 2),
+        torch.ones(1, 4, 5),
+        num_steps=5,
+        guidance_scale=w,
+        generator=torch.Generator().manual_seed(2),
+    )
     torch.testing.assert_close(out, b + w * (a - b), rtol=0, atol=1e-4)
 
 

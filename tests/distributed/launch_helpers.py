@@ -19,11 +19,19 @@ REPO = Path(__file__).resolve().parents[2]
 
 def launcher_script(faults: dict | None) -> str:
     """launcher/pretrain.py, or with `faults` (MEGAMOE_TEST_* variables) the wrapper that injects them."""
-    return str(REPO / "tests" / "distributed" / "pretrain_with_faults.py" if faults else REPO / "launcher" / "pretrain.py")
+    return str(
+        REPO / "tests" / "distributed" / "pretrain_with_faults.py" if faults else REPO / "launcher" / "pretrain.py"
+    )
 
 
-def pretrain(args, nproc: int | None = 2, check: bool = True, timeout: int = 900,
-             env: dict | None = None, faults: dict | None = None) -> subprocess.CompletedProcess:
+def pretrain(
+    args,
+    nproc: int | None = 2,
+    check: bool = True,
+    timeout: int = 900,
+    env: dict | None = None,
+    faults: dict | None = None,
+) -> subprocess.CompletedProcess:
     """`launcher/pretrain.py ARGS` on `nproc` gloo ranks under torchrun; nproc=None runs one
     plain process (the launcher then makes a world of one). `env`: extra environment variables;
     `faults`: faults to inject (see pretrain_with_faults.py), e.g. {"MEGAMOE_TEST_NAN_AT_STEPS": "3"}."""
@@ -33,11 +41,24 @@ def pretrain(args, nproc: int | None = 2, check: bool = True, timeout: int = 900
         env.pop("RANK", None), env.pop("WORLD_SIZE", None)
         cmd = [sys.executable, script, *map(str, args)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-               "--rdzv-endpoint", "127.0.0.1:0", script, *map(str, args)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            "127.0.0.1:0",
+            script,
+            *map(str, args),
+        ]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"pretrain failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"pretrain failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 
@@ -78,8 +99,9 @@ def free_port() -> int:
 
 
 def _run_rank(rank, world, port, errors, worker, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0"
+    )
     try:
         worker(rank, world, *args)
     except Exception:
@@ -104,8 +126,20 @@ def start_pretrain(args, nproc: int = 2, faults: dict | None = None, torchrun_ar
     """Like `pretrain`, but returns the running torchrun process (stdout and stderr piped), for
     tests that signal or kill it, or one of its workers, while it trains."""
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(faults or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", "127.0.0.1:0", *torchrun_args, launcher_script(faults), *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "127.0.0.1:0",
+        *torchrun_args,
+        launcher_script(faults),
+        *map(str, args),
+    ]
     return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -148,8 +182,9 @@ def torchrun_failures(stderr: str) -> tuple[dict[int, tuple[int, str]], int]:
     """torchrun's failure summary: ({global rank: (exit code, traceback line)}, the root cause's rank)."""
     import re
 
-    entries = re.findall(r"rank\s+: (\d+) \(local_rank: \d+\)\n\s+exitcode\s+: (-?\d+) .*\n.*\n\s+traceback : (.*)",
-                         stderr)
+    entries = re.findall(
+        r"rank\s+: (\d+) \(local_rank: \d+\)\n\s+exitcode\s+: (-?\d+) .*\n.*\n\s+traceback : (.*)", stderr
+    )
     root = re.search(r"Root Cause \(first observed failure\):\n\[\d+\]:\n.*\n.*\n\s+rank\s+: (\d+)", stderr)
     assert entries and root, f"no torchrun failure summary in:\n{stderr[-4000:]}"
     return {int(rank): (int(code), line) for rank, code, line in entries}, int(root.group(1))

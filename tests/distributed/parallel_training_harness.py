@@ -30,24 +30,44 @@ import torch
 
 from megamoe.config import Config, DataConfig, DiffusionConfig, ModelConfig, MoEConfig, OptimConfig, ParallelConfig
 
-SMALL_MOE = ModelConfig(dim=32, num_layers=2, num_heads=4, ffn_dim=64, in_channels=4, out_channels=4, text_dim=24,
-                        freq_dim=16, rope_max_seq_len=32,
-                        moe=MoEConfig(num_experts=4, layers="all", router="linear", top_k=2, num_shared_experts=1,
-                                      z_loss=0.01, diagnostics_every=0))
+SMALL_MOE = ModelConfig(
+    dim=32,
+    num_layers=2,
+    num_heads=4,
+    ffn_dim=64,
+    in_channels=4,
+    out_channels=4,
+    text_dim=24,
+    freq_dim=16,
+    rope_max_seq_len=32,
+    moe=MoEConfig(
+        num_experts=4, layers="all", router="linear", top_k=2, num_shared_experts=1, z_loss=0.01, diagnostics_every=0
+    ),
+)
 """Two MoE blocks of 4 experts (top-2) and a shared expert. Only per-token router losses (z): a
 sharded run computes router losses per sequence shard, and only token means are unchanged by that."""
 FRAMES, SIZE, TEXT_LEN = 2, 8, 5  # 2 x 4 x 4 = 32 tokens per sample with patch (1, 2, 2)
 
 
-def make_config(parallel: dict, model: ModelConfig = SMALL_MOE, steps: int = 4, zero_stage: int = 2,
-                grad_clip: float = 0.05, micro_batch_size: int = 2, seed: int = 0, ema_decay: float = 0.0) -> Config:
+def make_config(
+    parallel: dict,
+    model: ModelConfig = SMALL_MOE,
+    steps: int = 4,
+    zero_stage: int = 2,
+    grad_clip: float = 0.05,
+    micro_batch_size: int = 2,
+    seed: int = 0,
+    ema_decay: float = 0.0,
+) -> Config:
     """A run config; grad_clip is small enough that clipping acts on most steps."""
-    return Config(model=model, parallel=ParallelConfig(**parallel),
-                  data=DataConfig(micro_batch_size=micro_batch_size, text_len=TEXT_LEN),
-                  diffusion=DiffusionConfig(text_dropout=0.25),
-                  optim=OptimConfig(lr=3e-3, warmup_steps=2, grad_clip=grad_clip, zero_stage=zero_stage,
-                                    weight_decay=0.01),
-                  train=dataclasses.replace(Config().train, steps=steps, seed=seed, ema_decay=ema_decay))
+    return Config(
+        model=model,
+        parallel=ParallelConfig(**parallel),
+        data=DataConfig(micro_batch_size=micro_batch_size, text_len=TEXT_LEN),
+        diffusion=DiffusionConfig(text_dropout=0.25),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2, grad_clip=grad_clip, zero_stage=zero_stage, weight_decay=0.01),
+        train=dataclasses.replace(Config().train, steps=steps, seed=seed, ema_decay=ema_decay),
+    )
 
 
 def global_batch(cfg: Config, step: int, slices: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,9 +180,15 @@ def _train(rank: int, world: int, cfg: Config, slices: int, out_file: str) -> No
     min_margin = torch.tensor(min(margins, default=float("inf")))
     torch.distributed.all_reduce(min_margin, op=torch.distributed.ReduceOp.MIN)  # every rank's tokens
     if rank == 0:
-        torch.save({**history, "weights": {k: v.clone() for k, v in weights.items()},
-                    "ema": {k: v.clone() for k, v in averaged.items()},
-                    "min_top_k_margin": min_margin.item()}, out_file)
+        torch.save(
+            {
+                **history,
+                "weights": {k: v.clone() for k, v in weights.items()},
+                "ema": {k: v.clone() for k, v in averaged.items()},
+                "min_top_k_margin": min_margin.item(),
+            },
+            out_file,
+        )
     destroy_distributed()
 
 

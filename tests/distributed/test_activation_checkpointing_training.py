@@ -13,14 +13,19 @@ from tests.distributed.test_parallel_training import assert_same_run
 
 # Aux-free bias balancing gathers load counts in forward; the balance loss (like z) reduces its
 # statistics over the sequence shards, in the recomputed forward too.
-BIASED = dataclasses.replace(SMALL_MOE, moe=dataclasses.replace(SMALL_MOE.moe, bias_balancing=True, bias_update_rate=0.01,
-                                                                balance_loss=0.1))
+BIASED = dataclasses.replace(
+    SMALL_MOE, moe=dataclasses.replace(SMALL_MOE.moe, bias_balancing=True, bias_update_rate=0.01, balance_loss=0.1)
+)
 
 
-@pytest.mark.parametrize("parallel, spec", [
-    ({"tensor_parallel_size": 2}, "all"),  # TP + SP: gathers and reduce-scatters recomputed
-    ({"context_parallel_size": 2, "expert_parallel_size": 2}, "every_2"),  # Ulysses + expert all-to-all
-], ids=["tp2_all", "cp2_ep2_every_2"])
+@pytest.mark.parametrize(
+    "parallel, spec",
+    [
+        ({"tensor_parallel_size": 2}, "all"),  # TP + SP: gathers and reduce-scatters recomputed
+        ({"context_parallel_size": 2, "expert_parallel_size": 2}, "every_2"),  # Ulysses + expert all-to-all
+    ],
+    ids=["tp2_all", "cp2_ep2_every_2"],
+)
 def test_checkpointed_parallel_run_matches_the_plain_single_process_run(parallel, spec, tmp_path):
     cfg = make_config(parallel, model=BIASED, steps=3)
     checkpointed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, activation_checkpointing=spec))

@@ -27,10 +27,20 @@ def run_job(args, nproc=2):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     launcher = [str(REPO / "launcher" / "pretrain.py")]
     if nproc > 1:
-        launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-                    "--rdzv-endpoint", "127.0.0.1:0", *launcher]
-    return subprocess.run([sys.executable, *launcher, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+        launcher = [
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            "127.0.0.1:0",
+            *launcher,
+        ]
+    return subprocess.run(
+        [sys.executable, *launcher, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def check(result):
@@ -60,9 +70,22 @@ def flawed_latents(tmp_path_factory):
 
 def test_bad_samples_show_in_the_progress_line_and_tensorboard(tmp_path, flawed_latents):
     out = tmp_path / "run"
-    result = check(run_job(["--config", TINY, f"train.output_dir={out}", f"data.path={flawed_latents}",
-                            "data.num_workers=2", "data.micro_batch_size=4", "train.steps=4", "logging.every_steps=2",
-                            "data.max_failure_fraction=0.5", *SMALL_MODEL]))
+    result = check(
+        run_job(
+            [
+                "--config",
+                TINY,
+                f"train.output_dir={out}",
+                f"data.path={flawed_latents}",
+                "data.num_workers=2",
+                "data.micro_batch_size=4",
+                "train.steps=4",
+                "logging.every_steps=2",
+                "data.max_failure_fraction=0.5",
+                *SMALL_MODEL,
+            ]
+        )
+    )
     last = [line for line in result.stdout.splitlines() if line.startswith("step 4/4")][0]
     assert " | bad " in last  # every worker has read a whole shard, with its one bad latent, by step 4
 
@@ -79,9 +102,19 @@ def test_bad_samples_show_in_the_progress_line_and_tensorboard(tmp_path, flawed_
 
 
 def test_too_many_bad_samples_stop_the_job_with_one_line(tmp_path, flawed_latents):
-    result = run_job(["--config", TINY, f"train.output_dir={tmp_path / 'run'}", f"data.path={flawed_latents}",
-                      "data.max_failure_fraction=0.01", "data.min_samples_before_failure_check=8", "train.steps=20",
-                      *SMALL_MODEL], nproc=1)
+    result = run_job(
+        [
+            "--config",
+            TINY,
+            f"train.output_dir={tmp_path / 'run'}",
+            f"data.path={flawed_latents}",
+            "data.max_failure_fraction=0.01",
+            "data.min_samples_before_failure_check=8",
+            "train.steps=20",
+            *SMALL_MODEL,
+        ],
+        nproc=1,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "data.max_failure_fraction=0.01" in errors[0] and "worst shards: " in errors[0]
@@ -110,17 +143,37 @@ def encoders(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("encoders")
     torch.manual_seed(0)
-    AutoencoderKLWan(base_dim=8, z_dim=Z_DIM, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.0] * Z_DIM,
-                     latents_std=[1.0] * Z_DIM).save_pretrained(root / "vae")
-    config = UMT5Config(vocab_size=len(WORDS) + 3, d_model=TEXT_DIM, num_layers=1, num_heads=2, d_kv=16, d_ff=64,
-                        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    AutoencoderKLWan(
+        base_dim=8,
+        z_dim=Z_DIM,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        latents_mean=[0.0] * Z_DIM,
+        latents_std=[1.0] * Z_DIM,
+    ).save_pretrained(root / "vae")
+    config = UMT5Config(
+        vocab_size=len(WORDS) + 3,
+        d_model=TEXT_DIM,
+        num_layers=1,
+        num_heads=2,
+        d_kv=16,
+        d_ff=64,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     UMT5EncoderModel(config).save_pretrained(root / "text")
-    tokenizer = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2,
-                                            **{w: i + 3 for i, w in enumerate(WORDS)}}, unk_token="<unk>"))
+    tokenizer = Tokenizer(
+        models.WordLevel(
+            {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}, unk_token="<unk>"
+        )
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>") \
-        .save_pretrained(root / "text")
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(root / "text")
     return str(root / "vae"), str(root / "text")
 
 
@@ -140,18 +193,27 @@ def raw_shards(tmp_path_factory):
     load_tool("make_shards").main(["--videos", str(folder), "--out", str(out), "--shard-size", "0.004", "--quiet"])
     assert len(list(out.glob("*.tar"))) >= 2
     # make_shards drops bad inputs; a shard written by other tools may hold them: training skips them.
-    bad = [("00009000", {"mp4": b"\x00\x00\x00\x18ftypmp42" + bytes(300), "txt": b"a broken clip"}),
-           ("00009001", {"mp4": make_video(3, 32, 32, fps=16.0), "txt": b"a short clip"}),  # 3 < 5 frames
-           ("00009002", {"mp4": make_video(5, 32, 32, fps=16.0)}),  # no caption
-           ("00009003", {"mp4": make_video(5, 32, 32, fps=16.0), "txt": b"a red circle"})]
+    bad = [
+        ("00009000", {"mp4": b"\x00\x00\x00\x18ftypmp42" + bytes(300), "txt": b"a broken clip"}),
+        ("00009001", {"mp4": make_video(3, 32, 32, fps=16.0), "txt": b"a short clip"}),  # 3 < 5 frames
+        ("00009002", {"mp4": make_video(5, 32, 32, fps=16.0)}),  # no caption
+        ("00009003", {"mp4": make_video(5, 32, 32, fps=16.0), "txt": b"a red circle"}),
+    ]
     write_shard(str(out / "shard-999999.tar"), bad)
     return str(out)
 
 
 def video_overrides(encoders):
-    return ["model.in_channels=4", "model.out_channels=4", f"model.text_dim={TEXT_DIM}", f"data.text_len={TEXT_LEN}",
-            "data.micro_batch_size=2", "data.max_failure_fraction=0.5", "data.min_samples_before_failure_check=1000",
-            *SMALL_MODEL]
+    return [
+        "model.in_channels=4",
+        "model.out_channels=4",
+        f"model.text_dim={TEXT_DIM}",
+        f"data.text_len={TEXT_LEN}",
+        "data.micro_batch_size=2",
+        "data.max_failure_fraction=0.5",
+        "data.min_samples_before_failure_check=1000",
+        *SMALL_MODEL,
+    ]
 
 
 def test_raw_video_batches_encode_to_the_precomputed_latents(raw_shards, encoders, tmp_path):
@@ -163,16 +225,45 @@ def test_raw_video_batches_encode_to_the_precomputed_latents(raw_shards, encoder
 
     vae, text = encoders
     latent_dir = tmp_path / "latents"
-    load_tool("encode_latents").main(["--raw", raw_shards, "--out", str(latent_dir), "--vae", vae, "--text-encoder",
-                                      text, "--frames", "5", "--fps", "16", "--height", "32", "--width", "32",
-                                      "--text-len", str(TEXT_LEN)])
+    load_tool("encode_latents").main(
+        [
+            "--raw",
+            raw_shards,
+            "--out",
+            str(latent_dir),
+            "--vae",
+            vae,
+            "--text-encoder",
+            text,
+            "--frames",
+            "5",
+            "--fps",
+            "16",
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--text-len",
+            str(TEXT_LEN),
+        ]
+    )
     precomputed = {}
     for shard in resolve_shards(str(latent_dir)):
         for key, members in read_shard(shard):
             precomputed[key] = members
-    cfg = load_config(TINY, video_overrides(encoders) + [
-        "data.format=video", f"data.path={raw_shards}", f"data.vae_path={vae}", f"data.text_encoder_path={text}",
-        "data.buckets=[[5,32,32]]", "data.video_frames=5", "data.video_fps=16"])
+    cfg = load_config(
+        TINY,
+        video_overrides(encoders)
+        + [
+            "data.format=video",
+            f"data.path={raw_shards}",
+            f"data.vae_path={vae}",
+            f"data.text_encoder_path={text}",
+            "data.buckets=[[5,32,32]]",
+            "data.video_frames=5",
+            "data.video_fps=16",
+        ],
+    )
     to_latents = VideoToLatents.from_config(cfg, torch.device("cpu"))
     assert to_latents.compression == (4, 8)
     loader = build_loader(cfg, 0, 1, to_latents.compression)
@@ -191,21 +282,56 @@ def test_raw_video_batches_encode_to_the_precomputed_latents(raw_shards, encoder
 def test_training_on_raw_video_and_on_encoded_latents(raw_shards, encoders, tmp_path):
     vae, text = encoders
     common = ["--config", TINY, "train.steps=2", "logging.every_steps=1", *video_overrides(encoders)]
-    raw = check(run_job(common + [f"train.output_dir={tmp_path / 'raw'}", "data.format=video",
-                                  f"data.path={raw_shards}", f"data.vae_path={vae}", f"data.text_encoder_path={text}",
-                                  "data.buckets=[[5,32,32]]", "data.video_frames=5", "data.video_fps=16",
-                                  "data.num_workers=1"]))
+    raw = check(
+        run_job(
+            common
+            + [
+                f"train.output_dir={tmp_path / 'raw'}",
+                "data.format=video",
+                f"data.path={raw_shards}",
+                f"data.vae_path={vae}",
+                f"data.text_encoder_path={text}",
+                "data.buckets=[[5,32,32]]",
+                "data.video_frames=5",
+                "data.video_fps=16",
+                "data.num_workers=1",
+            ]
+        )
+    )
     assert "step 2/2 " in raw.stdout and " | bad 3" in raw.stdout
     # The bad shard is visited before step 1 with data.seed=1234: each failure counted once, by cause.
     data = json.loads((tmp_path / "raw" / "metrics.jsonl").read_text().splitlines()[-1])["data"]
-    assert {k: v for k, v in data.items() if k.startswith("bad_")} == \
-        {"bad_corrupt_video": 1, "bad_too_short": 1, "bad_missing_member": 1}
+    assert {k: v for k, v in data.items() if k.startswith("bad_")} == {
+        "bad_corrupt_video": 1,
+        "bad_too_short": 1,
+        "bad_missing_member": 1,
+    }
     latent_dir = tmp_path / "latents"
-    load_tool("encode_latents").main(["--raw", raw_shards, "--out", str(latent_dir), "--vae", vae, "--text-encoder",
-                                      text, "--frames", "5", "--fps", "16", "--height", "32", "--width", "32",
-                                      "--text-len", str(TEXT_LEN)])
-    latent = check(run_job(common + [f"train.output_dir={tmp_path / 'latent'}", f"data.path={latent_dir}",
-                                     "data.num_workers=1"]))
+    load_tool("encode_latents").main(
+        [
+            "--raw",
+            raw_shards,
+            "--out",
+            str(latent_dir),
+            "--vae",
+            vae,
+            "--text-encoder",
+            text,
+            "--frames",
+            "5",
+            "--fps",
+            "16",
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--text-len",
+            str(TEXT_LEN),
+        ]
+    )
+    latent = check(
+        run_job(common + [f"train.output_dir={tmp_path / 'latent'}", f"data.path={latent_dir}", "data.num_workers=1"])
+    )
     assert "step 2/2" in latent.stdout
     for run in ("raw", "latent"):
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()

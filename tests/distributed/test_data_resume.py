@@ -15,8 +15,7 @@ import torch
 from tests.distributed.launch_helpers import REPO, pretrain, read_metrics, spawn
 
 TINY = str(REPO / "configs" / "tiny.yaml")
-LAYOUTS = {"tp2": {"tensor_parallel_size": 2}, "cp2": {"context_parallel_size": 2},
-           "ep2": {"expert_parallel_size": 2}}
+LAYOUTS = {"tp2": {"tensor_parallel_size": 2}, "cp2": {"context_parallel_size": 2}, "ep2": {"expert_parallel_size": 2}}
 
 
 def _read_on_layouts(rank, world, shard_dir, out_dir):
@@ -26,8 +25,16 @@ def _read_on_layouts(rank, world, shard_dir, out_dir):
     from megamoe.data.loader import build_loader
     from megamoe.parallel.topology import destroy_distributed, init_distributed
 
-    cfg = load_config(None, [f"data.path={shard_dir}", "data.micro_batch_size=2", "model.in_channels=3",
-                             "model.text_dim=4", "data.text_len=4"])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={shard_dir}",
+            "data.micro_batch_size=2",
+            "model.in_channels=3",
+            "model.text_dim=4",
+            "data.text_len=4",
+        ],
+    )
     from megatron.core import parallel_state
 
     results = {}
@@ -48,8 +55,9 @@ def test_model_parallel_ranks_share_samples_and_data_parallel_ranks_do_not(tmp_p
     from megamoe.tools.synthetic_data import dataset_params, write_synthetic_dataset
 
     shard_dir = tmp_path / "shards"  # 8 shards of 4 clips: 3 batches of 2 stay inside epoch 0 on every rank
-    write_synthetic_dataset(str(shard_dir), dataset_params(num_clips=32, frames=2, size=4, channels=3, text_len=4,
-                                                           text_dim=4))
+    write_synthetic_dataset(
+        str(shard_dir), dataset_params(num_clips=32, frames=2, size=4, channels=3, text_len=4, text_dim=4)
+    )
     # Spawned, not forked: this test process may already run threads (OpenMP, gloo) that a fork would break.
     spawn(_read_on_layouts, 4, str(shard_dir), str(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())
@@ -62,16 +70,26 @@ def test_model_parallel_ranks_share_samples_and_data_parallel_ranks_do_not(tmp_p
         for copies in by_dp.values():
             assert all(c == copies[0] for c in copies), name  # one model replica, one stream of samples
         streams = [set(copies[0]) for copies in by_dp.values()]
-        assert all(not (a & b) for i, a in enumerate(streams) for b in streams[i + 1:]), name
+        assert all(not (a & b) for i, a in enumerate(streams) for b in streams[i + 1 :]), name
 
 
 # --- end to end -------------------------------------------------------------------------------
 
 
 def test_resume_with_two_workers_per_rank_reproduces_the_losses(tmp_path, data_cache):
-    common = ["--config", TINY, f"data.cache_dir={data_cache}", "data.synthetic_num_clips=64", "data.num_workers=2",
-              "model.dim=64", "model.num_layers=2", "logging.every_steps=1", "checkpoint.every_steps=3",
-              "optim.warmup_steps=2", "train.steps=6"]
+    common = [
+        "--config",
+        TINY,
+        f"data.cache_dir={data_cache}",
+        "data.synthetic_num_clips=64",
+        "data.num_workers=2",
+        "model.dim=64",
+        "model.num_layers=2",
+        "logging.every_steps=1",
+        "checkpoint.every_steps=3",
+        "optim.warmup_steps=2",
+        "train.steps=6",
+    ]
     full, part = tmp_path / "full", tmp_path / "part"
     pretrain(common + [f"train.output_dir={full}"])
     # The step-3 checkpoint of the full run is what a run interrupted after step 3 leaves behind
@@ -86,7 +104,9 @@ def test_resume_with_two_workers_per_rank_reproduces_the_losses(tmp_path, data_c
             assert continued[step][name] == uninterrupted[step][name], (step, name)
     # The stream position is saved per rank and per worker, and both runs end at the same one.
     for rank in range(2):
-        saved = [torch.load(run / "checkpoints" / "step_00000006" / f"rank_{rank:05d}.pt", weights_only=True)["data"]
-                 for run in (full, part)]
+        saved = [
+            torch.load(run / "checkpoints" / "step_00000006" / f"rank_{rank:05d}.pt", weights_only=True)["data"]
+            for run in (full, part)
+        ]
         assert saved[0] == saved[1]
         assert saved[0]["dp_rank"] == rank and saved[0]["num_workers"] == 2 and len(saved[0]["workers"]) == 2

@@ -46,9 +46,14 @@ def micro_batch(rank, case):
     x = torch.randn(B, L, DIM, generator=g)
     if case == "all_on_one_expert":
         x = x.abs() + 0.1  # positive tokens score highest on the all-ones row
-    ctx = RoutingContext(batch_size=B, seq_len=L, temb=torch.randn(B, DIM, generator=g),
-                         text=torch.randn(B, 3, DIM, generator=g), is_null=torch.tensor([rank % 2 == 0, False]),
-                         timestep=torch.rand(B, generator=g) * 1000)
+    ctx = RoutingContext(
+        batch_size=B,
+        seq_len=L,
+        temb=torch.randn(B, DIM, generator=g),
+        text=torch.randn(B, 3, DIM, generator=g),
+        is_null=torch.tensor([rank % 2 == 0, False]),
+        timestep=torch.rand(B, generator=g) * 1000,
+    )
     weight = torch.randn(B, L, DIM, generator=g)
     return x.requires_grad_(), ctx, weight
 
@@ -77,7 +82,7 @@ def check_case(rank, world, case, num_experts):
     for name, value in ref.items():  # every collective before any comparison, so a failing rank cannot hang the rest
         if name.startswith("experts."):
             dist.all_reduce(value)  # an expert's gradient collects every rank's tokens
-            ref[name] = value[rank * local:(rank + 1) * local]
+            ref[name] = value[rank * local : (rank + 1) * local]
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-5, msg=lambda m: f"{case}, output: {m}")
     for name, value in ref.items():
         # rtol too: ProMoE's prototype gradients reach ~100, where one fp32 ulp is 7.6e-6 and

@@ -11,9 +11,18 @@ import torch.distributed as dist
 
 from tests.distributed.launch_helpers import REPO, pretrain, read_metrics, spawn
 
-SMALL_MOE = ["--config", str(REPO / "configs" / "tiny_moe.yaml"), "model.dim=64", "model.num_layers=2",
-             "model.ffn_dim=256", "model.moe.num_experts=4", "data.micro_batch_size=4", "optim.warmup_steps=2",
-             "logging.every_steps=1", "model.moe.diagnostics_every=5"]
+SMALL_MOE = [
+    "--config",
+    str(REPO / "configs" / "tiny_moe.yaml"),
+    "model.dim=64",
+    "model.num_layers=2",
+    "model.ffn_dim=256",
+    "model.moe.num_experts=4",
+    "data.micro_batch_size=4",
+    "optim.warmup_steps=2",
+    "logging.every_steps=1",
+    "model.moe.diagnostics_every=5",
+]
 
 
 def run(nproc, args, output_dir):
@@ -26,8 +35,13 @@ def test_ten_steps_at_ep2_match_the_replicated_run(nproc, zero_stage, tmp_path, 
     """EP=2 through the launcher against the same run with replicated experts. (Four ranks, where
     each expert lives on 2 of them, are compared with a single process in
     test_parallel_training.py::test_ep2_on_four_ranks_ten_steps_match_single_process.)"""
-    args = [f"data.cache_dir={data_cache}", "train.steps=10", f"optim.zero_stage={zero_stage}",
-            "checkpoint.every_steps=10", "optim.grad_clip=1.0"]
+    args = [
+        f"data.cache_dir={data_cache}",
+        "train.steps=10",
+        f"optim.zero_stage={zero_stage}",
+        "checkpoint.every_steps=10",
+        "optim.grad_clip=1.0",
+    ]
     replicated = run(nproc, args, tmp_path / "ep1")
     sharded = run(nproc, args + ["parallel.expert_parallel_size=2"], tmp_path / "ep2")
     assert sorted(sharded) == list(range(1, 11))
@@ -58,8 +72,11 @@ def _group_worker(rank, world):
     ep_group, _ = expert_groups()
     # The ranks the dispatcher exchanges tokens with are DeepSpeed's expert-parallel group,
     # and DeepSpeed reduces expert gradients over their complement.
-    assert dist.get_process_group_ranks(ep_group) == dist.get_process_group_ranks(
-        groups._get_expert_parallel_group(name)) == ([0, 1] if rank < 2 else [2, 3])
+    assert (
+        dist.get_process_group_ranks(ep_group)
+        == dist.get_process_group_ranks(groups._get_expert_parallel_group(name))
+        == ([0, 1] if rank < 2 else [2, 3])
+    )
     assert dist.get_process_group_ranks(groups._get_expert_data_parallel_group(name)) == [rank % 2, rank % 2 + 2]
     dist.destroy_process_group()
 

@@ -11,10 +11,23 @@ import torch
 
 from tests.distributed.launch_helpers import REPO, pretrain, pretrain_in_process, read_metrics
 
-ARGS = ["--config", str(REPO / "configs" / "tiny_moe.yaml"), "model.dim=64", "model.num_layers=2", "model.ffn_dim=256",
-        "model.moe.num_experts=4", "model.moe.balance_loss=0", "data.micro_batch_size=4", "optim.warmup_steps=1",
-        "optim.grad_clip=0.5", "optim.zero_stage=2", "train.steps=3", "logging.every_steps=1",
-        "checkpoint.every_steps=3", "model.moe.diagnostics_every=3"]
+ARGS = [
+    "--config",
+    str(REPO / "configs" / "tiny_moe.yaml"),
+    "model.dim=64",
+    "model.num_layers=2",
+    "model.ffn_dim=256",
+    "model.moe.num_experts=4",
+    "model.moe.balance_loss=0",
+    "data.micro_batch_size=4",
+    "optim.warmup_steps=1",
+    "optim.grad_clip=0.5",
+    "optim.zero_stage=2",
+    "train.steps=3",
+    "logging.every_steps=1",
+    "checkpoint.every_steps=3",
+    "model.moe.diagnostics_every=3",
+]
 WEIGHTS = "checkpoints/step_00000003/weights"
 
 
@@ -37,7 +50,8 @@ def test_tensor_parallel_launch_matches_single_process(tmp_path, data_cache):
     load_diffusers_weights(model, tmp_path / "tp2" / WEIGHTS)  # raises on any missing key or wrong shape
     reference = build_model(cfg.model)
     load_diffusers_weights(reference, tmp_path / "single" / WEIGHTS)
-    worst = max((a - b).abs().max().item() for a, b in zip(model.state_dict().values(),
-                                                           reference.state_dict().values()))
+    worst = max(
+        (a - b).abs().max().item() for a, b in zip(model.state_dict().values(), reference.state_dict().values())
+    )
     assert worst < 1e-5, worst
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())

@@ -19,9 +19,16 @@ in each, which parts the runs by ~1e-4 without any bug, so a test asserts it saw
 def assert_same_run(parallel, reference, steps):
     assert len(parallel["loss"]) == len(reference["loss"]) == steps
     for step in range(steps):
-        assert abs(parallel["loss"][step] - reference["loss"][step]) < TOLERANCE, (step, parallel["loss"], reference["loss"])
-        assert abs(parallel["grad_norm"][step] - reference["grad_norm"][step]) < TOLERANCE, \
-            (step, parallel["grad_norm"], reference["grad_norm"])
+        assert abs(parallel["loss"][step] - reference["loss"][step]) < TOLERANCE, (
+            step,
+            parallel["loss"],
+            reference["loss"],
+        )
+        assert abs(parallel["grad_norm"][step] - reference["grad_norm"][step]) < TOLERANCE, (
+            step,
+            parallel["grad_norm"],
+            reference["grad_norm"],
+        )
     a, b = parallel["weights"], reference["weights"]
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -39,8 +46,10 @@ def test_ep2_on_four_ranks_ten_steps_match_single_process(tmp_path):
     parallel, reference = compare_with_single_process(cfg, world=4, slices=4, tmp_path=tmp_path)
     assert sum(norm > cfg.optim.grad_clip for norm in reference["grad_norm"]) >= 5  # clipping acts
     # A near-tie would make a mismatch below meaningless: a different seed is needed, not a fix.
-    assert min(parallel["min_top_k_margin"], reference["min_top_k_margin"]) > TIE_MARGIN, \
-        (parallel["min_top_k_margin"], reference["min_top_k_margin"])
+    assert min(parallel["min_top_k_margin"], reference["min_top_k_margin"]) > TIE_MARGIN, (
+        parallel["min_top_k_margin"],
+        reference["min_top_k_margin"],
+    )
     assert_same_run(parallel, reference, steps=10)
 
 
@@ -55,12 +64,16 @@ def single_process(tmp_path_factory):
     return run(cfg, 1, 2, tmp_path_factory.mktemp("single") / "reference.pt")
 
 
-@pytest.mark.parametrize("world, parallel", [
-    (4, {"tensor_parallel_size": 2, "expert_parallel_size": 2}),  # TP x EP x DP = 2 x 2 (folded) x 2
-    (2, {"context_parallel_size": 2}),
-    (2, {"context_parallel_size": 2, "expert_parallel_size": 2}),  # experts split over the CP ranks
-    (4, {"tensor_parallel_size": 2, "context_parallel_size": 2}),
-], ids=["tp2_ep2_dp2", "cp2", "cp2_ep2", "tp2_cp2"])
+@pytest.mark.parametrize(
+    "world, parallel",
+    [
+        (4, {"tensor_parallel_size": 2, "expert_parallel_size": 2}),  # TP x EP x DP = 2 x 2 (folded) x 2
+        (2, {"context_parallel_size": 2}),
+        (2, {"context_parallel_size": 2, "expert_parallel_size": 2}),  # experts split over the CP ranks
+        (4, {"tensor_parallel_size": 2, "context_parallel_size": 2}),
+    ],
+    ids=["tp2_ep2_dp2", "cp2", "cp2_ep2", "tp2_cp2"],
+)
 def test_model_parallel_layouts_match_single_process(world, parallel, single_process, tmp_path):
     """Losses, grad norms and weights to 1e-5; the EMA, kept per shard (TP blocks, EP experts, the
     replicated rest) and gathered whole, equals the one-process EMA to 1e-6."""

@@ -18,8 +18,9 @@ def common(tmp, data_cache, steps):
 
 def test_main_job_learns_logs_to_tensorboard_and_checkpoints(tmp_path, data_cache):
     out = tmp_path / "run"
-    result = pretrain(common(out, data_cache, 100) + ["logging.every_steps=5", "checkpoint.every_steps=50",
-                                                       "optim.warmup_steps=10"])
+    result = pretrain(
+        common(out, data_cache, 100) + ["logging.every_steps=5", "checkpoint.every_steps=50", "optim.warmup_steps=10"]
+    )
     assert "step 100/100" in result.stdout and "samples/s" in result.stdout
     metrics = read_metrics(out)
     losses = [metrics[s]["loss"] for s in sorted(metrics)]
@@ -43,9 +44,24 @@ def test_main_job_learns_logs_to_tensorboard_and_checkpoints(tmp_path, data_cach
 
     # The sampler turns the checkpoint into a viewable clip: 4 samples side by side, 5 frames.
     video = tmp_path / "samples.mp4"
-    sample = subprocess.run([sys.executable, str(REPO / "launcher" / "sample.py"), "--checkpoint", str(final),
-                             "--caption", "a red circle moving right", "--steps", "4", "--out", str(video)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    sample = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launcher" / "sample.py"),
+            "--checkpoint",
+            str(final),
+            "--caption",
+            "a red circle moving right",
+            "--steps",
+            "4",
+            "--out",
+            str(video),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert sample.returncode == 0, sample.stderr
     import av
 
@@ -54,14 +70,32 @@ def test_main_job_learns_logs_to_tensorboard_and_checkpoints(tmp_path, data_cach
     assert len(frames) == 5 and frames[0].shape[1] == 4 * frames[0].shape[0]
 
 
-MOE = ["--config", str(REPO / "configs" / "tiny_moe.yaml"), "model.dim=64", "model.num_layers=2", "model.ffn_dim=256",
-       "model.moe.num_experts=4", "model.moe.diagnostics_every=5"]
+MOE = [
+    "--config",
+    str(REPO / "configs" / "tiny_moe.yaml"),
+    "model.dim=64",
+    "model.num_layers=2",
+    "model.ffn_dim=256",
+    "model.moe.num_experts=4",
+    "model.moe.diagnostics_every=5",
+]
 
 
 def resume_args(data_cache):
-    return [*MOE, f"data.cache_dir={data_cache}", "train.steps=8", "logging.every_steps=1", "checkpoint.every_steps=4",
-            "train.grad_accum=2", "optim.zero_stage=2", "train.ema_decay=0.8", "data.micro_batch_size=4",
-            "optim.warmup_steps=2", "parallel.expert_parallel_size=2", "model.moe.bias_balancing=true"]
+    return [
+        *MOE,
+        f"data.cache_dir={data_cache}",
+        "train.steps=8",
+        "logging.every_steps=1",
+        "checkpoint.every_steps=4",
+        "train.grad_accum=2",
+        "optim.zero_stage=2",
+        "train.ema_decay=0.8",
+        "data.micro_batch_size=4",
+        "optim.warmup_steps=2",
+        "parallel.expert_parallel_size=2",
+        "model.moe.bias_balancing=true",
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -33,9 +33,20 @@ from tests.distributed.launch_helpers import REPO, free_port, spawn
 
 CONFIG = str(REPO / "configs" / "tiny_moe.yaml")
 SAVED_STEP, STEPS = 3, 5
-SMALL = ["model.dim=64", "model.num_layers=2", "model.ffn_dim=256", "model.moe.num_experts=4",
-         "model.moe.bias_balancing=true", "optim.zero_stage=2", "optim.warmup_steps=2", "optim.grad_clip=1.0",
-         "logging.every_steps=1", "model.moe.diagnostics_every=0", f"train.steps={STEPS}", "train.ema_decay=0.7"]
+SMALL = [
+    "model.dim=64",
+    "model.num_layers=2",
+    "model.ffn_dim=256",
+    "model.moe.num_experts=4",
+    "model.moe.bias_balancing=true",
+    "optim.zero_stage=2",
+    "optim.warmup_steps=2",
+    "optim.grad_clip=1.0",
+    "logging.every_steps=1",
+    "model.moe.diagnostics_every=0",
+    f"train.steps={STEPS}",
+    "train.ema_decay=0.7",
+]
 KINDS = ("model", "master", "exp_avg", "exp_avg_sq", "ema")
 
 
@@ -58,9 +69,13 @@ def gathered_state(engine, ema) -> dict:
 
     out = {}
     for name, p in engine.module.named_parameters():
-        values = {"model": p.detach().float(), "master": safe_get_full_fp32_param(p),
-                  "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
-                  "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq"), "ema": ema.shadow[name]}
+        values = {
+            "model": p.detach().float(),
+            "master": safe_get_full_fp32_param(p),
+            "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
+            "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq"),
+            "ema": ema.shadow[name],
+        }
         if split(p) is not None:
             group, dim = split(p)
             for kind, value in values.items():
@@ -103,8 +118,9 @@ def load_from_dump(engine, ema, dump: dict) -> None:
         state["step"].fill_(dump["adam_steps"][0])
     last_epoch, lr, engine.global_steps = dump["schedule"]
     scheduler = engine.lr_scheduler
-    scheduler.load_state_dict({**scheduler.state_dict(), "last_epoch": last_epoch,
-                               "_last_lr": [lr] * len(scheduler.base_lrs)})
+    scheduler.load_state_dict(
+        {**scheduler.state_dict(), "last_epoch": last_epoch, "_last_lr": [lr] * len(scheduler.base_lrs)}
+    )
 
 
 def _train(rank, world, overrides, out, resume, reference_dump):
@@ -180,8 +196,22 @@ def train(world, runs) -> None:
 def saved(tmp_path_factory, data_cache):
     """The 4-rank EP=2 run: its checkpoint at step 3, the save-time dump and its losses."""
     out = tmp_path_factory.mktemp("saved") / "run"
-    train(4, [([f"data.cache_dir={data_cache}", "parallel.expert_parallel_size=2", "data.micro_batch_size=2",
-                f"checkpoint.every_steps={SAVED_STEP}"], out, None, None)])
+    train(
+        4,
+        [
+            (
+                [
+                    f"data.cache_dir={data_cache}",
+                    "parallel.expert_parallel_size=2",
+                    "data.micro_batch_size=2",
+                    f"checkpoint.every_steps={SAVED_STEP}",
+                ],
+                out,
+                None,
+                None,
+            )
+        ],
+    )
     return out / "checkpoints" / f"step_{SAVED_STEP:08d}", torch.load(out / f"saved_{SAVED_STEP}.pt"), history(out)
 
 
@@ -202,9 +232,13 @@ def test_resume_at_another_layout(world, tp, ep, micro_batch, saved, tmp_path, d
     """Layouts (ranks, TP, EP): (2, 1, 1), (2, 1, 2), (4, 1, 4) and, tensor parallel with sequence
     parallelism, (4, 2, 2): global batch 8 everywhere."""
     path, saved_dump, uninterrupted = saved
-    overrides = [f"data.cache_dir={data_cache}", f"parallel.expert_parallel_size={ep}",
-                 f"parallel.tensor_parallel_size={tp}", f"data.micro_batch_size={micro_batch}",
-                 f"checkpoint.every_steps={STEPS}"]
+    overrides = [
+        f"data.cache_dir={data_cache}",
+        f"parallel.expert_parallel_size={ep}",
+        f"parallel.tensor_parallel_size={tp}",
+        f"data.micro_batch_size={micro_batch}",
+        f"checkpoint.every_steps={STEPS}",
+    ]
     if world // tp != 4:  # another data-parallel size: the stream restarts
         overrides.append("data.restart_stream_on_resume=true")
     runs = [(overrides, tmp_path / "resumed", path, None)]
@@ -258,16 +292,21 @@ def test_convert_to_one_safetensors_file_and_back(saved, tmp_path, capsys):
     assert all(torch.equal(master[n], dump[n]["master"]) for n in params)
 
     # Back: a checked diffusers folder that train.init_from loads.
-    assert main(["from-safetensors", str(tmp_path / "full.safetensors"), str(tmp_path / "init"),
-                 "--config", CONFIG, *SMALL]) == 0
+    assert (
+        main(
+            ["from-safetensors", str(tmp_path / "full.safetensors"), str(tmp_path / "init"), "--config", CONFIG, *SMALL]
+        )
+        == 0
+    )
     model = build_model(load_config(CONFIG, SMALL).model)
     load_diffusers_weights(model, tmp_path / "init")
     assert all(torch.equal(v, full[k]) for k, v in model.state_dict().items())
 
     # The wrong model config is one line naming the fix, and nothing is written.
     capsys.readouterr()
-    assert main(["from-safetensors", str(tmp_path / "full.safetensors"), str(tmp_path / "bad"),
-                 "--config", CONFIG]) == 2
+    assert (
+        main(["from-safetensors", str(tmp_path / "full.safetensors"), str(tmp_path / "bad"), "--config", CONFIG]) == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.dim=64" in err and not (tmp_path / "bad").exists()
 
@@ -285,9 +324,21 @@ def test_corrupt_state_file_is_one_error_on_every_rank_and_left_untouched(saved,
     victim = max((path / "state").glob("*.safetensors"))
     victim.write_bytes(b"\0" * victim.stat().st_size)  # passes the size check, fails to parse
     before = {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
-    result = pretrain(["--config", CONFIG, *SMALL, f"train.output_dir={tmp_path / 'run'}", f"data.cache_dir={data_cache}",
-                       "data.micro_batch_size=4", "data.restart_stream_on_resume=true", "--resume", str(path)],
-                      nproc=2, check=False)
+    result = pretrain(
+        [
+            "--config",
+            CONFIG,
+            *SMALL,
+            f"train.output_dir={tmp_path / 'run'}",
+            f"data.cache_dir={data_cache}",
+            "data.micro_batch_size=4",
+            "data.restart_stream_on_resume=true",
+            "--resume",
+            str(path),
+        ],
+        nproc=2,
+        check=False,
+    )
     assert result.returncode != 0
     # Both ranks find it; the stop is agreed, so the line is printed once, by rank 0.
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]

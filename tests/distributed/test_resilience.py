@@ -25,13 +25,26 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 SMALL = ["model.num_layers=2", "model.dim=32", "model.ffn_dim=64", "data.micro_batch_size=4"]
 MOE = ["model.moe.num_experts=4", "model.moe.top_k=2"]
 RACE = [*MOE, "model.moe.router=expert_race"]
-BIAS = [*MOE, "model.moe.router=linear", "model.moe.num_null_experts=1", "model.moe.bias_balancing=true",
-        "model.moe.bias_update_rate=0.01"]
+BIAS = [
+    *MOE,
+    "model.moe.router=linear",
+    "model.moe.num_null_experts=1",
+    "model.moe.bias_balancing=true",
+    "model.moe.bias_update_rate=0.01",
+]
 
 
 def common(out, data_cache, steps, *extra):
-    return ["--config", TINY, f"train.output_dir={out}", f"data.cache_dir={data_cache}", f"train.steps={steps}",
-            "logging.every_steps=1", "optim.warmup_steps=2", *extra]
+    return [
+        "--config",
+        TINY,
+        f"train.output_dir={out}",
+        f"data.cache_dir={data_cache}",
+        f"train.steps={steps}",
+        "logging.every_steps=1",
+        "optim.warmup_steps=2",
+        *extra,
+    ]
 
 
 def checkpoints(out) -> list[str]:
@@ -123,8 +136,11 @@ def test_max_restarts_brings_a_killed_rank_back_with_identical_final_weights(tmp
     extra = [*SMALL, "checkpoint.every_steps=3", "checkpoint.keep_last=10"]
     # The save of step 6 stalls a few seconds, so the job is surely still running when rank 1 is killed,
     # after step 5 is logged: the restart resumes from step 3 and redoes steps 4 and 5.
-    run = start_pretrain(common(job, data_cache, 12, *extra) + ["--resume", "auto"],
-                         faults={"MEGAMOE_TEST_SLOW_SAVE": "6:5"}, torchrun_args=["--max-restarts", "1"])
+    run = start_pretrain(
+        common(job, data_cache, 12, *extra) + ["--resume", "auto"],
+        faults={"MEGAMOE_TEST_SLOW_SAVE": "6:5"},
+        torchrun_args=["--max-restarts", "1"],
+    )
     wait_until(lambda: steps_logged(job) >= 5, "step 5", run)
     os.kill(worker_pids(run)[1], signal.SIGKILL)
     out, err = run.communicate(timeout=900)
@@ -144,16 +160,25 @@ def test_max_restarts_brings_a_killed_rank_back_with_identical_final_weights(tmp
 
 def router_buffers(state) -> dict:
     """The routers' non-gradient state in a weights file: Expert Race thresholds, aux-free biases."""
-    return {k: v for k, v in state.items() if ".router." in k and k.rsplit(".", 1)[1] in
-            ("threshold", "threshold_initialized", "expert_bias")}
+    return {
+        k: v
+        for k, v in state.items()
+        if ".router." in k and k.rsplit(".", 1)[1] in ("threshold", "threshold_initialized", "expert_bias")
+    }
 
 
 def test_nonfinite_step_is_skipped_on_every_rank_and_leaves_no_trace(tmp_path, data_cache):
     """Expert Race, ZeRO-2: the skipped step changes no weight and no threshold and gets no routing
     report, and its K-th scores (NaN) never reach the threshold, which stays finite for good."""
     out_dir = tmp_path / "run"
-    extra = (*SMALL, *RACE, "optim.zero_stage=2", "checkpoint.every_steps=1", "checkpoint.keep_last=10",
-             "model.moe.diagnostics_every=1")
+    extra = (
+        *SMALL,
+        *RACE,
+        "optim.zero_stage=2",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=10",
+        "model.moe.diagnostics_every=1",
+    )
     # ZeRO-2 reduces gradients during backward; the NaN batch reaches data-parallel rank 0 only.
     result = pretrain(common(out_dir, data_cache, 4, *extra), faults={"MEGAMOE_TEST_NAN_AT_STEPS": "3"})
     ckpts = out_dir / "checkpoints"
@@ -196,8 +221,12 @@ def test_nonfinite_step_without_zero_is_skipped_and_leaves_the_bias_untouched(tm
 
 def test_consecutive_nonfinite_steps_stop_the_run_naming_the_step(tmp_path, data_cache):
     out_dir = tmp_path / "run"
-    result = pretrain(common(out_dir, data_cache, 8, *SMALL, "train.max_nonfinite_steps=2"), nproc=None,
-                      check=False, faults={"MEGAMOE_TEST_NAN_AT_STEPS": "3,4"})
+    result = pretrain(
+        common(out_dir, data_cache, 8, *SMALL, "train.max_nonfinite_steps=2"),
+        nproc=None,
+        check=False,
+        faults={"MEGAMOE_TEST_NAN_AT_STEPS": "3,4"},
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "steps 3..4 all had a non-finite loss" in errors[0] and "stopped at step 4" in errors[0]

@@ -23,14 +23,35 @@ from safetensors.torch import save_file
 from megamoe.config import ModelConfig, MoEConfig, ParallelConfig
 from tests.distributed.launch_helpers import spawn
 
-DENSE = ModelConfig(dim=32, num_layers=2, num_heads=4, ffn_dim=64, in_channels=4, out_channels=4, text_dim=24,
-                    freq_dim=16, rope_max_seq_len=32)
-MOE = dataclasses.replace(DENSE, moe=MoEConfig(num_experts=4, expert_ffn_dim=16, top_k=2, num_shared_experts=1,
-                                               shared_init="noise", shared_init_std=0.05, diagnostics_every=0))
+DENSE = ModelConfig(
+    dim=32,
+    num_layers=2,
+    num_heads=4,
+    ffn_dim=64,
+    in_channels=4,
+    out_channels=4,
+    text_dim=24,
+    freq_dim=16,
+    rope_max_seq_len=32,
+)
+MOE = dataclasses.replace(
+    DENSE,
+    moe=MoEConfig(
+        num_experts=4,
+        expert_ffn_dim=16,
+        top_k=2,
+        num_shared_experts=1,
+        shared_init="noise",
+        shared_init_std=0.05,
+        diagnostics_every=0,
+    ),
+)
 SEED = 7
-LAYOUTS = {"ep2": dict(expert_parallel_size=2),
-           "tp2": dict(tensor_parallel_size=2, sequence_parallel=True),
-           "tp2_ep2": dict(tensor_parallel_size=2, expert_parallel_size=2, sequence_parallel=True)}
+LAYOUTS = {
+    "ep2": dict(expert_parallel_size=2),
+    "tp2": dict(tensor_parallel_size=2, sequence_parallel=True),
+    "tp2_ep2": dict(tensor_parallel_size=2, expert_parallel_size=2, sequence_parallel=True),
+}
 
 
 def write_dense_source(directory) -> dict:
@@ -42,7 +63,7 @@ def write_dense_source(directory) -> dict:
     model = WanDiT(DENSE)
     state = {k: (v + 0.1 * torch.randn_like(v)).bfloat16() for k, v in model.state_dict().items()}
     keys = sorted(state)
-    parts = {"part-1.safetensors": keys[: len(keys) // 2], "part-2.safetensors": keys[len(keys) // 2:]}
+    parts = {"part-1.safetensors": keys[: len(keys) // 2], "part-2.safetensors": keys[len(keys) // 2 :]}
     directory.mkdir()
     for name, part in parts.items():
         save_file({k: state[k] for k in part}, str(directory / name), metadata={"format": "pt"})
@@ -72,8 +93,9 @@ def _worker(rank, world, dense_dir, out_dir):
         full = full_state_dict(model)
         stats = export_weights(model, f"{out_dir}/{name}")
         everyone = [None] * world
-        dist.all_gather_object(everyone, {**stats, "shard_bytes": sum(t.numel() * t.element_size()
-                                                                      for t in model.state_dict().values())})
+        dist.all_gather_object(
+            everyone, {**stats, "shard_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values())}
+        )
         if rank == 0:
             results[name] = {"state": {k: v.clone() for k, v in full.items()}, "traffic": everyone}
         parallel_state.destroy_model_parallel()
@@ -100,8 +122,23 @@ def reference(runs, tmp_path_factory):
     tmp, _, _ = runs
     config = tmp / "moe.yaml"
     config.write_text(json.dumps({"model": dataclasses.asdict(MOE)}))  # JSON is YAML
-    assert main(["--config", str(config), "--dense", str(tmp / "dense"), "--out", str(tmp / "upcycled"),
-                 "--mode", "train", "--seed", str(SEED)]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                str(config),
+                "--dense",
+                str(tmp / "dense"),
+                "--out",
+                str(tmp / "upcycled"),
+                "--mode",
+                "train",
+                "--seed",
+                str(SEED),
+            ]
+        )
+        == 0
+    )
     model = build_model(MOE)
     load_diffusers_weights(model, tmp / "upcycled")
     return model.state_dict()
@@ -135,8 +172,9 @@ def test_one_process_init_from_equals_upcycle_launcher(runs, reference):
     assert noise.std().item() == pytest.approx(0.05, rel=0.15)
     other_seed = build_model(MOE)
     init_from(other_seed, runs[0] / "dense", SEED + 1)
-    assert not torch.equal(other_seed.state_dict()["blocks.0.ffn.router.gate.weight"],
-                           reference["blocks.0.ffn.router.gate.weight"])
+    assert not torch.equal(
+        other_seed.state_dict()["blocks.0.ffn.router.gate.weight"], reference["blocks.0.ffn.router.gate.weight"]
+    )
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -174,8 +212,9 @@ def test_each_rank_sends_its_share_not_the_model(runs, reference, layout):
     ep, tp = (2 if "ep2" in layout else 1), (2 if "tp2" in layout else 1)
     expected = 0
     for key, value in reference.items():
-        tp_split = re.search(r"\.(to_[qkv]|norm_[qk]|net\.0\.proj)\.", key) or key.endswith(("to_out.0.weight",
-                                                                                              "net.2.weight"))
+        tp_split = re.search(r"\.(to_[qkv]|norm_[qk]|net\.0\.proj)\.", key) or key.endswith(
+            ("to_out.0.weight", "net.2.weight")
+        )
         group = ep if ".ffn.experts." in key else tp if tp_split else 1
         expected += value.numel() * value.element_size() * (group - 1) // group
     print(layout, traffic)

@@ -14,12 +14,26 @@ SMALL = ["model.num_layers=2", "model.dim=32", "model.ffn_dim=64", "data.micro_b
 
 def test_failed_save_on_one_rank_stops_all_and_keeps_the_previous_checkpoint(tmp_path, data_cache):
     out = tmp_path / "run"
-    args = ["--config", TINY, f"train.output_dir={out}", f"data.cache_dir={data_cache}", "train.steps=2",
-            "checkpoint.every_steps=1", *SMALL]
+    args = [
+        "--config",
+        TINY,
+        f"train.output_dir={out}",
+        f"data.cache_dir={data_cache}",
+        "train.steps=2",
+        "checkpoint.every_steps=1",
+        *SMALL,
+    ]
     # Rank 1's part of the checkpoint of step 2 fails as on a full disk; rank 0 must clean up.
     failed = pretrain(args, check=False, faults={"MEGAMOE_TEST_FAIL_SAVE": "2:1"})
-    assert_stopped_together(failed, "could not write checkpoint", "step_00000002", "No space left on device",
-                            "[rank 1; every rank stopped]", "step_00000001 is the newest checkpoint", "--resume auto")
+    assert_stopped_together(
+        failed,
+        "could not write checkpoint",
+        "step_00000002",
+        "No space left on device",
+        "[rank 1; every rank stopped]",
+        "step_00000001 is the newest checkpoint",
+        "--resume auto",
+    )
     ckpts = out / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000001"]  # no .tmp left holding the space
     inspect_checkpoint(ckpts / "step_00000001")  # every recorded file present at its size
@@ -69,11 +83,23 @@ def bad_on_rank_1(tmp_path_factory):
 
 def test_too_many_bad_samples_on_one_rank_stop_every_rank(tmp_path, bad_on_rank_1):
     out = tmp_path / "run"
-    result = pretrain(["--config", TINY, f"train.output_dir={out}", f"data.path={bad_on_rank_1}", "train.steps=20",
-                       "data.max_failure_fraction=0.2", "data.min_samples_before_failure_check=8",
-                       "logging.every_steps=1", *SMALL], check=False)
-    assert_stopped_together(result, "on data-parallel rank 1", "data.max_failure_fraction=0.2", "bad_latent",
-                            "[rank 1; every rank stopped]")
+    result = pretrain(
+        [
+            "--config",
+            TINY,
+            f"train.output_dir={out}",
+            f"data.path={bad_on_rank_1}",
+            "train.steps=20",
+            "data.max_failure_fraction=0.2",
+            "data.min_samples_before_failure_check=8",
+            "logging.every_steps=1",
+            *SMALL,
+        ],
+        check=False,
+    )
+    assert_stopped_together(
+        result, "on data-parallel rank 1", "data.max_failure_fraction=0.2", "bad_latent", "[rank 1; every rank stopped]"
+    )
     assert not (out / "checkpoints").exists()  # nothing saved after the stop
 
 

@@ -23,16 +23,35 @@ from torch import nn
 from megamoe.config import Config, DiffusionConfig, ModelConfig, MoEConfig, ParallelConfig
 from tests.distributed.launch_helpers import spawn
 
-DENSE = ModelConfig(dim=32, num_layers=2, num_heads=4, ffn_dim=64, in_channels=4, out_channels=4, text_dim=24,
-                    freq_dim=16, rope_max_seq_len=32)
+DENSE = ModelConfig(
+    dim=32,
+    num_layers=2,
+    num_heads=4,
+    ffn_dim=64,
+    in_channels=4,
+    out_channels=4,
+    text_dim=24,
+    freq_dim=16,
+    rope_max_seq_len=32,
+)
 
 
 def moe_model(router: str, **losses) -> ModelConfig:
     """Block 0 dense (TP-sharded FFN), block 1 MoE with a shared expert; the per-layer
     regularization on, plus the router's own losses (`losses`): every loss weight the router uses
     is nonzero, and each must equal the unsharded loss for the comparison to hold."""
-    return dataclasses.replace(DENSE, moe=MoEConfig(num_experts=4, layers="every_other", router=router, top_k=2,
-                                                    num_shared_experts=1, layer_reg_loss=0.1, **losses))
+    return dataclasses.replace(
+        DENSE,
+        moe=MoEConfig(
+            num_experts=4,
+            layers="every_other",
+            router=router,
+            top_k=2,
+            num_shared_experts=1,
+            layer_reg_loss=0.1,
+            **losses,
+        ),
+    )
 
 
 MOE = moe_model("linear", balance_loss=0.5, z_loss=0.01)
@@ -191,7 +210,11 @@ def check_layout(layout, model_cfg, per_token=False, checkpointing=False) -> tup
     for name, value in ref_grads.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=1e-5, msg=lambda m: f"{layout}: {name}: {m}")
     ps.destroy_model_parallel()
-    return loss.item(), (loss - ref_loss).abs().item(), max((got[n] - ref_grads[n]).abs().max().item() for n in ref_grads)
+    return (
+        loss.item(),
+        (loss - ref_loss).abs().item(),
+        max((got[n] - ref_grads[n]).abs().max().item() for n in ref_grads),
+    )
 
 
 def sharp_router(num_experts, **moe):
@@ -223,7 +246,7 @@ def check_balance_closed_forms() -> tuple[float, float, float]:
     router = sharp_router(2, balance_loss=1.0)
     router.token_shards = TokenShards(ps.get_context_parallel_group())
     clip = torch.eye(2).repeat_interleave(2, dim=0)  # 4 tokens: 2 along axis 0, then 2 along axis 1
-    sharded = router(clip[2 * rank:2 * rank + 2], RoutingContext(1, 2)).aux["balance"]
+    sharded = router(clip[2 * rank : 2 * rank + 2], RoutingContext(1, 2)).aux["balance"]
     assert abs(sharded.item() - 1.0) < 1e-6, f"CP=2 balance loss of a balanced clip is {sharded.item()}, not 1"
     ps.destroy_model_parallel()
 
@@ -256,8 +279,9 @@ def check_balance_closed_forms() -> tuple[float, float, float]:
     second = dp_mean(router(micro[1][rank], ctx).aux["balance"])
     with torch.no_grad():
         everything = torch.cat([micro[0], micro[1]]).flatten(0, 1)
-        f = torch.zeros(4).index_add_(0, (everything @ router.gate.weight.t()).topk(2).indices.flatten(),
-                                      torch.ones(everything.shape[0] * 2))
+        f = torch.zeros(4).index_add_(
+            0, (everything @ router.gate.weight.t()).topk(2).indices.flatten(), torch.ones(everything.shape[0] * 2)
+        )
         p = (micro[1].flatten(0, 1) @ router.gate.weight.t()).softmax(-1).mean(0)
         closed_form = 4 * (f / f.sum() * p).sum()
     assert (second - closed_form).abs() < 1e-6, ("global scope, second micro-batch", second.item(), closed_form.item())

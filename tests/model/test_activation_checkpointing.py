@@ -19,22 +19,44 @@ from megamoe.moe.layer import collect_aux, moe_layers, routers_after_step
 MODELS = {
     "dense": dict(num_experts=0),
     # aux-loss-free bias (load counts gathered in forward) + losses whose gradient crosses the checkpoint
-    "bias_balancing": dict(num_experts=4, top_k=2, router="linear", bias_balancing=True, bias_update_rate=0.01,
-                           num_shared_experts=1, balance_loss=0.01, z_loss=0.001),
+    "bias_balancing": dict(
+        num_experts=4,
+        top_k=2,
+        router="linear",
+        bias_balancing=True,
+        bias_update_rate=0.01,
+        num_shared_experts=1,
+        balance_loss=0.01,
+        z_loss=0.001,
+    ),
     # Expert Race: K-th score statistics gathered in forward, the threshold updated after the step
     "expert_race": dict(num_experts=4, top_k=2, router="expert_race", similarity_loss=0.01),
 }
 
 
 def tiny(moe: dict) -> ModelConfig:
-    return ModelConfig(dim=32, num_layers=4, num_heads=2, ffn_dim=64, in_channels=4, out_channels=4, text_dim=24,
-                       freq_dim=16, rope_max_seq_len=32, moe=MoEConfig(**moe))
+    return ModelConfig(
+        dim=32,
+        num_layers=4,
+        num_heads=2,
+        ffn_dim=64,
+        in_channels=4,
+        out_channels=4,
+        text_dim=24,
+        freq_dim=16,
+        rope_max_seq_len=32,
+        moe=MoEConfig(**moe),
+    )
 
 
 def micro_batch(seed: int):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, 4, 2, 4, 4, generator=gen), torch.rand(2, generator=gen) * 1000,
-            torch.randn(2, 5, 24, generator=gen), torch.randn(2, 4, 2, 4, 4, generator=gen))
+    return (
+        torch.randn(2, 4, 2, 4, 4, generator=gen),
+        torch.rand(2, generator=gen) * 1000,
+        torch.randn(2, 5, 24, generator=gen),
+        torch.randn(2, 4, 2, 4, 4, generator=gen),
+    )
 
 
 def build(name: str, spec: str):
@@ -63,10 +85,12 @@ def train_step(model, weights=(("balance", 0.01), ("z", 0.001), ("similarity", 0
         loss.backward()
         losses.append(loss.detach())
         # Read after backward: a recomputation in backward must not have changed them.
-        routed.append({i: {k: v.detach().clone() for k, v in layer.aux.items()} for i, layer in
-                       enumerate(moe_layers(model))})
-        recorded.append([tuple(t.clone() for t in layer.last_routing[:2]) for layer in moe_layers(model)] if record
-                        else [])
+        routed.append(
+            {i: {k: v.detach().clone() for k, v in layer.aux.items()} for i, layer in enumerate(moe_layers(model))}
+        )
+        recorded.append(
+            [tuple(t.clone() for t in layer.last_routing[:2]) for layer in moe_layers(model)] if record else []
+        )
     for layer in moe_layers(model):  # what the routers gathered in forward for their after-step update
         r = layer.router
         counts.append(r.load_counts if hasattr(r, "load_counts") else (r._kth_sum, r._kth_count))
@@ -74,8 +98,9 @@ def train_step(model, weights=(("balance", 0.01), ("z", 0.001), ("similarity", 0
     routers_after_step(model, lambda x: x)  # one process: the data-parallel sum is the identity
     optimizer.step()
     state = {n: t.clone() for n, t in model.state_dict().items()}
-    return dict(losses=losses, aux=routed, recorded=recorded, counts=counts, grads=grads, state=state,
-                router_calls=len(calls))
+    return dict(
+        losses=losses, aux=routed, recorded=recorded, counts=counts, grads=grads, state=state, router_calls=len(calls)
+    )
 
 
 def assert_same(a, b, path="step"):

@@ -18,18 +18,39 @@ TOL = 1e-5
 
 # A: Wan2.2-like patch (1, 2, 2); B: other heads / head dim (12: uneven RoPE split 4/4/4),
 # a temporal patch, non-square patch, no cross-attention norm, different eps.
-CFG_A = ModelConfig(dim=32, num_layers=2, num_heads=2, ffn_dim=64, in_channels=4, out_channels=6,
-                    text_dim=24, freq_dim=16, patch_size=[1, 2, 2], rope_max_seq_len=64)
-CFG_B = ModelConfig(dim=48, num_layers=2, num_heads=4, ffn_dim=80, in_channels=3, out_channels=3,
-                    text_dim=20, freq_dim=32, patch_size=[2, 2, 1], cross_attn_norm=False, eps=1e-5,
-                    rope_max_seq_len=32)
+CFG_A = ModelConfig(
+    dim=32,
+    num_layers=2,
+    num_heads=2,
+    ffn_dim=64,
+    in_channels=4,
+    out_channels=6,
+    text_dim=24,
+    freq_dim=16,
+    patch_size=[1, 2, 2],
+    rope_max_seq_len=64,
+)
+CFG_B = ModelConfig(
+    dim=48,
+    num_layers=2,
+    num_heads=4,
+    ffn_dim=80,
+    in_channels=3,
+    out_channels=3,
+    text_dim=20,
+    freq_dim=32,
+    patch_size=[2, 2, 1],
+    cross_attn_norm=False,
+    eps=1e-5,
+    rope_max_seq_len=32,
+)
 
 SHAPES = [  # (cfg, B, F, H, W)
     ("A", 2, 1, 4, 4),
-    ("A", 1, 3, 6, 10),   # odd frames, non-square
+    ("A", 1, 3, 6, 10),  # odd frames, non-square
     ("A", 2, 5, 8, 4),
     ("B", 2, 2, 4, 3),
-    ("B", 1, 6, 6, 5),    # odd patch-grid frames and width
+    ("B", 1, 6, 6, 5),  # odd patch-grid frames and width
 ]
 
 
@@ -57,9 +78,11 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 def inputs(cfg: ModelConfig, b: int, f: int, h: int, w: int, text_len: int = 7, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, cfg.in_channels, f, h, w, generator=gen),
-            torch.rand(b, generator=gen) * 1000,
-            torch.randn(b, text_len, cfg.text_dim, generator=gen))
+    return (
+        torch.randn(b, cfg.in_channels, f, h, w, generator=gen),
+        torch.rand(b, generator=gen) * 1000,
+        torch.randn(b, text_len, cfg.text_dim, generator=gen),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -162,12 +185,16 @@ def test_sharded_directory_loads(tmp_path):
     randomize(ref, seed=9)
     state = ref.state_dict()
     keys = list(state)
-    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    shards = {
+        "diffusion_pytorch_model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "diffusion_pytorch_model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     for name, part in shards.items():
         save_file({k: state[k].contiguous() for k in part}, str(tmp_path / name), metadata={"format": "pt"})
-    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-             "weight_map": {k: name for name, part in shards.items() for k in part}}
+    index = {
+        "metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+        "weight_map": {k: name for name, part in shards.items() for k in part},
+    }
     (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
     (tmp_path / "config.json").write_text(json.dumps(diffusers_config(CFG_B)))
 
@@ -189,6 +216,7 @@ def test_load_casts_to_model_dtype():
 
 
 # ---- behaviour beyond parity --------------------------------------------------------------------
+
 
 def test_init_is_deterministic_and_predicts_zero():
     torch.manual_seed(0)

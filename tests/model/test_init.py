@@ -13,18 +13,33 @@ from megamoe.model import init as model_init
 from megamoe.model.dit import WanDiT, build_model
 from megamoe.model.init import Init, draw_, philox4x32
 
-MOE = ModelConfig(dim=64, num_layers=2, num_heads=4, ffn_dim=128, in_channels=4, out_channels=4, text_dim=24,
-                  freq_dim=16, rope_max_seq_len=32,
-                  moe=MoEConfig(num_experts=4, layers="every_other", top_k=2, num_shared_experts=1,
-                                bias_balancing=True, layer_reg_loss=0.1))
+MOE = ModelConfig(
+    dim=64,
+    num_layers=2,
+    num_heads=4,
+    ffn_dim=128,
+    in_channels=4,
+    out_channels=4,
+    text_dim=24,
+    freq_dim=16,
+    rope_max_seq_len=32,
+    moe=MoEConfig(
+        num_experts=4, layers="every_other", top_k=2, num_shared_experts=1, bias_balancing=True, layer_reg_loss=0.1
+    ),
+)
 
 
 def test_philox_matches_random123_known_answers():
     """Random123's published known-answer vectors for Philox4x32-10 (Salmon et al. 2011)."""
-    cases = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-             ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-              (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    cases = [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
+    ]
     for counter, key, expected in cases:
         assert tuple(int(w) for w in philox4x32(counter, key)) == expected
     # Vectorised: each element of a tensor counter is the scalar result.
@@ -34,10 +49,15 @@ def test_philox_matches_random123_known_answers():
         assert tuple(int(w[i]) for w in words) == tuple(int(w) for w in philox4x32((c,) * 4, (7, 9)))
 
 
-@pytest.mark.parametrize("shape, dim, count, init", [((12, 10), 0, 3, Init.xavier_uniform(3, 5)),
-                                                     ((12, 10), 1, 2, Init.normal(0.5)),
-                                                     ((4, 6, 10), 2, 5, Init.xavier_uniform(3, 5)),
-                                                     ((5, 3, 2, 6), 1, 3, Init.normal(0.5))])
+@pytest.mark.parametrize(
+    "shape, dim, count, init",
+    [
+        ((12, 10), 0, 3, Init.xavier_uniform(3, 5)),
+        ((12, 10), 1, 2, Init.normal(0.5)),
+        ((4, 6, 10), 2, 5, Init.xavier_uniform(3, 5)),
+        ((5, 3, 2, 6), 1, 3, Init.normal(0.5)),
+    ],
+)
 def test_a_block_drawn_alone_is_that_block_of_the_full_tensor(monkeypatch, shape, dim, count, init):
     """Reference: the whole tensor drawn in one piece; chunks of 13 elements cross rows and Philox blocks."""
     monkeypatch.setattr(model_init, "_chunk_elements", lambda device: 13)
@@ -68,7 +88,7 @@ def reference_init(model: WanDiT) -> None:
                 nn.init.zeros_(m.b1)
                 nn.init.zeros_(m.b2)
             if hasattr(m, "scale_shift_table"):
-                m.scale_shift_table.normal_(0, model.cfg.dim ** -0.5)
+                m.scale_shift_table.normal_(0, model.cfg.dim**-0.5)
             if hasattr(m, "prototypes"):
                 m.prototypes.normal_(0, 0.02)
                 m.log_scale.fill_(math.log(10.0))
@@ -131,8 +151,9 @@ def test_buffers_are_computed_on_the_device_after_a_meta_build():
     race = dataclasses.replace(MOE.moe, router="expert_race", bias_balancing=False, layer_reg_loss=0.0)
     promoe = dataclasses.replace(race, router="promoe", num_experts=3, num_prototypes_per_expert=2)
     buffers = dict(build_model(MOE).named_buffers())
-    assert list(buffers) == ["blocks.1.ffn.router.expert_bias"] and torch.equal(buffers[
-        "blocks.1.ffn.router.expert_bias"], torch.zeros(4))  # aux-free bias: none yet
+    assert list(buffers) == ["blocks.1.ffn.router.expert_bias"] and torch.equal(
+        buffers["blocks.1.ffn.router.expert_bias"], torch.zeros(4)
+    )  # aux-free bias: none yet
     buffers = dict(build_model(dataclasses.replace(MOE, moe=race)).named_buffers())
     assert buffers["blocks.1.ffn.router.threshold"].item() == 0  # no threshold learnt yet
     assert not buffers["blocks.1.ffn.router.threshold_initialized"].item()

@@ -11,8 +11,17 @@ from megamoe.config import ModelConfig
 from megamoe.model.dit import WanDiT
 from megamoe.model.weights import WeightsError, diffusers_config, load_diffusers_weights, save_diffusers_weights
 
-CFG = ModelConfig(dim=24, num_layers=2, num_heads=2, ffn_dim=64, in_channels=4, out_channels=4,
-                  text_dim=8, freq_dim=8, rope_max_seq_len=16)
+CFG = ModelConfig(
+    dim=24,
+    num_layers=2,
+    num_heads=2,
+    ffn_dim=64,
+    in_channels=4,
+    out_channels=4,
+    text_dim=8,
+    freq_dim=8,
+    rope_max_seq_len=16,
+)
 
 
 def load_error(model, source) -> str:

@@ -56,8 +56,9 @@ def routing(top1: torch.Tensor, second: torch.Tensor, timestep=None):
     probs = torch.zeros(n, E)
     probs[torch.arange(n), top1] = 0.7
     probs[torch.arange(n), second] = 0.3
-    ctx = RoutingContext(batch_size=B, seq_len=n // B,
-                         timestep=timestep if timestep is not None else torch.tensor([100.0, 900.0]))
+    ctx = RoutingContext(
+        batch_size=B, seq_len=n // B, timestep=timestep if timestep is not None else torch.tensor([100.0, 900.0])
+    )
     return probs, probs > 0, ctx
 
 
@@ -256,8 +257,17 @@ def test_real_upcycled_model_end_to_end():
     from megamoe.model.dit import WanDiT
     from megamoe.moe.upcycle import upcycle_model
 
-    cfg = ModelConfig(dim=24, num_layers=3, num_heads=2, ffn_dim=64, in_channels=4, out_channels=4,
-                      text_dim=8, freq_dim=8, rope_max_seq_len=16)
+    cfg = ModelConfig(
+        dim=24,
+        num_layers=3,
+        num_heads=2,
+        ffn_dim=64,
+        in_channels=4,
+        out_channels=4,
+        text_dim=8,
+        freq_dim=8,
+        rope_max_seq_len=16,
+    )
     torch.manual_seed(0)
     moe_cfg = MoEConfig(num_experts=4, top_k=2, layers="every_other")
     moe = upcycle_model(WanDiT(cfg), dataclasses.replace(cfg, moe=moe_cfg), mode="train", seed=0)
@@ -282,6 +292,8 @@ def test_real_upcycled_model_end_to_end():
     assert s["moe/layer01/expert_similarity"] == pytest.approx(1.0)  # upcycled clones, within grace
     assert report.warnings == []
     assert report.load_matrix.shape == (1, 4) and report.load_matrix.sum() == pytest.approx(1.0)
-    assert report.timestep_load[0, 0].sum() == pytest.approx(1.0) and report.timestep_load[0, 3].sum() == pytest.approx(1.0)
+    assert report.timestep_load[0, 0].sum() == pytest.approx(1.0) and report.timestep_load[0, 3].sum() == pytest.approx(
+        1.0
+    )
     assert lost > 0.9 and s["moe/layer01/bf16_lost_update_frac"] == lost
     assert "moe/layer01/shared_routed_norm_ratio" not in s or s["moe/layer01/shared_routed_norm_ratio"] >= 0

@@ -35,8 +35,14 @@ def make_cfg(router: str, **overrides) -> MoEConfig:
 def make_context(gen: torch.Generator) -> RoutingContext:
     text = torch.randn(B, L_TEXT, DIM, generator=gen)
     text[1] = torch.randn(DIM, generator=gen)  # sample 1 is unconditional: the projected null text
-    return RoutingContext(batch_size=B, seq_len=L, temb=torch.randn(B, DIM, generator=gen), text=text,
-                          is_null=torch.tensor([False, True]), timestep=torch.tensor([300.0, 800.0]))
+    return RoutingContext(
+        batch_size=B,
+        seq_len=L,
+        temb=torch.randn(B, DIM, generator=gen),
+        text=text,
+        is_null=torch.tensor([False, True]),
+        timestep=torch.tensor([300.0, 800.0]),
+    )
 
 
 def reference(layer: MoEFeedForward, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
@@ -107,7 +113,7 @@ def test_every_router_matches_reference(router):
 def test_token_choice_variants_match_reference(router, variant):
     layer, routed, _ = check_layer(make_cfg(router, **VARIANTS[variant]))
     if variant == "null_experts":
-        assert routed.routing_map[:, layer.num_experts:].any(), "test should route some tokens to null experts"
+        assert routed.routing_map[:, layer.num_experts :].any(), "test should route some tokens to null experts"
 
 
 @pytest.mark.parametrize("use_grouped_mm", [False, True])

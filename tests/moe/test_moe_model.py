@@ -14,8 +14,18 @@ def tiny(**moe) -> ModelConfig:
     base.update(moe)
     if base.get("router", "linear") in ("mlp", "cross_attention"):
         base.setdefault("router_hidden_dim", 16)
-    return ModelConfig(dim=32, num_layers=4, num_heads=2, ffn_dim=64, in_channels=4, out_channels=4,
-                       text_dim=24, freq_dim=16, rope_max_seq_len=32, moe=MoEConfig(**base))
+    return ModelConfig(
+        dim=32,
+        num_layers=4,
+        num_heads=2,
+        ffn_dim=64,
+        in_channels=4,
+        out_channels=4,
+        text_dim=24,
+        freq_dim=16,
+        rope_max_seq_len=32,
+        moe=MoEConfig(**base),
+    )
 
 
 def inputs(seed=0):
@@ -46,9 +56,15 @@ def test_every_other_and_state_dict_keys():
     kinds = [type(block.ffn) for block in model.blocks]
     assert kinds == [FeedForward, MoEFeedForward, FeedForward, MoEFeedForward]
     keys = set(model.state_dict())
-    for k in ("blocks.1.ffn.experts.w1", "blocks.1.ffn.experts.b2", "blocks.1.ffn.router.gate.weight",
-              "blocks.1.ffn.shared.net.0.proj.weight", "blocks.1.ffn.shared.net.2.bias",
-              "blocks.0.ffn.net.0.proj.weight", "blocks.2.ffn.net.2.weight"):
+    for k in (
+        "blocks.1.ffn.experts.w1",
+        "blocks.1.ffn.experts.b2",
+        "blocks.1.ffn.router.gate.weight",
+        "blocks.1.ffn.shared.net.0.proj.weight",
+        "blocks.1.ffn.shared.net.2.bias",
+        "blocks.0.ffn.net.0.proj.weight",
+        "blocks.2.ffn.net.2.weight",
+    ):
         assert k in keys, k
     assert model.blocks[1].ffn.experts.w1.shape == (4, 32, 64)
     assert model.blocks[1].ffn.shared.net[0].proj.weight.shape == (2 * 64, 32)

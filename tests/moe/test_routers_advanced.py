@@ -33,6 +33,7 @@ def _gate_scores(router, x):
 
 # ---------------------------------------------------------------- expert choice
 
+
 @pytest.mark.parametrize("scope", ["sample", "batch"])
 def test_expert_choice_every_expert_takes_exactly_capacity(scope):
     torch.manual_seed(0)
@@ -61,6 +62,7 @@ def test_expert_capacity_rounds_half_up_and_clamps():
 
 
 # ---------------------------------------------------------------- expert race
+
 
 def test_expert_race_training_selects_exactly_k_global_top_scores():
     torch.manual_seed(0)
@@ -190,6 +192,7 @@ def test_router_similarity_loss_closed_forms():
 
 # ---------------------------------------------------------------- ProMoE
 
+
 def test_promoe_null_samples_go_to_the_unconditional_expert_only():
     torch.manual_seed(0)
     b, l, e, k = 3, 8, 5, 2
@@ -223,8 +226,9 @@ def test_routing_contrastive_loss_two_prototype_closed_form():
     # A token assigned to prototype 0 but halfway to prototype 1: moving it onto prototype 0 helps.
     off = torch.stack([protos[0] + protos[1], protos[1]])
     on = torch.stack([protos[0], protos[1]])
-    assert routing_contrastive_loss(on, protos, torch.tensor([0, 1]), tau) < \
-        routing_contrastive_loss(off, protos, torch.tensor([0, 1]), tau)
+    assert routing_contrastive_loss(on, protos, torch.tensor([0, 1]), tau) < routing_contrastive_loss(
+        off, protos, torch.tensor([0, 1]), tau
+    )
     # One active prototype: no negative, zero loss.
     assert routing_contrastive_loss(tokens, protos, torch.tensor([0, 0]), tau).item() == 0.0
     # Prototypes of the same expert are not negatives of each other.
@@ -244,6 +248,7 @@ def test_promoe_contrastive_aux_has_gradient():
 
 
 # ---------------------------------------------------------------- Sinkhorn
+
 
 def test_sinkhorn_balances_a_selection_that_top_k_collapses():
     torch.manual_seed(0)
@@ -268,6 +273,7 @@ def test_sinkhorn_balances_a_selection_that_top_k_collapses():
 
 
 # ---------------------------------------------------------------- all four
+
 
 def _all_routers():
     return [

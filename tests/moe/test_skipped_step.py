@@ -28,15 +28,25 @@ EXTRAS = {
     "promoe": dict(contrastive_loss=0.01),
 }
 CASES = {name: dict(router=name, **EXTRAS.get(name, {})) for name in ROUTERS}
-CASES["linear_null_experts"] = dict(router="linear", num_null_experts=2, score_func="sigmoid", bias_balancing=True,
-                                    bias_update_rate=0.01)
+CASES["linear_null_experts"] = dict(
+    router="linear", num_null_experts=2, score_func="sigmoid", bias_balancing=True, bias_update_rate=0.01
+)
 
 
 def config(moe: dict):
     cfg = load_config("configs/tiny.yaml")
-    cfg.model = ModelConfig(dim=32, num_layers=2, num_heads=2, ffn_dim=64, in_channels=4, out_channels=4,
-                            text_dim=24, freq_dim=16, rope_max_seq_len=32,
-                            moe=MoEConfig(num_experts=4, top_k=2, **moe))
+    cfg.model = ModelConfig(
+        dim=32,
+        num_layers=2,
+        num_heads=2,
+        ffn_dim=64,
+        in_channels=4,
+        out_channels=4,
+        text_dim=24,
+        freq_dim=16,
+        rope_max_seq_len=32,
+        moe=MoEConfig(num_experts=4, top_k=2, **moe),
+    )
     return cfg
 
 
@@ -66,8 +76,9 @@ class Run:
             last = i == len(micro_batches) - 1
             self.diagnostics.enable_recording(last)
             latents, text = micro_batch(seed, nan)
-            loss, _ = training_loss(self.model, self.model, latents, text, self.cfg,
-                                    torch.Generator().manual_seed(seed))
+            loss, _ = training_loss(
+                self.model, self.model, latents, text, self.cfg, torch.Generator().manual_seed(seed)
+            )
             self.diagnostics.enable_recording(False)
             if last:
                 self.diagnostics.snapshot_router_params()
@@ -90,16 +101,20 @@ class Run:
         states = []
         for layer in moe_layers(self.model):
             router = layer.router
-            scratch = {k: v for k, v in vars(router).items()
-                       if k != "training" and (v is None or isinstance(v, (torch.Tensor, int, float)))}
+            scratch = {
+                k: v
+                for k, v in vars(router).items()
+                if k != "training" and (v is None or isinstance(v, (torch.Tensor, int, float)))
+            }
             states.append({**scratch, **{f"buffer.{k}": v for k, v in router.named_buffers()}})
         return states
 
     def diagnostics_state(self) -> dict:
         """What the diagnostics carry from step to step: recordings, snapshot, streaks, warnings."""
         d = self.diagnostics
-        recorded = [(layer.last_routing and layer.last_routing[:2], layer.last_output_norms)
-                    for layer in moe_layers(self.model)]
+        recorded = [
+            (layer.last_routing and layer.last_routing[:2], layer.last_output_norms) for layer in moe_layers(self.model)
+        ]
         carried = {k: v for k, v in vars(d).items() if k not in ("layers", "labels", "t", "reduce")}
         return {"recorded": recorded, **carried}
 

@@ -19,8 +19,13 @@ TOKEN_CHOICE = ("linear", "mlp", "cross_attention")
 
 def ctx_for(b=B, l=L, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return RoutingContext(batch_size=b, seq_len=l, temb=torch.randn(b, DIM, generator=gen),
-                          text=torch.randn(b, 3, DIM, generator=gen), is_null=torch.zeros(b, dtype=torch.bool))
+    return RoutingContext(
+        batch_size=b,
+        seq_len=l,
+        temb=torch.randn(b, DIM, generator=gen),
+        text=torch.randn(b, 3, DIM, generator=gen),
+        is_null=torch.zeros(b, dtype=torch.bool),
+    )
 
 
 def tokens(n=B * L, seed=1):
@@ -119,8 +124,9 @@ def test_bias_changes_selection_not_weights():
     assert unbiased[:, 0].gt(0).all()
 
 
-@pytest.mark.parametrize("dim,hidden,dtype", [(16, 32, torch.float32), (24, 40, torch.float32),
-                                              (8, 16, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "dim,hidden,dtype", [(16, 32, torch.float32), (24, 40, torch.float32), (8, 16, torch.bfloat16)]
+)
 def test_grouped_mm_equals_loop(dim, hidden, dtype):
     torch.manual_seed(0)
     experts = GroupedExperts(4, dim, hidden).to(dtype)

@@ -13,8 +13,17 @@ from megamoe.model.dit import WanDiT, build_model, count_parameters
 from megamoe.model.weights import load_diffusers_weights, write_diffusers_weights
 from megamoe.moe.upcycle import parameter_counts, upcycle_model, upcycle_state_dict
 
-CFG = ModelConfig(dim=24, num_layers=2, num_heads=2, ffn_dim=64, in_channels=4, out_channels=4,
-                  text_dim=8, freq_dim=8, rope_max_seq_len=16)
+CFG = ModelConfig(
+    dim=24,
+    num_layers=2,
+    num_heads=2,
+    ffn_dim=64,
+    in_channels=4,
+    out_channels=4,
+    text_dim=8,
+    freq_dim=8,
+    rope_max_seq_len=16,
+)
 
 
 def moe_cfg(**moe):
@@ -109,13 +118,15 @@ def test_fine_grained_slices_of_one_replica_sum_to_dense_ffn(dense):
         ref = dense_ffn(x)
         for replica in range(2):
             counts = torch.zeros(8, dtype=torch.long)
-            counts[4 * replica: 4 * replica + 4] = 10  # every token visits all 4 slices, weight 1 each
+            counts[4 * replica : 4 * replica + 4] = 10  # every token visits all 4 slices, weight 1 each
             out = experts(x.repeat(4, 1), counts)
             torch.testing.assert_close(out.view(4, 10, -1).sum(0), ref, atol=1e-5, rtol=1e-5)
         # A slice is the dense FFN restricted to its hidden units (plus b2 / G).
         w1, b1 = dense_ffn.net[0].proj.weight[16:32], dense_ffn.net[0].proj.bias[16:32]
-        one = F.gelu(x @ w1.t() + b1, approximate="tanh") @ dense_ffn.net[2].weight[:, 16:32].t() \
+        one = (
+            F.gelu(x @ w1.t() + b1, approximate="tanh") @ dense_ffn.net[2].weight[:, 16:32].t()
             + dense_ffn.net[2].bias / 4
+        )
         torch.testing.assert_close(experts(x, torch.tensor([0, 0, 0, 0, 0, 10, 0, 0])), one, atol=1e-5, rtol=1e-5)
 
 
@@ -148,12 +159,15 @@ def test_parameter_counts(dense):
     assert counts["activated"] == counts["dense"] + ffn + gate  # top-2 of cloned experts: one more FFN
 
 
-@pytest.mark.parametrize("change, mode, match", [
-    (dict(num_experts=0), "verify", r"model\.moe\.num_experts is 0"),
-    (dict(expert_ffn_dim=24), "verify", r"expert_ffn_dim=24 does not divide model\.ffn_dim=64"),
-    (dict(num_experts=6, expert_ffn_dim=16), "verify", r"num_experts=6 is not a multiple of the 4 slices"),
-    (dict(), "fast", r"mode 'fast' is unknown"),
-])
+@pytest.mark.parametrize(
+    "change, mode, match",
+    [
+        (dict(num_experts=0), "verify", r"model\.moe\.num_experts is 0"),
+        (dict(expert_ffn_dim=24), "verify", r"expert_ffn_dim=24 does not divide model\.ffn_dim=64"),
+        (dict(num_experts=6, expert_ffn_dim=16), "verify", r"num_experts=6 is not a multiple of the 4 slices"),
+        (dict(), "fast", r"mode 'fast' is unknown"),
+    ],
+)
 def test_config_errors(dense, change, mode, match):
     with pytest.raises(ValueError, match=match) as info:
         upcycle_state_dict(dense.state_dict(), moe_cfg(**change), mode, 0)
@@ -179,8 +193,22 @@ def test_launcher_writes_weights_and_checks(dense, tmp_path, capsys):
     config = tmp_path / "moe.yaml"
     model = {k: v for k, v in dataclasses.asdict(CFG).items() if k != "moe"}
     config.write_text(json.dumps({"model": {**model, "moe": {"num_experts": 4, "top_k": 2}}}))  # JSON is YAML
-    assert main(["--config", str(config), "--dense", str(tmp_path / "dense"), "--out", str(tmp_path / "moe"),
-                 "--mode", "verify", "--check"]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                str(config),
+                "--dense",
+                str(tmp_path / "dense"),
+                "--out",
+                str(tmp_path / "moe"),
+                "--mode",
+                "verify",
+                "--check",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     print(out)
     assert "parameters: dense" in out and "activated per token" in out and "expected ~0" in out
@@ -199,12 +227,17 @@ def test_launcher_writes_weights_and_checks(dense, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-ROUTER_OPTIONS = {"expert_choice": dict(capacity_factor=1.0), "sinkhorn": dict(sinkhorn_iterations=3),
-                  "promoe": dict(num_prototypes_per_expert=2), "linear": dict(num_null_experts=1)}
+ROUTER_OPTIONS = {
+    "expert_choice": dict(capacity_factor=1.0),
+    "sinkhorn": dict(sinkhorn_iterations=3),
+    "promoe": dict(num_prototypes_per_expert=2),
+    "linear": dict(num_null_experts=1),
+}
 
 
-@pytest.mark.parametrize("router", ["linear", "mlp", "cross_attention", "expert_choice", "expert_race", "promoe",
-                                    "sinkhorn"])
+@pytest.mark.parametrize(
+    "router", ["linear", "mlp", "cross_attention", "expert_choice", "expert_race", "promoe", "sinkhorn"]
+)
 def test_every_router_scales_the_dense_ffn_by_its_weight_sum(dense, router):
     """Law 1 for any router: with cloned experts and zero shared experts, a token's MoE output is
     the dense FFN output times the sum of its (real-expert) combine weights."""
@@ -216,9 +249,14 @@ def test_every_router_scales_the_dense_ffn_by_its_weight_sum(dense, router):
     layer, dense_ffn = moe.blocks[0].ffn, dense.blocks[0].ffn
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 16, CFG.dim, generator=g)
-    ctx = RoutingContext(batch_size=2, seq_len=16, temb=torch.randn(2, CFG.dim, generator=g),
-                         text=torch.randn(2, 5, CFG.dim, generator=g), is_null=torch.tensor([False, True]),
-                         timestep=torch.tensor([100.0, 900.0]))
+    ctx = RoutingContext(
+        batch_size=2,
+        seq_len=16,
+        temb=torch.randn(2, CFG.dim, generator=g),
+        text=torch.randn(2, 5, CFG.dim, generator=g),
+        is_null=torch.tensor([False, True]),
+        timestep=torch.tensor([100.0, 900.0]),
+    )
     layer.train()  # Expert Race selects by its batch top-K in training
     layer.record = True
     with torch.no_grad():

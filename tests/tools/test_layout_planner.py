@@ -44,21 +44,50 @@ def meta_counts(model_cfg):
     return total, activated
 
 
-@pytest.mark.parametrize("path, overrides", [
-    ("configs/tiny.yaml", []),
-    ("configs/tiny_moe.yaml", []),
-    ("configs/wan2.2_ti2v_5b.yaml", []),
-    ("configs/wan2.2_ti2v_5b_moe.yaml", []),
-    ("configs/wan2.2_ti2v_5b_moe_cloned.yaml", []),
-    # every router family and the MoE options that change the parameter count
-    ("configs/tiny_moe.yaml", ["model.moe.router=mlp", "model.moe.layers=every_other", "model.moe.num_null_experts=2"]),
-    ("configs/tiny_moe.yaml", ["model.moe.router=cross_attention", "model.moe.router_hidden_dim=64",
-                               "model.moe.layer_reg_loss=0.1", "model.moe.shared_ffn_dim=96"]),
-    ("configs/tiny_moe.yaml", ["model.moe.router=promoe", "model.moe.num_prototypes_per_expert=3", "model.moe.layers=0,3",
-                               *NO_TOKEN_CHOICE_LOSSES]),
-    ("configs/tiny_moe.yaml", ["model.moe.router=expert_race", *NO_TOKEN_CHOICE_LOSSES, "model.moe.expert_ffn_dim=128",
-                               "model.moe.top_k=3", "model.moe.num_shared_experts=2", "model.cross_attn_norm=false"]),
-])
+@pytest.mark.parametrize(
+    "path, overrides",
+    [
+        ("configs/tiny.yaml", []),
+        ("configs/tiny_moe.yaml", []),
+        ("configs/wan2.2_ti2v_5b.yaml", []),
+        ("configs/wan2.2_ti2v_5b_moe.yaml", []),
+        ("configs/wan2.2_ti2v_5b_moe_cloned.yaml", []),
+        # every router family and the MoE options that change the parameter count
+        (
+            "configs/tiny_moe.yaml",
+            ["model.moe.router=mlp", "model.moe.layers=every_other", "model.moe.num_null_experts=2"],
+        ),
+        (
+            "configs/tiny_moe.yaml",
+            [
+                "model.moe.router=cross_attention",
+                "model.moe.router_hidden_dim=64",
+                "model.moe.layer_reg_loss=0.1",
+                "model.moe.shared_ffn_dim=96",
+            ],
+        ),
+        (
+            "configs/tiny_moe.yaml",
+            [
+                "model.moe.router=promoe",
+                "model.moe.num_prototypes_per_expert=3",
+                "model.moe.layers=0,3",
+                *NO_TOKEN_CHOICE_LOSSES,
+            ],
+        ),
+        (
+            "configs/tiny_moe.yaml",
+            [
+                "model.moe.router=expert_race",
+                *NO_TOKEN_CHOICE_LOSSES,
+                "model.moe.expert_ffn_dim=128",
+                "model.moe.top_k=3",
+                "model.moe.num_shared_experts=2",
+                "model.cross_attn_norm=false",
+            ],
+        ),
+    ],
+)
 def test_parameter_counts_equal_the_meta_model(path, overrides):
     m = load_config(os.path.join(ROOT, path), overrides).model
     counts = config_parameter_counts(m)
@@ -144,22 +173,34 @@ def engine_bytes(cases: list[dict], tmp_path) -> list[dict]:
     measured in one process (start-up dominates): world 1 for real, else as one rank on the fake process group."""
     cases = [dict(c, overrides=[*c["overrides"], f"train.output_dir={tmp_path}"]) for c in cases]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    done = subprocess.run([sys.executable, "-c", ENGINE_BYTES, json.dumps(cases)],
-                          check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", ENGINE_BYTES, json.dumps(cases)],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("BYTES ")]
     assert done.returncode == 0 and len(lines) == len(cases), done.stderr[-3000:]
-    return [json.loads(line[len("BYTES "):]) for line in lines]
+    return [json.loads(line[len("BYTES ") :]) for line in lines]
 
 
 @pytest.mark.slow
 def test_weights_gradients_optimizer_match_a_deepspeed_engine(tmp_path):
-    cases = [{"path": path, "overrides": [f"optim.zero_stage={zero}", *precision], "world": 1}
-             for path, precision in (("configs/tiny.yaml", []), ("configs/tiny_moe.yaml", ["train.precision=bf16"]))
-             for zero in (1, 2)]
+    cases = [
+        {"path": path, "overrides": [f"optim.zero_stage={zero}", *precision], "world": 1}
+        for path, precision in (("configs/tiny.yaml", []), ("configs/tiny_moe.yaml", ["train.precision=bf16"]))
+        for zero in (1, 2)
+    ]
     for case, measured in zip(cases, engine_bytes(cases, tmp_path)):
         plan = make_plan(load_config(os.path.join(ROOT, case["path"]), case["overrides"]), world=1)
-        for kind, planned, tolerance in (("weights", plan.weights, 0.2), ("gradients", plan.gradients, 0.02),
-                                         ("optimizer", plan.optimizer, 0.2)):
+        for kind, planned, tolerance in (
+            ("weights", plan.weights, 0.2),
+            ("gradients", plan.gradients, 0.02),
+            ("optimizer", plan.optimizer, 0.2),
+        ):
             assert abs(planned - measured[kind]) <= tolerance * measured[kind], (case, kind, planned, measured[kind])
 
 
@@ -168,15 +209,19 @@ def test_weights_gradients_optimizer_match_a_deepspeed_engine(tmp_path):
 # is measured between micro-batches (grad_accum 2), where it keeps every local gradient (at the
 # boundary it reduces them into its partition, as ZeRO-2 does all along).
 SHARDED = ["parallel.expert_parallel_size=4", "train.precision=bf16"]
-RANKS = [(SHARDED + ["optim.zero_stage=2"], 0), (SHARDED + ["optim.zero_stage=2"], 7),
-         (SHARDED + ["optim.zero_stage=2", "parallel.tensor_parallel_size=2"], 5),
-         (SHARDED + ["optim.zero_stage=1", "train.grad_accum=2"], 6)]
+RANKS = [
+    (SHARDED + ["optim.zero_stage=2"], 0),
+    (SHARDED + ["optim.zero_stage=2"], 7),
+    (SHARDED + ["optim.zero_stage=2", "parallel.tensor_parallel_size=2"], 5),
+    (SHARDED + ["optim.zero_stage=1", "train.grad_accum=2"], 6),
+]
 
 
 @pytest.mark.slow
 def test_gradients_of_one_rank_match_deepspeed_on_the_fake_process_group(tmp_path):
-    cases = [{"path": "configs/tiny_moe.yaml", "overrides": overrides, "world": 8, "rank": rank}
-             for overrides, rank in RANKS]
+    cases = [
+        {"path": "configs/tiny_moe.yaml", "overrides": overrides, "world": 8, "rank": rank} for overrides, rank in RANKS
+    ]
     for case, measured in zip(cases, engine_bytes(cases, tmp_path)):
         cfg = load_config(os.path.join(ROOT, case["path"]), case["overrides"])
         planned = zero_gradient_bytes(cfg, Layout.of(cfg), 8, case["rank"])
@@ -207,11 +252,15 @@ def test_optimizer_groups_are_deepspeeds_for_the_5b_moe():
 
 # ---------------------------------------------------------------- memory: activations
 
-@pytest.mark.parametrize("path, overrides, latent", [
-    ("configs/tiny.yaml", [], None),
-    ("configs/tiny_moe.yaml", [], None),
-    ("configs/tiny_moe.yaml", ["train.precision=bf16", "data.micro_batch_size=2", "model.moe.top_k=3"], (3, 8, 24)),
-])
+
+@pytest.mark.parametrize(
+    "path, overrides, latent",
+    [
+        ("configs/tiny.yaml", [], None),
+        ("configs/tiny_moe.yaml", [], None),
+        ("configs/tiny_moe.yaml", ["train.precision=bf16", "data.micro_batch_size=2", "model.moe.top_k=3"], (3, 8, 24)),
+    ],
+)
 @pytest.mark.parametrize("spec", ["none", "every_2", "all"])
 def test_activations_match_the_saved_tensors_of_a_forward(path, overrides, latent, spec):
     cfg = load_config(os.path.join(ROOT, path), [*overrides, f"train.activation_checkpointing={spec}"])
@@ -223,8 +272,11 @@ def test_activations_match_the_saved_tensors_of_a_forward(path, overrides, laten
     apply_activation_checkpointing(model, spec)
     b = cfg.data.micro_batch_size
     with SavedActivationMeter(model) as meter:
-        model(torch.randn(b, m.in_channels, *plan.latent, dtype=dtype), torch.rand(b) * 1000,
-              torch.randn(b, cfg.data.text_len, m.text_dim, dtype=dtype))
+        model(
+            torch.randn(b, m.in_channels, *plan.latent, dtype=dtype),
+            torch.rand(b) * 1000,
+            torch.randn(b, cfg.data.text_len, m.text_dim, dtype=dtype),
+        )
     assert abs(held - meter.bytes) <= 0.2 * meter.bytes, (held, meter.bytes)
 
 
@@ -249,6 +301,7 @@ def test_parallel_sizes_divide_what_they_should():
 
 # ---------------------------------------------------------------- verdicts on the 5B configs
 
+
 def test_every_config_in_configs_validates():
     for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))):
         name = os.path.relpath(path, ROOT)
@@ -257,7 +310,9 @@ def test_every_config_in_configs_validates():
 
 @pytest.mark.parametrize("path", sorted(PLANNED_NODES))
 def test_planner_accepts_the_5b_configs_at_their_node_counts(path, capsys):
-    assert main(["--config", os.path.join(ROOT, path), "--nodes", str(PLANNED_NODES[path]), "--gpus-per-node", "8"]) == 0
+    assert (
+        main(["--config", os.path.join(ROOT, path), "--nodes", str(PLANNED_NODES[path]), "--gpus-per-node", "8"]) == 0
+    )
     out = capsys.readouterr()
     assert "fits" in out.out and out.err == ""
 

@@ -26,8 +26,9 @@ from megamoe.tools.synthetic_data import (
 
 
 def small_configs(cache_dir, num_clips=24, channels=3):
-    data = DataConfig(cache_dir=str(cache_dir), synthetic_num_clips=num_clips, synthetic_frames=3,
-                      synthetic_size=8, text_len=6)
+    data = DataConfig(
+        cache_dir=str(cache_dir), synthetic_num_clips=num_clips, synthetic_frames=3, synthetic_size=8, text_len=6
+    )
     return data, ModelConfig(in_channels=channels, text_dim=8)
 
 
@@ -149,8 +150,10 @@ def test_other_channel_counts_stay_structured():
     np.testing.assert_allclose(synthetic_data.unproject_channels(latents), rgb, atol=1e-5)
 
 
-EMBED_SNIPPET = ("import hashlib; from megamoe.tools.synthetic_data import embed_caption; "
-                 "print(hashlib.sha256(embed_caption('a red circle moving left', 8, 32).tobytes()).hexdigest())")
+EMBED_SNIPPET = (
+    "import hashlib; from megamoe.tools.synthetic_data import embed_caption; "
+    "print(hashlib.sha256(embed_caption('a red circle moving left', 8, 32).tobytes()).hexdigest())"
+)
 
 
 def test_caption_embedding_is_stable_across_processes():

@@ -21,8 +21,14 @@ def fake_checkpoint(root, step, cfg, files=None):
     files = files or {"state/shard-00001-model-00001-of-00001.safetensors": b"x" * 10, "rank_00000.pt": b"y" * 5}
     for rel, data in files.items():
         (path / rel).write_bytes(data)
-    meta = {"format": FORMAT, "step": step, "world_size": 1, "dp_size": 1, "config": to_yaml(cfg),
-            "files": {rel: len(data) for rel, data in files.items()}}
+    meta = {
+        "format": FORMAT,
+        "step": step,
+        "world_size": 1,
+        "dp_size": 1,
+        "config": to_yaml(cfg),
+        "files": {rel: len(data) for rel, data in files.items()},
+    }
     (path / "meta.json").write_text(json.dumps(meta))
     return path
 
@@ -81,7 +87,9 @@ def test_config_mismatch_names_the_keys(tmp_path, capsys):
     saved_cfg = load_config(TINY, ["model.dim=256", "model.num_layers=3"])
     path = fake_checkpoint(tmp_path, 5, saved_cfg)
     code, err = run(tmp_path, capsys, "--resume", str(path))
-    assert_one_line_error(code, err, "model.dim (checkpoint 256, config 128)", "model.num_layers (checkpoint 3, config 4)")
+    assert_one_line_error(
+        code, err, "model.dim (checkpoint 256, config 128)", "model.num_layers (checkpoint 3, config 4)"
+    )
 
 
 def test_fresh_run_refuses_to_overwrite_existing_checkpoints(tmp_path, capsys):

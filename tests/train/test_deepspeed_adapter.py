@@ -108,8 +108,9 @@ def test_deepspeed_reduces_experts_over_the_registered_groups(engine):
 
     ep_group, edp_group = expert_groups()
     assert adapter.registered_expert_groups(EXPERTS) == (ep_group, edp_group)
-    assert groups._get_expert_parallel_group_ranks(EXPERTS) == groups._get_expert_data_parallel_group_ranks(EXPERTS) \
-        == [0]
+    assert (
+        groups._get_expert_parallel_group_ranks(EXPERTS) == groups._get_expert_data_parallel_group_ranks(EXPERTS) == [0]
+    )
     # What the engine and ZeRO took from the tables when they were built:
     assert engine.expert_data_parallel_group[EXPERTS] is edp_group
     assert engine.optimizer.expert_dp_process_group[EXPERTS] is edp_group
@@ -181,8 +182,12 @@ def test_engine_counters_are_the_live_ones_deepspeed_saves(engine):
 def test_forgetting_the_expert_groups_empties_deepspeeds_tables(engine):
     from deepspeed.utils import groups
 
-    tables = (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
-              groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS)
+    tables = (
+        groups._EXPERT_PARALLEL_GROUP,
+        groups._EXPERT_PARALLEL_GROUP_RANKS,
+        groups._EXPERT_DATA_PARALLEL_GROUP,
+        groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+    )
     assert all(EXPERTS in table for table in tables) and groups.mpu is engine.mpu
     adapter.forget_expert_groups()
     assert not any(tables) and groups.mpu is None

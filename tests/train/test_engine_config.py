@@ -18,8 +18,17 @@ def test_warmup_then_cosine_to_min_ratio():
 
 
 def test_deepspeed_config_follows_megamoe_config():
-    cfg = merge_config(None, ["optim.zero_stage=2", "train.precision=bf16", "train.grad_accum=4",
-                              "data.micro_batch_size=3", "optim.grad_clip=0.5", "optim.lr=2e-4"])
+    cfg = merge_config(
+        None,
+        [
+            "optim.zero_stage=2",
+            "train.precision=bf16",
+            "train.grad_accum=4",
+            "data.micro_batch_size=3",
+            "optim.grad_clip=0.5",
+            "optim.lr=2e-4",
+        ],
+    )
     ds = deepspeed_config(cfg)
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["bf16"]["enabled"] is True

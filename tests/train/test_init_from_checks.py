@@ -56,15 +56,19 @@ def test_dense_source_of_other_shape(tmp_path, capsys):
     write_diffusers_weights(WanDiT(cfg).state_dict(), cfg, tmp_path / "wide")
     assert_one_line_error(*run(tmp_path, capsys, tmp_path / "wide"), str(tmp_path / "wide"), "model.ffn_dim=128")
     (tmp_path / "wide" / "config.json").unlink()  # the tensor shapes alone name the key and the field
-    assert_one_line_error(*run(tmp_path, capsys, tmp_path / "wide"),
-                          "blocks.0.ffn.net.0.proj.weight of shape (128, 32)", "model.ffn_dim=128")
+    assert_one_line_error(
+        *run(tmp_path, capsys, tmp_path / "wide"),
+        "blocks.0.ffn.net.0.proj.weight of shape (128, 32)",
+        "model.ffn_dim=128",
+    )
 
 
 def test_index_naming_a_missing_shard(tmp_path, capsys):
     folder, second = sharded(tmp_path, dense_model_config())
     second.unlink()
-    assert_one_line_error(*run(tmp_path, capsys, folder), "names shard 'b.safetensors', which does not exist",
-                          "re-download")
+    assert_one_line_error(
+        *run(tmp_path, capsys, folder), "names shard 'b.safetensors', which does not exist", "re-download"
+    )
 
 
 @pytest.mark.parametrize("cut", [1, 4096])

@@ -14,8 +14,14 @@ from megamoe.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "configs/tiny.yaml"
-SMALL = ["model.num_layers=2", "model.dim=32", "model.ffn_dim=64", "data.micro_batch_size=4", "train.steps=1",
-         "checkpoint.every_steps=1"]
+SMALL = [
+    "model.num_layers=2",
+    "model.dim=32",
+    "model.ffn_dim=64",
+    "data.micro_batch_size=4",
+    "train.steps=1",
+    "checkpoint.every_steps=1",
+]
 
 
 class CreatesMarker:
@@ -42,8 +48,14 @@ def test_yaml_tags_that_construct_objects_are_refused(tmp_path):
 def pretrain_one_process(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
-    return subprocess.run([sys.executable, str(REPO / "launcher" / "pretrain.py"), *map(str, args)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, str(REPO / "launcher" / "pretrain.py"), *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def plant(checkpoint: Path, rel: str, payload) -> None:

@@ -42,8 +42,14 @@ def test_resume_logs_every_step_once_as_the_uninterrupted_run(tmp_path, capsys):
     assert [r["step"] for r in lines(part / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
     # steps 1-3 from the first run, 4-6 from the resumed one: the uninterrupted run's values from step 4
     assert lines(part / "metrics.jsonl")[3:] == lines(full / "metrics.jsonl")[3:]
-    assert [(r["step"], r["run"]) for r in lines(part / "diagnostics.jsonl")] == [(1, 1), (2, 1), (3, 1),
-                                                                                  (4, 0), (5, 0), (6, 0)]
+    assert [(r["step"], r["run"]) for r in lines(part / "diagnostics.jsonl")] == [
+        (1, 1),
+        (2, 1),
+        (3, 1),
+        (4, 0),
+        (5, 0),
+        (6, 0),
+    ]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -3,14 +3,21 @@ its routers in `ROUTERS` (one module per family; see base.py for the interface).
 
 from megamoe.moe.routers import expert_choice, expert_race, promoe, sinkhorn, token_choice  # noqa: F401  (register)
 from megamoe.moe.routers.base import (
-                                     ROUTERS,
-                                     Router,
-                                     RouterOutput,
-                                     RoutingContext,
-                                     build_router,
-                                     check_router_config,
-                                     register_router,
+    ROUTERS,
+    Router,
+    RouterOutput,
+    RoutingContext,
+    build_router,
+    check_router_config,
+    register_router,
 )
 
-__all__ = ["ROUTERS", "Router", "RouterOutput", "RoutingContext", "build_router", "check_router_config",
-           "register_router"]
+__all__ = [
+    "ROUTERS",
+    "Router",
+    "RouterOutput",
+    "RoutingContext",
+    "build_router",
+    "check_router_config",
+    "register_router",
+]

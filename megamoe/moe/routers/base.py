@@ -91,8 +91,10 @@ class Router(nn.Module):
         self.layer_reg_head: nn.Linear | None = None
         if cfg.layer_reg_loss > 0:
             if layer_reg_out_dim is None:
-                raise ValueError("model.moe.layer_reg_loss > 0 needs the target width: build the router with "
-                                 "layer_reg_out_dim=prod(model.patch_size) * model.out_channels")
+                raise ValueError(
+                    "model.moe.layer_reg_loss > 0 needs the target width: build the router with "
+                    "layer_reg_out_dim=prod(model.patch_size) * model.out_channels"
+                )
             self.layer_reg_head = nn.Linear(dim, layer_reg_out_dim)
 
     @classmethod
@@ -102,8 +104,11 @@ class Router(nn.Module):
         _refuse_unread_keys(cls, cfg)
         require(cfg.num_experts >= 1, f"model.moe.num_experts must be >= 1 for an MoE layer, got {cfg.num_experts}")
         total = cfg.num_experts + cfg.num_null_experts
-        require(1 <= cfg.top_k <= total, f"model.moe.top_k={cfg.top_k} must be between 1 and the number of experts "
-                   f"({cfg.num_experts} routed + {cfg.num_null_experts} null); lower top_k or add experts")
+        require(
+            1 <= cfg.top_k <= total,
+            f"model.moe.top_k={cfg.top_k} must be between 1 and the number of experts "
+            f"({cfg.num_experts} routed + {cfg.num_null_experts} null); lower top_k or add experts",
+        )
         for key in sorted(k for k in cls.config_keys if k.endswith("_loss")):
             require(getattr(cfg, key) >= 0, f"model.moe.{key} must be >= 0 (0 = off), got {getattr(cfg, key)}")
 
@@ -152,8 +157,9 @@ def register_router(name: str):
 
 def router_class(cfg: MoEConfig) -> type[Router]:
     """The registered class of `cfg.router`; ConfigError naming the choices if there is none."""
-    require(cfg.router in ROUTERS,
-               f"model.moe.router '{cfg.router}' is unknown; choose one of {', '.join(sorted(ROUTERS))}")
+    require(
+        cfg.router in ROUTERS, f"model.moe.router '{cfg.router}' is unknown; choose one of {', '.join(sorted(ROUTERS))}"
+    )
     return ROUTERS[cfg.router]
 
 
@@ -181,5 +187,7 @@ def _refuse_unread_keys(cls: type[Router], cfg: MoEConfig) -> None:
             continue
         readers = sorted(name for name, other in ROUTERS.items() if f.name in other.config_keys)
         if readers:
-            raise ConfigError(f"model.moe.{f.name}={value} has no effect with model.moe.router={cls.name} (only "
-                              f"{', '.join(readers)} read it); remove it or set it back to {default}")
+            raise ConfigError(
+                f"model.moe.{f.name}={value} has no effect with model.moe.router={cls.name} (only "
+                f"{', '.join(readers)} read it); remove it or set it back to {default}"
+            )

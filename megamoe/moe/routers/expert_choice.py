@@ -50,8 +50,10 @@ class ExpertChoiceRouter(Router):
     @classmethod
     def check_config(cls, cfg: MoEConfig) -> None:
         super().check_config(cfg)
-        require(cfg.expert_choice_scope in SCOPES, f"model.moe.expert_choice_scope must be one of "
-                   f"{', '.join(SCOPES)}, got '{cfg.expert_choice_scope}'")
+        require(
+            cfg.expert_choice_scope in SCOPES,
+            f"model.moe.expert_choice_scope must be one of {', '.join(SCOPES)}, got '{cfg.expert_choice_scope}'",
+        )
         require(cfg.capacity_factor > 0, f"model.moe.capacity_factor must be > 0, got {cfg.capacity_factor}")
 
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):

@@ -59,8 +59,10 @@ class ExpertRaceRouter(Router):
     @classmethod
     def check_config(cls, cfg: MoEConfig) -> None:
         super().check_config(cfg)
-        require(0.0 <= cfg.race_threshold_decay < 1.0,
-                   f"model.moe.race_threshold_decay must be in [0, 1), got {cfg.race_threshold_decay}")
+        require(
+            0.0 <= cfg.race_threshold_decay < 1.0,
+            f"model.moe.race_threshold_decay must be in [0, 1), got {cfg.race_threshold_decay}",
+        )
 
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
         super().__init__(dim, cfg, **kwargs)
@@ -93,7 +95,9 @@ class ExpertRaceRouter(Router):
     def route(self, tokens: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
         n = tokens.shape[0]
         if ctx.batch_size * ctx.seq_len != n:
-            raise ValueError(f"expert_race router got {n} tokens but batch_size*seq_len = {ctx.batch_size}*{ctx.seq_len}")
+            raise ValueError(
+                f"expert_race router got {n} tokens but batch_size*seq_len = {ctx.batch_size}*{ctx.seq_len}"
+            )
         scores = F.linear(tokens, self.gate.weight.float())  # identity activation, fp32
 
         shards = self.token_shards

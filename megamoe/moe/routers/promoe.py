@@ -58,13 +58,21 @@ class ProMoERouter(Router):
 
     @classmethod
     def check_config(cls, cfg: MoEConfig) -> None:
-        require(cfg.num_experts >= 2, f"router 'promoe' needs model.moe.num_experts >= 2 (the last one is the "
-                   f"unconditional expert), got {cfg.num_experts}")
+        require(
+            cfg.num_experts >= 2,
+            f"router 'promoe' needs model.moe.num_experts >= 2 (the last one is the "
+            f"unconditional expert), got {cfg.num_experts}",
+        )
         super().check_config(cfg)
-        require(cfg.top_k <= cfg.num_experts - 1, f"model.moe.top_k={cfg.top_k} must be in [1, num_experts - 1 = "
-                   f"{cfg.num_experts - 1}] for router 'promoe' (the last expert is reserved for unconditional tokens)")
-        require(cfg.num_prototypes_per_expert >= 1,
-                   f"model.moe.num_prototypes_per_expert must be >= 1, got {cfg.num_prototypes_per_expert}")
+        require(
+            cfg.top_k <= cfg.num_experts - 1,
+            f"model.moe.top_k={cfg.top_k} must be in [1, num_experts - 1 = "
+            f"{cfg.num_experts - 1}] for router 'promoe' (the last expert is reserved for unconditional tokens)",
+        )
+        require(
+            cfg.num_prototypes_per_expert >= 1,
+            f"model.moe.num_prototypes_per_expert must be >= 1, got {cfg.num_prototypes_per_expert}",
+        )
 
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
         super().__init__(dim, cfg, **kwargs)
@@ -75,8 +83,11 @@ class ProMoERouter(Router):
         self.prototypes = nn.Parameter(torch.empty(self.num_conditional * self.num_prototypes, dim))
         # Shape [1], not a 0-dim scalar: DeepSpeed broadcasts parameters as byte views, which 0-dim tensors refuse.
         self.log_scale = nn.Parameter(torch.empty(1))
-        self.register_buffer("prototype_expert", torch.empty(self.num_conditional * self.num_prototypes,
-                                                             dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "prototype_expert",
+            torch.empty(self.num_conditional * self.num_prototypes, dtype=torch.long),
+            persistent=False,
+        )
         for name, init in self.parameter_inits().items():
             init.fill_(getattr(self, name))
         self.reset_buffers()
@@ -91,8 +102,11 @@ class ProMoERouter(Router):
         """prototype_expert[row]: the conditional expert that prototype row belongs to (expert-major)."""
         if self.prototype_expert.is_meta:  # computed when materialised (meta arange would load torch's compiler)
             return
-        self.prototype_expert.copy_(torch.arange(self.num_conditional, device=self.prototype_expert.device)
-                                    .repeat_interleave(self.num_prototypes))
+        self.prototype_expert.copy_(
+            torch.arange(self.num_conditional, device=self.prototype_expert.device).repeat_interleave(
+                self.num_prototypes
+            )
+        )
 
     def route(self, tokens: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
         n, e, p, k = tokens.shape[0], self.num_experts, self.num_prototypes, self.cfg.top_k
@@ -131,7 +145,12 @@ class ProMoERouter(Router):
                 top1 = top_idx[:, 0]
                 best = cos_all.view(n, self.num_conditional, p)[torch.arange(n, device=tokens.device), top1].argmax(-1)
                 assignment = top1 * p + best
-            aux["contrastive"] = routing_contrastive_loss(tokens[cond], prototypes, assignment[cond],
-                                                          self.contrastive_temperature, groups=self.prototype_expert,
-                                                          shards=self.token_shards)
+            aux["contrastive"] = routing_contrastive_loss(
+                tokens[cond],
+                prototypes,
+                assignment[cond],
+                self.contrastive_temperature,
+                groups=self.prototype_expert,
+                shards=self.token_shards,
+            )
         return RouterOutput(probs=probs, routing_map=routing_map, aux=aux)

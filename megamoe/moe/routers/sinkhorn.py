@@ -62,10 +62,14 @@ class SinkhornRouter(Router):
     @classmethod
     def check_config(cls, cfg: MoEConfig) -> None:
         super().check_config(cfg)
-        require(cfg.sinkhorn_iterations >= 0,
-                   f"model.moe.sinkhorn_iterations must be >= 0 (0 = plain top-k), got {cfg.sinkhorn_iterations}")
-        require(cfg.score_func in SCORE_FUNCS,
-                   f"model.moe.score_func must be one of {', '.join(SCORE_FUNCS)}, got '{cfg.score_func}'")
+        require(
+            cfg.sinkhorn_iterations >= 0,
+            f"model.moe.sinkhorn_iterations must be >= 0 (0 = plain top-k), got {cfg.sinkhorn_iterations}",
+        )
+        require(
+            cfg.score_func in SCORE_FUNCS,
+            f"model.moe.score_func must be one of {', '.join(SCORE_FUNCS)}, got '{cfg.score_func}'",
+        )
 
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
         super().__init__(dim, cfg, **kwargs)

@@ -51,28 +51,47 @@ def select_top_k(logits: torch.Tensor, cfg: MoEConfig, expert_bias: torch.Tensor
 class TokenChoiceRouter(Router):
     """Shared part of the token-choice routers; subclasses implement `logits`."""
 
-    config_keys = Router.config_keys | {"score_func", "renormalize", "num_null_experts", "bias_balancing",
-                                        "bias_update_rate", "balance_loss", "balance_scope", "z_loss"}
+    config_keys = Router.config_keys | {
+        "score_func",
+        "renormalize",
+        "num_null_experts",
+        "bias_balancing",
+        "bias_update_rate",
+        "balance_loss",
+        "balance_scope",
+        "z_loss",
+    }
 
     @classmethod
     def check_config(cls, cfg: MoEConfig) -> None:
         require(cfg.num_null_experts >= 0, f"model.moe.num_null_experts must be >= 0, got {cfg.num_null_experts}")
         super().check_config(cfg)
-        require(cfg.score_func in SCORE_FUNCS,
-                   f"model.moe.score_func must be one of {', '.join(SCORE_FUNCS)}, got '{cfg.score_func}'")
-        require(cfg.balance_scope in BALANCE_SCOPES,
-                   f"model.moe.balance_scope must be one of {', '.join(BALANCE_SCOPES)}, got '{cfg.balance_scope}'")
+        require(
+            cfg.score_func in SCORE_FUNCS,
+            f"model.moe.score_func must be one of {', '.join(SCORE_FUNCS)}, got '{cfg.score_func}'",
+        )
+        require(
+            cfg.balance_scope in BALANCE_SCOPES,
+            f"model.moe.balance_scope must be one of {', '.join(BALANCE_SCOPES)}, got '{cfg.balance_scope}'",
+        )
         default = MoEConfig()
-        require(cfg.balance_loss > 0 or cfg.balance_scope == default.balance_scope,
-                   f"model.moe.balance_scope={cfg.balance_scope} has no effect while model.moe.balance_loss=0; "
-                   f"set balance_loss > 0 or remove balance_scope")
+        require(
+            cfg.balance_loss > 0 or cfg.balance_scope == default.balance_scope,
+            f"model.moe.balance_scope={cfg.balance_scope} has no effect while model.moe.balance_loss=0; "
+            f"set balance_loss > 0 or remove balance_scope",
+        )
         if cfg.bias_balancing:
-            require(cfg.bias_update_rate > 0, f"model.moe.bias_update_rate must be > 0 with "
-                       f"model.moe.bias_balancing=true, got {cfg.bias_update_rate}")
+            require(
+                cfg.bias_update_rate > 0,
+                f"model.moe.bias_update_rate must be > 0 with "
+                f"model.moe.bias_balancing=true, got {cfg.bias_update_rate}",
+            )
         else:
-            require(cfg.bias_update_rate == default.bias_update_rate,
-                       f"model.moe.bias_update_rate={cfg.bias_update_rate} has no effect while "
-                       f"model.moe.bias_balancing=false; set bias_balancing=true or remove bias_update_rate")
+            require(
+                cfg.bias_update_rate == default.bias_update_rate,
+                f"model.moe.bias_update_rate={cfg.bias_update_rate} has no effect while "
+                f"model.moe.bias_balancing=false; set bias_balancing=true or remove bias_update_rate",
+            )
 
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
         super().__init__(dim, cfg, **kwargs)
@@ -109,13 +128,16 @@ class TokenChoiceRouter(Router):
         shards = self.token_shards
         if self.cfg.balance_loss > 0:
             # Sigmoid scores do not sum to one; normalise them so P_i is a distribution (DeepSeek-V3).
-            dist = scores if self.cfg.score_func == "softmax" else \
-                scores / scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+            dist = (
+                scores
+                if self.cfg.score_func == "softmax"
+                else scores / scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+            )
             # (in eval, where no step accumulates, `global` falls back to this micro-batch's counts)
-            counts = self._global_counts(routing_map) if self.cfg.balance_scope == "global" and self.training \
-                else None
-            aux["balance"] = switch_balance_loss(dist, routing_map, self.num_experts, ctx.batch_size, ctx.seq_len,
-                                                 self.cfg.balance_scope, shards, counts)
+            counts = self._global_counts(routing_map) if self.cfg.balance_scope == "global" and self.training else None
+            aux["balance"] = switch_balance_loss(
+                dist, routing_map, self.num_experts, ctx.batch_size, ctx.seq_len, self.cfg.balance_scope, shards, counts
+            )
         if self.cfg.z_loss > 0:
             aux["z"] = z_loss(logits, shards)
         return RouterOutput(probs, routing_map, aux)
@@ -142,8 +164,11 @@ class TokenChoiceRouter(Router):
         self.balance_counts = None
         if not self.cfg.bias_balancing:
             return
-        counts = self.load_counts if self.load_counts is not None else \
-            torch.zeros(self.num_total, dtype=torch.long, device=self.expert_bias.device)
+        counts = (
+            self.load_counts
+            if self.load_counts is not None
+            else torch.zeros(self.num_total, dtype=torch.long, device=self.expert_bias.device)
+        )
         load = reduce(counts.clone())[: self.num_experts].float()
         self.expert_bias[: self.num_experts] += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
         self.load_counts = None
@@ -190,8 +215,11 @@ class MLPRouter(TokenChoiceRouter):
 
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
         super().__init__(dim, cfg, **kwargs)
-        self.gate = nn.Sequential(nn.Linear(dim, cfg.router_hidden_dim), nn.GELU(approximate="tanh"),
-                                  nn.Linear(cfg.router_hidden_dim, self.num_total, bias=False))
+        self.gate = nn.Sequential(
+            nn.Linear(dim, cfg.router_hidden_dim),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(cfg.router_hidden_dim, self.num_total, bias=False),
+        )
 
     def logits(self, tokens, ctx):
         return _linear32(F.gelu(_linear32(tokens, self.gate[0]), approximate="tanh"), self.gate[2])
