@@ -215,7 +215,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables."""
     zero_stage: int = 1
-    """DeepSpeed ZeRO stage for optimizer state: 0, 1 or 2."""
+    """DeepSpeed ZeRO stage for optimizer state: 0, 1 or 2 (1 or 2 under train.precision=bf16)."""
 
 
 @dataclass

@@ -118,6 +118,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         o.zero_stage in (0, 1, 2),
         f"optim.zero_stage={o.zero_stage} is not supported; use 0, 1 or 2 (ZeRO-3 does not shard experts correctly)",
     )
+    # DeepSpeed's bf16 optimizer without ZeRO keeps Adam's state on fp32 copies of the weights that
+    # its per-parameter API (deepspeed.utils.safe_get_full_*) does not reach: the run would train and
+    # then fail at its first checkpoint.
+    _check(
+        not (t.precision == "bf16" and o.zero_stage == 0),
+        "train.precision=bf16 with optim.zero_stage=0 cannot save its optimizer state in a checkpoint; "
+        "set optim.zero_stage to 1 or 2 (it shards, and costs no extra memory), or train.precision=fp32",
+    )
     _check(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
     _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
     _check(t.precision in ("fp32", "bf16"), f"train.precision must be 'fp32' or 'bf16', got '{t.precision}'")

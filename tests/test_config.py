@@ -43,6 +43,7 @@ def test_every_shipped_config_validates():
         (["model.num_heads=32"], "model.num_heads"),  # head dim 2 cannot hold 3D RoPE
         (["train.precision=fp16"], "train.precision"),
         (["optim.zero_stage=3"], "optim.zero_stage"),
+        (["train.precision=bf16", "optim.zero_stage=0"], "optim.zero_stage=0 cannot save its optimizer state"),
         (["diffusion.timestep_sampling=cosine"], "diffusion.timestep_sampling"),
         (["data.synthetic_size=15"], "data.synthetic_size"),
         (["parallel.tensor_parallel_size=2"], "parallel.tensor_parallel_size"),
