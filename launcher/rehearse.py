@@ -97,11 +97,11 @@ def rehearse(cfg, topology, latent: tuple, text_len: int, init_from: str | None,
     """Build, load, one step; returns (bytes per category, activation bytes saved per token)."""
     import torch
 
+    from megamoe.deepspeed_adapter import fp32_master_partitions, torch_optimizer, zero_gradient_partitions
     from megamoe.model.activation_checkpointing import SavedActivationMeter, apply_activation_checkpointing
     from megamoe.model.dit import count_parameters
     from megamoe.parallel.parallelize import build_sharded_model
     from megamoe.parallel.sharded_weights import init_from as load_slices
-    from megamoe.train.deepspeed_adapter import fp32_master_partitions, torch_optimizer, zero_gradient_partitions
     from megamoe.train.engine import build_engine
     from megamoe.train.objective import training_loss
     from megamoe.train.step import step_generator

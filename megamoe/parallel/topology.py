@@ -173,7 +173,7 @@ def share_expert_groups_with_deepspeed(expert_parallel_size: int) -> str:
     """
     import deepspeed
 
-    from megamoe.train.deepspeed_adapter import register_expert_groups, registered_expert_groups
+    from megamoe.deepspeed_adapter import register_expert_groups, registered_expert_groups
 
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the existing process group
     name = f"ep_size_{expert_parallel_size}"
@@ -199,7 +199,7 @@ def share_expert_groups_with_deepspeed(expert_parallel_size: int) -> str:
 
 
 def destroy_distributed() -> None:
-    from megamoe.train.deepspeed_adapter import forget_expert_groups
+    from megamoe.deepspeed_adapter import forget_expert_groups
 
     forget_expert_groups()  # the groups lent to DeepSpeed go with them
     if parallel_state.model_parallel_is_initialized():

@@ -7,7 +7,8 @@ Layout of one checkpoint, `<output_dir>/checkpoints/step_00000100/`:
     state/             model weights, fp32 master weights, Adam moments and the EMA by parameter
                        name, in the full tensors' coordinates (experts by global index): readable
                        at any parallel layout; see train/sharded_state.py
-    rank_00000.pt      per-rank state: data-stream position, RNG states (tensors and ints only)
+    rank_00000.pt      per-rank state, train/state.py's RankState: step, data-stream position, RNG
+                       states, skipped-step counts (tensors and plain values only)
     weights/           the model in diffusers WanTransformer3DModel layout: config.json, an index and
                        one safetensors shard per writing rank (see parallel/sharded_weights.py)
     ema_weights/       the EMA weights in the same layout (fp32, buffers as in weights/), when EMA is on
@@ -397,7 +398,7 @@ def rank_file_for(meta: dict, topology) -> int:
 
 def engine_state(engine) -> dict:
     """The engine's counters and LR schedule: small, identical on every rank, kept in meta.json."""
-    from megamoe.train.deepspeed_adapter import engine_counters
+    from megamoe.deepspeed_adapter import engine_counters
     from megamoe.train.sharded_state import optimizer_step
 
     scheduler = engine.lr_scheduler
@@ -406,7 +407,7 @@ def engine_state(engine) -> dict:
 
 
 def restore_engine_state(engine, state: dict) -> None:
-    from megamoe.train.deepspeed_adapter import restore_engine_counters
+    from megamoe.deepspeed_adapter import restore_engine_counters
     from megamoe.train.sharded_state import set_optimizer_step
 
     set_optimizer_step(engine, state["optimizer_step"])

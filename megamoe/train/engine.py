@@ -15,8 +15,8 @@ import math
 import torch
 
 from megamoe.config import Config
+from megamoe.deepspeed_adapter import build_expert_aware_engine
 from megamoe.parallel.topology import DeepSpeedMPU
-from megamoe.train.deepspeed_adapter import build_expert_aware_engine
 
 
 def deepspeed_config(cfg: Config) -> dict:

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megamoe.deepspeed_adapter import has_fp32_fragments, relink_optimizer_state, torch_optimizer
 from megamoe.parallel.parallelize import split_of
-from megamoe.train.deepspeed_adapter import has_fp32_fragments, relink_optimizer_state, torch_optimizer
 
 OPTIMIZER_KINDS = ("master", "exp_avg", "exp_avg_sq")
 KINDS = ("model", *OPTIMIZER_KINDS)
@@ -92,7 +92,7 @@ def as_dcp_value(local: torch.Tensor, split):
 
 
 # ---------------------------------------------------------------------------------------------
-# DeepSpeed's optimizer, through its public API (and train/deepspeed_adapter.py where it has none).
+# DeepSpeed's optimizer, through its public API (and megamoe/deepspeed_adapter.py where it has none).
 
 
 def ensure_optimizer_state(engine) -> None:

@@ -23,13 +23,15 @@ import numpy as np
 import torch
 
 from megamoe.config import Config
+from megamoe.deepspeed_adapter import skip_micro_step
 from megamoe.parallel.reductions import any_rank
-from megamoe.train.deepspeed_adapter import skip_micro_step
 from megamoe.train.objective import training_loss
 from megamoe.train.resilience import STOP_REQUEST, StepAgreement, local_grads_finite, poison_if_nonfinite
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor, torch.Generator]
-"""(latents [B, C, F, H, W], text [B, L, text_dim], the generator of its noise levels, noise and text dropout)."""
+"""(latents [B, C, F, H, W], text [B, L, text_dim], the generator its noise levels, noise and text dropout
+are drawn from). The training loop passes one generator to all micro-batches of a step (drawn in
+turn); the test harness one per micro-batch, keyed by the data-parallel rank it stands for."""
 
 
 def step_generator(seed: int, dp_rank: int, step: int) -> torch.Generator:
@@ -109,7 +111,7 @@ def train_step(
         hooks.after_forward(step, last)
         engine.backward(poison_if_nonfinite(loss))
         if last and cfg.optim.zero_stage == 0:  # gradients are all-reduced by now
-            grads_bad = any_rank(not local_grads_finite(module), latents.device)
+            grads_bad = any_rank(not local_grads_finite(module), agreement.device)
         if grads_bad:
             # Without ZeRO, DeepSpeed runs the plain optimizer, which never checks gradients:
             # leave the optimizer (and LR schedule, as ZeRO does) out of this step, and count the

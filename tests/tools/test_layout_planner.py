@@ -110,6 +110,7 @@ import deepspeed.comm
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megamoe.config import load_config
+from megamoe.deepspeed_adapter import fp32_master_partitions, torch_optimizer, zero_gradient_partitions
 from megamoe.model.dit import build_model
 from megamoe.parallel.parallelize import parallelize
 from megamoe.parallel.topology import init_distributed
@@ -153,11 +154,11 @@ for case in json.loads(sys.argv[1]):
     # partition it reduced into; before one, under ZeRO-1, every local gradient).
     add("gradients", [p.grad for p in engine.module.parameters()])
     add("gradients", [getattr(p, "grad_accum", None) for p in engine.module.parameters()])
-    add("gradients", [g for group in engine.optimizer.averaged_gradients.values() for g in group])
+    add("gradients", zero_gradient_partitions(engine))
     engine.step()
     # After the step: the fp32 master partition and Adam's moments.
-    add("optimizer", engine.optimizer.single_partition_of_fp32_groups)
-    add("optimizer", [v for s in engine.optimizer.optimizer.state.values() for v in s.values() if v.dim() > 0])
+    add("optimizer", fp32_master_partitions(engine))
+    add("optimizer", [v for s in torch_optimizer(engine).state.values() for v in s.values() if v.dim() > 0])
     out = {}
     for kind, n, _ in seen.values():
         out[kind] = out.get(kind, 0) + n

@@ -6,7 +6,7 @@ telling the engine that a model without DeepSpeed's MoE classes has experts, han
 megatron-core's expert groups, re-linking ZeRO's fp32 fragments to Adam's state, and setting the
 engine's step counters when megamoe (not DeepSpeed) restores a checkpoint. Each of those is one
 small function here, saying what it relies on; nothing else in megamoe touches a private name of
-DeepSpeed. tests/train/test_deepspeed_adapter.py checks each against the installed DeepSpeed and
+DeepSpeed. tests/test_deepspeed_adapter.py checks each against the installed DeepSpeed and
 fails if an upgrade changes one.
 
 `TESTED_DEEPSPEED` is the range whose sources were read for every function below and whose
@@ -53,7 +53,7 @@ def check_deepspeed_version(installed: str | None = None) -> None:
     if release > Version(high).release:
         warnings.warn(
             f"DeepSpeed {installed} is newer than megamoe's tested range {low} to {high}; run "
-            f"tests/train/test_deepspeed_adapter.py before training, or pip install 'deepspeed=={high}'",
+            f"tests/test_deepspeed_adapter.py before training, or pip install 'deepspeed=={high}'",
             stacklevel=2,
         )
 

@@ -1,4 +1,4 @@
-"""Each of DeepSpeed's internals that megamoe relies on (train/deepspeed_adapter.py), on the installed DeepSpeed.
+"""Each of DeepSpeed's internals that megamoe relies on (megamoe/deepspeed_adapter.py), on the installed DeepSpeed.
 
 One test per function of the adapter, each on a real ZeRO-2 engine in a world of one (gloo, built
 by megamoe's own `init_distributed` and `build_engine`): a DeepSpeed upgrade that renames or
@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from megamoe.train import deepspeed_adapter as adapter
+from megamoe import deepspeed_adapter as adapter
 
 EXPERTS = "ep_size_1"
 """DeepSpeed's name for the expert groups at expert-parallel size 1."""
