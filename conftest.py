@@ -6,7 +6,7 @@
 - `slow`: a single-process test that takes more than a few seconds on 2 cores; marked where it is
   defined.
 
-The inner loop while editing is `pytest -m "not slow and not distributed"` (under 2 minutes on
+The inner loop while editing is `pytest -m "not slow and not distributed"` (under a minute on
 2 cores; see the README); CI runs everything.
 """
 

@@ -34,7 +34,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection, wait
 
-from .errors import DECODE_TIMEOUT, WORKER_DIED, SampleError
+from megamoe.data.errors import DECODE_TIMEOUT, WORKER_DIED, SampleError
 
 STARTUP_TIMEOUT_S = 120.0  # importing torch + decord on a loaded machine can take tens of seconds
 _live_pools: weakref.WeakSet[DecodePool] = weakref.WeakSet()

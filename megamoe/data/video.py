@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decode_pool import DecodePool
-from .errors import BAD_CAPTION, CORRUPT_VIDEO, MISSING_MEMBER, TOO_SHORT, SampleError, utf8_caption
+from megamoe.data.decode_pool import DecodePool
+from megamoe.data.errors import BAD_CAPTION, CORRUPT_VIDEO, MISSING_MEMBER, TOO_SHORT, SampleError, utf8_caption
 
 VIDEO_EXTS = ("mp4", "webm", "mov", "mkv", "avi")
 BACKENDS = ("auto", "decord", "pyav")

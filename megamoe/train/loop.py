@@ -154,10 +154,11 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
     STOP_REQUEST.install()  # SIGTERM / SIGUSR1: finish the step, checkpoint, exit 0
     engine.train()
     while state.step < cfg.train.steps:
-        generator = step_generator(cfg.train.seed, topology.dp_rank, state.step)
+        step = state.step + 1  # the step being taken, 1-based as logged and checkpointed
+        generator = step_generator(cfg.train.seed, topology.dp_rank, state.step)  # keyed by steps completed
         micro_batches = ((*next(batches), generator) for _ in range(cfg.train.grad_accum))
-        outcome = train_step(engine, cfg, state.step + 1, micro_batches, agreement, hooks, ema)
-        state.step = step = state.step + 1
+        outcome = train_step(engine, cfg, step, micro_batches, agreement, hooks, ema)
+        state.step = step
         if outcome.skipped:
             log.info(
                 f"warning: step {step}: non-finite loss or gradient norm; step skipped, weights unchanged "

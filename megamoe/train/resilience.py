@@ -183,6 +183,6 @@ def poison_if_nonfinite(loss: torch.Tensor) -> torch.Tensor:
 
 
 def local_grads_finite(module: torch.nn.Module) -> bool:
-    """Whether every gradient held by this rank is finite (for optim.zero_stage=0, see loop.py)."""
+    """Whether every gradient held by this rank is finite (for optim.zero_stage=0, see step.py)."""
     norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
     return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True

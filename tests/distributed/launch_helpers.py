@@ -59,6 +59,8 @@ def pretrain(
         raise AssertionError(
             f"pretrain failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
         )
+    if faults:  # a fault that never fired would make the test pass or fail for another reason
+        assert "INJECTED" in result.stdout, f"no fault of {faults} fired:\n{result.stdout[-3000:]}"
     return result
 
 

@@ -12,6 +12,9 @@ variables, read here only:
     MEGAMOE_TEST_FAIL_SAVE="2:1"      on global rank 1, writing the checkpoint of step 2 fails as on a
                                       full disk, after the rank's sharded state is written
 
+Each fault prints `INJECTED <what>` when it fires, so a test can tell a fault that never fired
+(a wrapped function renamed or imported differently) from megamoe failing to handle it.
+
 Usage: as launcher/pretrain.py (under torchrun or alone); see launch_helpers.pretrain(faults=...).
 """
 
@@ -34,6 +37,10 @@ def step_of(directory) -> int:
     return int(re.search(r"step_(\d{8})", str(directory)).group(1))
 
 
+def injected(what: str) -> None:
+    print(f"INJECTED {what}", flush=True)
+
+
 def nan_batches_at(steps: set[int]) -> None:
     import torch
     from megatron.core import parallel_state
@@ -44,6 +51,7 @@ def nan_batches_at(steps: set[int]) -> None:
 
     def train_step(engine, cfg, step, micro_batches, *args, **kwargs):
         if step in steps and parallel_state.get_data_parallel_rank() == 0:
+            injected(f"NaN batches at step {step}")
             micro_batches = ((torch.full_like(latents, float("nan")), text, g) for latents, text, g in micro_batches)
         return real(engine, cfg, step, micro_batches, *args, **kwargs)
 
@@ -58,6 +66,7 @@ def slow_save(at: int, seconds: float) -> None:
     def export_weights(module, directory, tensors=None):
         real(module, directory, tensors)
         if Path(directory).name == "weights" and step_of(directory) == at:
+            injected(f"a stall of {seconds:g} s in the save of step {at}")
             time.sleep(seconds)
 
     loop.export_weights = export_weights
@@ -73,6 +82,7 @@ def fail_save(at: int, rank: int) -> None:
     def save_state(engine, directory, ema=None):
         real(engine, directory, ema)
         if step_of(directory) == at and dist.get_rank() == rank:
+            injected(f"a full disk in the save of step {at} on rank {rank}")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     sharded_state.save_state = save_state

@@ -123,7 +123,7 @@ def test_save_killed_mid_write_is_skipped_by_resume_auto(tmp_path, data_cache):
     assert stalled.is_file()
     for pid in [run.pid, *pids.values()]:
         os.kill(pid, signal.SIGKILL)
-    run.communicate()
+    assert "INJECTED a stall of 600 s in the save of step 4" in run.communicate()[0]
     assert checkpoints(out_dir) == [".step_00000004.tmp", "step_00000002"]
 
     resumed = pretrain(args + ["--resume", "auto"])
@@ -146,6 +146,7 @@ def test_max_restarts_brings_a_killed_rank_back_with_identical_final_weights(tmp
     out, err = run.communicate(timeout=900)
     assert run.returncode == 0, err[-4000:]
     assert "resumed from" in out  # the restarted workers continued from a checkpoint
+    assert "INJECTED a stall of 5 s in the save of step 6" in out
 
     pretrain(common(full, data_cache, 12, *extra))
     assert_same_weights(weights(job / "checkpoints" / "step_00000012"), weights(full / "checkpoints" / "step_00000012"))

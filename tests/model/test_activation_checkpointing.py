@@ -68,7 +68,7 @@ def build(name: str, spec: str):
     return model.train()
 
 
-def train_step(model, weights=(("balance", 0.01), ("z", 0.001), ("similarity", 0.01)), record=False):
+def forward_backward_update(model, weights=(("balance", 0.01), ("z", 0.001), ("similarity", 0.01)), record=False):
     """Two accumulated micro-batches, the routers' after-step update and one AdamW step;
     returns everything a step produces or changes."""
     calls = []
@@ -134,8 +134,8 @@ def test_which_blocks_and_config_key():
 @pytest.mark.parametrize("spec", ["all", "every_2"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_step_is_identical_with_checkpointing(name, spec):
-    reference = train_step(build(name, "none"), record=True)
-    checkpointed = train_step(build(name, spec), record=True)
+    reference = forward_backward_update(build(name, "none"), record=True)
+    checkpointed = forward_backward_update(build(name, spec), record=True)
     if name != "dense":
         # The recomputation really ran (every checkpointed MoE block routed twice per micro-batch)...
         recomputed = len(checkpointed_blocks(spec, 4))
@@ -154,7 +154,7 @@ def test_router_state_after_step_matches_a_closed_form():
     loads = []
     layer.router.register_forward_hook(lambda module, args, out: loads.append(out.routing_map.sum(0)))
     before = layer.router.expert_bias.clone()
-    train_step(model)
+    forward_backward_update(model)
     # Forward hooks run in the recomputation too: keep one load per micro-batch (forward, then its recompute).
     assert len(loads) == 4 and torch.equal(loads[0], loads[1]) and torch.equal(loads[2], loads[3])
     load = (loads[0] + loads[2]).float()
