@@ -24,6 +24,25 @@ def launcher_script(faults: dict | None) -> str:
     )
 
 
+def pretrain_command(args, nproc: int | None, faults: dict | None = None, torchrun_args=()) -> list[str]:
+    """The command line of `launcher/pretrain.py ARGS` (or its fault-injecting wrapper) under torchrun
+    on `nproc` ranks, or as one plain process for nproc=None (the launcher then makes a world of one)."""
+    script = [launcher_script(faults), *map(str, args)]
+    if nproc is None:
+        return [sys.executable, *script]
+    rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        *rendezvous,
+        *torchrun_args,
+        *script,
+    ]
+
+
 def pretrain(
     args,
     nproc: int | None = 2,
@@ -36,24 +55,9 @@ def pretrain(
     plain process (the launcher then makes a world of one). `env`: extra environment variables;
     `faults`: faults to inject (see pretrain_with_faults.py), e.g. {"MEGAMOE_TEST_NAN_AT_STEPS": "3"}."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}), **(faults or {}))
-    script = launcher_script(faults)
     if nproc is None:
         env.pop("RANK", None), env.pop("WORLD_SIZE", None)
-        cmd = [sys.executable, script, *map(str, args)]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(nproc),
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            "127.0.0.1:0",
-            script,
-            *map(str, args),
-        ]
+    cmd = pretrain_command(args, nproc, faults)
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(
@@ -128,20 +132,7 @@ def start_pretrain(args, nproc: int = 2, faults: dict | None = None, torchrun_ar
     """Like `pretrain`, but returns the running torchrun process (stdout and stderr piped), for
     tests that signal or kill it, or one of its workers, while it trains."""
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(faults or {}))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        "127.0.0.1:0",
-        *torchrun_args,
-        launcher_script(faults),
-        *map(str, args),
-    ]
+    cmd = pretrain_command(args, nproc, faults, torchrun_args)
     return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

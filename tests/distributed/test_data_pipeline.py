@@ -6,10 +6,6 @@ data/encode_latents.py, with a tiny random Wan VAE and umT5 saved like the real 
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,30 +13,14 @@ import torch
 
 from megamoe.tools.latent_shards import encode_sample, write_shard
 from megamoe.tools.synthetic_data import dataset_params, embed_caption, make_clip
+from tests.distributed.launch_helpers import REPO, pretrain
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
 SMALL_MODEL = ["model.dim=64", "model.num_layers=2", "optim.warmup_steps=2"]
 
 
 def run_job(args, nproc=2):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    launcher = [str(REPO / "launcher" / "pretrain.py")]
-    if nproc > 1:
-        launcher = [
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(nproc),
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            "127.0.0.1:0",
-            *launcher,
-        ]
-    return subprocess.run(
-        [sys.executable, *launcher, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
+    return pretrain(args, nproc if nproc > 1 else None, check=False, timeout=600)
 
 
 def check(result):
