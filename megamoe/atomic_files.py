@@ -16,7 +16,7 @@ from collections.abc import Callable
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call `write(tmp)` to write a temporary file, then rename it to `path` once it is on disk."""
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = _temporary_beside(path)
     os.close(fd)
     try:
         write(tmp)
@@ -38,6 +38,37 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
             f.write(text)
 
     write_atomic(path, write)
+
+
+class AtomicFile:
+    """A binary file written over several calls and published under `path` only by `commit()`.
+
+    For writes that span other work (a safetensors file streamed tensor by tensor between
+    collectives, parallel/sharded_weights.py), where `write_atomic`'s one callback does not fit.
+    `file` is the open temporary file; `abort()` closes and removes it, leaving `path` as it was.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        fd, self.tmp = _temporary_beside(self.path)
+        self.file = os.fdopen(fd, "wb")
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.chmod(self.tmp, 0o666 & ~_umask())
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def _temporary_beside(path: str) -> tuple[int, str]:
+    """(descriptor, name) of a new hidden file in `path`'s directory (a rename stays on one filesystem)."""
+    return tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path))
 
 
 def _fsync(path: str) -> None:

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
-from megamoe.atomic_files import write_text_atomic
+from megamoe.atomic_files import AtomicFile, write_text_atomic
 from megamoe.config import ModelConfig
 from megamoe.model.dit import build_model
 from megamoe.model.weights import (
@@ -138,28 +138,22 @@ class _SafetensorsStream:
             offset += size
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-        self.path, self.tmp = path, os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
         self.order = [name for name, _, _ in entries]
-        self.file = open(self.tmp, "wb")
-        self.file.write(struct.pack("<Q", len(text)) + text)
+        self.out = AtomicFile(path)
+        self.out.file.write(struct.pack("<Q", len(text)) + text)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name != self.order.pop(0):
             raise RuntimeError(f"{name} written out of header order")
-        self.file.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        self.out.file.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
 
     def close(self) -> None:
         if self.order:
             raise RuntimeError(f"{len(self.order)} tensors were never written, e.g. {self.order[0]}")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        self.out.commit()
 
     def abort(self) -> None:
-        self.file.close()
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
+        self.out.abort()
 
 
 def assign_writers(sizes: list[int], world: int) -> list[int]:
