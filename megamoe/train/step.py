@@ -17,7 +17,7 @@ is a `StepHooks` object, called at fixed points; the step knows nothing of it.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ class StepOutcome:
     """Every rank skipped the update: a non-finite loss or gradient norm on some rank."""
     stop: bool
     """A stop signal (preemption) reached some rank: checkpoint and leave after this step."""
-    report: dict | None = field(default=None)
+    report: dict | None = None
     """What the hooks returned after an applied step (MoE: a diagnostics report), else None."""
 
 
@@ -95,9 +95,10 @@ def train_step(
     engine: the DeepSpeed engine (its `.module` is the WanDiT); it steps the optimizer, clips and
     advances the LR schedule at the last micro-batch. agreement: the run's StepAgreement, which
     raises AgreedStop on every rank when some rank held bad input during the step, and
-    NonFiniteError after train.max_nonfinite_steps skipped steps in a row. ema: an EMA updated
-    after an applied step, or None. hooks: the model's StepHooks (None: none). Whether this rank received a stop signal (SIGTERM, SIGUSR1) is
-    read from the process's flag, resilience.STOP_REQUEST, at the end of the step.
+    NonFiniteError after train.max_nonfinite_steps skipped steps in a row. hooks: the model's
+    StepHooks (None: none). ema: an EMA updated after an applied step, or None. Whether this rank
+    received a stop signal (SIGTERM, SIGUSR1) is read from the process's flag,
+    resilience.STOP_REQUEST, at the end of the step.
     """
     module, accum = engine.module, cfg.train.grad_accum
     hooks = hooks if hooks is not None else StepHooks()
