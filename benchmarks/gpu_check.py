@@ -15,6 +15,17 @@ train      tiny_moe trained for a few steps through megamoe.train.loop.train, th
 moe_layer  megamoe.moe.layer.MoEFeedForward forward + backward at hidden 3072 and 16,384 tokens, for E8 top-2
            and E32 top-4, each against a dense FFN of the same activated FLOPs: the dense width is Wan2.2's
            14,336 and each expert is 14,336 / k wide. TFLOP/s and time(MoE) / time(dense).
+peers      megamoe's MoE layer against its peers at hidden 3072 and 16,384 tokens, bf16, forward +
+           backward, the contenders of benchmarks/moe_layer.py (dense FFN of width k x w, megamoe,
+           DeepSpeed's MoE, torchtitan 0.3.0's MoE when installed) plus megatron-core's MoELayer
+           (`megatron_moe`: alltoall token dispatcher over a world of one, NCCL). Shapes E8 top-2
+           w 4,096, E32 top-4 w 1,024, E64 top-8 w 512: the CPU benchmark's three (hidden 512, w 1,024 /
+           256 / 128) with the hidden size x6 and the widths x4, so the E8 case activates twice the
+           FLOPs of the other two as there, and granularity (hidden / w) goes 0.75, 3, 6. Per
+           contender: ms, time / dense, bytes one forward keeps for backward, and the step's
+           torch.cuda.max_memory_allocated above what was allocated before it. In the --cpu mode
+           megatron's layer is skipped (it cannot run without CUDA; the row says why) after its
+           TransformerConfig is built, so its arguments are still checked.
 block      one Wan2.2-TI2V-5B block (configs/wan2.2_ti2v_5b*.yaml: dim 3072, 24 heads, FFN 14,336, text 512
            tokens), dense and MoE (E32 top-7 experts of 1,792 + one shared), forward + backward at 16,384 and
            27,280 tokens (a 121-frame 704x1280 clip), attention forced onto the flash SDPA kernel.
@@ -86,6 +97,9 @@ class Shapes:
     memory_overrides: tuple  # model overrides for the memory section
     memory_latent: tuple  # (F, H, W) latent of the memory section
     repeats: int
+    peer_dim: int = 3072  # the peers section: hidden size, tokens, (E, k, expert width) cases
+    peer_tokens: int = 16384
+    peer_cases: tuple = ((8, 2, 4096), (32, 4, 1024), (64, 8, 512))
 
 
 GPU = Shapes(
@@ -127,6 +141,9 @@ CPU = Shapes(
     ),
     memory_latent=(2, 8, 8),
     repeats=2,
+    peer_dim=64,
+    peer_tokens=256,
+    peer_cases=((8, 2, 64), (32, 4, 16), (64, 8, 8)),
 )
 
 
@@ -253,6 +270,127 @@ def check_moe_layer(device: torch.device, dtype: torch.dtype, shapes: Shapes) ->
         )
         del dense, moe
     return rows
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer's layer that cannot be built here; its row says why."""
+
+
+def _importable(name: str) -> bool:
+    try:
+        __import__(name)
+    except Exception:  # ImportError, or a CUDA extension failing to load
+        return False
+    return True
+
+
+def megatron_moe(dim: int, width: int, experts: int, k: int, heads: int, device, dtype):
+    """megatron-core's MoELayer (0.16) as a peer: top-k router without load balancing or aux loss,
+    alltoall token dispatcher over megatron's groups (a world of one), GELU experts of width `width`
+    without biases (the alltoall dispatcher supports none). Its experts: TEGroupedMLP when
+    TransformerEngine imports, else the legacy GroupedMLP when the `grouped_gemm` package does,
+    else SequentialMLP (one GEMM pair per expert in a loop). Returns (module, call, experts kind).
+
+    On the CPU it raises PeerUnavailable after building the TransformerConfig: megatron's MoE layer
+    cannot run without CUDA (the alltoall dispatcher creates a torch.cuda.Stream in its constructor;
+    the router moves its weight to torch.cuda.current_device() in forward; the experts' weights are
+    allocated on the current CUDA device), and no dispatcher avoids all three.
+    """
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    te = device.type == "cuda" and _importable("transformer_engine")
+    legacy = not te and device.type == "cuda" and _importable("grouped_gemm")
+    kind = "TEGroupedMLP" if te else "GroupedMLP (grouped_gemm)" if legacy else "SequentialMLP"
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=dim,
+        num_attention_heads=heads,
+        ffn_hidden_size=k * width,
+        moe_ffn_hidden_size=width,
+        num_moe_experts=experts,
+        moe_router_topk=k,
+        moe_token_dispatcher_type="alltoall",
+        moe_router_load_balancing_type="none",
+        moe_router_dtype="fp32",  # routing in fp32, as megatron advises from 32 experts on
+        moe_aux_loss_coeff=0.0,
+        moe_grouped_gemm=te or legacy,
+        add_bias_linear=False,
+        gated_linear_unit=False,
+        activation_func=torch.nn.functional.gelu,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        use_cpu_initialization=device.type != "cuda",
+    )
+    if device.type != "cuda":
+        raise PeerUnavailable("megatron-core's MoELayer needs CUDA (torch.cuda.Stream in its alltoall dispatcher)")
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.spec_utils import build_module
+
+    model_parallel_cuda_manual_seed(0)  # its weight initialisation draws from megatron's CUDA RNG tracker
+    spec = get_moe_module_spec(use_te=te, num_experts=experts, moe_grouped_gemm=te or legacy)
+    layer = build_module(spec, config=config).to(device, dtype)
+    return layer, lambda m, t: m(t.transpose(0, 1))[0].transpose(0, 1), kind  # megatron is sequence-first
+
+
+def check_peers(device: torch.device, dtype: torch.dtype, shapes: Shapes) -> list[dict]:
+    """The peers section: benchmarks/moe_layer.py's contenders plus megatron-core's, in a world of one."""
+    from moe_layer import build_contenders, equal_precision_peers, measure
+
+    from megamoe.config import ParallelConfig
+    from megamoe.parallel.topology import destroy_distributed, init_distributed
+
+    init_distributed(ParallelConfig(), device)  # NCCL on CUDA, gloo on the CPU; megatron's groups too
+    rows = []
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(1, shapes.peer_tokens, shapes.peer_dim, device=device, dtype=dtype)
+        for experts, k, width in shapes.peer_cases:
+            torch.manual_seed(0)
+            runs, missing = build_contenders(shapes.peer_dim, experts, k, width, device, dtype)
+            megatron_experts = None
+            try:
+                module, call, megatron_experts = megatron_moe(
+                    shapes.peer_dim, width, experts, k, shapes.heads, device, dtype
+                )
+                runs["megatron"] = (module, call)
+            except PeerUnavailable as e:
+                missing["megatron"] = str(e)
+            except Exception as e:  # on a GPU (untested here): a TE mismatch, out of memory; keep the others
+                if device.type != "cuda":
+                    raise
+                missing["megatron"] = f"failed to build: {type(e).__name__}: {e}"[:300]
+            results = measure(runs, x, shapes.repeats)
+            dense = results["dense"].get("ms")
+            for r in results.values():
+                r["time_ratio"] = r["ms"] / dense if dense and "ms" in r else None
+            rows.append(
+                {
+                    "experts": experts,
+                    "top_k": k,
+                    "expert_width": width,
+                    "dim": shapes.peer_dim,
+                    "tokens": shapes.peer_tokens,
+                    "results": results,
+                    "missing": missing,
+                    "megatron_experts": megatron_experts,
+                    "beats_peers": _beats(results, equal_precision_peers(results)),
+                }
+            )
+            del runs
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        destroy_distributed()
+    return rows
+
+
+def _beats(results: dict, peers: list[str]) -> bool | None:
+    """Whether megamoe is faster than every measured peer (None when megamoe or every peer failed)."""
+    timed = [results[p]["ms"] for p in peers if "ms" in results[p]]
+    if "ms" not in results["megamoe"] or not timed:
+        return None
+    return all(results["megamoe"]["ms"] < t for t in timed)
 
 
 def block_inputs(shapes: Shapes, grid: tuple, device, dtype):
@@ -417,6 +555,31 @@ def _peak_rss() -> int:
 # Report.
 
 
+def peers_table(rows: list[dict]) -> list[str]:
+    """The peers section's markdown rows."""
+    lines = [
+        "",
+        "| MoE peers | contender | ms (fwd+bwd) | x dense | saved for backward MB | step peak MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        case = f"E{row['experts']} top-{row['top_k']} (w {row['expert_width']}, d {row['dim']}, {row['tokens']} tokens)"
+        for name, r in row["results"].items():
+            label = f"{name} ({row['megatron_experts']})" if name == "megatron" else name
+            if "error" in r:
+                lines.append(f"| {case} | {label} | failed: {r['error']} | | | |")
+                continue
+            peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+            lines.append(
+                f"| {case} | {label} | {r['ms']:.2f} | {r['time_ratio']:.2f}x | {r['saved_mb']:.1f} | {peak} |"
+            )
+        for name, why in row["missing"].items():
+            lines.append(f"| {case} | {name} | not measured: {why} | | | |")
+        verdict = {True: "yes", False: "no", None: "-"}[row["beats_peers"]]
+        lines.append(f"| {case} | megamoe faster than every peer measured | {verdict} | | | |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     t, mem = report["train"], report["memory"]
     lines = [
@@ -436,6 +599,7 @@ def markdown(report: dict) -> str:
             f"{r['dense_ms']:.2f} | {r['moe_ms']:.2f} | {r['dense_tflops']:.3g} | {r['moe_tflops']:.3g} | "
             f"{r['time_ratio']:.2f}x |"
         )
+    lines += peers_table(report["peers"])
     lines += ["", "| 5B block | tokens | attention | ms (fwd+bwd) | TFLOP/s | MFU |", "|---|---|---|---|---|---|"]
     for r in report["block"]:
         lines.append(
@@ -468,6 +632,7 @@ def run_check(cpu: bool, workdir: Path) -> dict:
     }
     report["train"] = check_training(device, shapes, workdir)
     report["moe_layer"] = check_moe_layer(device, dtype, shapes)
+    report["peers"] = check_peers(device, dtype, shapes)
     report["block"] = check_block(device, dtype, shapes, peak)
     report["memory"] = check_memory(device, shapes)
     report["seconds"] = time.perf_counter() - start

@@ -42,8 +42,10 @@ def test_cpu_mode_writes_every_section_and_its_loss_check_can_fail(tmp_path, mon
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     table = (tmp_path / "gpu_check.md").read_text()
 
-    assert {"train", "moe_layer", "block", "memory"} <= report.keys()
+    assert {"train", "moe_layer", "peers", "block", "memory"} <= report.keys()
     assert [(r["experts"], r["top_k"]) for r in report["moe_layer"]] == [(8, 2), (32, 4)]
+    assert [(r["experts"], r["top_k"]) for r in report["peers"]] == [(8, 2), (32, 4), (64, 8)]
+    assert all({"dense", "megamoe", "deepspeed"} <= r["results"].keys() for r in report["peers"])
     assert sorted((r["block"], r["tokens"]) for r in report["block"]) == [
         ("dense", 128),
         ("dense", 256),
@@ -54,7 +56,7 @@ def test_cpu_mode_writes_every_section_and_its_loss_check_can_fail(tmp_path, mon
     assert values and all(math.isfinite(v) for v in values)
     assert all(r["tflops"] > 0 and r["mfu"] > 0 for r in report["block"])
     assert report["memory"]["measured_bytes"] > 0 and report["memory"]["planned_bytes"] > 0
-    assert "| MoE layer |" in table and "| 5B block |" in table and "**memory**" in table
+    assert "| MoE layer |" in table and "| MoE peers |" in table and "| 5B block |" in table and "**memory**" in table
     assert report["video_modules_imported"] == []  # neither av nor decord
 
     # The loss check: the genuine runs pass; a loss moved past the tolerance fails.
