@@ -1,7 +1,8 @@
 """The MoE feed-forward layer that replaces a block's dense FFN, and model-level helpers.
 
     x [B, L, dim] -> tokens [N, dim] -> router (fp32) -> probs, routing_map [N, E_total]
-      -> drop null-expert columns -> dispatch -> grouped experts -> combine (weighted by probs)
+      -> assignments of the real experts (null-expert columns dropped) -> dispatch
+      -> grouped experts (gather, FFN, weighted scatter-add) -> combine -> + probs @ b2
       -> + shared experts -> [B, L, dim]
 
 The layer never looks at which router it holds: any routing_map is executed exactly.
@@ -15,7 +16,7 @@ from torch import nn
 from megamoe.config import ConfigError, ModelConfig, MoEConfig
 from megamoe.model.activation_checkpointing import is_recomputing
 from megamoe.model.feed_forward import FeedForward
-from megamoe.moe.dispatch import LocalDispatcher
+from megamoe.moe.dispatch import LocalDispatcher, expert_assignments
 from megamoe.moe.experts import GroupedExperts
 from megamoe.moe.losses import LOSS_NAMES
 from megamoe.moe.routers import RoutingContext, build_router  # the package import registers every router
@@ -101,11 +102,18 @@ class MoEFeedForward(nn.Module):
         # Null experts (columns >= num_experts) output zero: dropping them here means they
         # cost neither dispatch nor compute, and their share of the weight simply vanishes.
         real = slice(0, self.num_experts)
-        sorted_tokens, tokens_per_expert, state = self.dispatcher.dispatch(tokens, routed.routing_map[:, real])
-        expert_out = self.experts(sorted_tokens, tokens_per_expert)
-        y = self.dispatcher.combine(expert_out, routed.probs[:, real], state)  # fp32 sum
-        if self.shared is not None:
-            shared = self.shared(x).reshape(b * l, d)  # [B, L, dim] in: TP shards it like the dense FFN
+        assignments = expert_assignments(routed.probs, routed.routing_map, self.num_experts, routed.topk_indices)
+        pending = self.dispatcher.dispatch(tokens, assignments)
+        # The shared experts need no routed token: they run while the dispatch is in flight.
+        # ([B, L, dim] in: tensor parallelism shards them like the dense FFN.)
+        shared = self.shared(x).reshape(b * l, d) if self.shared is not None else None
+        rows, index, tokens_per_expert, weights, state = pending.wait()
+        y = self.dispatcher.combine(self.experts(rows, index, tokens_per_expert, weights), state)  # fp32 sum
+        # The second bias's weighted share, sum_e probs[t, e] * b2[e] (probs are 0 off the routing
+        # map): one [N, E] x [E, dim] product instead of a bias row per assignment.
+        b2 = self.dispatcher.gather_experts(self.experts.b2)
+        y = torch.addmm(y, routed.probs[:, real], b2.to(y.dtype))
+        if shared is not None:
             if self.record and not recomputing:  # shared-vs-routed balance, for diagnostics
                 self.last_output_norms = (shared.detach().float().norm().item(), y.detach().norm().item())
             y = y + shared

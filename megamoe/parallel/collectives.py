@@ -31,6 +31,73 @@ def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int
     return _AllToAll.apply(x, list(output_splits), list(input_splits), group)
 
 
+class Exchange:
+    """One all-to-all in flight, started by `start_all_to_all` and completed by `Exchange.wait`.
+
+    Forward: start sends, the caller computes something independent, wait blocks. Backward
+    mirrors it: wait's backward starts the reverse exchange of the gradient and start's backward
+    blocks on it, so autograd runs the nodes recorded between the two (the same independent
+    work's backward, which it orders by recording time) while the gradient travels. On gloo the
+    exchange runs on the process group's worker thread; on NCCL on NCCL's stream.
+    """
+
+    def __init__(self, output_splits: list[int], input_splits: list[int], group):
+        self.output_splits, self.input_splits, self.group = list(output_splits), list(input_splits), group
+        self.work = None
+        self.grad_work = None
+        self.grad_pending: tuple | None = None  # (gradient being sent, buffer receiving its adjoint)
+
+    def wait(self, received: torch.Tensor) -> torch.Tensor:
+        """`received` (start_all_to_all's result) once the rows have arrived."""
+        return _AllToAllWait.apply(received, self)
+
+
+class _AllToAllStart(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, exchange):
+        ctx.exchange = exchange
+        out = x.new_empty((sum(exchange.output_splits),) + tuple(x.shape[1:]))
+        exchange.work = dist.all_to_all_single(
+            out, x.contiguous(), exchange.output_splits, exchange.input_splits, group=exchange.group, async_op=True
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        exchange = ctx.exchange
+        exchange.grad_work.wait()
+        grad_input = exchange.grad_pending[1]
+        exchange.grad_work, exchange.grad_pending = None, None
+        return grad_input, None
+
+
+class _AllToAllWait(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, received, exchange):
+        ctx.exchange = exchange
+        exchange.work.wait()
+        exchange.work = None
+        return received.view_as(received)
+
+    @staticmethod
+    def backward(ctx, grad):
+        exchange = ctx.exchange
+        grad = grad.contiguous()
+        grad_input = grad.new_empty((sum(exchange.input_splits),) + tuple(grad.shape[1:]))
+        exchange.grad_work = dist.all_to_all_single(
+            grad_input, grad, exchange.input_splits, exchange.output_splits, group=exchange.group, async_op=True
+        )
+        exchange.grad_pending = (grad, grad_input)  # both must outlive the exchange
+        return grad, None
+
+
+def start_all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group):
+    """`all_to_all` split in two: returns (received, exchange) at once, with `received` filled only
+    after `exchange.wait(received)`, whose result is the tensor to use. Differentiable."""
+    exchange = Exchange(output_splits, input_splits, group)
+    return _AllToAllStart.apply(x, exchange), exchange
+
+
 def all_to_all_counts(counts: torch.Tensor, group) -> torch.Tensor:
     """Exchange a [world, k] table of counts: row i goes to rank i; returns what each rank sent."""
     out = torch.empty_like(counts)

@@ -1,14 +1,17 @@
 """Expert parallelism: each rank of an expert-parallel group holds E / EP experts, and tokens
 travel to them by all-to-all.
 
-    rank r: tokens [N, dim], routing_map [N, E]  (routed over all E experts, locally)
-      permute by global expert                     rows [M, dim], expert-major
-      all-to-all (splits: rows per destination)    rows for my experts, ordered (source, expert)
-      regroup by local expert                      rows [M', dim], expert-major  -> grouped GEMM
-      ... and the same steps backwards, then the weighted un-permutation of LocalDispatcher.
+    rank r: tokens [N, dim], assignments (expert-major, over all E experts, routed locally)
+      gather the assigned tokens                   rows [M, dim], expert-major
+      all-to-all (splits: rows per destination)    rows for my experts, ordered (source, expert),
+                                                   and their routing weights the same way
+      experts read them in expert-major order      out [M', dim], received order (index = regroup)
+      inverse all-to-all                           rows [M, dim] back in send order
+      sum each token's rows                        [N, dim]
 
-Dropless: split sizes come from the routing map itself, so any number of tokens per expert,
-zero included, is exchanged. Expert e lives on rank e // (E / EP) of the group.
+Dropless: split sizes come from the assignment counts, so any number of tokens per expert,
+zero included, is exchanged. Expert e lives on rank e // (E / EP) of the group. The gather
+(index_select) and the per-token sum (`sum_rows_per_token`) save only their index for backward.
 """
 
 from __future__ import annotations
@@ -19,19 +22,39 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megamoe.moe.dispatch import DispatchState, weighted_unpermute
+from megamoe.moe.dispatch import Assignments, Dispatch, DispatchState, Ready, sum_rows_per_token
 from megamoe.moe.experts import GroupedExperts
-from megamoe.parallel.collectives import all_to_all, all_to_all_counts
+from megamoe.parallel.collectives import Exchange, all_to_all, all_to_all_counts, gather_sequence, start_all_to_all
 
 
 @dataclass
 class ExpertParallelState(DispatchState):
-    send_splits: list = None
+    token_index: torch.Tensor
+    """[M] int64: the token of each row this rank sent, in send order."""
+    send_splits: list
     """Rows this rank sends to each rank of the group (its tokens for their experts)."""
-    recv_splits: list = None
+    recv_splits: list
     """Rows this rank receives from each rank of the group."""
-    regroup: torch.Tensor = None
-    """Permutation from received order (source, expert) to expert-major order."""
+    dtype: torch.dtype
+    """The tokens' dtype: rows travel back in it (bf16 under bf16 training, not the fp32 sum)."""
+
+
+@dataclass
+class InFlightDispatch:
+    """The token and weight exchanges of one dispatch, started; `wait` completes them."""
+
+    rows: torch.Tensor
+    rows_exchange: Exchange
+    weights: torch.Tensor
+    weights_exchange: Exchange
+    regroup: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    state: ExpertParallelState
+
+    def wait(self) -> Dispatch:
+        rows = self.rows_exchange.wait(self.rows)
+        weights = self.weights_exchange.wait(self.weights).index_select(0, self.regroup)
+        return Dispatch(rows, self.regroup, self.tokens_per_expert, weights, self.state)
 
 
 class AllToAllDispatcher:
@@ -41,31 +64,39 @@ class AllToAllDispatcher:
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.num_local_experts = num_local_experts
+        self.overlap = True
+        """Return from `dispatch` with the tokens still in flight (asynchronous all-to-all), so
+        the layer's shared experts run meanwhile; False waits inside `dispatch`."""
 
-    def dispatch(self, tokens: torch.Tensor, routing_map: torch.Tensor):
+    def dispatch(self, tokens: torch.Tensor, assignments: Assignments):
         ep, local = self.ep_size, self.num_local_experts
-        if routing_map.shape[1] != ep * local:
-            raise ValueError(f"routing_map has {routing_map.shape[1]} experts, expected {ep} ranks x {local}")
-        expert_index, token_index = routing_map.t().nonzero(as_tuple=True)
-        rows = tokens.index_select(0, token_index)
-        per_expert = routing_map.sum(0).view(ep, local)  # [destination rank, its local expert]
+        a = assignments
+        if a.tokens_per_expert.shape[0] != ep * local:
+            raise ValueError(f"assignments cover {a.tokens_per_expert.shape[0]} experts, expected {ep} ranks x {local}")
+        per_expert = a.tokens_per_expert.view(ep, local)  # [destination rank, its local expert]
         # received[s, e]: rows source rank s sends for my local expert e
         received = all_to_all_counts(per_expert, self.group)
         send_splits = per_expert.sum(1).tolist()
         recv_splits = received.sum(1).tolist()
-        rows = all_to_all(rows, recv_splits, send_splits, self.group)
-        # Rows arrive grouped by source, then expert; the grouped GEMM wants expert-major.
-        expert_of_row = torch.arange(ep * local, device=rows.device).repeat_interleave(received.flatten()) % local
+        rows, rows_exchange = start_all_to_all(
+            tokens.index_select(0, a.token_index), recv_splits, send_splits, self.group
+        )
+        weights, weights_exchange = start_all_to_all(a.weights, recv_splits, send_splits, self.group)
+        # Rows arrive grouped by source, then expert; the experts read them expert-major.
+        expert_of_row = torch.arange(ep * local, device=tokens.device).repeat_interleave(received.flatten()) % local
         regroup = torch.argsort(expert_of_row, stable=True)
-        state = ExpertParallelState(token_index, expert_index, tokens.shape[0], send_splits, recv_splits, regroup)
-        return rows.index_select(0, regroup), received.sum(0), state
+        state = ExpertParallelState(tokens.shape[0], a.token_index, send_splits, recv_splits, tokens.dtype)
+        pending = InFlightDispatch(rows, rows_exchange, weights, weights_exchange, regroup, received.sum(0), state)
+        return pending if self.overlap else Ready(pending.wait())
 
-    def combine(self, expert_out: torch.Tensor, probs: torch.Tensor, state: ExpertParallelState) -> torch.Tensor:
-        back = torch.empty_like(state.regroup)
-        back[state.regroup] = torch.arange(state.regroup.numel(), device=back.device)
-        rows = expert_out.index_select(0, back)  # received order again
-        rows = all_to_all(rows, state.send_splits, state.recv_splits, self.group)
-        return weighted_unpermute(rows, probs, state)
+    def combine(self, out: torch.Tensor, state: ExpertParallelState) -> torch.Tensor:
+        rows = all_to_all(out.to(state.dtype), state.send_splits, state.recv_splits, self.group)
+        return sum_rows_per_token(rows, state.token_index, state.num_tokens, out.dtype)
+
+    def gather_experts(self, param: torch.Tensor) -> torch.Tensor:
+        """All experts' slices of `param` [E_local, ...] -> [E, ...]; backward sums every rank's
+        gradient into the owner's slice (reduce-scatter)."""
+        return gather_sequence(param, 0, self.group)
 
 
 def shard_experts(experts: GroupedExperts, ep_rank: int, ep_size: int) -> GroupedExperts:

@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megamoe.config import ModelConfig, MoEConfig
-from megamoe.moe.dispatch import LocalDispatcher
+from megamoe.moe.dispatch import LocalDispatcher, expert_assignments
 from megamoe.moe.experts import GroupedExperts
 from megamoe.moe.layer import MoEFeedForward, moe_layer_indices
 from megamoe.moe.losses import switch_balance_loss, z_loss
@@ -74,11 +75,14 @@ def test_null_experts_cost_nothing_and_give_zero():
     assert 0 < to_null.sum() < len(x)
     seen = []
     forward = layer.experts.forward
-    layer.experts.forward = lambda t, counts: seen.append((t.shape[0], counts.clone())) or forward(t, counts)
+    layer.experts.forward = lambda t, index, counts, w: (
+        seen.append((index, counts.clone())) or forward(t, index, counts, w)
+    )
     y = layer(x.view(B, L, DIM)).view(-1, DIM)
     assert (y[to_null] == 0).all() and (y[~to_null] != 0).any()
-    rows, counts = seen[0]
-    assert rows == 2 * int((~to_null).sum()) and counts.tolist() == [int((~to_null).sum())] * 2
+    index, counts = seen[0]
+    assert len(index) == 2 * int((~to_null).sum()) and counts.tolist() == [int((~to_null).sum())] * 2
+    assert not to_null[index].any()  # the experts never see a token routed to null experts only
 
 
 def overloaded_router(rate=0.1, top_k=1):
@@ -120,54 +124,96 @@ def test_bias_changes_selection_not_weights():
     scores = (x @ r.gate.weight.T).softmax(-1)
     picked = scores * out.routing_map
     torch.testing.assert_close(out.probs, picked / picked.sum(1, keepdim=True))  # ...weights are unbiased scores
-    unbiased, _, _ = select_top_k(x @ r.gate.weight.T, r.cfg)
+    unbiased, _, _, _ = select_top_k(x @ r.gate.weight.T, r.cfg)
     assert unbiased[:, 0].gt(0).all()
+
+
+def naive_experts(experts, x, index, counts, weights):
+    """out[index[i]] += weights[i] * (expert_e(x[index[i]]) - b2[e]), one assignment at a time."""
+    out = torch.zeros(x.shape[0], experts.dim, dtype=torch.float32)
+    expert_of = torch.repeat_interleave(torch.arange(experts.num_experts), counts)
+    for row, (i, e) in enumerate(zip(index.tolist(), expert_of.tolist())):
+        h = F.gelu(x[i].float() @ experts.w1[e].float() + experts.b1[e].float(), approximate="tanh")
+        out[i] = out[i] + weights[row] * (h @ experts.w2[e].float())
+    return out
 
 
 @pytest.mark.parametrize(
     "dim,hidden,dtype", [(16, 32, torch.float32), (24, 40, torch.float32), (8, 16, torch.bfloat16)]
 )
-def test_grouped_mm_equals_loop(dim, hidden, dtype):
+@pytest.mark.parametrize("use_grouped_mm", [False, True])
+def test_fused_experts_equal_naive_loop(dim, hidden, dtype, use_grouped_mm):
+    """Both paths of the fused gather -> FFN -> weighted scatter-add, output and every gradient
+    (input, weights, w1, b1, w2), against one assignment at a time; some tokens get two rows,
+    some none, one expert none."""
     torch.manual_seed(0)
     experts = GroupedExperts(4, dim, hidden).to(dtype)
+    experts.use_grouped_mm = use_grouped_mm
     with torch.no_grad():
         experts.b1.normal_()
-        experts.b2.normal_()
     counts = torch.tensor([3, 0, 5, 1])
-    x = torch.randn(9, dim, dtype=dtype, requires_grad=True)
-    results = []
-    for use in (False, True):
-        experts.use_grouped_mm = use
-        y = experts(x, counts)
-        results.append((y, *torch.autograd.grad(y.sum(), [x, *experts.parameters()])))
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, **tol)
+    index = torch.tensor([0, 2, 5, 1, 2, 3, 4, 6, 0])  # token 0 and 2 twice, token 7 never
+    x = torch.randn(8, dim, dtype=dtype, requires_grad=True)
+    weights = torch.rand(9, requires_grad=True)
+    cotangent = torch.randn(8, dim)
+    inputs = [x, weights, experts.w1, experts.b1, experts.w2]
+    y = experts(x, index, counts, weights)
+    y_ref = naive_experts(experts, x, index, counts, weights)
+    assert y.dtype == torch.float32  # fp32 weights: the sum is fp32 whatever the experts' dtype
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(y, y_ref, **tol)
+    assert (y[7] == 0).all()
+    grads = torch.autograd.grad(y, inputs, cotangent)
+    grads_ref = torch.autograd.grad(y_ref, inputs, cotangent)
+    for name, g, g_ref in zip(["x", "weights", "w1", "b1", "w2"], grads, grads_ref):
+        torch.testing.assert_close(g.float(), g_ref.float(), **tol, msg=lambda m: f"gradient of {name}: {m}")
+    assert (grads[2][1] == 0).all()  # the expert with no tokens: zero (not missing) gradients
 
 
 def test_grouped_mm_rules():
     experts = GroupedExperts(2, 6, 12)  # 24-byte rows: not 16-byte aligned
-    x = torch.randn(4, 6)
-    experts(x, torch.tensor([1, 3]))  # auto falls back to the loop
+    x, index, w = torch.randn(4, 6), torch.arange(4), torch.ones(4)
+    experts(x, index, torch.tensor([1, 3]), w)  # auto takes the loop
     experts.use_grouped_mm = True
     with pytest.raises(ValueError, match="grouped_mm"):
-        experts(x, torch.tensor([1, 3]))
+        experts(x, index, torch.tensor([1, 3]), w)
     empty = GroupedExperts(2, 16, 32)
-    empty.use_grouped_mm = True  # zero rows still run (on the loop: grouped_mm's backward rejects them)
+    empty.use_grouped_mm = True  # zero rows still run (on the loop)
     w1 = empty.w1
-    empty(torch.zeros(0, 16, requires_grad=True), torch.tensor([0, 0])).sum().backward()
+    x = torch.zeros(3, 16, requires_grad=True)
+    empty(x, torch.zeros(0, dtype=torch.long), torch.tensor([0, 0]), torch.zeros(0)).sum().backward()
     assert w1.grad is not None and (w1.grad == 0).all()  # no tokens: zero (not missing) gradients
 
 
-def test_dispatch_orders_by_expert_and_combines_weighted():
+def test_assignments_from_top_k_lists_equal_the_map_scan():
+    """The sort of [N, k] ids and the scan of the [N, E] map give the same expert-major order,
+    counts and weights, null experts dropped, and the weights carry the router's gradient."""
+    torch.manual_seed(0)
+    n, e_real, e_null, k = 50, 6, 2, 3
+    logits = torch.randn(n, e_real + e_null, requires_grad=True)
+    picked = logits.topk(k, dim=-1).indices
+    routing_map = torch.zeros(n, e_real + e_null, dtype=torch.bool).scatter_(1, picked, True)
+    probs = logits.softmax(-1) * routing_map
+    by_sort = expert_assignments(probs, routing_map, e_real, picked)
+    by_scan = expert_assignments(probs, routing_map, e_real)
+    for field in ("token_index", "expert_index", "tokens_per_expert", "weights"):
+        torch.testing.assert_close(getattr(by_sort, field), getattr(by_scan, field), atol=0, rtol=0)
+    assert by_sort.tokens_per_expert.sum() < n * k  # some assignments went to null experts
+    assert (by_sort.expert_index < e_real).all() and by_sort.expert_index.diff().ge(0).all()
+    (g_sort,) = torch.autograd.grad(by_sort.weights.square().sum(), logits, retain_graph=True)
+    (g_scan,) = torch.autograd.grad(by_scan.weights.square().sum(), logits)
+    torch.testing.assert_close(g_sort, g_scan)
+
+
+def test_local_dispatch_names_rows_expert_major():
     x = torch.arange(4.0)[:, None].repeat(1, 3)
     routing_map = torch.tensor([[0, 1, 1], [0, 0, 0], [1, 0, 1], [0, 1, 0]], dtype=torch.bool)
-    d = LocalDispatcher()
-    sorted_tokens, counts, state = d.dispatch(x, routing_map)
-    assert counts.tolist() == [1, 2, 2] and sorted_tokens[:, 0].tolist() == [2, 0, 3, 0, 2]
     probs = routing_map * torch.tensor([0.5, 0.25, 2.0])
-    y = d.combine(sorted_tokens * 10, probs, state)
-    torch.testing.assert_close(y[:, 0], torch.tensor([0 * 10 * 2.25, 0.0, 2 * 10 * 2.5, 3 * 10 * 0.25]))
+    rows, index, counts, weights, state = (
+        LocalDispatcher().dispatch(x, expert_assignments(probs, routing_map, 3)).wait()
+    )
+    assert rows is x and counts.tolist() == [1, 2, 2] and index.tolist() == [2, 0, 3, 0, 2]
+    assert weights.tolist() == [0.5, 0.25, 0.25, 2.0, 2.0]
 
 
 def test_balance_and_z_loss_closed_forms():

@@ -119,7 +119,7 @@ def test_fine_grained_slices_of_one_replica_sum_to_dense_ffn(dense):
         for replica in range(2):
             counts = torch.zeros(8, dtype=torch.long)
             counts[4 * replica : 4 * replica + 4] = 10  # every token visits all 4 slices, weight 1 each
-            out = experts(x.repeat(4, 1), counts)
+            out = experts.rows(x.repeat(4, 1), counts)
             torch.testing.assert_close(out.view(4, 10, -1).sum(0), ref, atol=1e-5, rtol=1e-5)
         # A slice is the dense FFN restricted to its hidden units (plus b2 / G).
         w1, b1 = dense_ffn.net[0].proj.weight[16:32], dense_ffn.net[0].proj.bias[16:32]
@@ -127,7 +127,7 @@ def test_fine_grained_slices_of_one_replica_sum_to_dense_ffn(dense):
             F.gelu(x @ w1.t() + b1, approximate="tanh") @ dense_ffn.net[2].weight[:, 16:32].t()
             + dense_ffn.net[2].bias / 4
         )
-        torch.testing.assert_close(experts(x, torch.tensor([0, 0, 0, 0, 0, 10, 0, 0])), one, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(experts.rows(x, torch.tensor([0, 0, 0, 0, 0, 10, 0, 0])), one, atol=1e-5, rtol=1e-5)
 
 
 def test_sources_save_and_load(dense, tmp_path):

@@ -7,6 +7,7 @@ block's conditioning, and decides which experts each token visits and with what 
     routing_map  [N, E_total] bool  which experts each token visits (any number, also zero)
     aux          dict[str, Tensor]  unweighted auxiliary losses (keys from losses.LOSS_NAMES,
                                     scalars with gradient) and statistics (detached)
+    topk_indices [N, k] int64       optional: the same selection as k expert ids per token
 
 E_total = num_experts + num_null_experts; columns >= num_experts are null experts that
 cost no compute and contribute zero output. The MoE layer, the dispatcher and the experts
@@ -54,6 +55,10 @@ class RouterOutput:
     probs: torch.Tensor
     routing_map: torch.Tensor
     aux: dict = field(default_factory=dict)
+    topk_indices: torch.Tensor | None = None
+    """[N, k] int64, from routers that select exactly k experts per token (null ids included):
+    the routing map's True columns of each row, so the dispatcher sorts N * k ids instead of
+    scanning the [N, E_total] map. Routers with any other selection leave it None."""
 
 
 # A function that sums a tensor over the data-parallel ranks (identity in one process).
@@ -124,6 +129,7 @@ class Router(nn.Module):
         n = tokens.shape[0]
         assert out.probs.shape == (n, self.num_total) and out.probs.dtype == torch.float32, out.probs.shape
         assert out.routing_map.shape == (n, self.num_total) and out.routing_map.dtype == torch.bool
+        assert out.topk_indices is None or (out.topk_indices.ndim == 2 and out.topk_indices.shape[0] == n)
         return out
 
     @torch.no_grad()

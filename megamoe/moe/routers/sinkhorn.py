@@ -86,4 +86,4 @@ class SinkhornRouter(Router):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         probs = torch.zeros(n, e, dtype=torch.float32, device=tokens.device).scatter(1, top_idx, weights)
         routing_map = torch.zeros(n, e, dtype=torch.bool, device=tokens.device).scatter(1, top_idx, True)
-        return RouterOutput(probs=probs, routing_map=routing_map, aux={})
+        return RouterOutput(probs=probs, routing_map=routing_map, aux={}, topk_indices=top_idx)

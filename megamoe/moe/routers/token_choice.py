@@ -29,7 +29,8 @@ def _linear32(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
 
 
 def select_top_k(logits: torch.Tensor, cfg: MoEConfig, expert_bias: torch.Tensor | None = None):
-    """logits [N, E_total] -> (probs [N, E_total], routing_map [N, E_total] bool, scores [N, E_total]).
+    """logits [N, E_total] -> (probs [N, E_total], routing_map [N, E_total] bool, scores [N, E_total],
+    indices [N, top_k] int64: the selected columns).
 
     scores = softmax or sigmoid of the logits (`cfg.score_func`); each token selects its
     `cfg.top_k` highest scores over all E_total experts, null ones included. `expert_bias`
@@ -45,7 +46,7 @@ def select_top_k(logits: torch.Tensor, cfg: MoEConfig, expert_bias: torch.Tensor
     probs = scores * routing_map
     if cfg.renormalize:
         probs = probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
-    return probs, routing_map, scores
+    return probs, routing_map, scores, picked
 
 
 class TokenChoiceRouter(Router):
@@ -119,7 +120,7 @@ class TokenChoiceRouter(Router):
     def route(self, tokens: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
         logits = self.logits(tokens, ctx)
         bias = self.expert_bias if self.cfg.bias_balancing else None
-        probs, routing_map, scores = select_top_k(logits, self.cfg, bias)
+        probs, routing_map, scores, picked = select_top_k(logits, self.cfg, bias)
         if self.cfg.bias_balancing and self.training and not is_recomputing():
             with torch.no_grad():
                 counts = routing_map.sum(0)
@@ -140,7 +141,7 @@ class TokenChoiceRouter(Router):
             )
         if self.cfg.z_loss > 0:
             aux["z"] = z_loss(logits, shards)
-        return RouterOutput(probs, routing_map, aux)
+        return RouterOutput(probs, routing_map, aux, topk_indices=picked)
 
     @torch.no_grad()
     def _global_counts(self, routing_map: torch.Tensor) -> torch.Tensor:
