@@ -1,11 +1,17 @@
-"""Share of an expert-parallel MoE layer's step spent in all-to-all.
+"""Share of an expert-parallel MoE layer's step spent in all-to-all, with and without overlap.
 
     torchrun --nproc-per-node 2 benchmarks/expert_parallel.py [--tokens 8192] [--dim 512]
 
-Each rank runs the MoE layer (top-k linear router) forward + backward with its experts split
-over the ranks (EP = world size). The same run then replays only the layer's four all-to-alls
-(tokens out and back, forward and backward) with the split sizes the router produced, and rank
-0 prints the ratio: all-to-all time / layer step time.
+Each rank runs the MoE layer (top-k linear router, one shared expert of the routed experts'
+width) forward + backward with its experts split over the ranks (EP = world size), twice
+interleaved: `sync`, the dispatcher waiting for each exchange at once, and `overlap`, the
+dispatch all-to-all in flight while the shared expert computes (forward, and its reverse in
+backward). The same run then replays only the layer's four all-to-alls (tokens out and back,
+forward and backward) with the split sizes the router produced. Rank 0 prints:
+
+    share    all-to-all time / sync step time (the exchanges' share before overlap)
+    exposed  (all-to-all time - (sync - overlap)) / overlap step time: the share left in the
+             critical path once overlap hides part of it
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch.distributed as dist
 
 from megamoe.config import MoEConfig
 from megamoe.device import backend_for, resolve_device, synchronize
+from megamoe.moe.dispatch import expert_assignments
 from megamoe.moe.layer import MoEFeedForward
 from megamoe.parallel.collectives import all_to_all
 from megamoe.parallel.expert import apply_expert_parallel
@@ -51,22 +58,32 @@ def main():
     group = dist.group.WORLD
     if rank == 0:
         print(f"device {device.type}, {world} ranks (EP={world}), {args.tokens} tokens/rank, dim {args.dim}, fp32")
-        print(f"{'E':>3} {'k':>2} {'width':>5} | {'layer ms':>9} | {'all-to-all ms':>13} | share")
+        print(
+            f"{'E':>3} {'k':>2} {'width':>5} | {'sync ms':>8} {'overlap ms':>10} | {'all-to-all ms':>13} | "
+            f"{'share':>6} {'exposed':>7}"
+        )
     for experts, k, width in SHAPES:
         torch.manual_seed(0)
-        layer = MoEFeedForward(args.dim, width, MoEConfig(num_experts=experts, top_k=k)).to(device)
+        cfg = MoEConfig(num_experts=experts, top_k=k, num_shared_experts=1)
+        layer = MoEFeedForward(args.dim, width, cfg).to(device)
         layer = apply_expert_parallel(copy.deepcopy(layer), group)
         x = torch.randn(1, args.tokens, args.dim, device=device)
 
-        def step():
+        def step(overlap):
+            layer.dispatcher.overlap = overlap
             xx = x.detach().requires_grad_()
             layer(xx).square().mean().backward()
 
-        layer_time = timed(step, device, args.repeats)
+        times = {True: [], False: []}
+        for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
+            for overlap in (False, True):
+                times[overlap].append(timed(lambda: step(overlap), device, 1))
+        sync_time, overlap_time = (statistics.median(times[o]) for o in (False, True))
         # The split sizes this router produced, for the replay.
         tokens = x.view(-1, args.dim)
         routed = layer.router(tokens, _ctx(x))
-        _, _, state = layer.dispatcher.dispatch(tokens, routed.routing_map[:, :experts])
+        assignments = expert_assignments(routed.probs, routed.routing_map, experts, routed.topk_indices)
+        state = layer.dispatcher.dispatch(tokens, assignments).wait().state
         rows_out = torch.randn(sum(state.send_splits), args.dim, device=device)
         rows_in = torch.randn(sum(state.recv_splits), args.dim, device=device)
 
@@ -78,9 +95,10 @@ def main():
 
         comm_time = timed(exchanges, device, args.repeats)
         if rank == 0:
+            exposed = max(comm_time - (sync_time - overlap_time), 0.0) / overlap_time
             print(
-                f"{experts:>3} {k:>2} {width:>5} | {layer_time * 1e3:9.1f} | {comm_time * 1e3:13.1f} | "
-                f"{comm_time / layer_time:5.1%}"
+                f"{experts:>3} {k:>2} {width:>5} | {sync_time * 1e3:8.1f} {overlap_time * 1e3:10.1f} | "
+                f"{comm_time * 1e3:13.1f} | {comm_time / sync_time:6.1%} {exposed:7.1%}"
             )
     dist.destroy_process_group()
 

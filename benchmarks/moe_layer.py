@@ -85,7 +85,9 @@ from megamoe.device import resolve_device, synchronize  # noqa: E402
 SHAPES = [(8, 2, 1024), (32, 4, 256), (64, 8, 128)]  # E, k, expert width
 TARGETS = {"default": (1.05, 1.20, 1.35), "tuned": (1.05, 1.15, 1.25)}  # megamoe / dense, per shape
 TUNED_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
-TORCHTITAN_INSTALL = "pip install -e '.[bench]' (torchtitan 0.3.0; a CPU-only torch also needs: pip install triton)"
+# Without its dependencies: torchtitan 0.3.0 declares `datasets`, whose pins downgrade huggingface_hub
+# and fsspec under diffusers and transformers; its MoE module needs only these (triton: CPU-only torch).
+TORCHTITAN_INSTALL = "pip install --no-deps torchtitan==0.3.0 && pip install tyro spmd_types triton"
 
 
 class DenseFFN(nn.Module):
