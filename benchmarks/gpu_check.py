@@ -5,13 +5,18 @@ memory figure hold, on one CUDA GPU (an H100 or H200; about 5 minutes, at most 8
     python benchmarks/gpu_check.py --cpu --out /tmp/check/   # every section on tiny shapes: CPU, gloo, fp32
 
 Writes OUT/gpu_check.json (every figure) and OUT/gpu_check.md (the table for benchmarks/RESULTS.md).
-The exit code is 1 when the loss check fails, else 0. Sections:
+The exit code is 1 when the loss check or the experts check fails, else 0. Sections:
 
 train      tiny_moe trained for a few steps through megamoe.train.loop.train, the production loop
            (DeepSpeed, ZeRO-1), in a torch.distributed world of one: bf16 on CUDA with NCCL. The script
            then trains the same steps in fp32 on the CPU with gloo: same initial weights, same batches,
            same noise (every random draw is made on the CPU from the step's generator). Every logged step
            loss must agree within LOSS_RTOL[precision] (see there for why that tolerance).
+experts    megamoe's fused experts on this device, both paths: torch._grouped_mm with its explicit backward
+           (the CUDA default) and the per-expert loop, in the run's dtype, each against the loop in fp32 on
+           the same device: relative error of the output and of every gradient (tokens, routing weights,
+           w1, b1, w2), 8 experts, one of them without tokens. Fails the check (exit code 1) above
+           EXPERTS_RTOL[dtype].
 moe_layer  megamoe.moe.layer.MoEFeedForward forward + backward at hidden 3072 and 16,384 tokens, for E8 top-2
            and E32 top-4, each against a dense FFN of the same activated FLOPs: the dense width is Wan2.2's
            14,336 and each expert is 14,336 / k wide. TFLOP/s and time(MoE) / time(dense).
@@ -46,6 +51,7 @@ so only the GPU figures compare with the plan.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -270,6 +276,55 @@ def check_moe_layer(device: torch.device, dtype: torch.dtype, shapes: Shapes) ->
         )
         del dense, moe
     return rows
+
+
+EXPERTS_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # fp32: rounding; bf16: its 8-bit mantissa
+
+
+def check_experts(device: torch.device, dtype: torch.dtype) -> dict:
+    from megamoe.moe.dispatch import expert_assignments
+    from megamoe.moe.experts import GroupedExperts
+
+    n, dim, hidden, experts, k = 2048, 256, 512, 8, 2
+    gen = torch.Generator().manual_seed(0)
+    reference = GroupedExperts(experts, dim, hidden)
+    with torch.no_grad():
+        reference.b1.normal_(0, 0.1, generator=gen)
+    logits = torch.randn(n, experts, generator=gen)
+    logits[:, 3] = -1e9  # expert 3 gets no token: the zero-row case of both paths
+    picked = logits.topk(k, dim=-1).indices
+    routing_map = torch.zeros(n, experts, dtype=torch.bool).scatter_(1, picked, True)
+    probs = logits.softmax(-1) * routing_map
+    a = expert_assignments(probs, routing_map, experts, picked)
+    x = torch.randn(n, dim, generator=gen)
+    cotangent = torch.randn(n, dim, generator=gen)
+
+    def run(module, use_grouped_mm, run_dtype):
+        module = copy.deepcopy(module).to(device, run_dtype)
+        module.use_grouped_mm = use_grouped_mm
+        tokens = x.to(device, run_dtype).requires_grad_()
+        weights = a.weights.detach().to(device).requires_grad_()
+        out = module(tokens, a.token_index.to(device), a.tokens_per_expert.to(device), weights)
+        inputs = [tokens, weights, module.w1, module.b1, module.w2]
+        grads = torch.autograd.grad(out, inputs, cotangent.to(device, out.dtype))
+        return [t.detach().float() for t in (out, *grads)]
+
+    expected = run(reference, False, torch.float32)
+    names = ("output", "tokens", "weights", "w1", "b1", "w2")
+    errors = {}
+    for path, grouped in (("grouped_mm", True), ("loop", False)):
+        got = run(reference, grouped, dtype)
+        errors[path] = {
+            name: ((g - e).norm() / e.norm().clamp_min(1e-30)).item() for name, g, e in zip(names, got, expected)
+        }
+    worst = max(v for path in errors.values() for v in path.values())
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "relative_errors": errors,
+        "max_rel_err": worst,
+        "tolerance": EXPERTS_RTOL[dtype],
+        "passed": worst <= EXPERTS_RTOL[dtype],
+    }
 
 
 class PeerUnavailable(RuntimeError):
@@ -590,6 +645,10 @@ def markdown(report: dict) -> str:
         f"fp32 on the CPU: largest relative loss difference {t['max_rel_diff']:.2e} "
         f"(tolerance {t['tolerance']:g}): {'passed' if t['passed'] else 'FAILED'}.",
         "",
+        f"**experts**: fused experts in {report['experts']['dtype']}, grouped_mm and loop paths against the fp32 "
+        f"loop: largest relative error {report['experts']['max_rel_err']:.2e} (tolerance "
+        f"{report['experts']['tolerance']:g}): {'passed' if report['experts']['passed'] else 'FAILED'}.",
+        "",
         "| MoE layer | tokens | dense ms | MoE ms | dense TFLOP/s | MoE TFLOP/s | MoE / dense time |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -631,6 +690,7 @@ def run_check(cpu: bool, workdir: Path) -> dict:
         "peak_source": source,
     }
     report["train"] = check_training(device, shapes, workdir)
+    report["experts"] = check_experts(device, dtype)
     report["moe_layer"] = check_moe_layer(device, dtype, shapes)
     report["peers"] = check_peers(device, dtype, shapes)
     report["block"] = check_block(device, dtype, shapes, peak)
@@ -664,7 +724,7 @@ def main(argv=None) -> int:
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
     (out / "gpu_check.md").write_text(markdown(report))
     print(markdown(report))
-    return 0 if report["train"]["passed"] else 1
+    return 0 if report["train"]["passed"] and report["experts"]["passed"] else 1
 
 
 if __name__ == "__main__":

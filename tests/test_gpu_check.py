@@ -42,7 +42,8 @@ def test_cpu_mode_writes_every_section_and_its_loss_check_can_fail(tmp_path, mon
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     table = (tmp_path / "gpu_check.md").read_text()
 
-    assert {"train", "moe_layer", "peers", "block", "memory"} <= report.keys()
+    assert {"train", "experts", "moe_layer", "peers", "block", "memory"} <= report.keys()
+    assert report["experts"]["passed"] and set(report["experts"]["relative_errors"]) == {"grouped_mm", "loop"}
     assert [(r["experts"], r["top_k"]) for r in report["moe_layer"]] == [(8, 2), (32, 4)]
     assert [(r["experts"], r["top_k"]) for r in report["peers"]] == [(8, 2), (32, 4), (64, 8)]
     assert all({"dense", "megamoe", "deepspeed"} <= r["results"].keys() for r in report["peers"])

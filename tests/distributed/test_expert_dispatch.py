@@ -27,6 +27,7 @@ CASES = {
     "aux_free": dict(router="linear", top_k=2, bias_balancing=True, num_null_experts=1),
     "expert_race": dict(router="expert_race", top_k=2, num_shared_experts=1),
     "expert_choice": dict(router="expert_choice", top_k=2, expert_choice_scope="batch"),
+    "sinkhorn": dict(router="sinkhorn", top_k=2, num_shared_experts=1),
     "promoe": dict(router="promoe", top_k=2),  # top-1 renormalised has a zero router gradient: only noise to compare
     "all_on_one_expert": dict(router="linear", top_k=1),
 }
