@@ -7,7 +7,7 @@ Forward + backward. For each shape (E experts, top-k, expert width w) it times, 
 process (dense, megamoe, deepspeed, torchtitan, dense, ...; the first round warms up; median of
 the rest), so machine noise hits every contender alike:
   dense          FFN of width k * w (the FLOPs every token activates in the MoE layer), GELU, biases
-  megamoe        MoEFeedForward, linear top-k router, dropless grouped-GEMM experts
+  megamoe        MoEFeedForward, linear top-k router, dropless fused experts (a loop of GEMMs on CPU)
   deepspeed      deepspeed.moe.layer.MoE with the same experts (GELU FFN of width w), ep_size 1,
                  drop_tokens=False (dropless: capacity grows to the busiest expert), no random token
                  selection
