@@ -32,8 +32,8 @@ Bytes per GPU, for layout TP x CP x EP on W GPUs (data-parallel DP = W / (TP x C
 
 All-to-all bytes per step and GPU: tokens x top_k x dim x bytes x 2 (dispatch and combine) x 2 (forward
 and backward; 3 for checkpointed blocks, which dispatch again when recomputed) x MoE layers x the
-fraction (EP - 1) / EP that leaves the rank under uniform routing, x grad_accum micro-batches. (Each
-dispatched row also carries its fp32 routing weight, 4 bytes against dim x bytes: under 0.1%, not counted.)
+fraction (EP - 1) / EP that leaves the rank under uniform routing, x grad_accum micro-batches (not
+counted: each row's fp32 routing weight, 4 bytes against dim x bytes).
 ZeRO comm per step and GPU: the gradient reduce-scatter plus the all-gather of updated weights,
 2 x bytes x (local parameters) x (n - 1) / n over each parameter's sharding group: the traffic that
 expert parallelism trades against the all-to-all (experts reduce over W / EP ranks only).
@@ -404,16 +404,14 @@ def activation_bytes(
             return seq * d * act + interior * 2 * m.ffn_dim * act
         width = e.expert_ffn_dim or m.ffn_dim
         shared = e.num_shared_experts * (e.shared_ffn_dim or width)
-        # The router keeps an fp32 copy of its input and ~5 fp32 [T, E] score and weight tensors; the fused
-        # experts keep the model-dtype tokens (under fp32 the router's input itself) and, per (token,
-        # expert) row, only the first linear's pre-activation and ~28 bytes of indices and weight.
+        # The router keeps an fp32 copy of its input and ~5 fp32 [T, E] tensors; the fused experts keep the model-
+        # dtype tokens (fp32: the router's input) and per (token, expert) its pre-activation and ~28 index bytes.
         routed = seq * (
             4 * d + d * act * (act != 4) + 20 * (e.num_experts + e.num_null_experts) + e.top_k * (width * act + 28)
         )
         if layout.ep > 1:  # the experts' input is then the rows the all-to-all delivered (and their order)
             routed += seq * e.top_k * (d * act + 8)
-        # Shared experts read the model-dtype tokens: under fp32 that is the router's input, already counted.
-        shared_bytes = (seq * d * act * (act != 4) + interior * 2 * shared * act) if shared else 0.0
+        shared_bytes = interior * 2 * shared * act  # their input: the same tokens, counted above
         return routed + shared_bytes
 
     moe = moe_layer_indices(m)
