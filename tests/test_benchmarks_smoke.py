@@ -7,12 +7,12 @@ import math
 import os
 import platform
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.benchmark_runs import run_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(8, 2, 1024), (32, 4, 256), (64, 8, 128)]
@@ -20,7 +20,7 @@ SHAPES = [(8, 2, 1024), (32, 4, 256), (64, 8, 128)]
 
 def expected_contenders() -> list[str]:
     names = ["dense", "megamoe", "deepspeed"]
-    if importlib.util.find_spec("torchtitan") is not None:  # the optional `bench` extra
+    if importlib.util.find_spec("torchtitan") is not None:  # optional: see moe_layer.TORCHTITAN_INSTALL
         names += ["torchtitan", "torchtitan-fp32"]
     return names
 
@@ -39,17 +39,7 @@ def contenders_of(table: str) -> list[list[str]]:
 
 @pytest.mark.slow
 def test_moe_layer_quick_prints_both_allocator_tables_with_every_contender():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    result = subprocess.run(
-        [sys.executable, "benchmarks/moe_layer.py", "--quick", "--allocator", "both"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    result = run_benchmark("benchmarks/moe_layer.py", "--quick", "--allocator", "both", timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     out = result.stdout
     default, tuned = out.split("\nallocator tuned")

@@ -4,12 +4,11 @@ perturbed loss."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.benchmark_runs import run_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,17 +26,7 @@ def numbers(value):
 
 @pytest.mark.slow
 def test_cpu_mode_writes_every_section_and_its_loss_check_can_fail(tmp_path, monkeypatch):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    result = subprocess.run(
-        [sys.executable, "benchmarks/gpu_check.py", "--cpu", "--out", str(tmp_path)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_benchmark("benchmarks/gpu_check.py", "--cpu", "--out", str(tmp_path), timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     table = (tmp_path / "gpu_check.md").read_text()
