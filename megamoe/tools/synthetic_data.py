@@ -36,6 +36,8 @@ GENERATOR_VERSION = 1
 # The dataset's content seed. It is deliberately not `data.seed`, which only seeds the shuffle:
 # changing the shuffle must not regenerate the data.
 SYNTHETIC_SEED = 0
+HELD_OUT_SEED = 1
+"""Seed of the embedded data's held-out split: other clips of the same captions and motion, never trained on."""
 MAX_CLIPS_PER_SHARD = 64
 MIN_SHARDS = 8  # so that up to 8 data-parallel ranks can train on the default dataset
 MANIFEST = "manifest.json"
@@ -188,8 +190,9 @@ def dataset_params(
     }
 
 
-def synthetic_params(data_cfg, model_cfg) -> dict:
-    """The parameters of a run's embedded dataset (`DataConfig`, `ModelConfig`)."""
+def synthetic_params(data_cfg, model_cfg, seed: int = SYNTHETIC_SEED) -> dict:
+    """The parameters of a run's embedded dataset (`DataConfig`, `ModelConfig`); seed=HELD_OUT_SEED
+    gives its held-out split."""
     return dataset_params(
         data_cfg.synthetic_num_clips,
         data_cfg.synthetic_frames,
@@ -197,6 +200,7 @@ def synthetic_params(data_cfg, model_cfg) -> dict:
         model_cfg.in_channels,
         data_cfg.text_len,
         model_cfg.text_dim,
+        seed,
     )
 
 
@@ -259,14 +263,15 @@ def dataset_is_complete(directory: str, params: dict, check_hashes: bool = False
     return bool(manifest.get("shards"))
 
 
-def ensure_synthetic_dataset(data_cfg, model_cfg) -> str:
+def ensure_synthetic_dataset(data_cfg, model_cfg, seed: int = SYNTHETIC_SEED) -> str:
     """Generate the run's synthetic dataset once, under `data_cfg.cache_dir`; return its directory.
+    seed=HELD_OUT_SEED: its held-out split (validation).
 
     Safe to call from every rank at once: each writes into its own temporary directory and renames
     it into place; rename is atomic, so the target is either absent or complete, and a process that
     loses the race keeps the winner's (identical) copy and deletes its own.
     """
-    params = synthetic_params(data_cfg, model_cfg)
+    params = synthetic_params(data_cfg, model_cfg, seed)
     root = os.path.expanduser(data_cfg.cache_dir)
     target = os.path.join(root, f"synthetic-{params_hash(params)}")
     if dataset_is_complete(target, params):

@@ -1,0 +1,34 @@
+"""A small trained MoE checkpoint that the post-training tests share (trained once per session)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.distributed.launch_helpers import pretrain_in_process
+
+STEPS = 20
+
+
+def tiny_moe_args(output_dir, *extra) -> list[str]:
+    """configs/tiny_moe.yaml, shrunk to 2 blocks and 32 clips so that it trains in seconds."""
+    return [
+        "--config",
+        "configs/tiny_moe.yaml",
+        f"train.output_dir={output_dir}",
+        f"train.steps={STEPS}",
+        f"checkpoint.every_steps={STEPS}",
+        "model.num_layers=2",
+        "data.synthetic_num_clips=32",
+        "data.micro_batch_size=4",
+        "model.moe.diagnostics_every=0",
+        "logging.every_steps=10",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def trained_moe(tmp_path_factory):
+    """The checkpoint directory of a 20-step tiny MoE run (linear router, 8 experts top-2, a shared expert)."""
+    out = tmp_path_factory.mktemp("posttrain") / "run"
+    pretrain_in_process(tiny_moe_args(out))
+    return out / "checkpoints" / f"step_{STEPS:08d}"
