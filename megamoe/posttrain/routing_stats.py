@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from megamoe.config import Config
 from megamoe.diffusion.flow import TIMESTEP_SCALE, interpolate
+from megamoe.error_messages import describe
 from megamoe.posttrain.trained_model import PostTrainError
 
 FIELDS = ("counts", "weight_sums", "coactivation", "router_logits", "inputs")
@@ -194,9 +195,9 @@ def load_routing_stats(path: str, model: torch.nn.Module | None = None) -> Routi
         with safe_open(path, framework="pt") as f:
             meta = json.loads((f.metadata() or {})["megamoe_routing_stats"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # safetensors raises its own error type for a bad header; the user needs one line
         raise PostTrainError(
-            f"'{path}' is not a routing statistics file ({type(exc).__name__}); write one with --save-stats"
+            f"'{path}' is not a routing statistics file ({describe(exc)}); write one with --save-stats"
         ) from None
     if model is not None:
         expected = model_fingerprint(model)
