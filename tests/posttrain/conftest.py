@@ -9,6 +9,13 @@ from tests.distributed.launch_helpers import pretrain_in_process
 STEPS = 20
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test that reads the trained checkpoint is `slow`: the first one trains it (about 20 s)."""
+    for item in items:
+        if "trained_moe" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 def tiny_moe_args(output_dir, *extra) -> list[str]:
     """configs/tiny_moe.yaml, shrunk to 2 blocks and 32 clips so that it trains in seconds."""
     return [
