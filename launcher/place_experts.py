@@ -199,7 +199,7 @@ def main(argv=None) -> int:
         print(f"  bytes/step, per-rank dedup {dedup[0] / 1e6:.3f} MB -> {dedup[1] / 1e6:.3f} MB")
     for name, label in (("assign", "per-assignment (current dispatcher)"), ("dedup", "per-rank dedup dispatcher")):
         b, a = totals[name]
-        print(f"total bytes/step, {label}: {b / 1e6:.3f} MB -> {a / 1e6:.3f} MB ({(b - a) / max(b, 1e-300):+.1%})")
+        print(f"total bytes/step, {label}: {b / 1e6:.3f} MB -> {a / 1e6:.3f} MB ({(b - a) / max(b, 1e-300):.1%} less)")
 
     record = {"ep_size": ep, "max_load_ratio": ratio, "source": str(checkpoint), "permutation": perms}
     try:
