@@ -86,6 +86,8 @@ class MoEConfig:
     """Upcycling: standard deviation of the tiny noise on shared experts."""
     diagnostics_every: int = 50
     """Compute routing diagnostics every this many steps; 0 disables them."""
+    merged_from: int = 0
+    """MC-SMoE (launcher/merge_experts.py): routed experts the router scores, folded onto num_experts; 0 = not merged."""
 
 
 @dataclass

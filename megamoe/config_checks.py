@@ -17,7 +17,7 @@ import os
 from megamoe.config import Config, ConfigError, DataConfig, DiffusionConfig, ModelConfig, MoEConfig, sequence_shards
 from megamoe.data.buckets import shape_problem, vae_compression
 from megamoe.model.activation_checkpointing import checkpointed_blocks
-from megamoe.moe.layer import moe_layer_indices
+from megamoe.moe.layer import moe_layer_indices, router_config
 from megamoe.moe.routers import check_router_config
 
 
@@ -298,4 +298,16 @@ def _validate_moe(m: ModelConfig) -> None:
     )
     _check(e.shared_init_std >= 0, f"model.moe.shared_init_std must be >= 0, got {e.shared_init_std}")
     _check(e.diagnostics_every >= 0, f"model.moe.diagnostics_every must be >= 0, got {e.diagnostics_every}")
-    check_router_config(e)
+    _check(e.merged_from >= 0, f"model.moe.merged_from must be >= 0 (0 = not merged), got {e.merged_from}")
+    if e.merged_from:
+        _check(
+            e.merged_from > e.num_experts,
+            f"model.moe.merged_from={e.merged_from} must exceed model.moe.num_experts={e.num_experts} "
+            f"(the router's columns folded onto fewer experts); set it to the experts before merging, or 0",
+        )
+        _check(
+            e.num_null_experts == 0,
+            f"model.moe.num_null_experts={e.num_null_experts} cannot be combined with model.moe.merged_from "
+            f"(merging folds real experts only); set num_null_experts=0 or merged_from=0",
+        )
+    check_router_config(router_config(e))

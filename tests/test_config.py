@@ -430,6 +430,7 @@ LAYER_KEYS = {
     "shared_init",
     "shared_init_std",
     "diagnostics_every",
+    "merged_from",
 }
 
 

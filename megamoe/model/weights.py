@@ -50,6 +50,7 @@ STRUCTURAL_MOE_FIELDS = (
     "router",
     "router_hidden_dim",
     "num_prototypes_per_expert",
+    "merged_from",
 )
 """The moe fields that change the parameter set; losses, schedules and diagnostics may differ."""
 

@@ -1,6 +1,7 @@
 """The MoE feed-forward layer that replaces a block's dense FFN, and model-level helpers.
 
     x [B, L, dim] -> tokens [N, dim] -> router (fp32) -> probs, routing_map [N, E_total]
+      -> merged models (MC-SMoE): router columns folded onto the merged experts (expert_map)
       -> assignments of the real experts (null-expert columns dropped) -> dispatch
       -> grouped experts (gather, FFN, weighted scatter-add) -> combine -> + probs @ b2
       -> + shared experts -> [B, L, dim]
@@ -9,6 +10,8 @@ The layer never looks at which router it holds: any routing_map is executed exac
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -55,12 +58,31 @@ def moe_layer_indices(cfg: ModelConfig) -> set[int]:
     return indices if cfg.moe.num_experts > 0 else set()
 
 
+def router_config(cfg: MoEConfig) -> MoEConfig:
+    """The config the router is built and checked with: a merged layer's router (MC-SMoE) keeps
+    scoring the `merged_from` experts it was trained with, so it sees merged_from as num_experts."""
+    return dataclasses.replace(cfg, num_experts=cfg.merged_from, merged_from=0) if cfg.merged_from else cfg
+
+
+def fold_routing(
+    probs: torch.Tensor, routing_map: torch.Tensor, expert_map: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router columns [N, merged_from] -> merged experts [N, num_experts]: the weights of the columns
+    that share a merged expert are summed (differentiably), their selections OR-ed, so a token that
+    chose two members of one group is computed once, with their summed weight."""
+    n = probs.shape[0]
+    folded = probs.new_zeros(n, num_experts).index_add(1, expert_map, probs)
+    chosen = probs.new_zeros(n, num_experts).index_add_(1, expert_map, routing_map.to(probs.dtype)) > 0
+    return folded, chosen
+
+
 class MoEFeedForward(nn.Module):
     """Drop-in for `FeedForward`: forward(x [B, L, dim], ctx) -> [B, L, dim].
 
     After each forward, `aux` holds the router's aux dict (unweighted losses named in
     LOSS_NAMES, plus statistics) for the training loop; with `record = True`,
-    `last_routing = (probs, routing_map, ctx)` (detached) is kept for diagnostics.
+    `last_routing = (probs, routing_map, ctx)` (detached) is kept for diagnostics (a merged
+    layer's after folding: over the experts it computes).
     """
 
     def __init__(self, dim: int, ffn_dim: int, cfg: MoEConfig, target_dim: int | None = None):
@@ -70,7 +92,12 @@ class MoEFeedForward(nn.Module):
         self.cfg = cfg
         self.num_experts = cfg.num_experts
         # target_dim (prod(patch_size) * out_channels) sizes the optional layer-regularization head.
-        self.router = build_router(dim, cfg, layer_reg_out_dim=target_dim)
+        self.router = build_router(dim, router_config(cfg), layer_reg_out_dim=target_dim)
+        if cfg.merged_from:
+            # Router column -> merged expert (MC-SMoE). Persistent: it is part of the model, saved
+            # with the weights; every rank holds all of it (expert parallelism shards the experts).
+            self.register_buffer("expert_map", torch.empty(cfg.merged_from, dtype=torch.int64))
+            self.reset_buffers()
         expert_width = cfg.expert_ffn_dim or ffn_dim
         self.experts = GroupedExperts(cfg.num_experts, dim, expert_width)
         # One FFN of width n * w computes exactly the sum of n shared experts of width w (their
@@ -84,6 +111,12 @@ class MoEFeedForward(nn.Module):
         self.last_routing: tuple | None = None
         self.last_output_norms: tuple | None = None
 
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """A merged layer built without weights to load maps column c to expert c % num_experts."""
+        if self.cfg.merged_from:
+            self.expert_map.copy_(torch.arange(self.cfg.merged_from) % self.num_experts)
+
     def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
         b, l, d = x.shape
         if ctx is None:
@@ -92,6 +125,9 @@ class MoEFeedForward(nn.Module):
             raise ValueError(f"RoutingContext is for {ctx.batch_size} x {ctx.seq_len} tokens, input is {b} x {l}")
         tokens = x.reshape(b * l, d)
         routed = self.router(tokens, ctx)
+        if self.cfg.merged_from:  # no null experts here (config rule): every column is a real one
+            probs, routing_map = fold_routing(routed.probs, routed.routing_map, self.expert_map, self.num_experts)
+            routed = dataclasses.replace(routed, probs=probs, routing_map=routing_map, topk_indices=None)
         # Under activation checkpointing this forward runs again in backward: the loss already
         # took the first forward's aux, and diagnostics recorded it; keep both untouched.
         recomputing = is_recomputing()

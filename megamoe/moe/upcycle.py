@@ -67,6 +67,11 @@ def slices_per_ffn(cfg: ModelConfig) -> int:
     moe = cfg.moe
     if moe.num_experts <= 0:
         raise ValueError("model.moe.num_experts is 0 (a dense model); set it > 0 to upcycle")
+    if moe.merged_from:
+        raise ValueError(
+            f"model.moe.merged_from={moe.merged_from}: a dense model cannot be upcycled into a merged one; "
+            f"upcycle with merged_from=0, train, then merge (launcher/merge_experts.py)"
+        )
     width = moe.expert_ffn_dim or cfg.ffn_dim
     if width <= 0 or cfg.ffn_dim % width:
         raise ValueError(

@@ -166,13 +166,14 @@ def _linear(n_in: int, n_out: int, bias: bool = True) -> int:
 
 def _router_parameters(m: ModelConfig) -> int:
     e, d = m.moe, m.dim
-    total, h = e.num_experts + e.num_null_experts, e.router_hidden_dim
+    columns = e.merged_from or e.num_experts  # a merged model's router scores the experts before merging
+    total, h = columns + e.num_null_experts, e.router_hidden_dim
     n = {
         "linear": _linear(d, total, False),
         "mlp": _linear(d, h) + _linear(h, total, False),
         "cross_attention": 3 * _linear(d, h) + _linear(h, total, False),
-        "promoe": (e.num_experts - 1) * e.num_prototypes_per_expert * d + 1,
-    }.get(e.router, d * e.num_experts)
+        "promoe": (columns - 1) * e.num_prototypes_per_expert * d + 1,
+    }.get(e.router, d * columns)
     if e.layer_reg_loss > 0:
         n += _linear(d, m.out_channels * math.prod(m.patch_size))
     return n
@@ -407,7 +408,10 @@ def activation_bytes(
         # The router keeps an fp32 copy of its input and ~5 fp32 [T, E] tensors; the fused experts keep the model-
         # dtype tokens (fp32: the router's input) and per (token, expert) its pre-activation and ~28 index bytes.
         routed = seq * (
-            4 * d + d * act * (act != 4) + 20 * (e.num_experts + e.num_null_experts) + e.top_k * (width * act + 28)
+            4 * d
+            + d * act * (act != 4)
+            + 20 * ((e.merged_from or e.num_experts) + e.num_null_experts)
+            + e.top_k * (width * act + 28)
         )
         if layout.ep > 1:  # the experts' input is then the rows the all-to-all delivered (and their order)
             routed += seq * e.top_k * (d * act + 8)

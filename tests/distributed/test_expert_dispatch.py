@@ -30,6 +30,7 @@ CASES = {
     "sinkhorn": dict(router="sinkhorn", top_k=2, num_shared_experts=1),
     "promoe": dict(router="promoe", top_k=2),  # top-1 renormalised has a zero router gradient: only noise to compare
     "all_on_one_expert": dict(router="linear", top_k=1),
+    "merged": dict(router="linear", top_k=3, merged_from=11),  # MC-SMoE: 11 router columns folded onto the experts
 }
 
 
@@ -41,6 +42,9 @@ def build_layer(case, num_experts):
         # near 100, cancels to ~0.3 and the grouping-dependent rounding exceeds the tolerance)
         layer.experts.b1.normal_(0, 0.1)
         layer.experts.b2.normal_(0, 0.1)
+    if case == "merged":  # uneven groups of columns; the last two experts get none (no tokens)
+        with torch.no_grad():
+            layer.expert_map.copy_(torch.arange(11) % (num_experts - 2))
     if case == "all_on_one_expert":  # extreme imbalance: every token picks expert 0
         with torch.no_grad():
             layer.router.gate.weight.zero_()
