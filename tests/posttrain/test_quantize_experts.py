@@ -1,0 +1,195 @@
+"""launcher/quantize_experts.py and megamoe/posttrain/{quantization,top_any}.py: packing, the per-group
+rounding bound, the MILP against enumeration, the loader against the in-memory model, top-any, bad inputs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from launcher.quantize_experts import main
+from megamoe.posttrain.quantization import (
+    BIT_WIDTHS,
+    apply_plan,
+    load_quantized,
+    pack_bits,
+    plan_bit_widths,
+    quantize,
+    read_manifest,
+    solve_bit_widths,
+    stored_bits,
+    unpack_bits,
+    write_quantized,
+)
+from megamoe.posttrain.routing_stats import collect_routing_stats, save_routing_stats
+from megamoe.posttrain.top_any import dropped_fraction, install_top_any, reset_counts, train_top_any
+from megamoe.posttrain.trained_model import data_batches, load_trained_model
+from megamoe.train.checkpoint import inspect_checkpoint
+
+
+@pytest.mark.parametrize("bits", BIT_WIDTHS)
+def test_pack_unpack_is_exact(bits):
+    g = torch.Generator().manual_seed(bits)
+    values = torch.randint(0, 1 << bits, (1001,), generator=g).to(torch.uint8)
+    values[:2] = torch.tensor([0, (1 << bits) - 1])  # both ends of the range
+    packed = pack_bits(values, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(1001 * bits / 8)
+    assert torch.equal(unpack_bits(packed, bits, 1001), values)
+
+
+@pytest.mark.parametrize("bits", BIT_WIDTHS)
+def test_rounding_error_within_half_a_step_per_group(bits):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 48, generator=g) * 0.05
+    w[:64] += 0.3  # an off-centre group
+    w[64:128, 5] = 0.125  # a constant group column
+    q = quantize(w, bits, 64)
+    assert q.scale.dtype == q.offset.dtype == torch.float16 and q.scale.shape == (4, 48)
+    assert int(q.integers().max()) < 1 << bits
+    step = q.scale.float().repeat_interleave(64, 0)
+    err = (w - q.dequantize()).abs()
+    assert bool((err <= step / 2 * (1 + 1e-5) + 1e-9).all()), float((err - step / 2).max())
+    if bits == 8:
+        assert float(err.max()) < (float(w.max() - w.min()) / 255) * 0.51 * 2  # a few thousandths
+
+
+def test_solver_meets_budget_and_is_optimal_against_enumeration():
+    rng = np.random.default_rng(0)
+    n = 5
+    cost = np.array([[stored_bits(64, 32 * (i + 1), b, 32) for b in BIT_WIDTHS] for i in range(n)])
+    objective = rng.random((n, 1)) * np.sort(rng.random((n, len(BIT_WIDTHS))), axis=1)[:, ::-1]
+    assignments = list(itertools.product(range(len(BIT_WIDTHS)), repeat=n))
+    totals = {a: int(cost[np.arange(n), a].sum()) for a in assignments}
+    for budget in [min(totals.values()), *np.quantile(list(totals.values()), [0.2, 0.5, 0.8]).astype(int)]:
+        choice = solve_bit_widths(objective, cost, int(budget))
+        used = int(cost[np.arange(n), choice].sum())
+        best = min(objective[np.arange(n), a].sum() for a in assignments if totals[a] <= budget)
+        assert used <= budget
+        assert objective[np.arange(n), choice].sum() == pytest.approx(best, rel=1e-9, abs=0)
+    exact = totals[(1, 3, 0, 2, 1)]  # a budget only some assignments hit exactly
+    choice = solve_bit_widths(objective, cost, exact)
+    assert int(cost[np.arange(n), choice].sum()) <= exact
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(trained_moe, tmp_path_factory):
+    """The tool's output on the shared checkpoint, with top-any (a few steps, a large penalty)."""
+    out = tmp_path_factory.mktemp("quantize") / "q"
+    argv = ["--checkpoint", trained_moe, "--out", out, "--bits-budget", "3.0", "--group-size", "64"]
+    argv += ["--calibration-batches", "2", "--val-batches", "1", "--top-any", "--prune-weight", "2"]
+    assert main([*map(str, argv), "--prune-steps", "4", "--prune-lr", "0.5"]) == 0
+    return out
+
+
+def _states_equal(a, b) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_loader_equals_the_dequantized_model(trained_moe, tmp_path, quantized_dir):
+    model, cfg = load_trained_model(trained_moe)
+    stats = collect_routing_stats(model, data_batches(cfg, 1), cfg)
+    plan = plan_bit_widths(model, stats, 3.0, 64, cfg.model.moe.top_k)
+    assert plan.used_bits <= plan.budget_bits and {b for v in plan.bits.values() for b in v} - {2} != set()
+    apply_plan(model, plan)
+    write_quantized(model, inspect_checkpoint(trained_moe)["config"], plan, tmp_path)
+    _states_equal(load_quantized(tmp_path), model)  # written then loaded == in memory
+    # The tool's directory: each expert holds exactly quantize(original) at its chosen width, dequantized.
+    original, _ = load_trained_model(trained_moe)
+    loaded = load_quantized(quantized_dir)
+    manifest = read_manifest(quantized_dir)
+    for block, widths in manifest["bits"].items():
+        src, dst = original.blocks[int(block)].ffn.experts, loaded.blocks[int(block)].ffn.experts
+        for e, bits in enumerate(widths):
+            for name in ("w1", "w2"):
+                expected = quantize(getattr(src, name)[e], bits, 64).dequantize()
+                assert torch.equal(getattr(dst, name)[e], expected), (block, e, name)
+    rest = {k: v for k, v in original.state_dict().items() if not k.endswith(("experts.w1", "experts.w2"))}
+    mine = loaded.state_dict()
+    for k, v in rest.items():
+        key = k.replace(".router.", ".router.inner.")
+        assert torch.equal(mine[key], v), k
+
+
+def test_top_any_all_keep_is_the_original_model(trained_moe):
+    model, cfg = load_trained_model(trained_moe)
+    latents, text = data_batches(cfg, 1, held_out=True)[0]
+    t = torch.full((latents.shape[0],), 500.0)
+    with torch.no_grad():
+        ref = model(latents, t, text)
+        install_top_any(model)  # an untrained mask keeps every selected expert
+        reset_counts(model)
+        out = model(latents, t, text)
+    assert torch.equal(out, ref)
+    assert dropped_fraction(model) == 0.0
+
+
+def test_trained_mask_drops_experts_and_the_flops_show_it(trained_moe, quantized_dir):
+    from megamoe.posttrain.evaluation import flops_per_token
+    from megamoe.posttrain.top_any import enable_top_any
+
+    model = load_quantized(quantized_dir)
+    _, cfg = load_trained_model(trained_moe)
+    held_out = data_batches(cfg, 1, held_out=True)
+    reset_counts(model)
+    with_masks = flops_per_token(model, held_out)
+    dropped = dropped_fraction(model)
+    enable_top_any(model, False)
+    assert 0.05 < dropped < 0.5  # at most the second of top-2: the top-1 is always kept
+    assert with_masks < flops_per_token(model, held_out)
+
+
+def test_mask_training_is_deterministic_and_leaves_the_model_frozen(trained_moe):
+    model, cfg = load_trained_model(trained_moe)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    install_top_any(model)
+    history = train_top_any(model, cfg, data_batches(cfg, 1), prune_weight=2.0, steps=2, lr=0.5)
+    assert history[-1][2] < history[0][2]
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k.replace(".router.", ".router.inner.")], v), k
+
+
+def _bad(capsys, argv, out) -> str:
+    assert main(list(map(str, argv))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert not out.exists()
+    return err
+
+
+def test_bad_inputs(trained_moe, tmp_path, capsys):
+    out = tmp_path / "q"
+    base = ["--checkpoint", trained_moe, "--out", out, "--calibration-batches", "1", "--val-batches", "1"]
+    assert "below the minimum 2.5" in _bad(capsys, [*base, "--bits-budget", "2.4", "--group-size", "64"], out)
+    # a dense checkpoint: the same files, the config's experts removed
+    dense = tmp_path / "dense"
+    shutil.copytree(trained_moe, dense)
+    meta = json.loads((dense / "meta.json").read_text())
+    config = yaml.safe_load(meta["config"])
+    config["model"]["moe"]["num_experts"] = 0
+    meta["config"] = yaml.safe_dump(config)
+    (dense / "meta.json").write_text(json.dumps(meta))
+    argv = ["--checkpoint", dense, "--out", out, "--bits-budget", "3"]
+    assert "dense model" in _bad(capsys, argv, out)
+    # statistics gathered on another model (one router weight changed)
+    model, cfg = load_trained_model(trained_moe)
+    with torch.no_grad():
+        model.blocks[0].ffn.router.gate.weight[0, 0] += 1.0
+    save_routing_stats(collect_routing_stats(model, data_batches(cfg, 1), cfg, sample_tokens=64), tmp_path / "s")
+    assert "another model" in _bad(capsys, [*base, "--bits-budget", "3", "--stats", tmp_path / "s"], out)
+    # --out exists
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("x")
+    assert main(list(map(str, [*base[:3], taken, "--bits-budget", "3"]))) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
