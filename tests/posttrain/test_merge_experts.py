@@ -1,0 +1,171 @@
+"""MC-SMoE expert merging against references: alignment against the unpermuted expert, a merge of
+identical experts against the model before merging, the merged checkpoint through training and
+sampling, and the CLI's refusals (one line, exit 2, nothing written)."""
+
+import copy
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from launcher.merge_experts import main as merge_main
+from megamoe.config import from_yaml_text, to_yaml
+from megamoe.moe.layer import moe_layers
+from megamoe.moe.routers import RoutingContext
+from megamoe.posttrain.merging import align_permutation, merge_model, permute_units, plan_merge
+from megamoe.posttrain.routing_stats import collect_routing_stats, save_routing_stats
+from megamoe.posttrain.trained_model import data_batches, load_trained_model
+from tests.distributed.launch_helpers import pretrain_in_process
+from tests.posttrain.conftest import tiny_moe_args
+
+
+def expert_out(x, w1, b1, w2, b2):
+    return F.gelu(x @ w1 + b1, approximate="tanh") @ w2 + b2
+
+
+def test_alignment_keeps_each_expert_and_undoes_a_permutation():
+    g = torch.Generator().manual_seed(0)
+    dim, hidden = 12, 40
+    w1, b1, w2, b2 = (0.2 * torch.randn(*s, generator=g) for s in ((dim, hidden), (hidden,), (hidden, dim), (dim,)))
+    x = torch.randn(64, dim, generator=g)
+    shuffled = permute_units(w1, b1, w2, torch.randperm(hidden, generator=g))
+    noisy = tuple(t + 0.01 * torch.randn(t.shape, generator=g) for t in shuffled)  # a similar, not equal, expert
+    perm = align_permutation((w1, b1, w2), noisy)
+    aligned = permute_units(*noisy, perm)
+    # The function is unchanged, and the aligned units sit where the reference's are.
+    torch.testing.assert_close(expert_out(x, *aligned, b2), expert_out(x, *noisy, b2), rtol=0, atol=1e-6)
+    assert (aligned[0] - w1).abs().max() < 0.06 < (noisy[0] - w1).abs().max()
+
+
+@pytest.fixture(scope="module")
+def trained(trained_moe):
+    model, cfg = load_trained_model(trained_moe)
+    return model, cfg, data_batches(cfg, 2)
+
+
+def test_merging_identical_experts_is_exact(trained):
+    model, cfg, batches = trained
+    stats = collect_routing_stats(model, batches, cfg, sample_tokens=256)
+    plan = plan_merge(stats, 4)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # every member becomes its dominant expert, hidden units shuffled (alignment undoes it)
+        for block, layer in zip(sorted(plan), moe_layers(model), strict=True):
+            ex = layer.experts
+            for members, d in zip(plan[block].groups(), plan[block].dominant, strict=True):
+                for e in members:
+                    w1, b1, w2 = permute_units(ex.w1[d], ex.b1[d], ex.w2[d], torch.randperm(ex.hidden, generator=g))
+                    ex.w1[e], ex.b1[e], ex.w2[e], ex.b2[e] = w1, b1, w2, ex.b2[d].clone()
+    assert any(len(m) > 1 for p in plan.values() for m in p.groups())
+    merged = merge_model(model, plan)
+    latents, text = batches[0]
+    t = torch.linspace(100.0, 900.0, latents.shape[0])
+    with torch.no_grad():
+        want, got = model(latents, t, text), merged(latents, t, text)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert merged.cfg.moe.num_experts == 4 and merged.cfg.moe.merged_from == 8
+    # The router is the trained one; each merged expert receives its members' summed weights.
+    layer, merged_layer = moe_layers(model)[0], moe_layers(merged)[0]
+    torch.testing.assert_close(merged_layer.router.gate.weight, layer.router.gate.weight, rtol=0, atol=0)
+    tokens = torch.randn(20, cfg.model.dim)
+    routed = layer.router(tokens, RoutingContext(batch_size=1, seq_len=20))
+    merged_layer.record = True
+    merged_layer(tokens[None])
+    probs, merged_layer.record = merged_layer.last_routing[0], False
+    summed = torch.zeros(20, 4).index_add_(1, plan[min(plan)].expert_map, routed.probs)
+    torch.testing.assert_close(probs, summed, rtol=0, atol=1e-6)
+
+
+def run_cli(*args, capsys):
+    code = merge_main(list(map(str, args)))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_merged_checkpoint_trains_and_samples(trained_moe, tmp_path, capsys):
+    out = tmp_path / "merged"
+    code, text, err = run_cli(
+        "--checkpoint", trained_moe, "--out", out, "--experts-per-layer", 4,
+        "--calibration-batches", 2, "--val-batches", 1, capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "validation_loss mean" in text and "parameter_bytes experts" in text
+    config = json.loads((out / "config.json").read_text())
+    assert config["moe"]["num_experts"] == 4 and config["moe"]["merged_from"] == 8
+    command = next(line for line in text.splitlines() if line.startswith("train from it with: "))
+    overrides = command.removeprefix("train from it with: ").split()
+    assert overrides[0] == f"train.init_from={out}"
+
+    run = tmp_path / "run"
+    pretrain_in_process(
+        tiny_moe_args(run, *overrides, "train.steps=3", "checkpoint.every_steps=3", "logging.every_steps=1")
+    )
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    ckpt = run / "checkpoints" / "step_00000003"
+
+    from launcher.sample import main as sample_main
+
+    video = tmp_path / "merged.mp4"
+    args = ["--checkpoint", ckpt, "--caption", "a red ball", "--out", video, "--num-samples", "1", "--steps", "2"]
+    assert sample_main(list(map(str, args))) == 0
+    assert video.stat().st_size > 0
+
+
+def dense_checkpoint(trained_moe, tmp_path):
+    """A checkpoint whose config is dense (only meta.json is read before the refusal)."""
+    path = tmp_path / "dense"
+    path.mkdir()
+    meta = json.loads((trained_moe / "meta.json").read_text())
+    cfg = from_yaml_text(meta["config"])
+    dense = dataclasses.replace(cfg.model, moe=dataclasses.replace(cfg.model.moe.__class__()))
+    meta.update(config=to_yaml(dataclasses.replace(cfg, model=dense)), files={})
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def other_stats(trained, tmp_path):
+    model, cfg, batches = trained
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        moe_layers(other)[0].router.gate.weight.mul_(1.01)
+    path = tmp_path / "other.safetensors"
+    save_routing_stats(collect_routing_stats(other, batches[:1], cfg, sample_tokens=8), str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("dense", "holds a dense model"),
+        ("stats", "was gathered on another model"),
+        ("k=1", "below the router's top_k=2"),
+        ("k=0", "must be between 1 and 7"),
+        ("k=8", "must be between 1 and 7"),
+        ("out exists", "already exists"),
+    ],
+)
+def test_bad_inputs_fail_in_one_line_and_write_nothing(case, message, trained, trained_moe, tmp_path, capsys):
+    out, saved = tmp_path / "out", tmp_path / "saved.safetensors"
+    checkpoint, k, extra = trained_moe, 4, []
+    if case == "dense":
+        checkpoint = dense_checkpoint(trained_moe, tmp_path)
+    elif case == "stats":
+        extra = ["--stats", other_stats(trained, tmp_path)]
+    elif case.startswith("k="):
+        k = int(case[2:])
+    else:
+        out.mkdir()
+        (out / "keep.txt").write_text("x")
+    code, text, err = run_cli(
+        "--checkpoint", checkpoint, "--out", out, "--experts-per-layer", k, "--save-stats", saved,
+        "--calibration-batches", 1, "--val-batches", 1, *extra, capsys=capsys,
+    )  # fmt: skip
+    assert code == 2 and text == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not saved.exists()
+    assert (not out.exists()) if case != "out exists" else sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+    shutil.rmtree(tmp_path / "dense", ignore_errors=True)
