@@ -177,9 +177,10 @@ def solve_bit_widths(
         if result.x is None:
             raise PostTrainError(f"the bit-width MILP failed: {result.message}")
         choice = result.x.reshape(n, k).argmax(1)
-        if int(cost[np.arange(n), choice].sum()) <= budget:
+        used = int(cost[np.arange(n), choice].sum())
+        if used <= budget:
             return choice
-        limit -= 1  # a tolerance let the total slip above: never exceed the budget
+        limit -= used - budget  # a tolerance let the total slip above: never exceed the budget
 
 
 # --------------------------------------------------------------------------------------------
