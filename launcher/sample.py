@@ -3,6 +3,9 @@
     python launcher/sample.py --checkpoint outputs/tiny/checkpoints/step_00000300 \
         --caption "a red circle moving right" --out samples.mp4
 
+--checkpoint may also be a directory written by launcher/quantize_experts.py: its experts are
+dequantized (and its top-any masks applied) as `megamoe.posttrain.quantization.load_quantized` does.
+
 The prompt is either a caption, embedded with the synthetic dataset's fixed word
 embeddings (for models trained on the embedded default data), or a precomputed text
 embedding [L, text_dim] in a .npy or .safetensors file (key 'text').
@@ -46,7 +49,11 @@ def to_frames(clip: torch.Tensor) -> np.ndarray:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory written by launcher/pretrain.py")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint directory written by launcher/pretrain.py, or a launcher/quantize_experts.py output",
+    )
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--caption", help="caption, embedded like the synthetic dataset's captions")
     prompt.add_argument("--text-embedding", help=".npy or .safetensors (key 'text') of shape [L, text_dim]")
@@ -66,14 +73,20 @@ def main(argv=None) -> int:
     from megamoe.diffusion.sampler import euler_sample
     from megamoe.model.dit import build_model
     from megamoe.model.weights import load_diffusers_weights
+    from megamoe.posttrain.quantization import MANIFEST, load_quantized, read_run_config
+    from megamoe.posttrain.trained_model import PostTrainError
     from megamoe.tools.mp4_writer import write_video
 
+    quantized = (Path(args.checkpoint) / MANIFEST).is_file()
     try:
-        meta = inspect_checkpoint(args.checkpoint)
-    except CheckpointError as exc:
+        cfg = (
+            read_run_config(args.checkpoint)
+            if quantized
+            else from_yaml_text(inspect_checkpoint(args.checkpoint)["config"])
+        )
+    except (CheckpointError, PostTrainError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    cfg = from_yaml_text(meta["config"])
     if cfg.model.out_channels != 3:
         print(
             f"error: the model predicts {cfg.model.out_channels}-channel latents; only 3-channel (RGB-like) "
@@ -82,11 +95,21 @@ def main(argv=None) -> int:
         )
         return 2
     which = args.weights
-    if which == "auto":
-        which = "ema" if (Path(args.checkpoint) / "ema_weights").is_dir() else "model"
-    model = build_model(cfg.model, initialize=False)  # every weight is loaded next
-    load_diffusers_weights(model, Path(args.checkpoint) / ("ema_weights" if which == "ema" else "weights"))
-    model.eval()
+    if quantized:
+        if which != "auto":
+            print(
+                f"error: --weights {which} does not apply to a quantized directory (it holds one model); drop it",
+                file=sys.stderr,
+            )
+            return 2
+        which = "quantized"
+        model = load_quantized(args.checkpoint)
+    else:
+        if which == "auto":
+            which = "ema" if (Path(args.checkpoint) / "ema_weights").is_dir() else "model"
+        model = build_model(cfg.model, initialize=False)  # every weight is loaded next
+        load_diffusers_weights(model, Path(args.checkpoint) / ("ema_weights" if which == "ema" else "weights"))
+        model.eval()
 
     text = load_text_embedding(args, cfg).unsqueeze(0).expand(args.num_samples, -1, -1)
     frames = args.frames or cfg.data.synthetic_frames

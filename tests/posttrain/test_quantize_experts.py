@@ -168,6 +168,17 @@ def test_evaluate_reads_the_directory(quantized_dir, capsys, tmp_path):
     assert "not a quantized model directory" in capsys.readouterr().err
 
 
+def test_sampler_reads_the_directory(quantized_dir, capsys, tmp_path):
+    from launcher.sample import main as sample_main
+
+    video = tmp_path / "quantized.mp4"
+    args = ["--checkpoint", quantized_dir, "--caption", "a red ball", "--out", video, "--num-samples", "1"]
+    assert sample_main([*map(str, args), "--steps", "2"]) == 0
+    assert "quantized weights" in capsys.readouterr().out and video.stat().st_size > 0
+    assert sample_main([*map(str, args), "--steps", "2", "--weights", "ema"]) == 2  # would be ignored: refused
+    assert "does not apply to a quantized directory" in capsys.readouterr().err
+
+
 def _bad(capsys, argv, out) -> str:
     assert main(list(map(str, argv))) == 2
     err = capsys.readouterr().err
