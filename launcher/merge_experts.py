@@ -1,8 +1,8 @@
 """Merge a trained MoE checkpoint's experts, MC-SMoE style (see megamoe/posttrain/merging.py).
 
     python launcher/merge_experts.py --checkpoint CKPT --out DIR --experts-per-layer K \
-        [--calibration-batches N] [--val-batches N] [--stats FILE] [--save-stats FILE] \
-        [--weights model|ema] [--seed N]
+        [--calibration-batches N] [--val-batches N] [--data SHARDS] [--val-data SHARDS] \
+        [--stats FILE] [--save-stats FILE] [--weights model|ema] [--seed N]
 
 CKPT: a checkpoint directory written by launcher/pretrain.py (`<output_dir>/checkpoints/step_*`).
 Each MoE layer keeps its K most frequently routed experts (on N calibration batches of the run's
@@ -34,6 +34,10 @@ def parse_args(argv=None):
     p.add_argument("--experts-per-layer", type=int, required=True, help="K: experts each MoE layer keeps")
     p.add_argument("--calibration-batches", type=int, default=16, help="batches of the run's data for the stats")
     p.add_argument("--val-batches", type=int, default=8, help="held-out batches for the validation loss")
+    p.add_argument("--data", default=None, help="latent shards to calibrate on instead of the run's data")
+    p.add_argument(
+        "--val-data", default=None, help="held-out latent shards (default: the embedded data's held-out split)"
+    )
     p.add_argument("--stats", default=None, help="routing statistics saved by --save-stats (instead of gathering)")
     p.add_argument("--save-stats", default=None, help="write the gathered routing statistics to this file")
     p.add_argument("--weights", choices=["model", "ema"], default="model", help="which weights of the checkpoint")
@@ -91,9 +95,9 @@ def main(argv=None) -> int:
         if args.stats:
             stats = load_routing_stats(args.stats, model)
         else:
-            calibration = data_batches(cfg, args.calibration_batches)
+            calibration = data_batches(cfg, args.calibration_batches, path=args.data)
             stats = collect_routing_stats(model, calibration, cfg, seed=args.seed)
-        held_out = data_batches(cfg, args.val_batches, held_out=True)
+        held_out = data_batches(cfg, args.val_batches, held_out=True, path=args.val_data)
     except PostTrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

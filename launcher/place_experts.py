@@ -2,7 +2,7 @@
 expert grouping), and write the training checkpoint with its experts in that order.
 
     python launcher/place_experts.py --checkpoint CKPT --out DIR --ep-size N \
-        [--calibration-batches N] [--stats FILE] [--save-stats FILE] [--max-load-ratio R]
+        [--calibration-batches N] [--data SHARDS] [--stats FILE] [--save-stats FILE] [--max-load-ratio R]
 
 CKPT: a `checkpoints/step_*` directory written by launcher/pretrain.py (any parallel layout).
 For each MoE layer the experts that calibration tokens select together are grouped onto the same
@@ -44,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="new checkpoint directory (must not exist)")
     p.add_argument("--ep-size", type=int, required=True, help="expert-parallel ranks to place the experts on")
     p.add_argument("--calibration-batches", type=int, default=8, help="training batches to gather statistics on")
+    p.add_argument("--data", default=None, help="latent shards to calibrate on instead of the run's data")
     p.add_argument("--stats", help="routing statistics of this checkpoint (from --save-stats) instead of gathering")
     p.add_argument("--save-stats", help="write the gathered routing statistics to this file")
     p.add_argument(
@@ -67,12 +68,12 @@ def step_bytes(remote_rows: float, remote_assignments: float, tokens: int, cfg) 
     return tokens * (4 * remote_rows * row_bytes(cfg) + 2 * 4 * remote_assignments)
 
 
-def tokens_per_step(model, cfg, ep_size: int) -> int:
+def tokens_per_step(model, cfg, ep_size: int, data: str | None = None) -> int:
     """Video tokens one EP group processes per optimizer step: EP ranks x micro-batch x grad_accum."""
     from megamoe.posttrain.evaluation import video_tokens
     from megamoe.posttrain.trained_model import data_batches
 
-    latents, _ = data_batches(cfg, 1)[0]
+    latents, _ = data_batches(cfg, 1, path=data)[0]
     per_sample = video_tokens(model, latents) // latents.shape[0]
     return ep_size * cfg.data.micro_batch_size * cfg.train.grad_accum * per_sample
 
@@ -162,8 +163,8 @@ def main(argv=None) -> int:
         if args.stats:
             stats = load_routing_stats(args.stats, model)
         else:
-            stats = collect_routing_stats(model, data_batches(cfg, args.calibration_batches), cfg)
-        tokens = tokens_per_step(model, cfg, args.ep_size)
+            stats = collect_routing_stats(model, data_batches(cfg, args.calibration_batches, path=args.data), cfg)
+        tokens = tokens_per_step(model, cfg, args.ep_size, args.data)
     except PostTrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -2,7 +2,8 @@
 with top-any pruning, and report held-out loss, stored bytes and FLOPs before and after.
 
     python launcher/quantize_experts.py --checkpoint CKPT --out DIR --bits-budget 3.0 \
-        [--group-size 128] [--calibration-batches 16] [--val-batches 8] [--stats FILE] [--save-stats FILE] \
+        [--group-size 128] [--calibration-batches 16] [--val-batches 8] [--data SHARDS] [--val-data SHARDS] \
+        [--stats FILE] [--save-stats FILE] \
         [--top-any --prune-weight 0.02 --prune-steps 200] [--weights model|ema]
     python launcher/quantize_experts.py --evaluate DIR [--val-batches 8]
 
@@ -11,7 +12,7 @@ group included; the minimum is 2 + 32 / group-size (every expert at 2 bits). Eac
 4 or 8 bits, chosen jointly over all MoE layers by a MILP (see megamoe/posttrain/quantization.py).
 DIR holds the packed experts, the other weights as they were and the run config; load it with
 megamoe.posttrain.quantization.load_quantized(DIR) (an fp32 model with dequantized experts and the
-top-any routers installed). launcher/sample.py reads training checkpoints only, not DIR.
+top-any routers installed); launcher/sample.py --checkpoint DIR samples from it.
 Bad input prints one line `error: ...` and exits with code 2, writing nothing.
 """
 
@@ -33,6 +34,10 @@ def parse_args(argv=None):
     p.add_argument("--group-size", type=int, default=128, help="input rows per quantization group")
     p.add_argument("--calibration-batches", type=int, default=16, help="training batches for the statistics")
     p.add_argument("--val-batches", type=int, default=8, help="held-out batches for the validation loss")
+    p.add_argument("--data", default=None, help="latent shards to calibrate on instead of the run's data")
+    p.add_argument(
+        "--val-data", default=None, help="held-out latent shards (default: the embedded data's held-out split)"
+    )
     p.add_argument("--stats", help="routing statistics gathered on this checkpoint (--save-stats of an earlier run)")
     p.add_argument("--save-stats", help="write the routing statistics gathered here to this file")
     p.add_argument("--weights", choices=["model", "ema"], default="model", help="which weights of the checkpoint")
@@ -66,12 +71,12 @@ def report(label: str, model, held_out, stored: dict | None = None) -> dict:
     return {"loss": loss, "bytes": size, "flops": flops, "dropped": dropped}
 
 
-def evaluate(directory: str, val_batches: int) -> int:
+def evaluate(directory: str, val_batches: int, val_data: str | None = None) -> int:
     from megamoe.posttrain.quantization import load_quantized, read_run_config, stored_parameter_bytes
     from megamoe.posttrain.trained_model import data_batches
 
     model = load_quantized(directory)
-    held_out = data_batches(read_run_config(directory), val_batches, held_out=True)
+    held_out = data_batches(read_run_config(directory), val_batches, held_out=True, path=val_data)
     report("quantized", model, held_out, stored_parameter_bytes(model, directory))
     return 0
 
@@ -98,7 +103,7 @@ def run(args) -> int:
     from megamoe.train.checkpoint import inspect_checkpoint
 
     if args.evaluate:
-        return evaluate(args.evaluate, args.val_batches)
+        return evaluate(args.evaluate, args.val_batches, args.val_data)
     for flag in ("checkpoint", "out", "bits_budget"):
         if getattr(args, flag) is None:
             raise PostTrainError(f"--{flag.replace('_', '-')} is required (or pass --evaluate DIR)")
@@ -120,11 +125,11 @@ def run(args) -> int:
     config_text = inspect_checkpoint(args.checkpoint)["config"]
     if args.stats:
         stats = load_routing_stats(args.stats, model)
-        calibration = data_batches(cfg, args.calibration_batches) if args.top_any else None
+        calibration = data_batches(cfg, args.calibration_batches, path=args.data) if args.top_any else None
     else:
-        calibration = data_batches(cfg, args.calibration_batches)
+        calibration = data_batches(cfg, args.calibration_batches, path=args.data)
         stats = collect_routing_stats(model, calibration, cfg)
-    held_out = data_batches(cfg, args.val_batches, held_out=True)
+    held_out = data_batches(cfg, args.val_batches, held_out=True, path=args.val_data)
     plan = plan_bit_widths(model, stats, args.bits_budget, args.group_size, cfg.model.moe.top_k)
     before = report("before (fp32)", model, held_out)
     with output_directory(args.out) as tmp:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from megamoe.config import Config, from_yaml_text
+from megamoe.config import Config, ConfigError, from_yaml_text
 
 
 class PostTrainError(ValueError):
@@ -70,6 +70,7 @@ def data_batches(
     encode them to latent shards first (data/encode_latents.py).
     """
     from megamoe.data.loader import build_loader
+    from megamoe.data.worker import DataError
     from megamoe.tools.synthetic_data import HELD_OUT_SEED, ensure_synthetic_dataset
 
     data = dataclasses.replace(cfg.data, num_workers=0)
@@ -88,10 +89,13 @@ def data_batches(
             f"(data/encode_latents.py) and pass those with --data"
         )
     batches = []
-    with build_loader(dataclasses.replace(cfg, data=data), dp_rank=0, dp_size=1) as loader:
-        for _ in range(num_batches):
-            batch = next(loader)
-            batches.append((batch["latents"].float(), batch["text"].float()))
+    try:
+        with build_loader(dataclasses.replace(cfg, data=data), dp_rank=0, dp_size=1) as loader:
+            for _ in range(num_batches):
+                batch = next(loader)
+                batches.append((batch["latents"].float(), batch["text"].float()))
+    except (DataError, ConfigError) as exc:  # a missing, empty or unreadable shard set: one line
+        raise PostTrainError(f"{exc}") from None
     return batches
 
 

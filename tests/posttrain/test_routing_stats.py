@@ -14,6 +14,7 @@ from megamoe.moe.layer import moe_layers
 from megamoe.posttrain.evaluation import _noise, flops_per_token, parameter_bytes, validation_loss
 from megamoe.posttrain.routing_stats import collect_routing_stats, load_routing_stats, save_routing_stats
 from megamoe.posttrain.trained_model import PostTrainError, data_batches, load_trained_model
+from megamoe.tools.synthetic_data import HELD_OUT_SEED, ensure_synthetic_dataset
 
 
 def model_config(**moe) -> ModelConfig:
@@ -145,6 +146,11 @@ def test_trained_checkpoint_and_its_data(trained_moe, tmp_path):
         load_trained_model(tmp_path / "dense")
     with pytest.raises(PostTrainError, match="no built-in held-out split"):
         data_batches(dataclasses.replace(cfg, data=DataConfig(path=str(tmp_path))), 1, held_out=True)
+    held_out_dir = ensure_synthetic_dataset(cfg.data, cfg.model, HELD_OUT_SEED)  # what --val-data would name
+    from_path = data_batches(cfg, 2, held_out=True, path=held_out_dir)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(val, from_path, strict=True))
+    with pytest.raises(PostTrainError, match="no shards found"):
+        data_batches(cfg, 1, path=str(tmp_path / "missing"))
 
 
 def _fake_dense_checkpoint(source, target, cfg):
