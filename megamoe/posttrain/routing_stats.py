@@ -1,17 +1,19 @@
 """Routing statistics of a trained MoE model on calibration data: what the post-training tools decide from.
 
-For each MoE layer (block index b), over the calibration tokens, in the router's columns (one per
-routed expert; merged models: one per expert the router was trained with):
+For each MoE layer (block index b), over the calibration tokens, for the E experts the layer holds
+and computes (a merged layer's: after its router columns are folded onto them):
 
-    counts        [E]     float64  tokens that selected expert e (routing frequency, MC-SMoE / MC#)
+    counts        [E]     float64  tokens that computed expert e (routing frequency, MC-SMoE / MC#)
     weight_sums   [E]     float64  sum of the combine weights expert e received (importance, MC#)
-    coactivation  [E, E]  float64  tokens that selected both i and j (diagonal: counts; Speculative
+    coactivation  [E, E]  float64  tokens that computed both i and j (diagonal: counts; Speculative
                                    MoE's expert grouping)
-    router_logits [T, E]  float32  the router's scores of a fixed sample of T tokens (MC-SMoE groups
-                                   experts by the similarity of these columns); the routing weights
-                                   for routers without a logit layer
-    inputs        [T, dim] float32 the same tokens as the layer received them (calibration inputs
-                                   for output-space errors)
+    inputs        [T, dim] float32 a fixed sample of T tokens as the layer received them (calibration
+                                   inputs for output-space errors)
+    routing_map   [T, E]  bool     the experts each sampled token computed
+    router_logits [T, R]  float32  the router's scores of the sampled tokens, over its R columns (R = E
+                                   unless merged: model.moe.merged_from); MC-SMoE groups experts by the
+                                   similarity of these columns; the routing weights for routers without
+                                   a logit layer
     experts_per_token      float   real experts the layer computed per token, on average
 
 Null experts (AdaMoE) are left out: they cost nothing and hold no weights.
@@ -37,7 +39,7 @@ from megamoe.diffusion.flow import TIMESTEP_SCALE, interpolate
 from megamoe.error_messages import describe
 from megamoe.posttrain.trained_model import PostTrainError
 
-FIELDS = ("counts", "weight_sums", "coactivation", "router_logits", "inputs")
+FIELDS = ("counts", "weight_sums", "coactivation", "router_logits", "inputs", "routing_map")
 
 
 @dataclass
@@ -47,6 +49,7 @@ class LayerStats:
     coactivation: torch.Tensor
     router_logits: torch.Tensor
     inputs: torch.Tensor
+    routing_map: torch.Tensor
     experts_per_token: float = 0.0
     num_tokens: int = 0
 
@@ -105,14 +108,14 @@ def collect_routing_stats(
 
     Each batch is noised as in training: at noise level `noise_level` when given, else at levels
     spread evenly over (0, 1) across the batch's samples, with noise from `seed` (deterministic).
-    sample_tokens: tokens kept per layer for router_logits and inputs, spread evenly over the batches.
+    sample_tokens: tokens kept per layer for inputs, routing_map and router_logits, spread evenly over the batches.
     """
     from megamoe.moe.layer import MoEFeedForward
 
     layers = {_block_index(n): m for n, m in model.named_modules() if isinstance(m, MoEFeedForward)}
     if not layers:
         raise PostTrainError("the model has no MoE layer; the post-training tools work on MoE models")
-    num_experts = next(iter(layers.values())).router.num_experts
+    num_experts = next(iter(layers.values())).num_experts
     acc = {
         b: {
             "counts": torch.zeros(num_experts, dtype=torch.float64),
@@ -120,6 +123,7 @@ def collect_routing_stats(
             "coactivation": torch.zeros(num_experts, num_experts, dtype=torch.float64),
             "router_logits": [],
             "inputs": [],
+            "routing_map": [],
             "computed": 0.0,
         }
         for b in layers
@@ -129,16 +133,11 @@ def collect_routing_stats(
     def hook(block):
         def record(router, args, out):
             tokens, ctx = args
-            real = slice(0, router.num_experts)
-            routed = out.routing_map[:, real].double()
-            a = acc[block]
-            a["counts"] += routed.sum(0)
-            a["weight_sums"] += (out.probs[:, real].double() * routed).sum(0)
-            a["coactivation"] += routed.T @ routed
             keep = torch.linspace(0, tokens.shape[0] - 1, min(per_batch, tokens.shape[0])).long()
             scores = router.logits(tokens.float(), ctx) if hasattr(router, "logits") else out.probs
-            a["router_logits"].append(scores[keep, real].float().cpu())
-            a["inputs"].append(tokens[keep].float().cpu())
+            acc[block]["router_logits"].append(scores[keep, : router.num_experts].float().cpu())
+            acc[block]["inputs"].append(tokens[keep].float().cpu())
+            acc[block]["keep"] = keep
 
         return record
 
@@ -155,9 +154,15 @@ def collect_routing_stats(
             noise = torch.randn(latents.shape, generator=g)
             xs = interpolate(latents.float(), noise, s)
             model(xs.to(dtype), s * TIMESTEP_SCALE, text.to(dtype))
-            for block, layer in layers.items():
-                routing_map = layer.last_routing[1][:, : layer.num_experts]
-                acc[block]["computed"] += float(routing_map.sum())
+            for block, layer in layers.items():  # what the layer executed, over the experts it holds
+                probs, routing_map = (t[:, : layer.num_experts] for t in layer.last_routing[:2])
+                routed = routing_map.double()
+                a = acc[block]
+                a["counts"] += routed.sum(0)
+                a["weight_sums"] += (probs.double() * routed).sum(0)
+                a["coactivation"] += routed.T @ routed
+                a["computed"] += float(routed.sum())
+                a["routing_map"].append(routing_map[a["keep"]].cpu())
             total += layers[next(iter(layers))].last_routing[1].shape[0]
     finally:
         for h in handles:
@@ -172,6 +177,7 @@ def collect_routing_stats(
             coactivation=a["coactivation"],
             router_logits=torch.cat(a["router_logits"])[:sample_tokens],
             inputs=torch.cat(a["inputs"])[:sample_tokens],
+            routing_map=torch.cat(a["routing_map"])[:sample_tokens],
             experts_per_token=a["computed"] / max(total, 1),
             num_tokens=total,
         )
@@ -208,6 +214,11 @@ def load_routing_stats(path: str, model: torch.nn.Module | None = None) -> Routi
                     f"{value} here); gather statistics on this checkpoint instead"
                 )
     stats = RoutingStats(fingerprint=meta["fingerprint"], num_tokens=meta["num_tokens"])
+    missing = sorted(
+        {name for b in meta["experts_per_token"] for name in FIELDS} - {k.split(".", 1)[1] for k in tensors}
+    )
+    if missing:
+        raise PostTrainError(f"'{path}' lacks {', '.join(missing)} (an older format); gather the statistics again")
     for block_text, per_token in meta["experts_per_token"].items():
         block = int(block_text)
         stats.layers[block] = LayerStats(

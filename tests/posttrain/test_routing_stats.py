@@ -81,6 +81,8 @@ def test_statistics_equal_a_per_token_loop_over_the_executed_routing():
         assert layer_stats.experts_per_token == pytest.approx(computed / tokens)
         assert layer_stats.experts_per_token < 2  # the null expert took some of the top-2 picks
         assert layer_stats.router_logits.shape == (10, 4) and layer_stats.inputs.shape == (10, 32)
+        sampled = torch.cat([m[torch.linspace(0, m.shape[0] - 1, 5).long(), :4] for _, m in executed[b]])
+        assert torch.equal(layer_stats.routing_map, sampled)
 
 
 def test_saved_statistics_load_only_on_their_model(tmp_path):
@@ -91,7 +93,7 @@ def test_saved_statistics_load_only_on_their_model(tmp_path):
     save_routing_stats(stats, path)
     loaded = load_routing_stats(path, model)
     for b, s in stats.layers.items():
-        for name in ("counts", "weight_sums", "coactivation", "router_logits", "inputs"):
+        for name in ("counts", "weight_sums", "coactivation", "router_logits", "inputs", "routing_map"):
             assert torch.equal(getattr(loaded.layers[b], name), getattr(s, name))
         assert loaded.layers[b].experts_per_token == s.experts_per_token
     other = build_model(cfg.model, seed=2)  # same shapes, other router weights
