@@ -30,9 +30,11 @@ EXIT_BAD_INPUT = 2
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory written by launcher/pretrain.py")
-    p.add_argument("--out", required=True, help="output directory for the merged model (must not exist)")
+    p.add_argument("--out", required=True, help="output directory for the merged model (absent or empty)")
     p.add_argument("--experts-per-layer", type=int, required=True, help="K: experts each MoE layer keeps")
-    p.add_argument("--calibration-batches", type=int, default=16, help="batches of the run's data for the stats")
+    p.add_argument(
+        "--calibration-batches", type=int, default=None, help="batches of the run's data for the stats (default 16)"
+    )
     p.add_argument("--val-batches", type=int, default=8, help="held-out batches for the validation loss")
     p.add_argument("--data", default=None, help="latent shards to calibrate on instead of the run's data")
     p.add_argument(
@@ -41,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--stats", default=None, help="routing statistics saved by --save-stats (instead of gathering)")
     p.add_argument("--save-stats", default=None, help="write the gathered routing statistics to this file")
     p.add_argument("--weights", choices=["model", "ema"], default="model", help="which weights of the checkpoint")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration noise")
+    p.add_argument("--seed", type=int, default=None, help="seed of the calibration noise (default 0)")
     return p.parse_args(argv)
 
 
@@ -71,17 +73,21 @@ def main(argv=None) -> int:
     from megamoe.posttrain.routing_stats import collect_routing_stats, load_routing_stats, save_routing_stats
     from megamoe.posttrain.trained_model import (
         PostTrainError,
+        check_new_file,
         check_output_directory,
         data_batches,
         load_trained_model,
         output_directory,
+        refuse_unread,
     )
 
     start = time.monotonic()
     try:
         check_output_directory(args.out)
+        check_new_file(args.save_stats, "--save-stats")
+        refuse_unread(args, calibration_batches=None, seed=None, data=None)
         for name in ("calibration_batches", "val_batches"):
-            if getattr(args, name) < 1:
+            if getattr(args, name) is not None and getattr(args, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise PostTrainError(f"{flag} must be >= 1, got {getattr(args, name)}")
         model, cfg = load_trained_model(args.checkpoint, args.weights)
@@ -95,20 +101,20 @@ def main(argv=None) -> int:
         if args.stats:
             stats = load_routing_stats(args.stats, model)
         else:
-            calibration = data_batches(cfg, args.calibration_batches, path=args.data)
-            stats = collect_routing_stats(model, calibration, cfg, seed=args.seed)
+            calibration = data_batches(cfg, args.calibration_batches or 16, path=args.data)
+            stats = collect_routing_stats(model, calibration, cfg, seed=args.seed or 0)
         held_out = data_batches(cfg, args.val_batches, held_out=True, path=args.val_data)
     except PostTrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    if args.save_stats:
-        save_routing_stats(stats, args.save_stats)
     plan = plan_merge(stats, args.experts_per_layer)
     merged = merge_model(model, plan)
     before, after = _figures(model, held_out, cfg), _figures(merged, held_out, cfg)
     with output_directory(args.out) as tmp:
         write_diffusers_weights(merged.state_dict(), merged.cfg, tmp)
+    if args.save_stats:  # last: a run that fails writes nothing
+        save_routing_stats(stats, args.save_stats)
 
     k, e = args.experts_per_layer, moe.num_experts
     print(f"merged {e} -> {k} experts per layer (MC-SMoE) from {args.checkpoint} -> {args.out}")

@@ -41,9 +41,11 @@ EXIT_BAD_INPUT = 2
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a training checkpoint directory (checkpoints/step_*)")
-    p.add_argument("--out", required=True, help="new checkpoint directory (must not exist)")
+    p.add_argument("--out", required=True, help="new checkpoint directory (absent or empty)")
     p.add_argument("--ep-size", type=int, required=True, help="expert-parallel ranks to place the experts on")
-    p.add_argument("--calibration-batches", type=int, default=8, help="training batches to gather statistics on")
+    p.add_argument(
+        "--calibration-batches", type=int, default=None, help="training batches to gather statistics on (default 8)"
+    )
     p.add_argument("--data", default=None, help="latent shards to calibrate on instead of the run's data")
     p.add_argument("--stats", help="routing statistics of this checkpoint (from --save-stats) instead of gathering")
     p.add_argument("--save-stats", help="write the gathered routing statistics to this file")
@@ -137,23 +139,26 @@ def main(argv=None) -> int:
     from megamoe.posttrain.routing_stats import collect_routing_stats, load_routing_stats, save_routing_stats
     from megamoe.posttrain.trained_model import (
         PostTrainError,
+        check_new_file,
         check_output_directory,
         data_batches,
         load_trained_model,
         output_directory,
+        refuse_unread,
     )
 
     checkpoint, out = Path(args.checkpoint), Path(args.out)
     try:
         check_output_directory(out)
-        if args.save_stats and Path(args.save_stats).exists():
-            raise PostTrainError(f"--save-stats '{args.save_stats}' already exists; choose a new file")
-        if args.calibration_batches < 1:
+        check_new_file(args.save_stats, "--save-stats")
+        refuse_unread(args, calibration_batches=None, data=None)
+        if args.calibration_batches is not None and args.calibration_batches < 1:
             raise PostTrainError(f"--calibration-batches must be >= 1, got {args.calibration_batches}")
         ratio = placement.DEFAULT_MAX_LOAD_RATIO if args.max_load_ratio is None else args.max_load_ratio
         if ratio < 1:
             raise PostTrainError(f"--max-load-ratio must be >= 1 (max rank load / mean), got {ratio}")
-        model, cfg = load_trained_model(checkpoint)
+        why = "its router columns are not its experts; place the experts before merging"
+        model, cfg = load_trained_model(checkpoint, refuse_merged=why)
         num_experts = cfg.model.moe.num_experts
         if args.ep_size < 1 or num_experts % args.ep_size:
             raise PostTrainError(
@@ -163,7 +168,8 @@ def main(argv=None) -> int:
         if args.stats:
             stats = load_routing_stats(args.stats, model)
         else:
-            stats = collect_routing_stats(model, data_batches(cfg, args.calibration_batches, path=args.data), cfg)
+            calibration = data_batches(cfg, args.calibration_batches or 8, path=args.data)
+            stats = collect_routing_stats(model, calibration, cfg)
         tokens = tokens_per_step(model, cfg, args.ep_size, args.data)
     except PostTrainError as exc:
         print(f"error: {exc}", file=sys.stderr)

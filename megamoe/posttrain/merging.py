@@ -48,15 +48,15 @@ class LayerMerge:
 
 def check_budget(num_experts: int, top_k: int, k: int, ep_size: int = 1) -> None:
     """PostTrainError unless `k` experts per layer are a merge this model can hold."""
-    if k < 1 or k >= num_experts:
+    if k >= num_experts:
         raise PostTrainError(
-            f"--experts-per-layer {k} must be between 1 and {num_experts - 1} (the model has {num_experts} "
-            f"experts per layer); choose a smaller budget to merge"
+            f"--experts-per-layer {k} must be below the model's {num_experts} experts per layer (nothing would "
+            f"merge); choose between {max(top_k, 1)} and {num_experts - 1}"
         )
-    if k < top_k:
+    if k < max(top_k, 1):
         raise PostTrainError(
-            f"--experts-per-layer {k} is below the router's top_k={top_k}: every token would get at most {k} "
-            f"experts; choose at least {top_k}"
+            f"--experts-per-layer {k} is below the router's top_k={top_k}: a token picks {top_k} experts; "
+            f"choose between {max(top_k, 1)} and {num_experts - 1}"
         )
     if k % ep_size:
         raise PostTrainError(

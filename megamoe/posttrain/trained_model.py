@@ -28,18 +28,26 @@ class PostTrainError(ValueError):
     """Bad input to a post-training tool; the one-line message names the problem and the fix."""
 
 
-def load_trained_model(checkpoint: str | os.PathLike, weights: str = "model") -> tuple[torch.nn.Module, Config]:
+def load_trained_model(
+    checkpoint: str | os.PathLike, weights: str = "model", refuse_merged: str | None = None
+) -> tuple[torch.nn.Module, Config]:
     """(fp32 model in eval mode, the run's resolved Config) of a checkpoint written by
     launcher/pretrain.py (`<output_dir>/checkpoints/step_*`), at any parallel layout.
 
     weights: 'model' (the module's weights, weights/) or 'ema' (ema_weights/, when the run kept an EMA).
-    Raises PostTrainError for a missing or incomplete checkpoint and for a dense model.
+    Raises PostTrainError for a missing or incomplete checkpoint and for a dense model, and, before any
+    weight is read, for a merged model (model.moe.merged_from) when `refuse_merged` gives the reason.
     """
     from megamoe.model.dit import build_model
     from megamoe.model.weights import load_diffusers_weights
     from megamoe.train.checkpoint import CheckpointError, inspect_checkpoint
 
     path = Path(checkpoint)
+    if (path / "config.json").is_file() and not (path / "meta.json").exists():
+        raise PostTrainError(
+            f"'{path}' is a model folder (config.json + safetensors), not a training checkpoint; train from it "
+            f"(train.init_from={path}) and pass a checkpoint of that run (<output_dir>/checkpoints/step_*)"
+        )
     try:
         meta = inspect_checkpoint(path)
     except CheckpointError as exc:
@@ -49,6 +57,11 @@ def load_trained_model(checkpoint: str | os.PathLike, weights: str = "model") ->
         raise PostTrainError(
             f"checkpoint '{path}' holds a dense model (model.moe.num_experts=0); the post-training tools work on "
             f"MoE models: upcycle it first (launcher/upcycle.py) and train the MoE model"
+        )
+    if refuse_merged and cfg.model.moe.merged_from:
+        raise PostTrainError(
+            f"checkpoint '{path}' holds a merged model (model.moe.merged_from={cfg.model.moe.merged_from}); "
+            f"{refuse_merged}"
         )
     folder = path / ("ema_weights" if weights == "ema" else "weights")
     if not folder.is_dir():
@@ -95,7 +108,10 @@ def data_batches(
                 batch = next(loader)
                 batches.append((batch["latents"].float(), batch["text"].float()))
     except (DataError, ConfigError) as exc:  # a missing, empty or unreadable shard set: one line
-        raise PostTrainError(f"{exc}") from None
+        message = str(exc)
+        if path is not None:  # the shards a flag named, not the run's data.path
+            message = message.removeprefix("data.path: ")
+        raise PostTrainError(message) from None
     return batches
 
 
@@ -112,6 +128,11 @@ def output_directory(out: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        # mkdtemp and atomic writes make private files; an output is meant to be shared like any other.
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in (tmp, *tmp.rglob("*")):
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         if out.is_dir():
             out.rmdir()  # empty, as checked: rename needs the name free
         os.rename(tmp, out)
@@ -124,3 +145,28 @@ def check_output_directory(out: str | os.PathLike) -> None:
     out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise PostTrainError(f"--out '{out}' already exists; choose a new directory (nothing is overwritten)")
+
+
+def check_new_file(path: str | os.PathLike | None, flag: str) -> None:
+    """PostTrainError unless `path` (a file a tool will write at its end, e.g. --save-stats) is new and its
+    directory exists: checked before any work, so a run never fails after it."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists():
+        raise PostTrainError(f"{flag} '{path}' already exists; choose a new file (nothing is overwritten)")
+    if not path.parent.is_dir():
+        raise PostTrainError(f"{flag} '{path}': directory '{path.parent}' does not exist; create it first")
+
+
+def refuse_unread(args, read_with_stats: bool = False, **defaults) -> None:
+    """PostTrainError for calibration options that `--stats` makes unread: with statistics given, the
+    tool gathers none, so --data / --calibration-batches / --seed would have no effect (unless the tool
+    still reads calibration batches for something else: read_with_stats). `defaults`: option -> the
+    value that means "not given"."""
+    if not getattr(args, "stats", None) or read_with_stats:
+        return
+    for name, default in defaults.items():
+        if getattr(args, name) != default:
+            flag = "--" + name.replace("_", "-")
+            raise PostTrainError(f"{flag} has no effect with --stats (no statistics are gathered); drop one of them")

@@ -140,32 +140,41 @@ def other_stats(trained, tmp_path):
     "case, message",
     [
         ("dense", "holds a dense model"),
+        ("model folder", "is a model folder"),
         ("stats", "was gathered on another model"),
+        ("stats and calibration", "--calibration-batches has no effect with --stats"),
         ("k=1", "below the router's top_k=2"),
-        ("k=0", "must be between 1 and 7"),
-        ("k=8", "must be between 1 and 7"),
+        ("k=0", "below the router's top_k=2"),
+        ("k=8", "must be below the model's 8 experts"),
         ("out exists", "already exists"),
+        ("save-stats exists", "--save-stats"),
     ],
 )
 def test_bad_inputs_fail_in_one_line_and_write_nothing(case, message, trained, trained_moe, tmp_path, capsys):
     out, saved = tmp_path / "out", tmp_path / "saved.safetensors"
-    checkpoint, k, extra = trained_moe, 4, []
+    checkpoint, k, extra = trained_moe, 4, ["--calibration-batches", 1]
     if case == "dense":
         checkpoint = dense_checkpoint(trained_moe, tmp_path)
-    elif case == "stats":
-        extra = ["--stats", other_stats(trained, tmp_path)]
+    elif case == "model folder":  # what merge_experts.py and upcycle.py write: not a training checkpoint
+        checkpoint = tmp_path / "folder"
+        checkpoint.mkdir()
+        (checkpoint / "config.json").write_text("{}")
+    elif case.startswith("stats"):
+        extra = ["--stats", other_stats(trained, tmp_path)] + (extra if "calibration" in case else [])
     elif case.startswith("k="):
         k = int(case[2:])
+    elif case == "save-stats exists":
+        saved.write_text("keep")
     else:
         out.mkdir()
         (out / "keep.txt").write_text("x")
     code, text, err = run_cli(
         "--checkpoint", checkpoint, "--out", out, "--experts-per-layer", k, "--save-stats", saved,
-        "--calibration-batches", 1, "--val-batches", 1, *extra, capsys=capsys,
+        "--val-batches", 1, *extra, capsys=capsys,
     )  # fmt: skip
     assert code == 2 and text == ""
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
-    assert not saved.exists()
+    assert (not saved.exists()) if case != "save-stats exists" else saved.read_text() == "keep"
     assert (not out.exists()) if case != "out exists" else sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
     shutil.rmtree(tmp_path / "dense", ignore_errors=True)

@@ -206,12 +206,12 @@ def test_resume_from_placed_checkpoint_continues_the_same_training(placed, tmp_p
             assert p[key] == pytest.approx(m[key], rel=1e-5, abs=0), (step, key)
 
 
-def _dense_checkpoint(trained_moe, path):
-    """A checkpoint whose config is dense (only meta.json is read before the refusal)."""
+def _dense_checkpoint(trained_moe, path, moe=None):
+    """A checkpoint whose config is dense, or has the MoE config `moe` (only meta.json is read before the refusal)."""
     path.mkdir()
     meta = json.loads((trained_moe / "meta.json").read_text())
     cfg = from_yaml_text(meta["config"])
-    dense = dataclasses.replace(cfg.model, moe=MoEConfig())
+    dense = dataclasses.replace(cfg.model, moe=moe or MoEConfig())
     meta.update(config=to_yaml(dataclasses.replace(cfg, model=dense)), files={})
     (path / "meta.json").write_text(json.dumps(meta))
     return path
@@ -226,14 +226,25 @@ def _other_model_stats(trained_moe, path):
     return path
 
 
-@pytest.mark.parametrize("case", ["dense", "other_stats", "ep_not_dividing", "out_exists"])
+@pytest.mark.parametrize(
+    "case", ["dense", "merged", "other_stats", "stats_and_calibration", "ep_not_dividing", "out_exists", "save_exists"]
+)
 def test_bad_input_one_line_exit_2_nothing_written(case, trained_moe, tmp_path, capsys):
     out = tmp_path / "out"
-    ckpt, extra, needle = trained_moe, [], ""
+    ckpt, extra, needle = trained_moe, ["--calibration-batches", 1], ""
     if case == "dense":
         ckpt, needle = _dense_checkpoint(trained_moe, tmp_path / "dense"), "dense model"
-    elif case == "other_stats":
+    elif case == "merged":
+        merged = MoEConfig(num_experts=4, merged_from=8, num_shared_experts=1)
+        ckpt, needle = _dense_checkpoint(trained_moe, tmp_path / "merged", merged), "place the experts before merging"
+    elif case.endswith("stats"):
         extra, needle = ["--stats", _other_model_stats(trained_moe, tmp_path / "o.safetensors")], "another model"
+    elif case == "stats_and_calibration":
+        extra = ["--stats", tmp_path / "unread.safetensors", "--calibration-batches", 1]
+        needle = "--calibration-batches has no effect with --stats"
+    elif case == "save_exists":
+        (tmp_path / "saved.safetensors").write_text("mine")
+        extra, needle = ["--save-stats", tmp_path / "saved.safetensors"], "already exists"
     elif case == "ep_not_dividing":
         extra, needle = ["--ep-size", 3], "does not divide"
     else:
@@ -242,7 +253,7 @@ def test_bad_input_one_line_exit_2_nothing_written(case, trained_moe, tmp_path, 
         needle = "already exists"
     before = sorted(p.name for p in tmp_path.iterdir())
     capsys.readouterr()
-    code = run(["--checkpoint", ckpt, "--out", out, "--ep-size", 2, "--calibration-batches", 1, *extra])
+    code = run(["--checkpoint", ckpt, "--out", out, "--ep-size", 2, *extra])
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], captured.err

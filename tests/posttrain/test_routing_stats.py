@@ -166,3 +166,27 @@ def _fake_dense_checkpoint(source, target, cfg):
     meta = json.loads((target / "meta.json").read_text())
     meta["config"] = to_yaml(cfg)
     (target / "meta.json").write_text(json.dumps(meta))
+
+
+def test_output_directory_is_complete_or_absent_and_readable_by_others(tmp_path):
+    import os
+
+    from megamoe.posttrain.trained_model import output_directory
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="half way"), output_directory(out) as tmp:
+        (tmp / "part.bin").write_bytes(b"x")
+        raise RuntimeError("half way")
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary directory
+    umask = os.umask(0o022)
+    try:
+        with output_directory(out) as tmp:
+            private = tmp / "weights.bin"
+            private.write_bytes(b"x")
+            private.chmod(0o600)  # as atomic writes leave a file
+    finally:
+        os.umask(umask)
+    assert (out / "weights.bin").stat().st_mode & 0o777 == 0o644
+    assert out.stat().st_mode & 0o777 == 0o755
+    with pytest.raises(PostTrainError, match="already exists"), output_directory(out):
+        pass
