@@ -38,7 +38,8 @@ DENSE_CLASS_NAME = "WanTransformer3DModel"
 MOE_CLASS_NAME = "WanMoETransformer3DModel"
 MOE_REFUSAL = (
     "none: this is a megamoe Mixture-of-Experts WanDiT, whose routed experts replace the dense FFNs, "
-    "so WanTransformer3DModel cannot hold it; load it with megamoe (train.init_from, launcher/sample.py)"
+    "so WanTransformer3DModel cannot hold it; load it with megamoe (train.init_from, or launcher/sample.py on "
+    "the training checkpoint whose weights/ it is)"
 )
 STRUCTURAL_MOE_FIELDS = (
     "num_experts",
