@@ -2,7 +2,7 @@
 
     q = quantize(w, bits, group_size)           # one expert matrix [in, out] -> QuantizedTensor
     w_hat = q.dequantize()                       # fp32, |w - w_hat| <= scale / 2 within each group
-    plan = plan_bit_widths(model, stats, budget_bits=3.0, group_size=128)   # joint MILP over all layers
+    plan = plan_bit_widths(model, stats, average_bits=3.0, group_size=128)  # joint MILP over all layers
     write_quantized(model, cfg, plan, out_dir); model = load_quantized(out_dir)
 
 Scheme: each routed expert's w1 [dim, hidden] and w2 [hidden, dim] is cut into groups of
@@ -20,9 +20,11 @@ Bit-widths: one per expert from BIT_WIDTHS, chosen jointly over every MoE layer 
 of stored bits (integers + fp16 scales and offsets) by scipy's MILP (HiGHS), minimising
 sum_e importance_e * error_e(bits): importance = the expert's summed combine weight per
 calibration token (RoutingStats.weight_sums / tokens: routing frequency times mean weight),
-error = the mean squared output error of the quantized expert on the calibration tokens routed
-to it (RoutingStats.inputs, selected by the router's top-k scores), so the product estimates the
-squared error the expert adds to its layer's output per token.
+error = the mean squared output error of the quantized expert on the sampled calibration tokens
+that computed it (the rows of RoutingStats.inputs whose routing_map holds the expert), so the
+product estimates the squared error the expert adds to its layer's output per token. Both are over
+the experts a layer holds: a merged model's (model.moe.merged_from) after its router columns are
+folded onto them, never the router's columns.
 """
 
 from __future__ import annotations
@@ -204,11 +206,28 @@ def expert_stored_bits(experts, bits: int, group_size: int) -> int:
     )
 
 
+def check_model_group_size(model, group_size: int) -> None:
+    """PostTrainError unless `group_size` divides the input rows of every routed expert's w1 and w2."""
+    for m in _moe_layers(model).values():
+        check_group_size(m.experts.dim, group_size, "w1 (model.dim)")
+        check_group_size(m.experts.hidden, group_size, "w2 (the expert hidden width)")
+
+
+def uniform_average_bits(model, group_size: int, bits: int) -> float:
+    """Stored bits per routed-expert weight with every expert at `bits`, scales and offsets included."""
+    layers = _moe_layers(model).values()
+    total = sum(m.experts.num_experts * expert_stored_bits(m.experts, bits, group_size) for m in layers)
+    return total / expert_weight_count(model)
+
+
 def minimum_average_bits(model, group_size: int) -> float:
     """The smallest --bits-budget: every expert at 2 bits, scales and offsets included."""
-    layers = _moe_layers(model).values()
-    total = sum(m.experts.num_experts * expert_stored_bits(m.experts, min(BIT_WIDTHS), group_size) for m in layers)
-    return total / expert_weight_count(model)
+    return uniform_average_bits(model, group_size, min(BIT_WIDTHS))
+
+
+def maximum_average_bits(model, group_size: int) -> float:
+    """The largest useful --bits-budget: every expert at 8 bits, scales and offsets included."""
+    return uniform_average_bits(model, group_size, max(BIT_WIDTHS))
 
 
 @dataclass
@@ -226,26 +245,40 @@ def _expert_out(x, w1, b1, w2, b2):
     return F.gelu(x @ w1 + b1, approximate="tanh") @ w2 + b2
 
 
+def expert_tokens(layer_stats, expert: int) -> torch.Tensor:
+    """The sampled calibration tokens [n, dim] (fp32) that computed `expert` of the layer (the rows of
+    `inputs` whose `routing_map` holds it); every sampled token when none did."""
+    chosen = layer_stats.routing_map[:, expert].bool()
+    tokens = layer_stats.inputs.float()
+    return tokens[chosen] if bool(chosen.any()) else tokens
+
+
 @torch.no_grad()
-def plan_bit_widths(model, stats, average_bits: float, group_size: int, top_k: int) -> BitPlan:
+def plan_bit_widths(model, stats, average_bits: float, group_size: int) -> BitPlan:
     """Quantize every routed expert at every width, measure its errors, and choose the widths by
-    the MILP under a budget of `average_bits` stored bits per expert weight (all layers jointly)."""
+    the MILP under a budget of `average_bits` stored bits per expert weight (all layers jointly).
+
+    Each expert's error is measured on the sampled tokens that computed it (`expert_tokens`) and
+    weighted by its importance (weight_sums / tokens), both over the experts the layer holds."""
     layers = _moe_layers(model)
-    for m in layers.values():
-        check_group_size(m.experts.dim, group_size, "w1 (model.dim)")
-        check_group_size(m.experts.hidden, group_size, "w2 (the expert hidden width)")
+    check_model_group_size(model, group_size)
+    for block, m in layers.items():
+        s = stats.layers.get(block)
+        held = m.experts.num_experts
+        if s is None or s.routing_map.shape[1] != held or s.weight_sums.shape[0] != held:
+            raise PostTrainError(
+                f"the routing statistics do not cover the {held} experts block {block} holds; "
+                f"gather them on this model again"
+            )
     budget = math.floor(average_bits * expert_weight_count(model))
     keys, objective, cost = [], [], []
     plan = BitPlan({}, group_size, budget, 0)
     for block, layer in layers.items():
         ex, s = layer.experts, stats.layers[block]
-        tokens = s.inputs.float()
-        selected = torch.zeros(s.router_logits.shape, dtype=torch.bool)
-        selected.scatter_(1, s.router_logits.float().topk(min(top_k, s.router_logits.shape[1]), dim=1).indices, True)
-        importance = (s.weight_sums[: ex.num_experts] / max(s.num_tokens, 1)).tolist()
+        importance = (s.weight_sums / max(s.num_tokens, 1)).tolist()
         plan.importance[block], plan.errors[block] = importance, []
         for e in range(ex.num_experts):
-            x = tokens[selected[:, e]] if bool(selected[:, e].any()) else tokens  # unseen expert: every token
+            x = expert_tokens(s, e)
             ref = _expert_out(x, ex.w1[e], ex.b1[e], ex.w2[e], ex.b2[e])
             errors = []
             for bits in BIT_WIDTHS:

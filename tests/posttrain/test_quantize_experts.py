@@ -1,5 +1,6 @@
 """launcher/quantize_experts.py and megamoe/posttrain/{quantization,top_any}.py: packing, the per-group
-rounding bound, the MILP against enumeration, the loader against the in-memory model, top-any, bad inputs."""
+rounding bound, the MILP against enumeration, the loader against the in-memory model, a merged model's
+calibration tokens, top-any, bad and ignored inputs, --save-stats only with a complete output."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import pytest
 import torch
 import yaml
 
-from launcher.quantize_experts import main
+from launcher.quantize_experts import check_arguments, main, parse_args
+from megamoe.posttrain.merging import merge_model, plan_merge
 from megamoe.posttrain.quantization import (
     BIT_WIDTHS,
     apply_plan,
+    expert_tokens,
     load_quantized,
     pack_bits,
     plan_bit_widths,
@@ -27,7 +30,7 @@ from megamoe.posttrain.quantization import (
     unpack_bits,
     write_quantized,
 )
-from megamoe.posttrain.routing_stats import collect_routing_stats, save_routing_stats
+from megamoe.posttrain.routing_stats import collect_routing_stats, load_routing_stats, save_routing_stats
 from megamoe.posttrain.top_any import dropped_fraction, install_top_any, reset_counts, train_top_any
 from megamoe.posttrain.trained_model import data_batches, load_trained_model
 from megamoe.train.checkpoint import inspect_checkpoint
@@ -81,12 +84,48 @@ def test_solver_meets_budget_and_is_optimal_against_enumeration():
 
 @pytest.fixture(scope="module")
 def quantized_dir(trained_moe, tmp_path_factory):
-    """The tool's output on the shared checkpoint, with top-any (a few steps, a large penalty)."""
+    """The tool's output on the shared checkpoint, with top-any (a few steps, a large penalty);
+    its routing statistics saved beside it as stats.safetensors."""
     out = tmp_path_factory.mktemp("quantize") / "q"
     argv = ["--checkpoint", trained_moe, "--out", out, "--bits-budget", "3.0", "--group-size", "64"]
     argv += ["--calibration-batches", "2", "--val-batches", "1", "--top-any", "--prune-weight", "2"]
+    argv += ["--save-stats", out.parent / "stats.safetensors"]
     assert main([*map(str, argv), "--prune-steps", "4", "--prune-lr", "0.5"]) == 0
     return out
+
+
+def _expert_out(x, w1, b1, w2, b2):
+    return torch.nn.functional.gelu(x @ w1 + b1, approximate="tanh") @ w2 + b2
+
+
+@torch.no_grad()
+def test_merged_model_errors_use_the_tokens_that_computed_each_expert(trained_moe):
+    """A merged layer's router scores 8 columns, its 4 experts are what the tokens computed: expert e's
+    error is measured on the sampled tokens whose routing_map holds e, not those whose top-k has column e."""
+    model, cfg = load_trained_model(trained_moe)
+    batches = data_batches(cfg, 1)
+    merged = merge_model(model, plan_merge(collect_routing_stats(model, batches, cfg, sample_tokens=256), 4))
+    assert merged.cfg.moe.merged_from == 8 and merged.cfg.moe.num_experts == 4
+    stats = collect_routing_stats(merged, batches, cfg, sample_tokens=256)
+    plan = plan_bit_widths(merged, stats, 3.0, 64)
+    columns_differ = False
+    for block, s in stats.layers.items():
+        ex = merged.blocks[block].ffn.experts
+        assert s.routing_map.shape == (256, 4) and s.router_logits.shape == (256, 8)
+        assert plan.importance[block] == pytest.approx((s.weight_sums / s.num_tokens).tolist(), rel=1e-12)
+        top_columns = s.router_logits.topk(cfg.model.moe.top_k, dim=1).indices
+        for e in range(ex.num_experts):
+            chosen = s.routing_map[:, e]
+            assert bool(chosen.any())
+            x = s.inputs[chosen].float()
+            assert torch.equal(expert_tokens(s, e), x)
+            columns_differ |= not torch.equal(chosen, (top_columns == e).any(1))
+            ref = _expert_out(x, ex.w1[e], ex.b1[e], ex.w2[e], ex.b2[e])
+            for j, bits in enumerate(BIT_WIDTHS):
+                w1, w2 = quantize(ex.w1[e], bits, 64).dequantize(), quantize(ex.w2[e], bits, 64).dequantize()
+                expected = float(((_expert_out(x, w1, ex.b1[e], w2, ex.b2[e]) - ref) ** 2).sum(1).mean())
+                assert plan.errors[block][e][j] == pytest.approx(expected, rel=1e-6), (block, e, bits)
+    assert columns_differ  # otherwise the router's columns would pick the same tokens and prove nothing
 
 
 def _states_equal(a, b) -> None:
@@ -99,7 +138,7 @@ def _states_equal(a, b) -> None:
 def test_loader_equals_the_dequantized_model(trained_moe, tmp_path, quantized_dir):
     model, cfg = load_trained_model(trained_moe)
     stats = collect_routing_stats(model, data_batches(cfg, 1), cfg)
-    plan = plan_bit_widths(model, stats, 3.0, 64, cfg.model.moe.top_k)
+    plan = plan_bit_widths(model, stats, 3.0, 64)
     assert plan.used_bits <= plan.budget_bits and {b for v in plan.bits.values() for b in v} - {2} != set()
     apply_plan(model, plan)
     write_quantized(model, inspect_checkpoint(trained_moe)["config"], plan, tmp_path)
@@ -179,6 +218,28 @@ def test_sampler_reads_the_directory(quantized_dir, capsys, tmp_path):
     assert "does not apply to a quantized directory" in capsys.readouterr().err
 
 
+def test_save_stats_is_written_with_the_complete_directory(trained_moe, quantized_dir):
+    model, _ = load_trained_model(trained_moe)
+    stats = load_routing_stats(quantized_dir.parent / "stats.safetensors", model)  # gathered on this model
+    assert sorted(stats.layers) == sorted(map(int, read_manifest(quantized_dir)["bits"])) == [0, 1]
+
+
+def test_save_stats_is_not_written_when_the_run_fails(trained_moe, tmp_path, monkeypatch):
+    from megamoe.posttrain import quantization
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(quantization, "write_quantized", fail)
+    out, saved = tmp_path / "q", tmp_path / "stats.safetensors"
+    argv = ["--checkpoint", trained_moe, "--out", out, "--bits-budget", "3", "--group-size", "64"]
+    argv += ["--calibration-batches", "1", "--val-batches", "1", "--save-stats", saved]
+    with pytest.raises(RuntimeError, match="disk full"):
+        main(list(map(str, argv)))
+    assert not out.exists() and not saved.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary left either
+
+
 def _bad(capsys, argv, out) -> str:
     assert main(list(map(str, argv))) == 2
     err = capsys.readouterr().err
@@ -206,7 +267,8 @@ def test_bad_inputs(trained_moe, tmp_path, capsys):
     with torch.no_grad():
         model.blocks[0].ffn.router.gate.weight[0, 0] += 1.0
     save_routing_stats(collect_routing_stats(model, data_batches(cfg, 1), cfg, sample_tokens=64), tmp_path / "s")
-    assert "another model" in _bad(capsys, [*base, "--bits-budget", "3", "--stats", tmp_path / "s"], out)
+    argv = [*base[:4], "--val-batches", "1", "--bits-budget", "3", "--stats", tmp_path / "s"]
+    assert "another model" in _bad(capsys, argv, out)
     # --out exists
     taken = tmp_path / "taken"
     taken.mkdir()
@@ -214,3 +276,89 @@ def test_bad_inputs(trained_moe, tmp_path, capsys):
     assert main(list(map(str, [*base[:3], taken, "--bits-budget", "3"]))) == 2
     assert "already exists" in capsys.readouterr().err
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+
+
+def test_budget_must_be_finite_and_at_most_every_expert_at_8_bits(trained_moe, tmp_path, capsys):
+    out = tmp_path / "q"
+    base = ["--checkpoint", trained_moe, "--out", out, "--calibration-batches", "1", "--val-batches", "1"]
+    for budget in ("nan", "inf", "-inf"):
+        assert "finite" in _bad(capsys, [*base, f"--bits-budget={budget}"], out)
+    err = _bad(capsys, [*base, "--bits-budget", "8.51", "--group-size", "64"], out)
+    assert "above the maximum 8.5 " in err and "lower it" in err  # 8 + 32 / 64
+    assert "above the maximum 8.25 " in _bad(capsys, [*base, "--bits-budget", "8.3"], out)  # the default group 128
+
+
+def test_group_size_is_checked_before_the_budget_range(trained_moe, tmp_path, capsys):
+    out = tmp_path / "q"
+    base = ["--checkpoint", trained_moe, "--out", out, "--calibration-batches", "1", "--val-batches", "1"]
+    for budget in ("3", "12"):  # 2 + 32/7 = 6.6 > 3 and 8 + 32/7 = 12.6 > 12: the budget would look wrong
+        err = _bad(capsys, [*base, "--bits-budget", budget, "--group-size", "7"], out)
+        assert "--group-size 7 does not divide" in err and "bits-budget" not in err
+
+
+def test_save_stats_path_is_checked_before_any_work(trained_moe, tmp_path, capsys):
+    out = tmp_path / "q"
+    base = ["--checkpoint", trained_moe, "--out", out, "--bits-budget", "3", "--group-size", "64"]
+    taken = tmp_path / "taken.safetensors"
+    taken.write_text("x")
+    assert "already exists" in _bad(capsys, [*base, "--save-stats", taken], out)
+    assert taken.read_text() == "x"
+    missing = tmp_path / "no" / "stats.safetensors"
+    assert "does not exist" in _bad(capsys, [*base, "--save-stats", missing], out)
+    assert not missing.parent.exists()
+    empty = tmp_path / "empty"  # an existing empty --out is accepted: the file would land in the output
+    empty.mkdir()
+    argv = ["--checkpoint", trained_moe, "--out", empty, "--bits-budget", "3", "--save-stats", empty / "s"]
+    assert main(list(map(str, argv))) == 2
+    assert "inside --out" in capsys.readouterr().err and not any(empty.iterdir())
+
+
+def test_evaluate_refuses_flags_it_would_ignore_and_zero_batches(quantized_dir, tmp_path, capsys):
+    saved = tmp_path / "s.safetensors"
+    given = [
+        ["--val-batches", "0"],
+        ["--checkpoint", tmp_path],
+        ["--out", tmp_path / "q"],
+        ["--bits-budget", "3"],
+        ["--stats", saved],
+        ["--save-stats", saved],
+        ["--top-any"],
+        ["--data", tmp_path],
+        ["--group-size", "64"],
+        ["--group-size", "128"],  # the default, but still not read
+        ["--calibration-batches", "2"],
+        ["--weights", "ema"],
+        ["--prune-steps", "3"],
+    ]
+    for extra in given:
+        err = _bad(capsys, ["--evaluate", quantized_dir, "--val-batches", "1", *extra], saved)
+        assert (extra[0] if extra[1:] != ["0"] else "--val-batches must be >= 1") in err, (extra, err)
+    assert not (tmp_path / "q").exists()
+
+
+def test_flags_that_would_not_be_read_are_refused(trained_moe, tmp_path, capsys):
+    out, stats = tmp_path / "q", tmp_path / "s.safetensors"
+    base = ["--checkpoint", trained_moe, "--out", out, "--bits-budget", "3"]
+    for flag, value in (("--prune-weight", "0.1"), ("--prune-steps", "5"), ("--prune-lr", "0.1")):
+        err = _bad(capsys, [*base, flag, value], out)
+        assert flag in err and "only apply with --top-any" in err
+    for extra in (["--data", tmp_path], ["--calibration-batches", "4"]):
+        err = _bad(capsys, [*base, "--stats", stats, *extra], out)
+        assert extra[0] in err and "would not be read" in err
+    # Accepted where they are read, with the documented defaults when not given.
+    args = parse_args(list(map(str, [*base, "--stats", stats, "--top-any", "--calibration-batches", "4"])))
+    check_arguments(args)
+    assert (args.prune_weight, args.prune_steps, args.prune_lr) == (0.02, 200, 0.01)
+    assert (args.calibration_batches, args.group_size, args.weights) == (4, 128, "model")
+    args = parse_args(list(map(str, base)))
+    check_arguments(args)
+    assert args.calibration_batches == 16 and args.prune_weight is None
+
+
+def test_out_help_says_an_empty_directory_is_accepted(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "absent or empty" in " ".join(capsys.readouterr().out.split())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check_arguments(parse_args(["--checkpoint", str(tmp_path), "--out", str(empty), "--bits-budget", "3"]))
