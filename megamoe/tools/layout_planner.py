@@ -32,11 +32,11 @@ Bytes per GPU, for layout TP x CP x EP on W GPUs (data-parallel DP = W / (TP x C
 
 All-to-all bytes per step and GPU: tokens x top_k x dim x bytes x 2 (dispatch and combine) x 2 (forward
 and backward; 3 for checkpointed blocks, which dispatch again when recomputed) x MoE layers x the
-fraction (EP - 1) / EP that leaves the rank under uniform routing, x grad_accum micro-batches (not
-counted: each row's fp32 routing weight, 4 bytes against dim x bytes).
-ZeRO comm per step and GPU: the gradient reduce-scatter plus the all-gather of updated weights,
-2 x bytes x (local parameters) x (n - 1) / n over each parameter's sharding group: the traffic that
-expert parallelism trades against the all-to-all (experts reduce over W / EP ranks only).
+fraction (EP - 1) / EP that leaves the rank under uniform routing, x grad_accum micro-batches (each
+row's 4-byte fp32 routing weight is not counted). ZeRO comm per step and GPU: the gradient
+reduce-scatter plus the all-gather of updated weights, 2 x bytes x (local parameters) x (n - 1) / n
+over each parameter's sharding group: the traffic that expert parallelism trades against the
+all-to-all (experts reduce over W / EP ranks only).
 
 Planned video size: the largest data.buckets entry by tokens (pixel buckets of video shards go
 through the VAE's 4x16x16 compression), else the synthetic clip size; --latent F,H,W overrides.
@@ -407,12 +407,8 @@ def activation_bytes(
         shared = e.num_shared_experts * (e.shared_ffn_dim or width)
         # The router keeps an fp32 copy of its input and ~5 fp32 [T, E] tensors; the fused experts keep the model-
         # dtype tokens (fp32: the router's input) and per (token, expert) its pre-activation and ~28 index bytes.
-        routed = seq * (
-            4 * d
-            + d * act * (act != 4)
-            + 20 * ((e.merged_from or e.num_experts) + e.num_null_experts)
-            + e.top_k * (width * act + 28)
-        )
+        columns = (e.merged_from or e.num_experts) + e.num_null_experts  # the router's, merged or not
+        routed = seq * (4 * d + d * act * (act != 4) + 20 * columns + e.top_k * (width * act + 28))
         if layout.ep > 1:  # the experts' input is then the rows the all-to-all delivered (and their order)
             routed += seq * e.top_k * (d * act + 8)
         shared_bytes = interior * 2 * shared * act  # their input: the same tokens, counted above
