@@ -41,8 +41,6 @@ so a new router's per-expert state is never left unpermuted by accident.
 
 from __future__ import annotations
 
-import itertools
-import math
 import re
 from dataclasses import dataclass
 
@@ -249,38 +247,6 @@ def place_layer(
     if _key(c, counts, current, bound) <= best_key:
         best = current
     return _to_permutation(best, ep_size, pinned)
-
-
-def enumerate_best(coactivation, ep_size: int, max_load_ratio: float = DEFAULT_MAX_LOAD_RATIO) -> float:
-    """The largest within-rank co-activation mass W over EVERY balanced partition meeting the load
-    bound (the optimum `place_layer` is tested against; small E only)."""
-    c = np.array(coactivation, dtype=np.float64)
-    e = len(c)
-    counts = np.diag(c).copy()
-    np.fill_diagonal(c, 0.0)
-    c = (c + c.T) / 2
-    per = e // ep_size
-    current_max = max(counts[r * per : (r + 1) * per].sum() for r in range(ep_size))
-    bound = max(max_load_ratio * counts.sum() / ep_size, current_max)
-    best = -math.inf
-
-    def partitions(items):
-        if not items:
-            yield []
-            return
-        first, rest = items[0], items[1:]
-        for others in itertools.combinations(rest, per - 1):
-            group = (first, *others)
-            remaining = [i for i in rest if i not in others]
-            for tail in partitions(remaining):
-                yield [group, *tail]
-
-    for part in partitions(list(range(e))):
-        if max(counts[list(g)].sum() for g in part) > bound + 1e-9:
-            continue
-        w = sum(c[i, j] for g in part for i, j in itertools.combinations(g, 2))
-        best = max(best, w)
-    return best
 
 
 def within_rank_mass(coactivation, perm, ep_size: int) -> float:

@@ -53,11 +53,6 @@ class LayerStats:
     experts_per_token: float = 0.0
     num_tokens: int = 0
 
-    @property
-    def frequency(self) -> torch.Tensor:
-        """[E] share of the calibration tokens that selected each expert."""
-        return self.counts / max(self.num_tokens, 1)
-
 
 @dataclass
 class RoutingStats:
