@@ -132,6 +132,13 @@ class Router(nn.Module):
         assert out.topk_indices is None or (out.topk_indices.ndim == 2 and out.topk_indices.shape[0] == n)
         return out
 
+    def replay(self, selection: torch.Tensor) -> torch.Tensor:
+        """Every router passes its selection (the tensor that fixes which experts each token visits:
+        a routing map, top-k indices, a coin) through here once per forward, at the point where it
+        is made, and routes with what comes back. Routing replay: a recomputed forward under
+        activation checkpointing gets the first forward's selection back instead of a new one."""
+        return selection
+
     @torch.no_grad()
     def after_step(self, reduce: Reduce) -> None:
         """Called once per applied optimizer step on every rank: non-gradient state updates
