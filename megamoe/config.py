@@ -60,7 +60,7 @@ class MoEConfig:
     expert_choice_scope: str = "sample"
     """Expert choice picks each expert's tokens per 'sample' or over the whole micro-'batch'."""
     capacity_factor: float = 1.0
-    """Expert choice: tokens per expert = capacity_factor * tokens * top_k / num_experts."""
+    """Expert choice and DiffMoE: tokens per expert = capacity_factor * tokens * top_k / num_experts."""
     race_threshold_decay: float = 0.99
     """Expert Race: EMA decay of the learned score threshold used at inference."""
     sinkhorn_iterations: int = 3
@@ -88,6 +88,16 @@ class MoEConfig:
     """Compute routing diagnostics every this many steps; 0 disables them."""
     merged_from: int = 0
     """MC-SMoE (launcher/merge_experts.py): routed experts the router scores, folded onto num_experts; 0 = not merged."""
+    # DiffMoE (router=diffmoe, megamoe/moe/routers/diffmoe.py)
+    capacity_loss: float = 1.0
+    """Weight of DiffMoE's capacity-predictor BCE loss (> 0 with diffmoe; its gradient reaches only the predictor)."""
+    diffmoe_threshold_decay: float = 0.99
+    """DiffMoE: EMA decay of the per-expert predictor-score threshold that routes at inference."""
+    # Timestep-band experts (router=timestep_band, megamoe/moe/routers/timestep_band.py)
+    timestep_band_boundaries: list[float] = field(default_factory=lambda: [875.0])
+    """Timesteps (0..1000) that split the noise levels into len+1 bands; a token with t >= b is above boundary b."""
+    timestep_band_router: str = "none"
+    """Picks top_k among its band's experts: 'none' (one expert per band, weight 1) or linear, mlp, cross_attention."""
 
 
 @dataclass

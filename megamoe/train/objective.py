@@ -23,6 +23,7 @@ def loss_weights(cfg: Config) -> dict[str, float]:
         "similarity": moe.similarity_loss,
         "contrastive": moe.contrastive_loss,
         "layer_reg": moe.layer_reg_loss,
+        "capacity": moe.capacity_loss,
     }
 
 

@@ -24,8 +24,15 @@ VARIANTS = {
 }
 
 
+# Routers whose defaults do not fit 4 experts at top-2: timestep bands of 2 experts, an MLP picking in each.
+ROUTER_DEFAULTS = {
+    "timestep_band": dict(timestep_band_router="mlp", timestep_band_boundaries=[500.0]),
+}
+
+
 def make_cfg(router: str, **overrides) -> MoEConfig:
     base = dict(num_experts=4, top_k=2, router=router, num_shared_experts=2, shared_ffn_dim=8)
+    base.update(ROUTER_DEFAULTS.get(router, {}))
     optional = dict(router_hidden_dim=16, balance_loss=0.01, z_loss=0.001)  # where the router reads them
     base.update({k: v for k, v in optional.items() if k in ROUTERS[router].config_keys})
     base.update(overrides)

@@ -1,7 +1,15 @@
 """Routers by name. Importing this package imports every router module, which registers
 its routers in `ROUTERS` (one module per family; see base.py for the interface)."""
 
-from megamoe.moe.routers import expert_choice, expert_race, promoe, sinkhorn, token_choice  # noqa: F401  (register)
+from megamoe.moe.routers import (  # noqa: F401  (register)
+    diffmoe,
+    expert_choice,
+    expert_race,
+    promoe,
+    sinkhorn,
+    timestep_band,
+    token_choice,
+)
 from megamoe.moe.routers.base import (
     ROUTERS,
     Router,

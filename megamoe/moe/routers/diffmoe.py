@@ -1,0 +1,164 @@
+"""DiffMoE: expert choice over a batch-level global token pool, and a capacity predictor for inference.
+
+Shi et al. 2025, "DiffMoE: Dynamic Token Selection for Scalable Diffusion Transformers"
+(Tsinghua / Kuaishou, arXiv:2503.14487).
+
+Training (the batch-level global token pool):
+    scores = score_func(tokens @ W_gate^T)                     [N, E]  (softmax over experts by default)
+    C      = round(capacity_factor * N * top_k / E), in [1, N]   N = B * L: every token of the micro-batch
+    expert e takes the C tokens of the pool with the largest scores[:, e] (all tokens tied at the C-th)
+    probs[t, e] = scores[t, e] where taken, 0 elsewhere
+
+This is expert choice with `expert_choice_scope: batch` (routers/expert_choice.py): tokens of all
+samples and noise levels compete for one expert, so noisy, hard samples can take more compute
+than clean, easy ones while every expert is exactly full.
+
+Capacity predictor: a two-layer MLP (dim -> router_hidden_dim -> E) on the DETACHED tokens
+predicts, per (token, expert), whether the pool would select the pair. It is trained by binary
+cross-entropy against the training selection (loss 'capacity', weight `capacity_loss`); tokens
+and mask are detached, so its gradient reaches the predictor only, never the tokens or the gate.
+
+Inference (`eval()`): the pool's top-C of a batch depends on the other samples in it (the CFG-null
+copy, the other prompts). Instead, token t goes to expert e iff sigmoid(predictor(t))[e] >=
+threshold[e]: a per-expert fp32 buffer, the EMA (decay `diffmoe_threshold_decay`) of the C-th
+largest predictor score of each expert in the training pool, i.e. the threshold that reproduces
+the training capacity. `after_step` updates it from the mean over the step's forwards and over
+the data-parallel ranks (`reduce`), so every rank holds the same threshold; it is saved with the
+model; the first update copies the value; a skipped step's statistics are dropped
+(`discard_step`); a recomputed forward is not counted again. Before any update, eval falls back
+to the training rule. A token's inference routing depends on that token only.
+
+Under sequence sharding the pool spans the shards: C counts every token and the C-th scores are
+found by exchanging each rank's own top-C (TokenShards.kth_largest), as expert choice does.
+
+Score function: the paper's gate is a softmax over experts followed by the per-expert top-C
+(as in EC-DiT); `score_func: sigmoid` is accepted as the alternative.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamoe.config import MoEConfig
+from megamoe.model.activation_checkpointing import is_recomputing
+from megamoe.moe.routers.base import SCORE_FUNCS, Reduce, Router, RouterOutput, RoutingContext, register_router, require
+from megamoe.moe.routers.expert_choice import expert_capacity
+
+
+@register_router("diffmoe")
+class DiffMoERouter(Router):
+    # Balanced by construction (every expert exactly full in training): no balance loss or bias.
+    config_keys = Router.config_keys | {
+        "capacity_factor",
+        "score_func",
+        "router_hidden_dim",
+        "capacity_loss",
+        "diffmoe_threshold_decay",
+    }
+
+    @classmethod
+    def check_config(cls, cfg: MoEConfig) -> None:
+        super().check_config(cfg)
+        require(cfg.capacity_factor > 0, f"model.moe.capacity_factor must be > 0, got {cfg.capacity_factor}")
+        require(
+            cfg.score_func in SCORE_FUNCS,
+            f"model.moe.score_func must be one of {', '.join(SCORE_FUNCS)}, got '{cfg.score_func}'",
+        )
+        require(cfg.router_hidden_dim >= 1, f"model.moe.router_hidden_dim must be >= 1, got {cfg.router_hidden_dim}")
+        require(
+            cfg.capacity_loss > 0,
+            f"model.moe.capacity_loss must be > 0 with router=diffmoe (it trains the capacity predictor that "
+            f"routes at inference), got {cfg.capacity_loss}",
+        )
+        require(
+            0.0 <= cfg.diffmoe_threshold_decay < 1.0,
+            f"model.moe.diffmoe_threshold_decay must be in [0, 1), got {cfg.diffmoe_threshold_decay}",
+        )
+
+    def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
+        super().__init__(dim, cfg, **kwargs)
+        self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
+        self.predictor = nn.Sequential(
+            nn.Linear(dim, cfg.router_hidden_dim),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(cfg.router_hidden_dim, cfg.num_experts),
+        )
+        # Persistent: inference routing depends on it, so it must survive checkpoints.
+        self.register_buffer("threshold", torch.empty(cfg.num_experts))
+        self.register_buffer("threshold_initialized", torch.empty((), dtype=torch.bool))
+        self.reset_buffers()
+        # Per-expert C-th predictor scores summed over the step's forwards (per-step scratch).
+        self._kth_sum: torch.Tensor | None = None
+        self._kth_count = 0
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """No threshold yet: the first step's sets it (also after a meta-device build, see megamoe/model/init.py)."""
+        self.threshold.zero_()
+        self.threshold_initialized.fill_(False)
+
+    def _apply(self, fn, recurse=True):
+        # A module-wide bf16 cast would round the threshold and drop small EMA updates: keep it fp32.
+        kept = self.threshold
+        out = super()._apply(fn, recurse)
+        if self.threshold.dtype != torch.float32:
+            self.threshold = kept.to(device=self.threshold.device, dtype=torch.float32)
+        return out
+
+    def predictor_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[N, dim] -> [N, E] capacity-predictor logits, on detached tokens (fp32 weights)."""
+        hidden, out = self.predictor[0], self.predictor[2]
+        h = F.gelu(F.linear(tokens.detach(), hidden.weight.float(), hidden.bias.float()), approximate="tanh")
+        return F.linear(h, out.weight.float(), out.bias.float())
+
+    def route(self, tokens: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
+        n, e = tokens.shape[0], self.num_experts
+        if ctx.batch_size * ctx.seq_len != n:
+            raise ValueError(f"diffmoe router got {n} tokens but batch_size*seq_len = {ctx.batch_size}*{ctx.seq_len}")
+        logits = F.linear(tokens, self.gate.weight.float())
+        scores = logits.softmax(-1) if self.cfg.score_func == "softmax" else logits.sigmoid()
+        predicted = self.predictor_logits(tokens)
+        shards = self.token_shards
+        aux = {}
+        if self.training or not bool(self.threshold_initialized):
+            # The pool is every token of the micro-batch, on every shard.
+            c = expert_capacity(self.cfg.capacity_factor, n * shards.num, self.cfg.top_k, e)
+            mask = scores.detach() >= shards.kth_largest(scores.detach(), c, dim=0)  # [N, E]
+            mask = self.replay(mask)
+            if self.training:
+                target = mask.float()
+                aux["capacity"] = shards.mean(F.binary_cross_entropy_with_logits(predicted, target))
+                if not is_recomputing():  # a recomputed forward was counted already
+                    kth = shards.kth_largest(predicted.detach().sigmoid(), c, dim=0).reshape(e)
+                    self._kth_sum = kth if self._kth_sum is None else self._kth_sum + kth
+                    self._kth_count += 1
+        else:
+            mask = self.replay(predicted.detach().sigmoid() >= self.threshold.float())
+        probs = scores * mask
+        aux["unrouted_fraction"] = (~mask.any(dim=1)).float().mean().detach()
+        return RouterOutput(probs=probs, routing_map=mask, aux=aux)
+
+    @torch.no_grad()
+    def after_step(self, reduce: Reduce) -> None:
+        # Every rank calls reduce exactly once, also one that ran no forward this step.
+        e = self.num_experts
+        stats = torch.zeros(e + 1, dtype=torch.float32, device=self.threshold.device)
+        if self._kth_sum is not None:
+            stats[:e] = self._kth_sum.to(stats.device)
+            stats[e] = float(self._kth_count)
+        self._kth_sum, self._kth_count = None, 0
+        stats = reduce(stats)
+        if stats[e] <= 0:
+            return
+        step_threshold = stats[:e] / stats[e]
+        if bool(self.threshold_initialized):
+            d = self.cfg.diffmoe_threshold_decay
+            step_threshold = d * self.threshold.float() + (1.0 - d) * step_threshold
+        self.threshold.copy_(step_threshold)
+        self.threshold_initialized.fill_(True)
+
+    def discard_step(self) -> None:
+        """A skipped step's statistics must not reach the threshold EMA (see Router.discard_step)."""
+        self._kth_sum, self._kth_count = None, 0
