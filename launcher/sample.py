@@ -62,7 +62,14 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=None, help="latent frames (default: the training data's)")
     p.add_argument("--size", type=int, default=None, help="latent height and width (default: the training data's)")
     p.add_argument("--steps", type=int, default=30, help="Euler steps")
-    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off; default 4)")
+    p.add_argument(
+        "--guidance-per-band",
+        type=float,
+        nargs="+",
+        default=None,
+        help="timestep-band experts only: one CFG scale per band, lowest noise first (instead of --guidance)",
+    )
     p.add_argument(
         "--weights", choices=["auto", "model", "ema"], default="auto", help="which weights (auto: EMA if saved)"
     )
@@ -70,7 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from megamoe.diffusion.sampler import euler_sample
+    from megamoe.diffusion.sampler import check_guidance_per_band, euler_sample
     from megamoe.model.dit import build_model
     from megamoe.model.weights import load_diffusers_weights
     from megamoe.posttrain.quantization import MANIFEST, load_quantized, read_run_config
@@ -111,17 +118,29 @@ def main(argv=None) -> int:
         load_diffusers_weights(model, Path(args.checkpoint) / ("ema_weights" if which == "ema" else "weights"))
         model.eval()
 
+    if args.guidance_per_band is not None:
+        try:
+            if args.guidance is not None:
+                raise ValueError("--guidance and --guidance-per-band are alternatives; give one")
+            check_guidance_per_band(cfg.model.moe, args.guidance_per_band)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        bands = dict(guidance_per_band=args.guidance_per_band, band_boundaries=cfg.model.moe.timestep_band_boundaries)
+        guidance = f"per band {args.guidance_per_band}"
+    else:
+        args.guidance = 4.0 if args.guidance is None else args.guidance
+        bands, guidance = {}, args.guidance
+
     text = load_text_embedding(args, cfg).unsqueeze(0).expand(args.num_samples, -1, -1)
     frames = args.frames or cfg.data.synthetic_frames
     size = args.size or cfg.data.synthetic_size
     shape = (args.num_samples, cfg.model.in_channels, frames, size, size)
     generator = torch.Generator().manual_seed(args.seed)
-    clips = euler_sample(model, shape, text, args.steps, args.guidance, cfg.diffusion.shift, generator)
+    clips = euler_sample(model, shape, text, args.steps, args.guidance, cfg.diffusion.shift, generator, **bands)
     video = np.concatenate([to_frames(c) for c in clips], axis=2)  # side by side
     write_video(args.out, video, fps=args.fps)
-    print(
-        f"wrote {args.num_samples} clips ({which} weights, {args.steps} steps, guidance {args.guidance}) to {args.out}"
-    )
+    print(f"wrote {args.num_samples} clips ({which} weights, {args.steps} steps, guidance {guidance}) to {args.out}")
     return 0
 
 

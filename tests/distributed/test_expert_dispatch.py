@@ -30,6 +30,14 @@ CASES = {
     "sinkhorn": dict(router="sinkhorn", top_k=2, num_shared_experts=1),
     "promoe": dict(router="promoe", top_k=2),  # top-1 renormalised has a zero router gradient: only noise to compare
     "all_on_one_expert": dict(router="linear", top_k=1),
+    "diffmoe": dict(router="diffmoe", top_k=2, router_hidden_dim=16),  # the pool is each rank's micro-batch
+    "timestep_band": dict(
+        router="timestep_band", top_k=2, timestep_band_router="linear", timestep_band_boundaries=[500.0]
+    ),
+    # Wan2.2-A14B style, one expert per band: 8 bands of 125 timesteps.
+    "timestep_band_one_per_band": dict(
+        router="timestep_band", top_k=1, timestep_band_boundaries=[125.0 * i for i in range(1, 8)]
+    ),
     "merged": dict(router="linear", top_k=3, merged_from=11),  # MC-SMoE: 11 router columns folded onto the experts
 }
 

@@ -64,6 +64,16 @@ SPANNING = {
     "expert_choice batch": moe_model("expert_choice", expert_choice_scope="batch"),
     "sinkhorn": moe_model("sinkhorn"),
     "promoe": moe_model("promoe", contrastive_loss=0.5),
+    "diffmoe": moe_model("diffmoe"),  # its pool and capacity loss span the shards
+    # The inner router's sequence-wise balance over the shards (its token shards come from the band router).
+    "timestep_band linear": moe_model(
+        "timestep_band",
+        timestep_band_router="linear",
+        timestep_band_boundaries=[500.0],
+        balance_loss=0.5,
+        z_loss=0.01,
+        balance_scope="sequence",
+    ),
 }
 SAMPLES_PER_RANK, FRAMES, SIZE, TEXT_LEN = 2, 2, 8, 5  # 2 x 4 x 4 = 32 tokens per sample
 

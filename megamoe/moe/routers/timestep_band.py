@@ -55,7 +55,7 @@ _OWN_KEYS = frozenset({"timestep_band_boundaries", "timestep_band_router"})
 def band_index(timestep: torch.Tensor, boundaries: list[float]) -> torch.Tensor:
     """Timesteps (any shape, 0..1000) -> int64 band of each, same shape: how many boundaries are <= t."""
     edges = torch.tensor(boundaries, dtype=torch.float32, device=timestep.device)
-    return torch.bucketize(timestep.float(), edges, right=True)
+    return torch.bucketize(timestep.float().contiguous(), edges, right=True)
 
 
 @dataclasses.dataclass
