@@ -14,11 +14,22 @@ forward: aux-loss-free load counts, Expert Race's K-th score statistics, the lay
 dict and diagnostics records. They ask `is_recomputing()` and skip those updates when a
 block is being rebuilt in backward, so a step counts each micro-batch exactly once whether
 or not its blocks are checkpointed (tests/model/test_activation_checkpointing.py).
+
+Routing replay. A recomputed router must also select what it selected the first time: a router
+with randomness that the checkpoint does not restore (its own generator, a collective whose
+timing decides a tie) would otherwise send tokens to other experts in backward than in forward,
+and the gradients would belong to a routing that never produced the loss. Every checkpoint call
+gets its own `RoutingRecord`, shared by its first forward and its recomputation (torch's
+`context_fn` makes both contexts at the call): `Router.replay` appends each selection to it in
+the first forward and hands them back, in the same order, in the recomputation (megatron-core's
+router replay does the same per layer). The record lives as long as that call's autograd graph,
+so several forwards before their backwards (in any backward order), a forward that never gets a
+backward, or an exception in between cannot pair a recomputation with another forward's
+selection, and nothing outlives the graph.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
 import threading
 import types
@@ -38,18 +49,76 @@ def is_recomputing() -> bool:
     return getattr(_state, "depth", 0) > 0
 
 
-@contextlib.contextmanager
-def _recomputing():
-    _state.depth = getattr(_state, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _state.depth -= 1
+def is_checkpointed_forward() -> bool:
+    """True during the first forward of a checkpointed block (not during its recomputation)."""
+    record = current_routing_record()
+    return record is not None and not record.recomputing
+
+
+def current_routing_record() -> RoutingRecord | None:
+    """The record of the checkpointed block running now on this thread (first forward or
+    recomputation); None outside checkpointed blocks."""
+    return getattr(_state, "record", None)
+
+
+class RoutingRecord:
+    """The selections the routers of one checkpointed block call made, for routing replay.
+
+    `replay(router, selection)`: in the first forward, keeps a detached copy of `selection`
+    under `router` and returns it unchanged; in the recomputation, returns the router's
+    recorded selections one per call, in the order they were made. Raises RuntimeError when a
+    recomputation asks for more selections than its forward made or of another shape.
+    """
+
+    def __init__(self):
+        self.selections: dict[object, list[torch.Tensor]] = {}
+        self.cursors: dict[object, int] = {}
+        self.recomputing = False
+
+    def replay(self, router: object, selection: torch.Tensor) -> torch.Tensor:
+        if not self.recomputing:
+            self.selections.setdefault(router, []).append(selection.detach())
+            return selection
+        recorded, i = self.selections.get(router, []), self.cursors.get(router, 0)
+        if i >= len(recorded) or recorded[i].shape != selection.shape or recorded[i].dtype != selection.dtype:
+            got = "none" if i >= len(recorded) else f"{tuple(recorded[i].shape)} {recorded[i].dtype}"
+            raise RuntimeError(
+                f"routing replay: the recomputation of a checkpointed block asked for selection {i} of "
+                f"{type(router).__name__} as {tuple(selection.shape)} {selection.dtype}, its first forward "
+                f"recorded {got}; a router must call replay() in the same order with the same shapes"
+            )
+        self.cursors[router] = i + 1
+        return recorded[i]
+
+
+class _RecordContext:
+    """Installs `record` on this thread for the first forward (`recompute=False`) or the
+    recomputation of one checkpoint call. Re-enterable: a graph kept with retain_graph=True
+    recomputes once per backward, each time replaying from the first selection."""
+
+    def __init__(self, record: RoutingRecord, recompute: bool):
+        self.record, self.recompute = record, recompute
+
+    def __enter__(self):
+        self.outer = current_routing_record(), self.record.recomputing
+        _state.record = self.record
+        if self.recompute:
+            self.record.recomputing = True
+            self.record.cursors = {}
+            _state.depth = getattr(_state, "depth", 0) + 1
+        return self
+
+    def __exit__(self, *exc):
+        if self.recompute:
+            _state.depth -= 1
+        _state.record, self.record.recomputing = self.outer[0], self.outer[1]
 
 
 def _contexts():
-    # torch.utils.checkpoint's context_fn: (context of the first forward, context of the recomputation).
-    return contextlib.nullcontext(), _recomputing()
+    # torch.utils.checkpoint's context_fn, called once per checkpoint call: (context of the first
+    # forward, context of the recomputation), sharing that call's routing record.
+    record = RoutingRecord()
+    return _RecordContext(record, recompute=False), _RecordContext(record, recompute=True)
 
 
 def checkpointed_blocks(spec: str, num_blocks: int) -> list[int]:

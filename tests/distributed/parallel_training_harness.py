@@ -102,8 +102,8 @@ def record_top_k_margins() -> list[float]:
 
     margins, select = [], token_choice.select_top_k
 
-    def recording(logits, cfg, expert_bias=None):
-        probs, routing_map, scores, picked = select(logits, cfg, expert_bias)
+    def recording(logits, cfg, expert_bias=None, replay=lambda picked: picked):
+        probs, routing_map, scores, picked = select(logits, cfg, expert_bias, replay)
         choice = scores if expert_bias is None else scores + expert_bias
         if 0 < cfg.top_k < choice.shape[-1] and choice.shape[0]:  # else nothing to choose
             ranked = choice.detach().topk(cfg.top_k + 1, dim=-1).values

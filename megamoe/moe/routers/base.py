@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.config import ConfigError, MoEConfig
+from megamoe.model.activation_checkpointing import current_routing_record
 from megamoe.moe.token_shards import ONE_PROCESS, TokenShards
 
 # Token scores from gate logits, for the routers that read `model.moe.score_func`.
@@ -136,8 +137,16 @@ class Router(nn.Module):
         """Every router passes its selection (the tensor that fixes which experts each token visits:
         a routing map, top-k indices, a coin) through here once per forward, at the point where it
         is made, and routes with what comes back. Routing replay: a recomputed forward under
-        activation checkpointing gets the first forward's selection back instead of a new one."""
-        return selection
+        activation checkpointing gets the first forward's selection back instead of a new one.
+
+        In training, inside a checkpointed block (model/activation_checkpointing.py): the first
+        forward records a detached copy, the recomputation returns the recorded tensors in call
+        order (RuntimeError if its calls do not match). Elsewhere, and in eval, the identity,
+        recording nothing. The record belongs to one checkpoint call's autograd graph, so there
+        is no per-step state to clear in after_step or discard_step.
+        """
+        record = current_routing_record() if self.training else None
+        return selection if record is None else record.replay(self, selection)
 
     @torch.no_grad()
     def after_step(self, reduce: Reduce) -> None:

@@ -79,7 +79,7 @@ class ExpertChoiceRouter(Router):
 
         # Selection is a discrete decision: no gradient through it, only through the selected
         # scores (the combine weights).
-        mask = per_group.detach() >= shards.kth_largest(per_group.detach(), c, dim=1)  # [groups, T, E]
+        mask = self.replay(per_group.detach() >= shards.kth_largest(per_group.detach(), c, dim=1))  # [groups, T, E]
         probs = per_group * mask
 
         routing_map = mask.view(n, e)

@@ -126,7 +126,7 @@ class ProMoERouter(Router):
         scale = self.log_scale.float().clamp(max=math.log(self.max_scale)).exp()
         scores = F.softmax(scale * cos, dim=-1)
         with torch.no_grad():
-            top_idx = scores.topk(k, dim=-1).indices
+            top_idx = self.replay(scores.topk(k, dim=-1).indices)
         weights = scores.gather(1, top_idx)
         if self.cfg.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)

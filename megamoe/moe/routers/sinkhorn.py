@@ -79,6 +79,7 @@ class SinkhornRouter(Router):
         n, e, k = tokens.shape[0], self.num_experts, self.cfg.top_k
         logits = F.linear(tokens, self.gate.weight.float())
         top_idx = sinkhorn_log(logits.detach(), self.cfg.sinkhorn_iterations, self.token_shards).topk(k, dim=-1).indices
+        top_idx = self.replay(top_idx)
 
         scores = torch.sigmoid(logits) if self.cfg.score_func == "sigmoid" else F.softmax(logits, dim=-1)
         weights = scores.gather(1, top_idx)

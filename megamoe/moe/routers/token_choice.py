@@ -13,6 +13,8 @@ engine's job, not the router's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,7 +30,12 @@ def _linear32(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return F.linear(x, layer.weight.float(), bias)
 
 
-def select_top_k(logits: torch.Tensor, cfg: MoEConfig, expert_bias: torch.Tensor | None = None):
+def select_top_k(
+    logits: torch.Tensor,
+    cfg: MoEConfig,
+    expert_bias: torch.Tensor | None = None,
+    replay: Callable[[torch.Tensor], torch.Tensor] = lambda picked: picked,
+):
     """logits [N, E_total] -> (probs [N, E_total], routing_map [N, E_total] bool, scores [N, E_total],
     indices [N, top_k] int64: the selected columns).
 
@@ -37,11 +44,12 @@ def select_top_k(logits: torch.Tensor, cfg: MoEConfig, expert_bias: torch.Tensor
     (aux-loss-free balancing) shifts the scores for the selection only: the combine weights
     are the unbiased scores of the selected experts, optionally rescaled to sum to one
     (`cfg.renormalize`; with top_k=1 and softmax that makes every weight 1, so the gate then
-    learns only from aux losses).
+    learns only from aux losses). The picked indices pass through `replay` (Router.replay)
+    before anything is derived from them.
     """
     scores = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
     choice = scores if expert_bias is None else scores + expert_bias
-    picked = choice.topk(cfg.top_k, dim=-1).indices
+    picked = replay(choice.topk(cfg.top_k, dim=-1).indices)
     routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, picked, True)
     probs = scores * routing_map
     if cfg.renormalize:
@@ -120,7 +128,7 @@ class TokenChoiceRouter(Router):
     def route(self, tokens: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
         logits = self.logits(tokens, ctx)
         bias = self.expert_bias if self.cfg.bias_balancing else None
-        probs, routing_map, scores, picked = select_top_k(logits, self.cfg, bias)
+        probs, routing_map, scores, picked = select_top_k(logits, self.cfg, bias, self.replay)
         if self.cfg.bias_balancing and self.training and not is_recomputing():
             with torch.no_grad():
                 counts = routing_map.sum(0)
