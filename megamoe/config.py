@@ -35,7 +35,7 @@ class MoEConfig:
     layers: str = "all"
     """Which blocks get an MoE FFN: 'all', 'every_other' (1, 3, 5, ...) or a comma list like '0,4,8'."""
     top_k: int = 2
-    """Experts per token for token-choice routers (the average for expert choice / Expert Race)."""
+    """Experts per token for token-choice routers (the average for expert choice / Expert Race, the most for dynmole)."""
     expert_ffn_dim: int | None = None
     """Hidden width of one routed expert; null = model.ffn_dim (cloned experts); smaller = fine-grained."""
     num_shared_experts: int = 0
@@ -64,7 +64,7 @@ class MoEConfig:
     race_threshold_decay: float = 0.99
     """Expert Race: EMA decay of the learned score threshold used at inference."""
     sinkhorn_iterations: int = 3
-    """Sinkhorn router: normalisation rounds before the top-k pick; 0 = plain top-k."""
+    """Sinkhorn and selective_sinkhorn routers: normalisation rounds before the top-k pick; 0 = plain top-k."""
     num_prototypes_per_expert: int = 1
     """ProMoE: learnable prototypes per conditional expert."""
     balance_loss: float = 0.0
@@ -98,6 +98,24 @@ class MoEConfig:
     """Timesteps (0..1000) that split the noise levels into len+1 bands; a token with t >= b is above boundary b."""
     timestep_band_router: str = "none"
     """Picks top_k among its band's experts: 'none' (one expert per band, weight 1) or linear, mlp, cross_attention."""
+    # Selective Sinkhorn Routing (router=selective_sinkhorn, megamoe/moe/routers/selective_sinkhorn.py)
+    ssr_probability: float = 0.5
+    """Selective Sinkhorn: fraction of training steps routed by the differentiable Sinkhorn plan (0..1); the rest by top-k."""
+    ssr_noise_std: float = 0.0
+    """Selective Sinkhorn: std of the Gaussian noise on the logits that picks top-k on the non-Sinkhorn training steps; 0 = none."""
+    ssr_seed: int = 2
+    """Selective Sinkhorn: seed of the per-step coin, drawn from (ssr_seed, step) so every rank and layer agrees."""
+    # DynMoLE hybrid routing (router=dynmole, megamoe/moe/routers/dynmole.py)
+    dynmole_q: float = 1.1
+    """DynMoLE: index q (> 0) of the Tsallis entropy S_q of a token's router distribution; 1 = Shannon."""
+    dynmole_entropy_threshold: float = 0.9
+    """DynMoLE: tokens with S_q above this route softly to all experts (capped at top_k), the rest top-p."""
+    dynmole_top_p: float = 0.75
+    """DynMoLE: top-p tokens take the fewest experts whose probability mass reaches this (0 < p <= 1)."""
+    dynmole_min_experts: int = 1
+    """DynMoLE: least experts a top-p token takes (1 <= k_min <= top_k)."""
+    tsallis_loss: float = 0.0
+    """Weight of DynMoLE's Tsallis entropy loss (mean S_q of the router distributions; dynmole)."""
 
 
 @dataclass

@@ -418,6 +418,14 @@ CHANGED = {
     "sinkhorn_iterations": 0,
     "num_prototypes_per_expert": 2,
     "contrastive_loss": 0.0,
+    "ssr_probability": 0.0,
+    "ssr_noise_std": 1.0,
+    "ssr_seed": 0,
+    "dynmole_q": 2.0,
+    "dynmole_entropy_threshold": 0.0,
+    "dynmole_top_p": 0.01,
+    "dynmole_min_experts": 2,
+    "tsallis_loss": 0.0,
 }
 # Read by the MoE layer, the loop or upcycling, not by routers.
 LAYER_KEYS = {

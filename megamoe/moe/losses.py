@@ -11,7 +11,7 @@ import torch
 
 from megamoe.moe.token_shards import ONE_PROCESS, TokenShards
 
-LOSS_NAMES = ("balance", "z", "similarity", "layer_reg", "contrastive", "capacity")
+LOSS_NAMES = ("balance", "z", "similarity", "layer_reg", "contrastive", "capacity", "tsallis")
 BALANCE_SCOPES = ("micro_batch", "sequence", "global")  # model.moe.balance_scope: over what loads are counted
 
 

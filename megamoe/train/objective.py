@@ -24,6 +24,7 @@ def loss_weights(cfg: Config) -> dict[str, float]:
         "contrastive": moe.contrastive_loss,
         "layer_reg": moe.layer_reg_loss,
         "capacity": moe.capacity_loss,
+        "tsallis": moe.tsallis_loss,
     }
 
 

@@ -30,6 +30,10 @@ CASES = {
     "sinkhorn": dict(router="sinkhorn", top_k=2, num_shared_experts=1),
     "promoe": dict(router="promoe", top_k=2),  # top-1 renormalised has a zero router gradient: only noise to compare
     "all_on_one_expert": dict(router="linear", top_k=1),
+    "selective_sinkhorn": dict(router="selective_sinkhorn", top_k=2, ssr_probability=1.0),  # the plan's weights
+    "selective_sinkhorn_top_k": dict(router="selective_sinkhorn", top_k=2, ssr_probability=0.0),  # noise 0
+    # Soft and top-p tokens mixed: 1 to 3 experts per token.
+    "dynmole": dict(router="dynmole", top_k=3, dynmole_entropy_threshold=1.75, dynmole_top_p=0.3),
     "diffmoe": dict(router="diffmoe", top_k=2, router_hidden_dim=16),  # the pool is each rank's micro-batch
     "timestep_band": dict(
         router="timestep_band", top_k=2, timestep_band_router="linear", timestep_band_boundaries=[500.0]

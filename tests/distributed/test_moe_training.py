@@ -31,6 +31,8 @@ ROUTER_SETTINGS = {
     "diffmoe": ["model.moe.capacity_loss=1.0", "model.moe.router_hidden_dim=32", *NO_TOKEN_CHOICE_LOSSES],
     # Two bands of 2 experts, the linear router picking top-2 in each (it computes the balance and z losses).
     "timestep_band": ["model.moe.timestep_band_router=linear", "model.moe.timestep_band_boundaries=[500.0]"],
+    "selective_sinkhorn": ["model.moe.ssr_noise_std=1.0", *NO_TOKEN_CHOICE_LOSSES],
+    "dynmole": ["model.moe.tsallis_loss=0.01", "model.moe.balance_loss=0.01", "model.moe.z_loss=0"],
 }
 assert sorted(ROUTER_SETTINGS) == sorted(ROUTERS)
 
@@ -66,6 +68,7 @@ def test_every_router_trains_and_the_flow_loss_falls(router, tmp_path, data_cach
                 "capacity_loss": "capacity",
                 "layer_reg_loss": "layer_reg",
                 "contrastive_loss": "contrastive",
+                "tsallis_loss": "tsallis",
             }[key]
             assert all(f"loss_{name}" in m for m in metrics), (name, metrics[-1])
 

@@ -63,6 +63,7 @@ SPANNING = {
     "expert_choice": moe_model("expert_choice"),
     "expert_choice batch": moe_model("expert_choice", expert_choice_scope="batch"),
     "sinkhorn": moe_model("sinkhorn"),
+    "selective_sinkhorn": moe_model("selective_sinkhorn", ssr_probability=1.0),  # the differentiable plan
     "promoe": moe_model("promoe", contrastive_loss=0.5),
     "diffmoe": moe_model("diffmoe"),  # its pool and capacity loss span the shards
     # The inner router's sequence-wise balance over the shards (its token shards come from the band router).

@@ -3,9 +3,11 @@ its routers in `ROUTERS` (one module per family; see base.py for the interface).
 
 from megamoe.moe.routers import (  # noqa: F401  (register)
     diffmoe,
+    dynmole,
     expert_choice,
     expert_race,
     promoe,
+    selective_sinkhorn,
     sinkhorn,
     timestep_band,
     token_choice,
