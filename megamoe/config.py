@@ -86,6 +86,10 @@ class MoEConfig:
     """Upcycling: standard deviation of the tiny noise on shared experts."""
     diagnostics_every: int = 50
     """Compute routing diagnostics every this many steps; 0 disables them."""
+    trace_every: int = 0
+    """Write routing traces (moe/routing_trace.py) every this many steps; 0 disables them."""
+    trace_tokens: int = 1024
+    """Routing traces: tokens sampled per MoE layer and traced step (deterministically); 0 = every token."""
     merged_from: int = 0
     """MC-SMoE (launcher/merge_experts.py): routed experts the router scores, folded onto num_experts; 0 = not merged."""
     # DiffMoE (router=diffmoe, megamoe/moe/routers/diffmoe.py)

@@ -298,6 +298,13 @@ def _validate_moe(m: ModelConfig) -> None:
     )
     _check(e.shared_init_std >= 0, f"model.moe.shared_init_std must be >= 0, got {e.shared_init_std}")
     _check(e.diagnostics_every >= 0, f"model.moe.diagnostics_every must be >= 0, got {e.diagnostics_every}")
+    _check(e.trace_every >= 0, f"model.moe.trace_every must be >= 0 (0 = off), got {e.trace_every}")
+    _check(e.trace_tokens >= 0, f"model.moe.trace_tokens must be >= 0 (0 = every token), got {e.trace_tokens}")
+    _check(
+        e.trace_every > 0 or e.trace_tokens == MoEConfig().trace_tokens,
+        f"model.moe.trace_tokens={e.trace_tokens} has no effect while model.moe.trace_every=0; "
+        f"set trace_every > 0 or remove trace_tokens",
+    )
     _check(e.merged_from >= 0, f"model.moe.merged_from must be >= 0 (0 = not merged), got {e.merged_from}")
     if e.merged_from:
         _check(

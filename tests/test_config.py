@@ -438,6 +438,8 @@ LAYER_KEYS = {
     "shared_init",
     "shared_init_std",
     "diagnostics_every",
+    "trace_every",
+    "trace_tokens",
     "merged_from",
 }
 

@@ -140,6 +140,8 @@ class NoSequenceSharding:
 
     num_shards = 1
     """Disjoint pieces of the sequence across ranks."""
+    index = 0
+    """Which of them this rank holds."""
 
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return x
@@ -235,6 +237,8 @@ class WanDiT(nn.Module):
             text=text,
             is_null=is_null,
             timestep=timestep[:, 0] if timestep.shape[1] == 1 else timestep,
+            grid=grid,
+            token_offset=shards.index * x.shape[1],
         )
         rope = shards.shard_rope(*self.rope(grid, x.device))
         for block in self.blocks:

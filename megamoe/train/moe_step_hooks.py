@@ -7,6 +7,9 @@
   `model.moe.diagnostics_every` steps: the routings of the last micro-batch are recorded, the
   router weights are snapshot before the update and the bf16 truncation of the update is measured
   after it (on DeepSpeed's fp32 master weights under bf16), and the report goes to the logger.
+- Routing traces (moe/routing_trace.py), every `model.moe.trace_every` steps: the routings of the
+  last micro-batch, sampled per layer, written by every rank under the run directory once the
+  step is applied.
 
 torchtitan runs its expert-bias update as an optimizer step hook in the same spirit.
 """
@@ -18,6 +21,7 @@ import torch
 from megamoe.config import Config
 from megamoe.moe.diagnostics import RoutingDiagnostics
 from megamoe.moe.layer import moe_layers, routers_after_step, routers_discard_step
+from megamoe.moe.routing_trace import RoutingTracer
 from megamoe.parallel.reductions import sum_over_token_shards
 from megamoe.train.step import StepHooks
 
@@ -32,7 +36,8 @@ def fp32_master_getter(cfg: Config):
 
 
 class MoEStepHooks(StepHooks):
-    """Router updates after each step and, every `diagnostics_every` steps, routing diagnostics."""
+    """Router updates after each step and, every `diagnostics_every` steps, routing diagnostics
+    (every `trace_every` steps, routing traces)."""
 
     def __init__(self, cfg: Config, module: torch.nn.Module):
         self.module = module
@@ -40,21 +45,36 @@ class MoEStepHooks(StepHooks):
         self.every = cfg.model.moe.diagnostics_every
         self.diagnostics = RoutingDiagnostics(module, cfg.model.moe, reduce=self.reduce) if self.every else None
         self.master_weights = fp32_master_getter(cfg)
+        self.trace_every = cfg.model.moe.trace_every
+        self.tracer = None
+        if self.trace_every:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            self.tracer = RoutingTracer(module, cfg.model.moe.trace_tokens, cfg.train.output_dir, rank)
 
     def _diagnosed(self, step: int) -> bool:
         return self.diagnostics is not None and step % self.every == 0
 
+    def _traced(self, step: int) -> bool:
+        return self.tracer is not None and step % self.trace_every == 0
+
     def before_forward(self, step: int, last_micro_batch: bool) -> None:
+        if last_micro_batch and self._traced(step):
+            self.tracer.start()
         if last_micro_batch and self._diagnosed(step):
             self.diagnostics.enable_recording(True)
 
     def after_forward(self, step: int, last_micro_batch: bool) -> None:
+        if last_micro_batch and self._traced(step):
+            self.tracer.capture(step)
+            self.tracer.stop()  # before diagnostics, which may have wanted the recording on too
         if last_micro_batch and self._diagnosed(step):
             self.diagnostics.enable_recording(False)
             self.diagnostics.snapshot_router_params(self.master_weights)
 
     def after_step(self, step: int):
         routers_after_step(self.module, self.reduce)
+        if self._traced(step):
+            self.tracer.write(step)
         if not self._diagnosed(step):
             return None
         self.diagnostics.measure_bf16_loss(self.master_weights)
@@ -62,6 +82,8 @@ class MoEStepHooks(StepHooks):
 
     def after_skipped_step(self, step: int) -> None:
         routers_discard_step(self.module)
+        if self.tracer is not None:
+            self.tracer.discard()
         if self.diagnostics is not None:
             self.diagnostics.discard_step()
 

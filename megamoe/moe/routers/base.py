@@ -49,6 +49,10 @@ class RoutingContext:
     """bool [B]: the sample's text is the CFG-null (all-zero) embedding."""
     timestep: torch.Tensor | None = None
     """Raw timesteps [B] in 0..1000, or [B, L] per token (Wan2.2 TI2V); for load-by-timestep diagnostics."""
+    grid: tuple[int, int, int] | None = None
+    """(F', H', W'): the patch grid of the whole sequence; token p sits at (p // (H'W'), p // W' % H', p % W')."""
+    token_offset: int = 0
+    """Position in the whole sequence of this rank's first token (its chunk under context/sequence parallelism)."""
 
 
 @dataclass
