@@ -15,14 +15,23 @@ Failure modes and how they show (per layer, scalars named `moe/layerNN/<name>`, 
                       (entropy of the load over real experts / log E, 1 = balanced)
   dead experts        `dead_experts` (load 0 this diagnostic), `dead_streak` (most consecutive
                       diagnostics any expert has been dead); warns after `dead_patience`
-  selective deadlock  `monopoly_share`: fraction of tokens whose top-1 expert is the layer's most
-                      common top-1 expert; warns after `deadlock_patience` diagnostics above
-                      `deadlock_share`
-  homogenization      `expert_similarity`: mean pairwise cosine of the experts' flattened w1
-                      (`expert_similarity_nn`: mean similarity to each expert's nearest other, which
-                      also catches replicated fine-grained slices). Upcycled experts start at 1.0; it
-                      warns only if still above `homogenization_similarity` after
-                      `homogenization_grace_steps` steps
+  selective deadlock  `monopoly_share`: of the tokens that chose a real expert, the fraction whose
+                      top-1 expert (largest combine weight) is the layer's most common top-1 expert.
+                      The top-1 share, not the largest expert's share of all assignments: with top-k
+                      routing that share is at most 1/k (a token's k picks are distinct experts), so
+                      a layer stuck on one expert shows as top-1 share near 1 for any k.
+                      `deadlock_streak` counts consecutive recorded diagnostics with monopoly_share
+                      strictly above `deadlock_share`; it warns on the diagnostic where the streak
+                      reaches `deadlock_patience`
+  homogenization      `expert_output_similarity` (see `expert_output_similarity()`): mean pairwise
+                      cosine of the experts' OUTPUTS on a sample of the tokens routed to them, the
+                      alarm's scalar; under expert parallelism it covers only the experts this rank
+                      holds and is named `expert_output_similarity_local`. Second scalars: the
+                      weight cosine `expert_similarity` (mean pairwise cosine of the flattened w1 of
+                      the experts held) and `expert_similarity_nn` (mean similarity to each expert's
+                      nearest other, which also catches replicated fine-grained slices). Upcycled
+                      experts start at 1.0, so it warns only when the output similarity is strictly
+                      above `homogenization_similarity` at a step >= `homogenization_grace_steps`
   soft saturation     `mean_max_prob` (mean over tokens of the largest combine weight),
                       `token_entropy` (nats, of each token's combine weights normalised to sum 1),
                       `router_logit_gap`: mean log(p_max / p_min) over the experts a token selected,
@@ -37,6 +46,16 @@ Failure modes and how they show (per layer, scalars named `moe/layerNN/<name>`, 
                       when recording (absent -> scalar absent)
   timestep dependence `t<b>_max_violation` per timestep bucket; per-bucket per-expert loads in
                       `report.timestep_load` [layers, buckets, experts]
+
+Depth profile (the seed study's U shape of deadlock over depth): `report.depth_profile` holds one
+code per MoE layer in depth order, from the alarms in force after the report: 'D' selective
+deadlock, 'H' homogenization, 'B' both, '.' neither. It is a JSON field of diagnostics.jsonl,
+`report.depth_line()` for the log, a text and a 2 x layers image (`moe/depth_profile`) in
+tensorboard, and the counts `moe/deadlocked_layers`, `moe/homogenized_layers`.
+
+Precision: `check_router_precision` (run once at start-up, after the engine wraps the model)
+refuses a router parameter whose optimizer master copy is bf16, or a floating router buffer
+(aux-free bias, thresholds) held in bf16: bf16 drops updates below 2^-8 of a value's magnitude.
 
 A step skipped for a non-finite loss gets no report: call `discard_step()` instead of
 `measure_bf16_loss()` and `compute()`, and it counts towards no streak.
@@ -70,7 +89,7 @@ class DiagnosticsThresholds:
     dead_patience: int = 2
     """Consecutive diagnostics with zero load before 'dead experts' warns (one micro-batch can miss an expert)."""
     homogenization_similarity: float = 0.99
-    """Mean pairwise cosine of expert weights above which experts count as homogenized."""
+    """Mean pairwise cosine of expert outputs (`expert_output_similarity`) above which experts count as homogenized."""
     homogenization_grace_steps: int = 2000
     """Steps during which upcycled (identical) experts are expected and do not warn."""
     timestep_buckets: int = 4
@@ -88,6 +107,13 @@ class DiagnosticsReport:
     """[MoE layers, buckets, real experts] the same per timestep bucket (rows of empty buckets are 0)."""
     layer_names: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
+    depth_profile: list = field(default_factory=list)
+    """One code per MoE layer, aligned with layer_names: 'D' deadlock, 'H' homogenization, 'B' both, '.' neither."""
+
+    def depth_line(self) -> str:
+        """The depth profile as one log line, e.g. 'moe depth profile layer01..layer29: D . . H D'."""
+        span = f" {self.layer_names[0]}..{self.layer_names[-1]}" if self.layer_names else ""
+        return f"moe depth profile{span}: {' '.join(self.depth_profile)} (D deadlock, H homogenized, B both)"
 
     def to_json(self) -> str:
         def plain(a):
@@ -101,6 +127,7 @@ class DiagnosticsReport:
                 "load_matrix": plain(self.load_matrix),
                 "timestep_load": plain(self.timestep_load),
                 "warnings": self.warnings,
+                "depth_profile": self.depth_profile,
             }
         )
 
@@ -139,6 +166,104 @@ def expert_similarity(w: torch.Tensor, chunk: int = 1 << 16) -> tuple[float, flo
     return float(cos[~eye].mean()), float(cos.masked_fill(eye, -2.0).amax(1).mean())
 
 
+EXPERT_SAMPLE_CAP = 64
+"""Tokens per expert, at most, that a recording MoE layer keeps for `expert_output_similarity`."""
+
+
+def sample_expert_inputs(
+    tokens: torch.Tensor, routing_map: torch.Tensor, num_experts: int, cap: int = EXPERT_SAMPLE_CAP
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens an MoE layer keeps while recording, for comparing its experts' outputs.
+
+    tokens [N, dim], routing_map [N, E_total] bool (columns >= num_experts are null experts and are
+    ignored). Of the n_e tokens routed to expert e, those at ranks r (0-based, token order) with
+    floor((r + 1) * cap / n_e) > floor(r * cap / n_e) are kept: all of them when n_e <= cap, else
+    exactly `cap` spread evenly over the micro-batch (deterministic, no RNG drawn). Returns
+    (rows [S, dim] detached, member [S, num_experts] bool): the union of the kept tokens in token
+    order, and which expert's sample each belongs to. Costs one [N, E] cumsum and a gather, only
+    on recorded forwards.
+    """
+    real = routing_map[:, :num_experts]
+    n = real.sum(0, keepdim=True).clamp_min(1)
+    rank = real.long().cumsum(0) - 1
+    member = real & ((rank + 1) * cap // n > rank * cap // n)
+    keep = member.any(1)
+    return tokens.detach()[keep], member[keep]
+
+
+@torch.no_grad()
+def expert_output_similarity(
+    experts, rows: torch.Tensor, member: torch.Tensor, max_rows: int = 8192
+) -> tuple[float, int]:
+    """Mean pairwise cosine of experts' outputs on the tokens routed to them (homogenization).
+
+    experts: GroupedExperts holding E experts; rows [S, dim]; member [S, E] bool, rows routed to
+    each expert (`sample_expert_inputs`, restricted to these experts' columns). For each pair
+    i < j with X_ij = {rows routed to i or to j} non-empty,
+
+        c_ij = mean over x in X_ij of cos(FFN_i(x), FFN_j(x)),   FFN_e(x) = gelu(x w1_e + b1_e) w2_e + b2_e
+
+    and the result is the mean of c_ij over those pairs (fp32 experts, fp64 cosines). 1.0 means every
+    expert computes the same function (up to scale) where it is used, as upcycled clones do.
+    Returns (similarity, pairs); pairs = 0 (similarity nan) when fewer than two experts or no row.
+    Every expert runs on every row: E * S rows, `max_rows` at a time.
+    """
+    s, e = member.shape
+    if e < 2 or s == 0:
+        return math.nan, 0
+    cos_sum = torch.zeros(e, e, dtype=torch.float64, device=rows.device)
+    count = torch.zeros(e, e, dtype=torch.float64, device=rows.device)
+    chunk = max(1, max_rows // e)
+    for x, m in zip(rows.float().split(chunk), member.split(chunk)):
+        c = x.shape[0]
+        per_expert = torch.full((e,), c, dtype=torch.long, device=x.device)
+        out = experts.rows(x.repeat(e, 1), per_expert).view(e, c, -1)
+        # Cosines in fp64, so that a value next to the alarm's threshold is not a rounding artefact.
+        unit = torch.nn.functional.normalize(out.double(), dim=-1)
+        cos = torch.einsum("isd,jsd->sij", unit, unit)  # [c, E, E]
+        used = (m[:, :, None] | m[:, None, :]).double()  # row s in X_ij
+        cos_sum += (cos * used).sum(0)
+        count += used.sum(0)
+    pair = torch.triu(torch.ones(e, e, dtype=torch.bool, device=rows.device), 1) & (count > 0)
+    if not pair.any():
+        return math.nan, 0
+    return float((cos_sum[pair] / count[pair]).mean()), int(pair.sum())
+
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def check_router_precision(model: torch.nn.Module, master_dtype: Callable | None = None) -> None:
+    """Raise RuntimeError, one line naming the tensor and the fix, if a router's state is bf16 where
+    updates land: a trainable parameter whose optimizer master is bf16, or a floating buffer
+    (aux-free bias, Expert Race threshold) held in bf16. bf16 keeps 8 significant bits, so an update
+    below 2^-8 of a value's magnitude vanishes silently (the seed study's lost router updates).
+
+    master_dtype(name, param) -> dtype of the copy the optimizer updates, or None where this rank
+    holds none of it (ZeRO partitions); default: the parameter itself. Under DeepSpeed bf16 the
+    module's router weights are bf16 but its masters fp32: that passes (routers compute in fp32).
+    Run once after the engine wraps the model.
+    """
+    for name, module in model.named_modules():
+        router = getattr(module, "router", None)
+        if not isinstance(router, Router) or not hasattr(module, "experts"):
+            continue
+        for pname, param in router.named_parameters():
+            full = f"{name}.router.{pname}"
+            dtype = master_dtype(full, param) if master_dtype is not None else param.dtype
+            if param.requires_grad and dtype in _HALF:
+                raise RuntimeError(
+                    f"router parameter {full}: the optimizer updates a {dtype} copy, which loses small router "
+                    f"updates; train in fp32 or with train.precision=bf16 (DeepSpeed keeps fp32 masters)"
+                )
+        for bname, buffer in router.named_buffers():
+            if buffer.dtype in _HALF:
+                raise RuntimeError(
+                    f"router buffer {name}.router.{bname} is {buffer.dtype}, which loses its small in-place "
+                    f"updates; the router must keep it fp32 through module casts (see TokenChoiceRouter._apply)"
+                )
+
+
 def heatmap(values: np.ndarray, vmax: float, cell: int = 8) -> np.ndarray:
     """[rows, cols] -> uint8 image [rows*cell, cols*cell, 3], viridis-like colours over [0, vmax]."""
     x = np.clip(np.nan_to_num(values / max(vmax, 1e-12)), 0.0, 1.0)
@@ -150,7 +275,8 @@ def heatmap(values: np.ndarray, vmax: float, cell: int = 8) -> np.ndarray:
 
 def write_tensorboard(writer, report: DiagnosticsReport, step: int) -> None:
     """Scalars, the [layers x experts] load heatmap (mean load 1/E is the middle colour, 2x mean
-    or more the brightest, dead black-purple) under 'moe/load_heatmap', and warnings as text."""
+    or more the brightest, dead black-purple) under 'moe/load_heatmap', warnings as text, and the
+    depth profile as text and a [2 x layers] image under 'moe/depth_profile'."""
     for name, value in report.scalars.items():
         writer.add_scalar(name, value, step)
     if report.load_matrix is not None and report.load_matrix.size:
@@ -158,6 +284,11 @@ def write_tensorboard(writer, report: DiagnosticsReport, step: int) -> None:
         writer.add_image("moe/load_heatmap", heatmap(report.load_matrix, 2.0 / experts), step, dataformats="HWC")
     if report.warnings:
         writer.add_text("moe/warnings", "  \n".join(report.warnings), step)
+    if report.depth_profile:
+        writer.add_text("moe/depth_profile", report.depth_line(), step)
+        # Row 0 deadlock, row 1 homogenization, one column per MoE layer in depth order: bright = alarm.
+        rows = [[c in "DB" for c in report.depth_profile], [c in "HB" for c in report.depth_profile]]
+        writer.add_image("moe/depth_profile", heatmap(np.array(rows, dtype=np.float64), 1.0), step, dataformats="HWC")
     writer.flush()
 
 
@@ -234,6 +365,8 @@ class RoutingDiagnostics:
             layer.last_routing = None
             if hasattr(layer, "last_output_norms"):
                 layer.last_output_norms = None
+            if hasattr(layer, "last_expert_inputs"):
+                layer.last_expert_inputs = None
         self._snapshot = None
         self._bf16_scalars = {}
 
@@ -292,17 +425,12 @@ class RoutingDiagnostics:
         for i, ((_, layer), label) in enumerate(zip(self.layers, self.labels)):
             p = f"moe/{label}/"
             w1 = getattr(layer.experts, "w1", None)
-            if w1 is not None:
-                sim, sim_nn = expert_similarity(w1)
-                s[p + "expert_similarity"], s[p + "expert_similarity_nn"] = sim, sim_nn
-                self._warn(
-                    label,
-                    "expert homogenization",
-                    step >= th.homogenization_grace_steps and sim > th.homogenization_similarity,
-                    f"mean pairwise cosine of expert weights {sim:.4f} > {th.homogenization_similarity} "
-                    f"at step {step}; experts have not diverged (raise router LR / add shared-expert noise)",
-                    report.warnings,
-                )
+            if w1 is not None:  # the weight cosine: a second scalar, the alarm reads the outputs'
+                s[p + "expert_similarity"], s[p + "expert_similarity_nn"] = expert_similarity(w1)
+            sampled = getattr(layer, "last_expert_inputs", None)
+            if sampled is not None:
+                layer.last_expert_inputs = None  # a later compute must not reuse a stale sample
+                self._homogenization(layer, label, sampled, step, report)
             s[p + "router_param_norm"] = (
                 float(sum(q.detach().float().pow(2).sum() for q in layer.router.parameters())) ** 0.5
             )
@@ -368,9 +496,47 @@ class RoutingDiagnostics:
 
         s.update(self._bf16_scalars)
         self._bf16_scalars = {}
+        report.depth_profile = [self._depth_code(label) for label in self.labels]
+        s["moe/deadlocked_layers"] = float(sum(code in "DB" for code in report.depth_profile))
+        s["moe/homogenized_layers"] = float(sum(code in "HB" for code in report.depth_profile))
         self._summarise(s)
         report.load_matrix, report.timestep_load = loads, time_loads
         return report
+
+    def _held_experts(self, layer) -> slice:
+        """The global ids of the experts this rank's layer holds: all, or its expert-parallel slice
+        (expert e lives on rank e // (E / EP) of the dispatcher's group, see parallel/expert.py)."""
+        local = layer.experts.num_experts
+        if local == self.num_experts:
+            return slice(0, local)
+        first = torch.distributed.get_rank(layer.dispatcher.group) * local
+        return slice(first, first + local)
+
+    def _homogenization(self, layer, label: str, sampled: tuple, step: int, report: DiagnosticsReport) -> None:
+        """`expert_output_similarity` of the experts this rank holds, on the tokens of this rank's
+        recorded micro-batch routed to them (not reduced over ranks), and its alarm."""
+        th, held = self.t, self._held_experts(layer)
+        rows, member = sampled
+        member = member[:, held]
+        used = member.any(1)
+        sim, pairs = expert_output_similarity(layer.experts, rows[used], member[used])
+        if pairs == 0:
+            return  # nothing to compare this time: no scalar, the alarm stays as it was
+        local = "" if held == slice(0, self.num_experts) else "_local"
+        report.scalars[f"moe/{label}/expert_output_similarity{local}"] = sim
+        self._warn(
+            label,
+            "expert homogenization",
+            step >= th.homogenization_grace_steps and sim > th.homogenization_similarity,
+            f"mean pairwise cosine of expert outputs on their tokens {sim:.4f} > {th.homogenization_similarity} "
+            f"at step {step}; experts compute the same function (raise router LR / add shared-expert noise)",
+            report.warnings,
+        )
+
+    def _depth_code(self, label: str) -> str:
+        deadlock = (label, "selective deadlock") in self._active
+        homogenized = (label, "expert homogenization") in self._active
+        return "B" if deadlock and homogenized else "D" if deadlock else "H" if homogenized else "."
 
     def _summarise(self, s: dict) -> None:
         """Model-wide lines for a dashboard's first glance."""
@@ -378,6 +544,7 @@ class RoutingDiagnostics:
             ("max_violation", max),
             ("monopoly_share", max),
             ("expert_similarity", max),
+            ("expert_output_similarity", max),
             ("dead_experts", sum),
             ("mean_max_prob", max),
         ):

@@ -19,6 +19,7 @@ from torch import nn
 from megamoe.config import ConfigError, ModelConfig, MoEConfig
 from megamoe.model.activation_checkpointing import is_recomputing
 from megamoe.model.feed_forward import FeedForward
+from megamoe.moe.diagnostics import sample_expert_inputs
 from megamoe.moe.dispatch import LocalDispatcher, expert_assignments
 from megamoe.moe.experts import GroupedExperts
 from megamoe.moe.losses import LOSS_NAMES
@@ -82,7 +83,8 @@ class MoEFeedForward(nn.Module):
     After each forward, `aux` holds the router's aux dict (unweighted losses named in
     LOSS_NAMES, plus statistics) for the training loop; with `record = True`,
     `last_routing = (probs, routing_map, ctx)` (detached) is kept for diagnostics (a merged
-    layer's after folding: over the experts it computes).
+    layer's after folding: over the experts it computes), and `last_expert_inputs`, a capped
+    sample of each expert's tokens (diagnostics.sample_expert_inputs).
     """
 
     def __init__(self, dim: int, ffn_dim: int, cfg: MoEConfig, target_dim: int | None = None):
@@ -110,6 +112,7 @@ class MoEFeedForward(nn.Module):
         self.record = False
         self.last_routing: tuple | None = None
         self.last_output_norms: tuple | None = None
+        self.last_expert_inputs: tuple | None = None
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
@@ -135,6 +138,7 @@ class MoEFeedForward(nn.Module):
             self.aux = dict(routed.aux)
         if self.record and not recomputing:
             self.last_routing = (routed.probs.detach(), routed.routing_map.detach(), ctx)
+            self.last_expert_inputs = sample_expert_inputs(tokens, routed.routing_map, self.num_experts)
         # Null experts (columns >= num_experts) output zero: dropping them here means they
         # cost neither dispatch nor compute, and their share of the weight simply vanishes.
         real = slice(0, self.num_experts)

@@ -166,6 +166,7 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
             )
         if outcome.report is not None:
             log.log_diagnostics(outcome.report, step)
+            log.info(f"step {step}: {outcome.report.depth_line()}")
 
         if step % cfg.logging.every_steps == 0 or step == cfg.train.steps:
             scalars = progress_scalars(cfg, engine, outcome, state)

@@ -10,6 +10,8 @@
 - Routing traces (moe/routing_trace.py), every `model.moe.trace_every` steps: the routings of the
   last micro-batch, sampled per layer, written by every rank under the run directory once the
   step is applied.
+- A start-up check that no router state is bf16 where its updates land (the optimizer's master
+  copy of a router parameter, a router buffer such as the aux-free bias): one line naming it.
 
 torchtitan runs its expert-bias update as an optimizer step hook in the same spirit.
 """
@@ -19,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from megamoe.config import Config
-from megamoe.moe.diagnostics import RoutingDiagnostics
+from megamoe.deepspeed_adapter import has_fp32_fragments
+from megamoe.moe.diagnostics import RoutingDiagnostics, check_router_precision
 from megamoe.moe.layer import moe_layers, routers_after_step, routers_discard_step
 from megamoe.moe.routing_trace import RoutingTracer
 from megamoe.parallel.reductions import sum_over_token_shards
@@ -35,11 +38,22 @@ def fp32_master_getter(cfg: Config):
     return lambda name, param: safe_get_full_fp32_param(param)
 
 
+def master_dtype(name: str, param: torch.nn.Parameter) -> torch.dtype | None:
+    """The dtype of the copy of `param` the optimizer updates: DeepSpeed's fragment of it in this
+    rank's flat master partition under ZeRO-1/2 or the bf16 optimizer (None where this rank holds
+    none of it; `_hp_mapping.hp_fragment`, DeepSpeed 0.17.1 to 0.19.8), else the parameter itself."""
+    if has_fp32_fragments(param):
+        return None if param._hp_mapping is None else param._hp_mapping.hp_fragment.dtype
+    return param.dtype
+
+
 class MoEStepHooks(StepHooks):
     """Router updates after each step and, every `diagnostics_every` steps, routing diagnostics
     (every `trace_every` steps, routing traces)."""
 
     def __init__(self, cfg: Config, module: torch.nn.Module):
+        # Built once, after the engine wraps the model: refuse router state that bf16 would truncate.
+        check_router_precision(module, master_dtype)
         self.module = module
         self.reduce = sum_over_token_shards(cfg.parallel)
         self.every = cfg.model.moe.diagnostics_every

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -12,8 +13,11 @@ from megamoe.config import MoEConfig
 from megamoe.moe.diagnostics import (
     DiagnosticsThresholds,
     RoutingDiagnostics,
+    check_router_precision,
+    expert_output_similarity,
     expert_similarity,
     heatmap,
+    sample_expert_inputs,
     track_router_update,
     write_tensorboard,
 )
@@ -27,14 +31,16 @@ THRESHOLDS = DiagnosticsThresholds(deadlock_patience=3, dead_patience=2, homogen
 
 
 class FakeMoE(nn.Module):
-    """Only what diagnostics reads from an MoE layer: router, experts, record, last_routing."""
+    """Only what diagnostics reads from an MoE layer: router, experts, record, last_routing,
+    last_expert_inputs."""
 
-    def __init__(self):
+    def __init__(self, cfg=CFG):
         super().__init__()
-        self.router = LinearRouter(DIM, CFG)
+        self.router = LinearRouter(DIM, cfg)
         self.experts = GroupedExperts(E, DIM, HIDDEN)
         self.record = False
         self.last_routing = None
+        self.last_expert_inputs = None
 
 
 class FakeBlock(nn.Module):
@@ -80,8 +86,12 @@ def without_expert(dead: int):
 
 
 def run(diag, m, records, step):
+    """One diagnostic as if each layer had recorded `record`: its routing and, from random tokens,
+    the sample of each expert's tokens that a recording MoE layer keeps."""
+    g = torch.Generator().manual_seed(step)
     for block, record in zip(m.blocks, records):
         block.ffn.last_routing = record
+        block.ffn.last_expert_inputs = sample_expert_inputs(torch.randn(len(record[1]), DIM, generator=g), record[1], E)
     return diag.compute(step)
 
 
@@ -131,15 +141,20 @@ def test_deadlock_warns_after_streak_once_until_recovery():
 def test_homogenized_experts_warn_after_grace_steps():
     m = model()
     with torch.no_grad():
-        w1 = m.blocks[0].ffn.experts.w1
-        w1.copy_(w1[:1].expand_as(w1))  # identical experts, as right after upcycling
+        for p in m.blocks[0].ffn.experts.parameters():  # identical experts, as right after upcycling
+            p.normal_().copy_(p[:1].expand_as(p))
+        w1 = m.blocks[1].ffn.experts.w1
+        w1.copy_(w1[:1].expand_as(w1))  # same first linear only: the outputs still differ
     diag = RoutingDiagnostics(m, CFG, THRESHOLDS)
     report = run(diag, m, [balanced(), balanced()], 50)
+    assert report.scalars["moe/layer00/expert_output_similarity"] == pytest.approx(1.0)
     assert report.scalars["moe/layer00/expert_similarity"] == pytest.approx(1.0)
     assert report.warnings == []  # expected during the grace period
     report = run(diag, m, [balanced(), balanced()], 150)
     assert len(report.warnings) == 1
     assert "layer00" in report.warnings[0] and "expert homogenization" in report.warnings[0]
+    assert report.scalars["moe/layer01/expert_similarity"] == pytest.approx(1.0)  # the weight cosine...
+    assert report.scalars["moe/layer01/expert_output_similarity"] < 0.9  # ...is not what the alarm reads
     assert run(diag, m, [balanced(), balanced()], 200).warnings == []  # once, not every step
 
 
@@ -278,10 +293,19 @@ def test_real_upcycled_model_end_to_end():
     with torch.no_grad():
         moe.proj_out.weight.normal_()  # the zero-initialised head would stop all gradient
 
+    layer = moe.blocks[1].ffn
+    seen = []
+    layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().flatten(0, 1)))
+    moe(latents, timestep, text)
+    assert layer.last_expert_inputs is None  # nothing kept off diagnostic steps
     diag.enable_recording(True)
     loss = moe(latents, timestep, text).square().mean()
     diag.enable_recording(False)
     loss.backward()
+    rows, member = layer.last_expert_inputs  # the layer's tokens, sampled per expert as by the naive loop
+    kept = naive_sample(layer.last_routing[1][:, :4], 64)
+    union = sorted(set().union(*kept.values()))
+    assert torch.equal(rows, seen[-1][union]) and member.sum(0).tolist() == [len(kept[e]) for e in range(4)]
     assert moe.blocks[1].ffn.router.gate.weight.grad.abs().max() > 0
     optimizer = torch.optim.Adam(moe.parameters(), lr=1e-6)  # steps ~1e-6: seen by fp32, lost in bf16
     diag.snapshot_router_params()
@@ -290,6 +314,8 @@ def test_real_upcycled_model_end_to_end():
     report = diag.compute(step=1)
     s = report.scalars
     assert s["moe/layer01/expert_similarity"] == pytest.approx(1.0)  # upcycled clones, within grace
+    assert s["moe/layer01/expert_output_similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert report.depth_profile == ["."]
     assert report.warnings == []
     assert report.load_matrix.shape == (1, 4) and report.load_matrix.sum() == pytest.approx(1.0)
     assert report.timestep_load[0, 0].sum() == pytest.approx(1.0) and report.timestep_load[0, 3].sum() == pytest.approx(
@@ -297,3 +323,260 @@ def test_real_upcycled_model_end_to_end():
     )
     assert lost > 0.9 and s["moe/layer01/bf16_lost_update_frac"] == lost
     assert "moe/layer01/shared_routed_norm_ratio" not in s or s["moe/layer01/shared_routed_norm_ratio"] >= 0
+
+
+# --- the seed study's alarms: each fires exactly when its plotted scalar crosses its threshold ---------
+
+
+def naive_sample(routing_map, cap):
+    """Per expert, its tokens at ranks r with floor((r+1)*cap/n) > floor(r*cap/n), by a plain loop."""
+    kept = {}
+    for e in range(routing_map.shape[1]):
+        mine = [t for t in range(routing_map.shape[0]) if routing_map[t, e]]
+        n = len(mine)
+        kept[e] = [mine[r] for r in range(n) if (r + 1) * cap // n > r * cap // n]
+    return kept
+
+
+def test_sample_expert_inputs_matches_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(300, DIM, generator=g)
+    # Expert 0 gets most tokens (over the cap), expert 3 a few, expert 4 is a null expert.
+    routing_map = torch.rand(300, E + 1, generator=g) < torch.tensor([0.9, 0.3, 0.2, 0.05, 0.5])
+    rows, member = sample_expert_inputs(tokens, routing_map, E, cap=64)
+    kept = naive_sample(routing_map[:, :E], 64)
+    union = sorted(set().union(*kept.values()))
+    assert torch.equal(rows, tokens[union])
+    for e in range(E):
+        assert [union[s] for s in member[:, e].nonzero().flatten().tolist()] == kept[e]
+        assert len(kept[e]) == min(64, int(routing_map[:, e].sum()))
+    assert len(kept[0]) == 64 and kept[0][-1] > 250  # spread over the batch, not its first tokens
+
+
+@torch.no_grad()
+def naive_output_similarity(experts, rows, member):
+    """Mean over pairs i < j of the mean over x routed to i or j of cos(FFN_i(x), FFN_j(x)), by loops."""
+
+    def ffn(e, x):
+        w1, b1, w2, b2 = (p[e].double() for p in (experts.w1, experts.b1, experts.w2, experts.b2))
+        return torch.nn.functional.gelu(x @ w1 + b1, approximate="tanh") @ w2 + b2
+
+    pair_means = []
+    for i in range(member.shape[1]):
+        for j in range(i + 1, member.shape[1]):
+            cosines = [
+                torch.nn.functional.cosine_similarity(ffn(i, rows[s].double()), ffn(j, rows[s].double()), dim=0)
+                for s in range(rows.shape[0])
+                if member[s, i] or member[s, j]
+            ]
+            if cosines:
+                pair_means.append(sum(cosines) / len(cosines))
+    return float(sum(pair_means) / len(pair_means))
+
+
+def test_expert_output_similarity_matches_naive_loop():
+    torch.manual_seed(0)
+    experts = GroupedExperts(E, DIM, HIDDEN)
+    with torch.no_grad():
+        experts.b1.normal_()
+        experts.b2.normal_()
+        experts.w2[1].copy_(experts.w2[0] + 0.3 * experts.w2[1])  # one pair close, the others not
+    rows = torch.randn(40, DIM)
+    member = torch.rand(40, E) < 0.3
+    member[:, 3] = False  # expert 3 got no token: its pairs are still counted over the partner's tokens
+    got, pairs = expert_output_similarity(experts, rows, member, max_rows=12)  # several chunks
+    assert pairs == E * (E - 1) // 2
+    assert got == pytest.approx(naive_output_similarity(experts, rows, member), abs=1e-5)
+    assert expert_output_similarity(experts, rows, torch.zeros(40, E, dtype=torch.bool)) == (
+        pytest.approx(np.nan, nan_ok=True),
+        0,
+    )
+
+
+class FixedCosineExperts(nn.Module):
+    """Two experts whose outputs on every token have cosine exactly `cos` (unit u and cos u + sin v)."""
+
+    num_experts = 2
+
+    def __init__(self, cos: float):
+        super().__init__()
+        self.cos = cos
+
+    def rows(self, x, tokens_per_expert):
+        n = x.shape[0] // 2
+        u = torch.zeros(n, DIM, dtype=torch.float64)
+        u[:, 0] = 1.0
+        v = torch.zeros(n, DIM, dtype=torch.float64)
+        v[:, 0], v[:, 1] = self.cos, math.sqrt(1 - self.cos**2)
+        return torch.cat([u, v])
+
+
+def test_homogenization_alarm_fires_exactly_above_threshold_after_grace():
+    cfg = dataclasses.replace(CFG, num_experts=2, top_k=1)
+    m = nn.Module()
+    m.blocks = nn.ModuleList([FakeBlock()])
+    m.blocks[0].ffn = FakeMoE(cfg)
+    th = dataclasses.replace(THRESHOLDS, homogenization_similarity=0.99, homogenization_grace_steps=100)
+    diag = RoutingDiagnostics(m, cfg, th)
+    layer = m.blocks[0].ffn
+
+    def diagnose(cos, step):
+        layer.experts = FixedCosineExperts(cos)
+        layer.last_expert_inputs = (torch.randn(8, DIM), torch.tensor([[True, False], [False, True]] * 4))
+        report = diag.compute(step)
+        return report.scalars["moe/layer00/expert_output_similarity"], report
+
+    above, below = 0.99 + 1e-6, 0.99 - 1e-6
+    sim, report = diagnose(above, 99)  # in the grace period: plotted above, no alarm
+    assert sim == pytest.approx(above, abs=1e-12) and sim > 0.99 and report.warnings == []
+    sim, report = diagnose(below, 100)
+    assert sim < 0.99 and report.warnings == [] and report.depth_profile == ["."]
+    sim, report = diagnose(0.99, 200)  # at the threshold (up to rounding): the alarm follows the scalar
+    assert (report.depth_profile == ["H"]) == (sim > 0.99) == (len(report.warnings) == 1)
+    sim, report = diagnose(below, 250)
+    assert report.depth_profile == ["."]
+    sim, report = diagnose(above, 300)
+    assert sim > 0.99 and len(report.warnings) == 1 and "expert homogenization" in report.warnings[0]
+    assert report.depth_profile == ["H"]
+    assert diagnose(above, 400)[1].warnings == []  # still on: not repeated
+    assert diagnose(below, 500)[1].depth_profile == ["."]  # recovered
+    assert len(diagnose(above, 600)[1].warnings) == 1  # and warns again
+
+
+def top1_share(count: int, n: int = B * L):
+    """A record whose top-1 monopoly share is exactly count / n (expert 0 leads, the rest spread)."""
+    top1 = torch.cat([torch.zeros(count, dtype=torch.long), 1 + torch.arange(n - count) % (E - 1)])
+    return routing(top1, (top1 + 1) % E)
+
+
+def test_deadlock_alarm_fires_exactly_after_patience_strictly_above_threshold():
+    m = model(1)
+    diag = RoutingDiagnostics(m, CFG, dataclasses.replace(THRESHOLDS, deadlock_share=0.9, deadlock_patience=3))
+    above, below, at = top1_share(58), top1_share(57), top1_share(63, n=70)  # 0.906, 0.891, exactly 0.9
+    sequence = [above, above, below, above, above, at, above, above, above, above]
+    fired, shares, profiles = [], [], []
+    for step, record in enumerate(sequence):
+        report = run(diag, m, [record], step)
+        shares.append(report.scalars["moe/layer00/monopoly_share"])
+        fired.append(len(report.warnings))
+        profiles.append(report.depth_profile[0])
+    assert shares[:3] == [58 / 64, 58 / 64, 57 / 64] and shares[5] == 0.9
+    # The naive streak of diagnostics strictly above 0.9 reaches 3 only at the 9th diagnostic.
+    streak, expected = 0, []
+    for share in shares:
+        streak = streak + 1 if share > 0.9 else 0
+        expected.append(streak >= 3)
+    assert [p == "D" for p in profiles] == expected == [False] * 8 + [True] * 2
+    assert fired == [0] * 8 + [1, 0]
+
+
+def test_depth_profile_marks_each_layer_in_depth_order(tmp_path):
+    m = model(4)
+    with torch.no_grad():
+        for layer in (m.blocks[2].ffn, m.blocks[3].ffn):
+            for p in layer.experts.parameters():
+                p.normal_().copy_(p[:1].expand_as(p))
+    diag = RoutingDiagnostics(
+        m, CFG, dataclasses.replace(THRESHOLDS, deadlock_patience=1, homogenization_grace_steps=0)
+    )
+    report = run(diag, m, [deadlocked(), balanced(), balanced(), deadlocked()], 5)
+    assert report.depth_profile == ["D", ".", "H", "B"]
+    assert report.depth_line() == "moe depth profile layer00..layer03: D . H B (D deadlock, H homogenized, B both)"
+    assert json.loads(report.to_json())["depth_profile"] == ["D", ".", "H", "B"]
+    assert report.scalars["moe/deadlocked_layers"] == 2 and report.scalars["moe/homogenized_layers"] == 2
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(tmp_path))
+    write_tensorboard(writer, report, 5)
+    writer.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    image = events.Images("moe/depth_profile")[0]
+    assert (image.width, image.height) == (4 * 8, 2 * 8)
+    (text,) = events.Tensors("moe/depth_profile/text_summary")
+    assert text.tensor_proto.string_val[0].decode() == report.depth_line()
+
+
+def test_router_precision_check_refuses_bf16_masters_and_buffers():
+    m = model(1)
+    check_router_precision(m)  # fp32: fine
+    m.bfloat16()
+    with pytest.raises(RuntimeError, match=r"router parameter blocks\.0\.ffn\.router\.gate\.weight.*train\.precision"):
+        check_router_precision(m)
+    check_router_precision(m, lambda name, p: torch.float32)  # bf16 module, fp32 masters (DeepSpeed bf16)
+    check_router_precision(m, lambda name, p: None)  # a ZeRO rank that holds none of it
+
+    biased = nn.Module()
+    biased.blocks = nn.ModuleList([FakeBlock()])
+    biased.blocks[0].ffn = FakeMoE(dataclasses.replace(CFG, bias_balancing=True))
+    router = biased.blocks[0].ffn.router
+    biased.bfloat16()  # the router keeps its bias fp32 through casts
+    check_router_precision(biased, lambda name, p: torch.float32)
+    router.expert_bias = router.expert_bias.bfloat16()  # a router that would not
+    with pytest.raises(RuntimeError, match=r"router buffer blocks\.0\.ffn\.router\.expert_bias is torch\.bfloat16"):
+        check_router_precision(biased, lambda name, p: torch.float32)
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    import os
+
+    from megamoe.config import ParallelConfig
+    from megamoe.parallel.topology import destroy_distributed, init_distributed
+
+    environ = dict(os.environ)  # init_distributed sets RANK, WORLD_SIZE, MASTER_* for its world of one
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(name, None)
+    try:
+        yield init_distributed(ParallelConfig(), torch.device("cpu"))
+    finally:
+        destroy_distributed()
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+def test_precision_check_at_start_up_reads_deepspeed_fp32_masters(world_of_one):
+    """Under DeepSpeed bf16 (ZeRO-1) the module's router weights are bf16 and their optimizer masters
+    fp32: the MoE step hooks, built once after the engine, accept it; a router buffer in bf16 stops them."""
+    from megamoe.train.engine import build_engine
+    from megamoe.train.moe_step_hooks import master_dtype, step_hooks_for
+    from tests.distributed.parallel_training_harness import SMALL_MOE, build_reference_model, make_config
+
+    moe = dataclasses.replace(SMALL_MOE.moe, bias_balancing=True)
+    cfg = make_config({}, model=dataclasses.replace(SMALL_MOE, moe=moe), zero_stage=1)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="bf16"))
+    engine = build_engine(build_reference_model(cfg), cfg)
+    router = engine.module.blocks[0].ffn.router
+    assert router.gate.weight.dtype == torch.bfloat16 and master_dtype("", router.gate.weight) == torch.float32
+    step_hooks_for(cfg, engine.module)
+    router.expert_bias = router.expert_bias.bfloat16()
+    with pytest.raises(RuntimeError, match=r"router buffer blocks\.0\.ffn\.router\.expert_bias is torch\.bfloat16"):
+        step_hooks_for(cfg, engine.module)
+
+
+def test_output_similarity_under_expert_parallelism_covers_the_held_slice(monkeypatch):
+    """A rank holding experts 2 and 3 of 4 (expert parallelism) compares those two on its tokens
+    routed to them, and names the scalar `_local`."""
+    import types
+
+    m = model(1)
+    layer = m.blocks[0].ffn
+    full = layer.experts
+    layer.experts = GroupedExperts(2, DIM, HIDDEN)
+    with torch.no_grad():
+        for name, p in layer.experts.named_parameters():
+            p.copy_(getattr(full, name)[2:4])
+    layer.dispatcher = types.SimpleNamespace(group="expert group")
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group: 1 if group == "expert group" else 0)
+    diag = RoutingDiagnostics(m, CFG, THRESHOLDS)
+    record = balanced()
+    report = run(diag, m, [record], 0)
+    rows, member = sample_expert_inputs(
+        torch.randn(B * L, DIM, generator=torch.Generator().manual_seed(0)), record[1], E
+    )
+    mine = member[:, 2:4].any(1)
+    expected = naive_output_similarity(layer.experts, rows[mine], member[mine][:, 2:4])
+    assert "moe/layer00/expert_output_similarity" not in report.scalars
+    assert report.scalars["moe/layer00/expert_output_similarity_local"] == pytest.approx(expected, abs=1e-5)
