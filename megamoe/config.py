@@ -93,9 +93,9 @@ class MoEConfig:
     merged_from: int = 0
     """MC-SMoE (launcher/merge_experts.py): routed experts the router scores, folded onto num_experts; 0 = not merged."""
     # DiffMoE (router=diffmoe, megamoe/moe/routers/diffmoe.py)
-    capacity_loss: float = 1.0
-    """Weight of DiffMoE's capacity-predictor BCE loss (> 0 with diffmoe; its gradient reaches only the predictor)."""
-    diffmoe_threshold_decay: float = 0.99
+    capacity_loss: float = 0.01
+    """Weight of DiffMoE's capacity-predictor BCE loss (reaches only the predictor); 0 = no predictor, batch rule at inference."""
+    diffmoe_threshold_decay: float = 0.95
     """DiffMoE: EMA decay of the per-expert predictor-score threshold that routes at inference."""
     # Timestep-band experts (router=timestep_band, megamoe/moe/routers/timestep_band.py)
     timestep_band_boundaries: list[float] = field(default_factory=lambda: [875.0])

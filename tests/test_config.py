@@ -418,6 +418,10 @@ CHANGED = {
     "sinkhorn_iterations": 0,
     "num_prototypes_per_expert": 2,
     "contrastive_loss": 0.0,
+    "capacity_loss": 0.0,
+    "diffmoe_threshold_decay": 0.5,
+    "timestep_band_boundaries": [500.0],
+    "timestep_band_router": "linear",
     "ssr_probability": 0.0,
     "ssr_noise_std": 1.0,
     "ssr_seed": 0,
@@ -444,6 +448,10 @@ LAYER_KEYS = {
 }
 
 
+# Where a router's defaults read fewer keys than it may: the inner router that reads all of them.
+ROUTER_BASE = {"timestep_band": dict(timestep_band_router="cross_attention")}
+
+
 def _router_behaviour(cfg) -> list:
     """Everything a router produces over two training steps and one inference forward."""
     import torch
@@ -459,6 +467,7 @@ def _router_behaviour(cfg) -> list:
         temb=torch.randn(2, 16, generator=g),
         text=torch.randn(2, 3, 16, generator=g),
         is_null=torch.tensor([False, True]),
+        timestep=torch.tensor([300.0, 800.0]),
     )
     seen = []
     for _ in range(2):
@@ -489,7 +498,7 @@ def test_every_key_a_router_accepts_changes_what_it_does():
     for name, cls in ROUTERS.items():
         on = {key: 0.5 for key in cls.config_keys if key.endswith("_loss")}
         on.update({"bias_balancing": True} if "bias_balancing" in cls.config_keys else {})
-        base = MoEConfig(num_experts=4, top_k=2, router=name, **on)
+        base = MoEConfig(num_experts=4, top_k=2, router=name, **on, **ROUTER_BASE.get(name, {}))
         reference = _router_behaviour(base)
         for key in sorted(cls.config_keys):
             changed = dataclasses.replace(base, **{key: CHANGED[key]})

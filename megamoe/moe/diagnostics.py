@@ -62,7 +62,8 @@ A step skipped for a non-finite loss gets no report: call `discard_step()` inste
 
 A failure mode warns once when it starts and again only after it has recovered. Counts come
 from the local micro-batch of the last recorded forward; pass `reduce` (sum over data-parallel
-ranks, as in Router.after_step) to diagnose the global batch instead.
+ranks, as in Router.after_step) to diagnose the global batch instead. The output similarity is
+always this rank's (its tokens, its experts): `reduce` does not apply to it.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ ROUTER_SETTINGS = {
     "expert_race": ["model.moe.similarity_loss=0.01", "model.moe.layer_reg_loss=0.1", *NO_TOKEN_CHOICE_LOSSES],
     "promoe": ["model.moe.contrastive_loss=0.01", "diffusion.text_dropout=0.3", *NO_TOKEN_CHOICE_LOSSES],
     "sinkhorn": NO_TOKEN_CHOICE_LOSSES,
-    "diffmoe": ["model.moe.capacity_loss=1.0", "model.moe.router_hidden_dim=32", *NO_TOKEN_CHOICE_LOSSES],
+    "diffmoe": ["model.moe.capacity_loss=0.01", "model.moe.router_hidden_dim=32", *NO_TOKEN_CHOICE_LOSSES],
     # Two bands of 2 experts, the linear router picking top-2 in each (it computes the balance and z losses).
     "timestep_band": ["model.moe.timestep_band_router=linear", "model.moe.timestep_band_boundaries=[500.0]"],
     "selective_sinkhorn": ["model.moe.ssr_noise_std=1.0", *NO_TOKEN_CHOICE_LOSSES],

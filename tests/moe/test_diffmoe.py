@@ -30,9 +30,9 @@ def naive_scores(router, x, score_func="softmax"):
 
 
 def naive_predictor(router, x):
-    """sigmoid(W2 gelu(W1 x + b1) + b2), one token at a time."""
+    """W2 silu(W1 x + b1) + b2 (logits), one token at a time."""
     l1, l2 = router.predictor[0], router.predictor[2]
-    rows = [F.gelu(l1.weight @ t + l1.bias, approximate="tanh") @ l2.weight.t() + l2.bias for t in x]
+    rows = [F.silu(l1.weight @ t + l1.bias) @ l2.weight.t() + l2.bias for t in x]
     return torch.stack(rows)
 
 
@@ -169,7 +169,8 @@ def test_inference_routes_by_the_predictor_and_threshold_independent_of_the_batc
 @pytest.mark.parametrize(
     "change, match",
     [
-        (dict(capacity_loss=0.0), "capacity_loss must be > 0"),
+        (dict(capacity_loss=0.0, router_hidden_dim=8), "router_hidden_dim=8 has no effect with router=diffmoe and"),
+        (dict(capacity_loss=0.0, diffmoe_threshold_decay=0.5), "diffmoe_threshold_decay=0.5 has no effect"),
         (dict(diffmoe_threshold_decay=1.0), "diffmoe_threshold_decay must be in"),
         (dict(balance_loss=0.01), "balance_loss=0.01 has no effect with model.moe.router=diffmoe"),
         (dict(num_null_experts=1), "num_null_experts=1 has no effect"),
@@ -193,3 +194,14 @@ def test_the_selection_is_what_replay_returns():
     torch.testing.assert_close(
         out.aux["capacity"], F.binary_cross_entropy_with_logits(naive_predictor(router, x), forced.float())
     )
+
+
+def test_without_a_predictor_inference_keeps_the_pool_rule():
+    """capacity_loss = 0: no predictor, no threshold, no capacity loss; eval selects as training does."""
+    router = make_router(capacity_loss=0.0, router_hidden_dim=MoEConfig().router_hidden_dim)
+    assert router.predictor is None and "threshold" not in router.state_dict()
+    x, ctx = batch(2, 8)
+    out = router(x, ctx)
+    assert set(out.aux) == {"unrouted_fraction"}
+    router.after_step(lambda t: t)
+    assert torch.equal(router.eval()(x, ctx).routing_map, naive_top_c(naive_scores(router, x), 8))

@@ -13,7 +13,7 @@ This is expert choice with `expert_choice_scope: batch` (routers/expert_choice.p
 samples and noise levels compete for one expert, so noisy, hard samples can take more compute
 than clean, easy ones while every expert is exactly full.
 
-Capacity predictor: a two-layer MLP (dim -> router_hidden_dim -> E) on the DETACHED tokens
+Capacity predictor: a two-layer SiLU MLP (dim -> router_hidden_dim -> E) on the DETACHED tokens
 predicts, per (token, expert), whether the pool would select the pair. It is trained by binary
 cross-entropy against the training selection (loss 'capacity', weight `capacity_loss`); tokens
 and mask are detached, so its gradient reaches the predictor only, never the tokens or the gate.
@@ -26,13 +26,19 @@ the training capacity. `after_step` updates it from the mean over the step's for
 the data-parallel ranks (`reduce`), so every rank holds the same threshold; it is saved with the
 model; the first update copies the value; a skipped step's statistics are dropped
 (`discard_step`); a recomputed forward is not counted again. Before any update, eval falls back
-to the training rule. A token's inference routing depends on that token only.
+to the training rule. A token's inference routing depends on that token only. `capacity_loss: 0`
+builds no predictor: inference then keeps the training rule and depends on the batch. (The authors'
+code uses the predictor to count each expert's tokens, k_e = #{t: score >= threshold}, and then
+takes the top-k_e tokens by gate score, which depends on the batch again; routing each token by
+its own predictor score keeps sampling independent of what else is batched.)
 
 Under sequence sharding the pool spans the shards: C counts every token and the C-th scores are
 found by exchanging each rank's own top-C (TokenShards.kth_largest), as expert choice does.
 
-Score function: the paper's gate is a softmax over experts followed by the per-expert top-C
-(as in EC-DiT); `score_func: sigmoid` is accepted as the alternative.
+Score function: the authors' gate is a softmax over experts followed by the per-expert top-C
+(as in EC-DiT); `score_func: sigmoid` is accepted as the alternative. Defaults follow their code:
+capacity-loss weight 0.01 (it also shares the gradient-norm clip with the model), threshold EMA
+decay 0.95.
 """
 
 from __future__ import annotations
@@ -66,29 +72,38 @@ class DiffMoERouter(Router):
             cfg.score_func in SCORE_FUNCS,
             f"model.moe.score_func must be one of {', '.join(SCORE_FUNCS)}, got '{cfg.score_func}'",
         )
-        require(cfg.router_hidden_dim >= 1, f"model.moe.router_hidden_dim must be >= 1, got {cfg.router_hidden_dim}")
-        require(
-            cfg.capacity_loss > 0,
-            f"model.moe.capacity_loss must be > 0 with router=diffmoe (it trains the capacity predictor that "
-            f"routes at inference), got {cfg.capacity_loss}",
-        )
-        require(
-            0.0 <= cfg.diffmoe_threshold_decay < 1.0,
-            f"model.moe.diffmoe_threshold_decay must be in [0, 1), got {cfg.diffmoe_threshold_decay}",
-        )
+        if cfg.capacity_loss > 0:
+            require(
+                cfg.router_hidden_dim >= 1, f"model.moe.router_hidden_dim must be >= 1, got {cfg.router_hidden_dim}"
+            )
+            require(
+                0.0 <= cfg.diffmoe_threshold_decay < 1.0,
+                f"model.moe.diffmoe_threshold_decay must be in [0, 1), got {cfg.diffmoe_threshold_decay}",
+            )
+            return
+        default = MoEConfig()
+        for key in ("router_hidden_dim", "diffmoe_threshold_decay"):  # the predictor's keys
+            require(
+                getattr(cfg, key) == getattr(default, key),
+                f"model.moe.{key}={getattr(cfg, key)} has no effect with router=diffmoe and capacity_loss=0 "
+                f"(no capacity predictor); set capacity_loss > 0 or remove {key}",
+            )
 
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
         super().__init__(dim, cfg, **kwargs)
         self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
-        self.predictor = nn.Sequential(
-            nn.Linear(dim, cfg.router_hidden_dim),
-            nn.GELU(approximate="tanh"),
-            nn.Linear(cfg.router_hidden_dim, cfg.num_experts),
-        )
-        # Persistent: inference routing depends on it, so it must survive checkpoints.
-        self.register_buffer("threshold", torch.empty(cfg.num_experts))
-        self.register_buffer("threshold_initialized", torch.empty((), dtype=torch.bool))
-        self.reset_buffers()
+        # capacity_loss = 0: no predictor; inference then keeps the pool rule (batch-dependent).
+        self.predictor: nn.Sequential | None = None
+        if cfg.capacity_loss > 0:
+            self.predictor = nn.Sequential(
+                nn.Linear(dim, cfg.router_hidden_dim),
+                nn.SiLU(),
+                nn.Linear(cfg.router_hidden_dim, cfg.num_experts),
+            )
+            # Persistent: inference routing depends on it, so it must survive checkpoints.
+            self.register_buffer("threshold", torch.empty(cfg.num_experts))
+            self.register_buffer("threshold_initialized", torch.empty((), dtype=torch.bool))
+            self.reset_buffers()
         # Per-expert C-th predictor scores summed over the step's forwards (per-step scratch).
         self._kth_sum: torch.Tensor | None = None
         self._kth_count = 0
@@ -96,21 +111,22 @@ class DiffMoERouter(Router):
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """No threshold yet: the first step's sets it (also after a meta-device build, see megamoe/model/init.py)."""
-        self.threshold.zero_()
-        self.threshold_initialized.fill_(False)
+        if self.predictor is not None:
+            self.threshold.zero_()
+            self.threshold_initialized.fill_(False)
 
     def _apply(self, fn, recurse=True):
         # A module-wide bf16 cast would round the threshold and drop small EMA updates: keep it fp32.
-        kept = self.threshold
+        kept = self._buffers.get("threshold")
         out = super()._apply(fn, recurse)
-        if self.threshold.dtype != torch.float32:
+        if kept is not None and self.threshold.dtype != torch.float32:
             self.threshold = kept.to(device=self.threshold.device, dtype=torch.float32)
         return out
 
     def predictor_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """[N, dim] -> [N, E] capacity-predictor logits, on detached tokens (fp32 weights)."""
         hidden, out = self.predictor[0], self.predictor[2]
-        h = F.gelu(F.linear(tokens.detach(), hidden.weight.float(), hidden.bias.float()), approximate="tanh")
+        h = F.silu(F.linear(tokens.detach(), hidden.weight.float(), hidden.bias.float()))
         return F.linear(h, out.weight.float(), out.bias.float())
 
     def route(self, tokens: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
@@ -119,29 +135,30 @@ class DiffMoERouter(Router):
             raise ValueError(f"diffmoe router got {n} tokens but batch_size*seq_len = {ctx.batch_size}*{ctx.seq_len}")
         logits = F.linear(tokens, self.gate.weight.float())
         scores = logits.softmax(-1) if self.cfg.score_func == "softmax" else logits.sigmoid()
-        predicted = self.predictor_logits(tokens)
+        predicted = None if self.predictor is None else self.predictor_logits(tokens)
         shards = self.token_shards
         aux = {}
-        if self.training or not bool(self.threshold_initialized):
+        if predicted is not None and not self.training and bool(self.threshold_initialized):
+            mask = self.replay(predicted.detach().sigmoid() >= self.threshold.float())
+        else:
             # The pool is every token of the micro-batch, on every shard.
             c = expert_capacity(self.cfg.capacity_factor, n * shards.num, self.cfg.top_k, e)
             mask = scores.detach() >= shards.kth_largest(scores.detach(), c, dim=0)  # [N, E]
             mask = self.replay(mask)
-            if self.training:
-                target = mask.float()
-                aux["capacity"] = shards.mean(F.binary_cross_entropy_with_logits(predicted, target))
+            if self.training and predicted is not None:
+                aux["capacity"] = shards.mean(F.binary_cross_entropy_with_logits(predicted, mask.float()))
                 if not is_recomputing():  # a recomputed forward was counted already
                     kth = shards.kth_largest(predicted.detach().sigmoid(), c, dim=0).reshape(e)
                     self._kth_sum = kth if self._kth_sum is None else self._kth_sum + kth
                     self._kth_count += 1
-        else:
-            mask = self.replay(predicted.detach().sigmoid() >= self.threshold.float())
         probs = scores * mask
         aux["unrouted_fraction"] = (~mask.any(dim=1)).float().mean().detach()
         return RouterOutput(probs=probs, routing_map=mask, aux=aux)
 
     @torch.no_grad()
     def after_step(self, reduce: Reduce) -> None:
+        if self.predictor is None:
+            return
         # Every rank calls reduce exactly once, also one that ran no forward this step.
         e = self.num_experts
         stats = torch.zeros(e + 1, dtype=torch.float32, device=self.threshold.device)

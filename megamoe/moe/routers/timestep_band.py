@@ -86,7 +86,13 @@ class BandCrossAttentionRouter(_BandRestricted, CrossAttentionRouter):
 
 
 RESTRICTED = {"linear": BandLinearRouter, "mlp": BandMLPRouter, "cross_attention": BandCrossAttentionRouter}
-_INNER_KEYS = frozenset().union(*(ROUTERS[name].config_keys for name in INNER_ROUTERS)) - Router.config_keys
+# The inner routers' keys but aux-free balancing and null experts (refused: a bias or an unmasked null
+# column could out-bid the band's experts).
+_INNER_KEYS = frozenset(
+    key
+    for key in frozenset().union(*(ROUTERS[name].config_keys for name in INNER_ROUTERS)) - Router.config_keys
+    if not key.startswith("bias_") and key != "num_null_experts"
+)
 
 
 def inner_config(cfg: MoEConfig) -> MoEConfig:
@@ -109,6 +115,15 @@ class TimestepBandRouter(Router):
 
     @classmethod
     def check_config(cls, cfg: MoEConfig) -> None:
+        require(
+            cfg.num_null_experts == 0,
+            f"model.moe.num_null_experts={cfg.num_null_experts} is not supported with router=timestep_band; set it to 0",
+        )
+        require(
+            not cfg.bias_balancing,
+            "model.moe.bias_balancing=true is not supported with router=timestep_band (the bias could pick an "
+            "expert outside the token's band); set it to false",
+        )
         super().check_config(cfg)
         bounds = list(cfg.timestep_band_boundaries)
         require(
@@ -121,15 +136,6 @@ class TimestepBandRouter(Router):
             inner in INNER_CHOICES,
             f"model.moe.timestep_band_router must be one of {', '.join(INNER_CHOICES)} (other routers select "
             f"across tokens and cannot be restricted to a band), got '{inner}'",
-        )
-        require(
-            cfg.num_null_experts == 0,
-            f"model.moe.num_null_experts={cfg.num_null_experts} is not supported with router=timestep_band; set it to 0",
-        )
-        require(
-            not cfg.bias_balancing,
-            "model.moe.bias_balancing=true is not supported with router=timestep_band (the bias could pick an "
-            "expert outside the token's band); set it to false",
         )
         readers = Router.config_keys | _OWN_KEYS | (ROUTERS[inner].config_keys if inner != "none" else frozenset())
         default = MoEConfig()
