@@ -52,17 +52,31 @@ class MoEConfig:
     renormalize: bool = True
     """Rescale the selected experts' scores of a token to sum to one (token-choice, sinkhorn, promoe)."""
     router_hidden_dim: int = 256
-    """Hidden width of the MLP and cross-attention routers."""
+    """Hidden width of the MLP and cross-attention routers (and of Expert Race's race_gate=mlp)."""
     bias_balancing: bool = False
     """Aux-loss-free balancing (DeepSeek): a per-expert selection bias nudged toward balance each step."""
     bias_update_rate: float = 1e-3
     """Step size of the aux-loss-free bias update (> 0; only with bias_balancing)."""
+    bias_update_schedule: str = "constant"
+    """Aux-free step size over applied steps t: 'constant', 'inverse_time' (rate / t) or 'frozen' (0 after bias_freeze_step)."""
+    bias_freeze_step: int = 0
+    """bias_update_schedule=frozen: the last applied step that updates the bias (>= 1)."""
+    bias_update_centered: bool = False
+    """Subtract the real experts' mean bias after each aux-free update (torchtitan), so the biases stay centred on 0."""
+    bias_update_form: str = "sign"
+    """Aux-free update: 'sign' (DeepSeek-V3: rate * sign(mean - load)) or 'proportional' (rate * (mean - load) / mean)."""
     expert_choice_scope: str = "sample"
     """Expert choice picks each expert's tokens per 'sample' or over the whole micro-'batch'."""
     capacity_factor: float = 1.0
     """Expert choice and DiffMoE: tokens per expert = capacity_factor * tokens * top_k / num_experts."""
     race_threshold_decay: float = 0.99
     """Expert Race: EMA decay of the learned score threshold used at inference."""
+    race_score_func: str = "identity"
+    """Expert Race: activation of the gate logits that race and weight: 'identity' (raw logits), 'softmax' or 'sigmoid'."""
+    race_gate: str = "linear"
+    """Expert Race: score head, 'linear' or 'mlp' (hidden width router_hidden_dim)."""
+    race_scope: str = "micro_batch"
+    """Expert Race: race over this rank's 'micro_batch' or the 'global' batch of every data-parallel rank (training)."""
     sinkhorn_iterations: int = 3
     """Sinkhorn and selective_sinkhorn routers: normalisation rounds before the top-k pick; 0 = plain top-k."""
     num_prototypes_per_expert: int = 1

@@ -55,6 +55,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         f"parallel.context_parallel_size = {model_parallel}; launch a multiple of {model_parallel} ranks or change them",
     )
     _check(
+        not (m.moe.num_experts > 0 and m.moe.router == "expert_race" and m.moe.race_scope == "global")
+        or world_size // model_parallel > 1,
+        "model.moe.race_scope=global has no effect with one data-parallel rank (the global batch is the "
+        "micro-batch); remove it or launch more data-parallel ranks",
+    )
+    _check(
         world_size % p.expert_parallel_size == 0,
         f"world size {world_size} is not divisible by parallel.expert_parallel_size={p.expert_parallel_size}; "
         f"launch a multiple of {p.expert_parallel_size} ranks or change it",

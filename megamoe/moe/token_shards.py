@@ -44,7 +44,7 @@ class TokenShards:
     group: ranks holding the other chunks of this micro-batch's sequences (the sequence-sharding
         group: CP, or TP x CP under sequence parallelism); None when this rank holds them whole.
     batch_group: every rank holding other tokens of the global batch (data parallel times `group`);
-        None in one process. Used only by the `global` balance scope.
+        None in one process. Used only by the `global` balance scope and Expert Race's `global` race.
     """
 
     def __init__(self, group=None, batch_group=None):
@@ -91,6 +91,32 @@ class TokenShards:
             own = min(k, values.shape[dim])
             values = self.gather(values.topk(own, dim=dim).values, dim)
         return values.topk(k, dim=dim).values.narrow(dim, k - 1, 1)
+
+    @torch.no_grad()
+    def kth_largest_over_batch(self, values: torch.Tensor, k_per_row: int) -> torch.Tensor:
+        """0-dim: the K-th largest entry of every rank's `values` [rows, m] of the global batch
+        together, K = k_per_row * (rows summed over `batch_group`); ranks may hold different rows.
+
+        Two all-gathers over `batch_group`: the row counts, then each rank's own min(K, rows * m)
+        largest entries (which contain the global top-K), padded with -inf to the longest. One
+        process (no batch_group): the K-th largest of `values`.
+        """
+        flat = values.flatten()
+        if self.batch_group is None:
+            return flat.topk(k_per_row * values.shape[0]).values[-1]
+        world = dist.get_world_size(self.batch_group)
+        rows = torch.tensor([values.shape[0]], dtype=torch.long, device=values.device)
+        all_rows = [torch.empty_like(rows) for _ in range(world)]
+        dist.all_gather(all_rows, rows, group=self.batch_group)
+        all_rows = torch.cat(all_rows)
+        k = k_per_row * int(all_rows.sum())
+        sent = int((all_rows * values.shape[1]).clamp_max(k).max())
+        own = flat.topk(min(k, flat.numel())).values
+        padded = torch.full((sent,), float("-inf"), dtype=flat.dtype, device=flat.device)
+        padded[: own.numel()] = own
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded, group=self.batch_group)
+        return torch.cat(gathered).topk(k).values[-1]
 
     @torch.no_grad()
     def logsumexp(self, x: torch.Tensor, dim: int) -> torch.Tensor:

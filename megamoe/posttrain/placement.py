@@ -264,7 +264,7 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.ffn\.(experts|router)\.(.+)$")
 _STACKED = {"w1", "b1", "w2", "b2"}
 _GATE_ROWS = {"gate.weight", "gate.2.weight", "expert_bias"}
 _NOT_PER_EXPERT = re.compile(
-    r"^(threshold|threshold_initialized|log_scale|gate\.0\.(weight|bias)|(query|key|value)\.(weight|bias)"
+    r"^(threshold|threshold_initialized|bias_update_count|log_scale|gate\.0\.(weight|bias)|(query|key|value)\.(weight|bias)"
     r"|layer_reg_head\.(weight|bias))$"
 )
 

@@ -7,6 +7,9 @@
   `model.moe.diagnostics_every` steps: the routings of the last micro-batch are recorded, the
   router weights are snapshot before the update and the bf16 truncation of the update is measured
   after it (on DeepSpeed's fp32 master weights under bf16), and the report goes to the logger.
+  With aux-free balancing the report also carries, per layer, the last bias update's proxies of
+  the ALF-LB dual objective: `moe/layerNN/bias_max_over_mean_load` (max / mean load over the
+  step's global batch, 1 = balanced) and `moe/layerNN/bias_step_size` (the step size eta_t used).
 - Routing traces (moe/routing_trace.py), every `model.moe.trace_every` steps: the routings of the
   last micro-batch, sampled per layer, written by every rank under the run directory once the
   step is applied.
@@ -92,7 +95,20 @@ class MoEStepHooks(StepHooks):
         if not self._diagnosed(step):
             return None
         self.diagnostics.measure_bf16_loss(self.master_weights)
-        return self.diagnostics.compute(step)
+        report = self.diagnostics.compute(step)
+        report.scalars.update(self.bias_update_scalars())
+        return report
+
+    def bias_update_scalars(self) -> dict[str, float]:
+        """Per MoE layer with aux-free balancing, the last update's max / mean load and step size."""
+        scalars = {}
+        for (_, layer), label in zip(self.diagnostics.layers, self.diagnostics.labels):
+            last = getattr(layer.router, "last_bias_update", None)
+            if last is not None:
+                ratio, eta = last.tolist()
+                scalars[f"moe/{label}/bias_max_over_mean_load"] = ratio
+                scalars[f"moe/{label}/bias_step_size"] = eta
+        return scalars
 
     def after_skipped_step(self, step: int) -> None:
         routers_discard_step(self.module)

@@ -26,6 +26,9 @@ CASES = {
     "linear_shared_no_overlap": dict(router="linear", top_k=2, num_shared_experts=1),  # dispatch waits at once
     "aux_free": dict(router="linear", top_k=2, bias_balancing=True, num_null_experts=1),
     "expert_race": dict(router="expert_race", top_k=2, num_shared_experts=1),
+    "expert_race_mlp_sigmoid": dict(
+        router="expert_race", top_k=2, race_gate="mlp", router_hidden_dim=16, race_score_func="sigmoid"
+    ),
     "expert_choice": dict(router="expert_choice", top_k=2, expert_choice_scope="batch"),
     "sinkhorn": dict(router="sinkhorn", top_k=2, num_shared_experts=1),
     "promoe": dict(router="promoe", top_k=2),  # top-1 renormalised has a zero router gradient: only noise to compare

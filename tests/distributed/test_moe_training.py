@@ -21,11 +21,21 @@ SMALL = [
 # tiny_moe.yaml weights the token-choice losses, which the other routers do not compute.
 NO_TOKEN_CHOICE_LOSSES = ["model.moe.balance_loss=0", "model.moe.z_loss=0"]
 ROUTER_SETTINGS = {
-    "linear": ["model.moe.balance_loss=0.01", "model.moe.z_loss=0.001"],
+    "linear": [
+        "model.moe.balance_loss=0.01",
+        "model.moe.z_loss=0.001",
+        *["model.moe.bias_balancing=true", "model.moe.bias_update_rate=0.01"],  # ALF-LB's 1/t proportional update
+        *["model.moe.bias_update_schedule=inverse_time", "model.moe.bias_update_form=proportional"],
+    ],
     "mlp": ["model.moe.balance_loss=0.01", "model.moe.router_hidden_dim=32"],
     "cross_attention": ["model.moe.balance_loss=0.01", "model.moe.router_hidden_dim=32"],
     "expert_choice": ["model.moe.expert_choice_scope=batch", *NO_TOKEN_CHOICE_LOSSES],
-    "expert_race": ["model.moe.similarity_loss=0.01", "model.moe.layer_reg_loss=0.1", *NO_TOKEN_CHOICE_LOSSES],
+    "expert_race": [
+        "model.moe.similarity_loss=0.01",
+        "model.moe.layer_reg_loss=0.1",
+        *["model.moe.race_gate=mlp", "model.moe.router_hidden_dim=32"],
+        *NO_TOKEN_CHOICE_LOSSES,
+    ],
     "promoe": ["model.moe.contrastive_loss=0.01", "diffusion.text_dropout=0.3", *NO_TOKEN_CHOICE_LOSSES],
     "sinkhorn": NO_TOKEN_CHOICE_LOSSES,
     "diffmoe": ["model.moe.capacity_loss=0.01", "model.moe.router_hidden_dim=32", *NO_TOKEN_CHOICE_LOSSES],
@@ -78,6 +88,11 @@ def test_every_router_trains_and_the_flow_loss_falls(router, tmp_path, data_cach
     events.Reload()
     tags = events.Tags()
     assert "moe/layer00/max_violation" in tags["scalars"] and tags["images"]
+    if "model.moe.bias_balancing=true" in ROUTER_SETTINGS[router]:  # the aux-free update's balance and step size
+        ratio = events.Scalars("moe/layer00/bias_max_over_mean_load")
+        assert [e.step for e in ratio] == [20, 40] and all(e.value >= 1 for e in ratio)
+        eta = [e.value for e in events.Scalars("moe/layer00/bias_step_size")]
+        assert eta == pytest.approx([0.01 / 20, 0.01 / 40])
     steps = [e.step for e in events.Scalars("moe/layer01/load_entropy")]
     assert steps == [20, 40]
     summary = [json.loads(line) for line in (tmp_path / "diagnostics.jsonl").read_text().splitlines()]

@@ -27,6 +27,7 @@ VARIANTS = {
 # Routers whose defaults do not fit 4 experts at top-2: timestep bands of 2 experts, an MLP picking in each.
 ROUTER_DEFAULTS = {
     "timestep_band": dict(timestep_band_router="mlp", timestep_band_boundaries=[500.0]),
+    "expert_race": dict(race_gate="mlp"),  # reads router_hidden_dim (below) only with the MLP gate
 }
 
 

@@ -4,7 +4,10 @@ Yuan et al. 2025, "Expert Race: A Flexible Routing Strategy for Scaling Diffusio
 with Mixture of Experts" (Race-DiT, ICML 2025, arXiv:2503.16057).
 
 Training:
-    scores = tokens @ W_gate^T                    [N, E], identity activation (raw logits)
+    logits = gate(tokens)                         [N, E]; gate = one linear map (`race_gate=linear`)
+                                                  or Linear -> GELU -> Linear (`mlp`, width router_hidden_dim)
+    scores = act(logits)                          act = `race_score_func`: identity (raw logits,
+                                                  the default), softmax over experts, or sigmoid
     K      = N * top_k                            (N = B * L: B x L x E scores race together)
     selected = the K largest entries of scores, over tokens AND experts at once
                (every pair whose score reaches the K-th largest; ties at it are all taken)
@@ -13,10 +16,18 @@ Training:
 Tokens and experts compete together, so hard tokens (detail, late denoising steps) can take
 many experts and easy ones (flat background) none, while the average stays top_k.
 
-Why identity: a softmax over experts makes a token's scores sum to one, so scores of
-different tokens are not comparable and a token can never out-bid another on all experts;
-Race-DiT uses the raw gate output both to race and as the combine weight, and we follow
-it (a selected weight can therefore be any real number, also negative).
+Why identity is the default: a softmax over experts makes a token's scores sum to one, so
+scores of different tokens are hardly comparable and a token can never out-bid another on all
+experts; the raw gate output races and weights (a selected weight can therefore be any real
+number, also negative). Softmax and sigmoid are the usual gates the paper compares against;
+sigmoid keeps scores of different tokens comparable and the weights in (0, 1).
+
+`race_scope=global` races over the global batch instead of the micro-batch: K = top_k times
+the tokens of every data-parallel rank (and shard), and each rank selects the pairs of its own
+tokens that reach the K-th largest score of all of them, exactly what one process racing over
+the concatenated global batch selects (TokenShards.kth_largest_over_batch: two all-gathers per
+layer and forward). Only training races globally; eval before the first threshold falls back to
+the micro-batch race, so an evaluation on one rank never waits for the others.
 
 Inference: the top-K of a batch depends on the other samples in it (the CFG-null copy, the
 other prompts), so at `eval()` a pair (t, e) is selected iff scores[t, e] >= threshold, a
@@ -48,13 +59,34 @@ from megamoe.model.activation_checkpointing import is_recomputing
 from megamoe.moe.router_losses import router_similarity_loss
 from megamoe.moe.routers.base import Reduce, Router, RouterOutput, RoutingContext, register_router, require
 
+RACE_SCORE_FUNCS = ("identity", "softmax", "sigmoid")
+RACE_GATES = ("linear", "mlp")
+RACE_SCOPES = ("micro_batch", "global")
+
+
+def race_scores(logits: torch.Tensor, score_func: str) -> torch.Tensor:
+    """[N, E] logits -> the [N, E] scores that race and weight (`race_score_func`)."""
+    if score_func == "softmax":
+        return logits.softmax(-1)
+    if score_func == "sigmoid":
+        return logits.sigmoid()
+    return logits
+
 
 @register_router("expert_race")
 class ExpertRaceRouter(Router):
     # Not read: num_null_experts (a token may already take zero experts), bias_balancing,
-    # score_func and renormalize (raw scores are the weights), balance_loss and z_loss
-    # (a logsumexp penalty would only shrink the raw combine weights).
-    config_keys = Router.config_keys | {"race_threshold_decay", "similarity_loss"}
+    # score_func and renormalize (race_score_func picks the activation; the selected scores are
+    # the weights), balance_loss and z_loss (a logsumexp penalty would only shrink the raw
+    # combine weights).
+    config_keys = Router.config_keys | {
+        "race_threshold_decay",
+        "similarity_loss",
+        "race_score_func",
+        "race_gate",
+        "race_scope",
+        "router_hidden_dim",
+    }
 
     @classmethod
     def check_config(cls, cfg: MoEConfig) -> None:
@@ -63,10 +95,35 @@ class ExpertRaceRouter(Router):
             0.0 <= cfg.race_threshold_decay < 1.0,
             f"model.moe.race_threshold_decay must be in [0, 1), got {cfg.race_threshold_decay}",
         )
+        for key, choices in (
+            ("race_score_func", RACE_SCORE_FUNCS),
+            ("race_gate", RACE_GATES),
+            ("race_scope", RACE_SCOPES),
+        ):
+            value = getattr(cfg, key)
+            require(value in choices, f"model.moe.{key} must be one of {', '.join(choices)}, got '{value}'")
+        if cfg.race_gate == "mlp":
+            require(
+                cfg.router_hidden_dim >= 1, f"model.moe.router_hidden_dim must be >= 1, got {cfg.router_hidden_dim}"
+            )
+        else:
+            default = MoEConfig().router_hidden_dim
+            require(
+                cfg.router_hidden_dim == default,
+                f"model.moe.router_hidden_dim={cfg.router_hidden_dim} has no effect with "
+                f"model.moe.race_gate={cfg.race_gate}; set race_gate=mlp or remove router_hidden_dim",
+            )
 
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
         super().__init__(dim, cfg, **kwargs)
-        self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
+        if cfg.race_gate == "mlp":  # the layout of the mlp router's gate (placement reads gate.2's rows)
+            self.gate = nn.Sequential(
+                nn.Linear(dim, cfg.router_hidden_dim),
+                nn.GELU(approximate="tanh"),
+                nn.Linear(cfg.router_hidden_dim, cfg.num_experts, bias=False),
+            )
+        else:
+            self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
         # Persistent: inference routing depends on it, so it must survive checkpoints.
         self.register_buffer("threshold", torch.empty(()))
         self.register_buffer("threshold_initialized", torch.empty((), dtype=torch.bool))
@@ -98,13 +155,18 @@ class ExpertRaceRouter(Router):
             raise ValueError(
                 f"expert_race router got {n} tokens but batch_size*seq_len = {ctx.batch_size}*{ctx.seq_len}"
             )
-        scores = F.linear(tokens, self.gate.weight.float())  # identity activation, fp32
+        logits = self.logits(tokens)
+        scores = race_scores(logits, self.cfg.race_score_func)
 
         shards = self.token_shards
         if self.training or not bool(self.threshold_initialized):
-            # The race runs over the tokens of every shard: K counts them all, and a pair is
-            # selected iff its score reaches the K-th largest score of the whole micro-batch.
-            kth = shards.kth_largest(scores.detach().flatten()[None], n * shards.num * self.cfg.top_k, dim=1)
+            # The race runs over the tokens of every shard (and, globally, of every data-parallel
+            # rank): K counts them all, and a pair is selected iff its score reaches the K-th
+            # largest score of all of them.
+            if self.training and self.cfg.race_scope == "global":
+                kth = shards.kth_largest_over_batch(scores.detach(), self.cfg.top_k)
+            else:
+                kth = shards.kth_largest(scores.detach().flatten()[None], n * shards.num * self.cfg.top_k, dim=1)
             mask = scores.detach() >= kth.reshape(())
             if self.training and not is_recomputing():  # a recomputed forward was counted already
                 kth = kth.reshape(()).float()
@@ -112,12 +174,21 @@ class ExpertRaceRouter(Router):
                 self._kth_count += 1
         else:
             mask = scores.detach() >= self.threshold.float()
-        probs = scores * mask  # selected raw scores are the combine weights (Race-DiT)
+        mask = self.replay(mask)
+        probs = scores * mask  # the selected scores are the combine weights (Race-DiT)
 
         aux = {"unrouted_fraction": (~mask.any(dim=1)).float().mean().detach()}
         if self.cfg.similarity_loss > 0:
-            aux["similarity"] = router_similarity_loss(scores, mask, shards)
+            aux["similarity"] = router_similarity_loss(logits, mask, shards)
         return RouterOutput(probs=probs, routing_map=mask, aux=aux)
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[N, dim] fp32 -> [N, E] gate logits, with fp32 copies of the weights (a bf16 module routes in fp32)."""
+        if isinstance(self.gate, nn.Linear):
+            return F.linear(tokens, self.gate.weight.float())
+        first, last = self.gate[0], self.gate[2]
+        hidden = F.gelu(F.linear(tokens, first.weight.float(), first.bias.float()), approximate="tanh")
+        return F.linear(hidden, last.weight.float())
 
     @torch.no_grad()
     def after_step(self, reduce: Reduce) -> None:

@@ -30,6 +30,35 @@ def _linear32(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return F.linear(x, layer.weight.float(), bias)
 
 
+BIAS_SCHEDULES = ("constant", "inverse_time", "frozen")
+BIAS_FORMS = ("sign", "proportional")
+# The aux-free keys besides bias_update_rate; each must keep its default without bias_balancing.
+BIAS_UPDATE_KEYS = ("bias_update_schedule", "bias_freeze_step", "bias_update_centered", "bias_update_form")
+
+
+def bias_step_size(cfg: MoEConfig, t: torch.Tensor) -> torch.Tensor:
+    """Step size eta_t (fp32, 0-dim) of the aux-free bias update at applied step t >= 1 (a 0-dim tensor).
+
+        constant      eta_t = rate                                 (DeepSeek-V3; Wang et al. 2024, arXiv:2408.15664)
+        inverse_time  eta_t = rate / t
+        frozen        eta_t = rate for t <= bias_freeze_step, then 0
+
+    ALF-LB (Han et al. 2025, arXiv:2512.03915) reads the bias as the dual variable of a
+    load-balanced assignment problem and the update as one dual (sub)gradient step per training
+    step; their online analysis gets a logarithmic expected regret from the objective's strong
+    convexity, with step sizes that decay like 1/t, the classic rate of online gradient descent on
+    strongly convex losses. `inverse_time` is that decay with the constant `rate` (the first step
+    moves by rate); `frozen` fixes the routing once balanced, so late training sees a stationary
+    selection.
+    """
+    rate = torch.tensor(cfg.bias_update_rate, dtype=torch.float32, device=t.device)
+    if cfg.bias_update_schedule == "inverse_time":
+        return rate / t.float()
+    if cfg.bias_update_schedule == "frozen":
+        return torch.where(t <= cfg.bias_freeze_step, rate, torch.zeros_like(rate))
+    return rate
+
+
 def select_top_k(
     logits: torch.Tensor,
     cfg: MoEConfig,
@@ -66,6 +95,10 @@ class TokenChoiceRouter(Router):
         "num_null_experts",
         "bias_balancing",
         "bias_update_rate",
+        "bias_update_schedule",
+        "bias_freeze_step",
+        "bias_update_centered",
+        "bias_update_form",
         "balance_loss",
         "balance_scope",
         "z_loss",
@@ -95,18 +128,51 @@ class TokenChoiceRouter(Router):
                 f"model.moe.bias_update_rate must be > 0 with "
                 f"model.moe.bias_balancing=true, got {cfg.bias_update_rate}",
             )
-        else:
             require(
-                cfg.bias_update_rate == default.bias_update_rate,
-                f"model.moe.bias_update_rate={cfg.bias_update_rate} has no effect while "
-                f"model.moe.bias_balancing=false; set bias_balancing=true or remove bias_update_rate",
+                cfg.bias_update_schedule in BIAS_SCHEDULES,
+                f"model.moe.bias_update_schedule must be one of {', '.join(BIAS_SCHEDULES)}, "
+                f"got '{cfg.bias_update_schedule}'",
             )
+            require(
+                cfg.bias_update_form in BIAS_FORMS,
+                f"model.moe.bias_update_form must be one of {', '.join(BIAS_FORMS)}, got '{cfg.bias_update_form}'",
+            )
+            require(
+                not (cfg.bias_update_centered and cfg.bias_update_form == "proportional"),
+                "model.moe.bias_update_centered=true has no effect with model.moe.bias_update_form=proportional "
+                "(its steps already sum to zero over the real experts); use the sign form or remove it",
+            )
+            if cfg.bias_update_schedule == "frozen":
+                require(
+                    cfg.bias_freeze_step >= 1,
+                    f"model.moe.bias_update_schedule=frozen needs model.moe.bias_freeze_step >= 1 (the last "
+                    f"step that updates the bias), got {cfg.bias_freeze_step}",
+                )
+            else:
+                require(
+                    cfg.bias_freeze_step == default.bias_freeze_step,
+                    f"model.moe.bias_freeze_step={cfg.bias_freeze_step} has no effect with "
+                    f"model.moe.bias_update_schedule={cfg.bias_update_schedule}; set the schedule to frozen "
+                    f"or remove bias_freeze_step",
+                )
+        else:
+            for key in ("bias_update_rate", *BIAS_UPDATE_KEYS):
+                require(
+                    getattr(cfg, key) == getattr(default, key),
+                    f"model.moe.{key}={getattr(cfg, key)} has no effect while "
+                    f"model.moe.bias_balancing=false; set bias_balancing=true or remove {key}",
+                )
 
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
         super().__init__(dim, cfg, **kwargs)
         if cfg.bias_balancing:
-            # Persistent: the bias is training state that an exact resume must restore.
+            # Persistent: the bias is training state that an exact resume must restore, and so is
+            # the count t of applied updates that the step-size schedule reads.
             self.register_buffer("expert_bias", torch.empty(self.num_total, dtype=torch.float32))
+            self.register_buffer("bias_update_count", torch.empty((), dtype=torch.long))
+            # [max load / mean load, step size] of the last update (real experts, global batch):
+            # the balance the dual update sees and how far it moves, for the training log.
+            self.last_bias_update: torch.Tensor | None = None
             # Selections accumulated over the micro-batches of one optimizer step. A plain
             # attribute rather than a non-persistent buffer: a model built on the meta device and
             # materialised with `to_empty` would hold garbage there (see model/rope.py).
@@ -118,9 +184,11 @@ class TokenChoiceRouter(Router):
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
-        """The aux-free bias starts at zero (also after a meta-device build, see megamoe/model/init.py)."""
+        """The aux-free bias and its update count start at zero (also after a meta-device build, see
+        megamoe/model/init.py)."""
         if self.cfg.bias_balancing:
             self.expert_bias.zero_()
+            self.bias_update_count.zero_()
 
     def logits(self, tokens: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         raise NotImplementedError
@@ -164,7 +232,15 @@ class TokenChoiceRouter(Router):
 
     @torch.no_grad()
     def after_step(self, reduce: Reduce) -> None:
-        """DeepSeek-V3 aux-loss-free update: bias_i += rate * sign(mean load - load_i).
+        """Aux-loss-free update of the real experts' selection bias from the step's global loads.
+
+        t = 1, 2, ... counts applied optimizer steps (a persistent buffer, so an exact resume
+        continues the schedule); eta_t = bias_step_size(cfg, t); c_i = load_i over every token of
+        the global batch:
+
+            sign          b_i += eta_t * sign(mean(c) - c_i)              (DeepSeek-V3)
+            proportional  b_i += eta_t * (mean(c) - c_i) / mean(c)        (a dual gradient step)
+            centred       then b -= mean(b) over the real experts (torchtitan)
 
         Real experts only: null experts cost nothing, and balancing them toward the mean load
         would pin the share of skipped compute instead of letting tokens choose it (AdaMoE).
@@ -178,9 +254,21 @@ class TokenChoiceRouter(Router):
             if self.load_counts is not None
             else torch.zeros(self.num_total, dtype=torch.long, device=self.expert_bias.device)
         )
-        load = reduce(counts.clone())[: self.num_experts].float()
-        self.expert_bias[: self.num_experts] += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
         self.load_counts = None
+        load = reduce(counts.clone())[: self.num_experts].float()
+        self.bias_update_count += 1
+        eta = bias_step_size(self.cfg, self.bias_update_count)
+        mean = load.mean()
+        gap = mean - load
+        if self.cfg.bias_update_form == "sign":
+            direction = torch.sign(gap)
+        else:  # proportional; a step that routed no token moves nothing
+            direction = torch.where(mean > 0, gap / mean.clamp_min(torch.finfo(mean.dtype).tiny), 0.0)
+        bias = self.expert_bias[: self.num_experts]
+        bias += eta * direction
+        if self.cfg.bias_update_centered:
+            bias -= bias.mean()
+        self.last_bias_update = torch.stack([load.max() / mean.clamp_min(torch.finfo(mean.dtype).tiny), eta])
 
     def discard_step(self) -> None:
         """A skipped step's loads must not steer the next bias update, nor its assignments the next
