@@ -105,7 +105,7 @@ def test_without_replay_the_recomputation_routes_elsewhere(monkeypatch):
     assert not grads_equal(plain_grads, ckpt_grads)
 
 
-def test_a_forward_without_backward_leaves_no_record(monkeypatch):
+def test_records_live_only_until_backward_or_the_graph_goes(monkeypatch):
     made = []
 
     class Tracked(RoutingRecord):
@@ -121,6 +121,10 @@ def test_a_forward_without_backward_leaves_no_record(monkeypatch):
     del loss  # no backward (an exception, an evaluation with grad enabled): the graph goes, and its records
     gc.collect()
     assert all(r() is None for r in made)
+    loss = loss_of(model, 2)
+    loss.backward()  # backward frees what the checkpoints kept, records included, though the loss lives on
+    gc.collect()
+    assert len(made) == 8 and all(r() is None for r in made)
 
 
 def test_identity_outside_checkpointing_and_in_eval():
