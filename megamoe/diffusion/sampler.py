@@ -46,9 +46,9 @@ def euler_sample(
 
     Timestep-band experts (megamoe/moe/routers/timestep_band.py) switch experts with the step's
     timestep by themselves; `guidance_per_band` [w_0, ..., w_B] with their `band_boundaries`
-    also gives each band its own scale (Wan2.2-A14B guides its high- and low-noise experts
-    differently): a step at timestep t uses w_band(t), band(t) = #{boundaries <= t}, in place
-    of guidance_scale.
+    also gives each band its own scale (Wan2.2-A14B text-to-video: 3.0 below its boundary 875,
+    4.0 at and above it): a step at timestep t uses w_band(t), band(t) = #{boundaries <= t}, in
+    place of guidance_scale.
     """
     if (guidance_per_band is None) != (band_boundaries is None) or (
         guidance_per_band is not None and len(guidance_per_band) != len(band_boundaries) + 1

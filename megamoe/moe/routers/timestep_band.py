@@ -3,7 +3,8 @@
 As in Wan2.2-A14B (Wan Team 2025, "Wan: Open and Advanced Large-Scale Video Generative Models",
 arXiv:2503.20314; the Wan2.2 release): a high-noise expert denoises the early steps (layout,
 motion) and a low-noise expert the late ones (detail), switched at a fixed timestep boundary
-(Wan2.2-A14B: 0.875 * 1000 for text-to-video, 0.9 * 1000 for image-to-video).
+(Wan2.2-A14B: 0.875 * 1000 for text-to-video, 0.9 * 1000 for image-to-video, with the high-noise
+expert taken iff t >= boundary).
 
 Bands. `timestep_band_boundaries` b_0 < b_1 < ... < b_{B-1}, in timesteps 0..1000, cut the noise
 levels into B + 1 bands; a token with timestep t is in band
