@@ -164,8 +164,6 @@ def test_every_router_derives_its_routing_from_the_replayed_selection(name):
     record = RoutingRecord()
     with _RecordContext(record, recompute=False):
         first = router(a, ctx)
-    if not record.selections and name == "expert_race":
-        pytest.xfail("expert_race does not pass its selection through Router.replay yet (its owner adds it)")
     assert record.selections, f"{name} never calls self.replay(selection)"
     with _RecordContext(record, recompute=True):
         again = router(b, ctx)
