@@ -141,6 +141,9 @@ def _global_race_worker(rank, world):
     single.after_step(lambda t: t)
     assert sharded.threshold.item() == pytest.approx(single.threshold.item(), rel=1e-6)
     assert sharded.threshold.item() == pytest.approx(bar, rel=1e-6)
+    # every one of the K = 2 x 16 best scores on rank 0: the bar is rank 0's own 32nd value, 139 - 31
+    values = (100.0 + torch.arange(40.0) if rank == 0 else torch.arange(24.0)).view(ROWS[rank], E)
+    assert sharded.token_shards.kth_largest_over_batch(values, K).item() == 108.0
     dist.destroy_process_group()
 
 
