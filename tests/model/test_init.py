@@ -151,11 +151,17 @@ def test_buffers_are_computed_on_the_device_after_a_meta_build():
     race = dataclasses.replace(MOE.moe, router="expert_race", bias_balancing=False, layer_reg_loss=0.0)
     promoe = dataclasses.replace(race, router="promoe", num_experts=3, num_prototypes_per_expert=2)
     buffers = dict(build_model(MOE).named_buffers())
-    assert list(buffers) == ["blocks.1.ffn.router.expert_bias"] and torch.equal(
-        buffers["blocks.1.ffn.router.expert_bias"], torch.zeros(4)
-    )  # aux-free bias: none yet
+    assert list(buffers) == ["blocks.1.ffn.router.expert_bias", "blocks.1.ffn.router.bias_update_count"]
+    assert torch.equal(buffers["blocks.1.ffn.router.expert_bias"], torch.zeros(4))  # aux-free bias: none yet
+    assert buffers["blocks.1.ffn.router.bias_update_count"].item() == 0  # the step-size schedule's t
     buffers = dict(build_model(dataclasses.replace(MOE, moe=race)).named_buffers())
     assert buffers["blocks.1.ffn.router.threshold"].item() == 0  # no threshold learnt yet
+    assert not buffers["blocks.1.ffn.router.threshold_initialized"].item()
+    ssr = dataclasses.replace(race, router="selective_sinkhorn")
+    assert build_model(dataclasses.replace(MOE, moe=ssr)).blocks[1].ffn.router.coin_step.item() == 0  # step 0's coin
+    diffmoe = dataclasses.replace(race, router="diffmoe", capacity_loss=0.01)
+    buffers = dict(build_model(dataclasses.replace(MOE, moe=diffmoe)).named_buffers())
+    assert torch.equal(buffers["blocks.1.ffn.router.threshold"], torch.zeros(4))  # per expert, none learnt yet
     assert not buffers["blocks.1.ffn.router.threshold_initialized"].item()
     for builder in (build_model, WanDiT):  # non-persistent: computed also by the plain constructor
         router = builder(dataclasses.replace(MOE, moe=promoe)).blocks[1].ffn.router
