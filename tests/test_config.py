@@ -313,8 +313,8 @@ def test_refused_setting_end_to_end_is_one_line_and_exit_2(tmp_path):
     )
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
-        "error: model.moe.balance_loss=0.01 has no effect with model.moe.router=sinkhorn (only cross_attention, "
-        "linear, mlp read it); remove it or set it back to 0.0"
+        "error: model.moe.balance_loss=0.01 has no effect with model.moe.router=sinkhorn (only cross_attention, dynmole, "
+        "linear, mlp, timestep_band read it); remove it or set it back to 0.0"
     ], done.stderr
     assert not out.exists()
 
@@ -389,7 +389,7 @@ def test_every_registered_router_validates_by_name():
     from megamoe.moe.routers.token_choice import LinearRouter
 
     for name in ROUTERS:
-        validate(moe_config(router=name))
+        validate(moe_config(router=name, **ROUTER_BASE.get(name, {})))  # a router that needs more keys gets them
     register_router("test_only_linear")(type("TestOnlyLinear", (LinearRouter,), {}))
     try:
         validate(moe_config(router="test_only_linear", z_loss=0.1))
