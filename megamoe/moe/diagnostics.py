@@ -44,6 +44,8 @@ Failure modes and how they show (per layer, scalars named `moe/layerNN/<name>`, 
   shared vs routed    `shared_routed_norm_ratio` = |shared output| / |routed output|, from
                       `layer.last_output_norms = (shared_norm, routed_norm)` that the layer stores
                       when recording (absent -> scalar absent)
+  compute per token    `experts_per_token`: real experts a token visits, mean over tokens (top_k
+                      for token choice; variable for Expert Race, DiffMoE, DynMoLE, null experts)
   timestep dependence `t<b>_max_violation` per timestep bucket; per-bucket per-expert loads in
                       `report.timestep_load` [layers, buckets, experts]
 
@@ -460,6 +462,7 @@ class RoutingDiagnostics:
             s[p + "token_entropy"] = ent_sum / max(ent_n, 1)
             s[p + "mean_max_prob"] = maxp_sum / max(n, 1)
             s[p + "router_logit_gap"] = gap_sum / max(gap_n, 1)
+            s[p + "experts_per_token"] = total / max(n, 1)
             if recorded[1].shape[1] > e:  # the router has null experts
                 s[p + "null_share"] = null_assign / max(all_assign, 1)
             for b in range(nb):

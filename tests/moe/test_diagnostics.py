@@ -117,6 +117,7 @@ def test_healthy_layers_flag_nothing():
     assert s["moe/layer00/monopoly_share"] == pytest.approx(1 / E)
     assert s["moe/layer00/dead_experts"] == 0
     assert s["moe/layer00/mean_max_prob"] == pytest.approx(0.7)
+    assert s["moe/layer00/experts_per_token"] == pytest.approx(2.0)
     h = -(0.7 * np.log(0.7) + 0.3 * np.log(0.3))
     assert s["moe/layer00/token_entropy"] == pytest.approx(h, rel=1e-6)
     assert s["moe/layer00/router_logit_gap"] == pytest.approx(np.log(0.7 / 0.3), rel=1e-6)
@@ -580,3 +581,17 @@ def test_output_similarity_under_expert_parallelism_covers_the_held_slice(monkey
     expected = naive_output_similarity(layer.experts, rows[mine], member[mine][:, 2:4])
     assert "moe/layer00/expert_output_similarity" not in report.scalars
     assert report.scalars["moe/layer00/expert_output_similarity_local"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_experts_per_token_counts_real_experts_of_a_variable_routing():
+    """Tokens visiting 0..3 real experts and a null column: the mean count of real experts, by a loop."""
+    m = model(num_layers=1)
+    cfg = dataclasses.replace(CFG, num_null_experts=1)
+    m.blocks[0].ffn.router = LinearRouter(DIM, cfg)
+    diag = RoutingDiagnostics(m, cfg, THRESHOLDS)
+    g = torch.Generator().manual_seed(3)
+    routing_map = torch.rand(B * L, E + 1, generator=g) < 0.4
+    probs = routing_map * torch.rand(B * L, E + 1, generator=g)
+    m.blocks[0].ffn.last_routing = (probs, routing_map, RoutingContext(batch_size=B, seq_len=L))
+    expected = sum(int(row[:E].sum()) for row in routing_map) / (B * L)
+    assert diag.compute(0).scalars["moe/layer00/experts_per_token"] == pytest.approx(expected)

@@ -25,7 +25,7 @@ Losses (unweighted, in aux; the loop multiplies by the config weights):
     'balance'  the Switch load-balance loss (`balance_loss`) on p and the selection, as in the
                MixLoRA-style MoLE training the paper builds on (off by default).
 Statistics (detached): 'experts_per_token', the mean number of experts a token computes
-(routing diagnostics do not report it), and 'soft_fraction', the share of soft tokens.
+(the routing diagnostics report it per layer as `experts_per_token`, from the routing map), and 'soft_fraction', the share of soft tokens.
 """
 
 from __future__ import annotations
