@@ -5,7 +5,7 @@ over the sequence shards (megamoe/moe/token_shards.py). This script runs each ro
 forward and the backward of its losses on `--shards` CPU ranks, one MoE layer, with the experts,
 top-k and width of a config file and one micro-batch of `--tokens` tokens per sample split over the
 shards, and counts the collectives the routers issue and their payload: all-reduce = the
-tensor's bytes, all-gather = the bytes each rank contributes. Per step = per layer x MoE layers
+tensor's bytes, all-gather and reduce-scatter = the bytes each rank contributes. Per step = per layer x MoE layers
 x micro-batches (x 2 with activation checkpointing, whose recomputation repeats the forward).
 
     python benchmarks/router_communication.py --config configs/wan2.2_ti2v_5b_moe.yaml --shards 2
@@ -31,6 +31,12 @@ CASES = {  # name: MoEConfig fields over the config's own
     "expert_choice (batch)": dict(router="expert_choice", expert_choice_scope="batch"),
     "sinkhorn": dict(router="sinkhorn"),
     "promoe + contrastive": dict(router="promoe", contrastive_loss=1.0),
+    "selective_sinkhorn (Sinkhorn step)": dict(router="selective_sinkhorn", ssr_probability=1.0),
+    "dynmole + tsallis + balance": dict(router="dynmole", tsallis_loss=1.0, balance_loss=1.0),
+    "diffmoe + capacity": dict(router="diffmoe", capacity_loss=1.0),
+    "timestep_band (linear) + balance + z": dict(
+        router="timestep_band", timestep_band_router="linear", balance_loss=1.0, z_loss=1e-3
+    ),
 }
 
 
@@ -40,8 +46,9 @@ def count_collectives():
 
     import megamoe.parallel.collectives as collectives
 
-    table = {"all_reduce": [0, 0], "all_gather": [0, 0]}
+    table = {"all_reduce": [0, 0], "all_gather": [0, 0], "reduce_scatter": [0, 0]}
     all_reduce, all_gather = dist.all_reduce, collectives._all_gather_single
+    reduce_scatter = collectives._reduce_scatter_single
 
     def counted_all_reduce(tensor, *args, **kwargs):
         table["all_reduce"][0] += 1
@@ -53,7 +60,13 @@ def count_collectives():
         table["all_gather"][1] += tensor.numel() * tensor.element_size()
         return all_gather(out, tensor, *args, **kwargs)
 
+    def counted_reduce_scatter(out, tensor, *args, **kwargs):
+        table["reduce_scatter"][0] += 1
+        table["reduce_scatter"][1] += tensor.numel() * tensor.element_size()
+        return reduce_scatter(out, tensor, *args, **kwargs)
+
     dist.all_reduce, collectives._all_gather_single = counted_all_reduce, counted_all_gather
+    collectives._reduce_scatter_single = counted_reduce_scatter
     return table
 
 
@@ -75,7 +88,9 @@ def worker(rank, world, moe, dim, tokens, batch, results):
         router = build_router(dim, MoEConfig(num_experts=moe.num_experts, top_k=moe.top_k, **fields))
         router.token_shards = TokenShards(dist.group.WORLD, dist.group.WORLD)
         x = torch.randn(batch * local, dim, requires_grad=True)
-        ctx = RoutingContext(batch, local, is_null=torch.zeros(batch, dtype=torch.bool))
+        # Timesteps on both sides of Wan2.2's band boundary (875), for timestep_band.
+        timestep = torch.linspace(100.0, 950.0, batch) if batch > 1 else torch.tensor([950.0])
+        ctx = RoutingContext(batch, local, is_null=torch.zeros(batch, dtype=torch.bool), timestep=timestep)
         for kind in table.values():
             kind[:] = [0, 0]
         out = router(x, ctx)
