@@ -20,6 +20,10 @@ Failure modes and how they show (per layer, scalars named `moe/layerNN/<name>`, 
                       The top-1 share, not the largest expert's share of all assignments: with top-k
                       routing that share is at most 1/k (a token's k picks are distinct experts), so
                       a layer stuck on one expert shows as top-1 share near 1 for any k.
+                      With expert groups (Router.expert_groups: a timestep band's experts), the
+                      share within each group of two or more experts, the largest over groups (no
+                      scalar when every group has one expert); an expert of a group that no token
+                      reached is unobserved, not dead, and keeps its streak.
                       `deadlock_streak` counts consecutive recorded diagnostics with monopoly_share
                       strictly above `deadlock_share`; it warns on the diagnostic where the streak
                       reaches `deadlock_patience`
@@ -471,8 +475,15 @@ class RoutingDiagnostics:
                     time_loads[i, b] = by_time[b] / rows
                     s[p + f"t{b}_max_violation"] = float(time_loads[i, b].max() * e - 1)
 
-            dead = load == 0
-            self.dead_streak[i] = (self.dead_streak[i] + 1) * dead
+            # Experts that compete only within a group (timestep bands): a group no token reached
+            # this time is unobserved, not dead (its streaks stay), and deadlock is judged per group.
+            groups = layer.router.expert_groups() or [list(range(e))]
+            observed = np.ones(e, dtype=bool)
+            if len(groups) > 1:
+                for g in groups:
+                    observed[g] = load[g].sum() > 0
+            dead = (load == 0) & observed
+            self.dead_streak[i] = np.where(observed, (self.dead_streak[i] + 1) * dead, self.dead_streak[i])
             s[p + "dead_experts"] = float(dead.sum())
             s[p + "dead_streak"] = float(self.dead_streak[i].max(initial=0))
             stuck = np.flatnonzero(self.dead_streak[i] >= th.dead_patience)
@@ -484,8 +495,15 @@ class RoutingDiagnostics:
                 report.warnings,
             )
 
-            monopoly = top1.max() / top1.sum() if top1.sum() > 0 else 0.0
-            leader = int(top1.argmax())
+            contested = [g for g in groups if len(g) >= 2]  # a group of one expert cannot deadlock
+            if not contested:
+                self.deadlock_streak[i] = 0
+                self._warn(label, "selective deadlock", False, "", report.warnings)  # nothing to judge
+                continue
+            monopoly, leader = 0.0, contested[0][0]
+            for g in contested:
+                if top1[g].sum() > 0 and top1[g].max() / top1[g].sum() > monopoly:
+                    monopoly, leader = top1[g].max() / top1[g].sum(), g[int(top1[g].argmax())]
             self.deadlock_streak[i] = self.deadlock_streak[i] + 1 if monopoly > th.deadlock_share else 0
             s[p + "monopoly_share"], s[p + "monopoly_expert"] = float(monopoly), float(leader)
             s[p + "deadlock_streak"] = float(self.deadlock_streak[i])

@@ -595,3 +595,46 @@ def test_experts_per_token_counts_real_experts_of_a_variable_routing():
     m.blocks[0].ffn.last_routing = (probs, routing_map, RoutingContext(batch_size=B, seq_len=L))
     expected = sum(int(row[:E].sum()) for row in routing_map) / (B * L)
     assert diag.compute(0).scalars["moe/layer00/experts_per_token"] == pytest.approx(expected)
+
+
+class BandRouter(LinearRouter):
+    """Two bands of two experts, as the timestep_band router declares them."""
+
+    def expert_groups(self):
+        return [[0, 1], [2, 3]]
+
+
+def test_expert_groups_judge_dead_experts_and_deadlock_within_each_band():
+    """Every recorded token in band 0: band 1's experts are unobserved, never dead, and keep their
+    streak; deadlock is the top-1 share within band 0 (naive count), alarmed after the patience."""
+    m = model(num_layers=1)
+    m.blocks[0].ffn.router = BandRouter(DIM, CFG)
+    diag = RoutingDiagnostics(m, CFG, THRESHOLDS)
+    n = B * L
+    healthy = routing(torch.arange(n) % 2, (torch.arange(n) + 1) % 2)  # band 0 only, balanced
+    for step in range(5):
+        report = run(diag, m, [healthy], step)
+        assert report.warnings == [] and report.scalars["moe/layer00/dead_experts"] == 0
+        assert report.scalars["moe/layer00/monopoly_share"] == pytest.approx(0.5)
+    # Half the tokens in band 0, all on expert 0; the other half balanced over band 1: the layer-wide
+    # top-1 share is 0.5, band 0's is 1.
+    t = torch.arange(n)
+    stuck = routing(torch.where(t < n // 2, 0, 2 + t % 2), torch.where(t < n // 2, 1, 3 - t % 2))
+    shares = [run(diag, m, [stuck], 10 + step) for step in range(THRESHOLDS.deadlock_patience)]
+    assert [r.scalars["moe/layer00/monopoly_share"] for r in shares] == [1.0] * THRESHOLDS.deadlock_patience
+    assert [any("selective deadlock" in w for w in r.warnings) for r in shares] == [False, False, True]
+    # A band of one expert cannot deadlock: no monopoly scalar, no alarm.
+    m.blocks[0].ffn.router.expert_groups = lambda: [[0], [1], [2], [3]]
+    report = run(diag, m, [stuck], 20)
+    assert "moe/layer00/monopoly_share" not in report.scalars and report.depth_profile == ["."]
+
+
+def test_without_groups_an_unreached_expert_is_dead():
+    """The same band-0-only routing from a router that declares no groups: experts 2 and 3 are dead."""
+    m = model(num_layers=1)
+    diag = RoutingDiagnostics(m, CFG, THRESHOLDS)
+    n = B * L
+    healthy = routing(torch.arange(n) % 2, (torch.arange(n) + 1) % 2)
+    reports = [run(diag, m, [healthy], step) for step in range(THRESHOLDS.dead_patience)]
+    assert reports[-1].scalars["moe/layer00/dead_experts"] == 2
+    assert any("dead experts: experts [2, 3]" in w for w in reports[-1].warnings)

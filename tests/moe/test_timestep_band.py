@@ -98,6 +98,16 @@ def test_inner_router_picks_top_k_among_its_bands_experts_only(score_func, renor
     assert router.inner.gate.weight.grad.isfinite().all() and router.inner.gate.weight.grad.abs().sum() > 0
 
 
+def test_expert_groups_are_the_bands_experts_that_the_routing_keeps_to():
+    """Diagnostics judge dead experts and deadlock per group: the groups must be where tokens go."""
+    router = make_router(num_experts=6, top_k=1, timestep_band_boundaries=[300.0, 700.0], timestep_band_router="linear")
+    assert router.expert_groups() == [[0, 1], [2, 3], [4, 5]]
+    x, ctx = per_token_batch()
+    chosen = router(x, ctx).routing_map.nonzero()
+    bands = band_index(ctx.timestep.flatten(), [300.0, 700.0])
+    assert all(int(e) in router.expert_groups()[int(bands[t])] for t, e in chosen)
+
+
 def test_the_band_is_what_replay_returns():
     router = make_router(num_experts=2, top_k=1, timestep_band_boundaries=[500.0])
     x, ctx = per_token_batch()

@@ -159,6 +159,12 @@ class Router(nn.Module):
         through `reduce` first so every data-parallel rank applies the same update, and are
         then cleared: they belong to one step."""
 
+    def expert_groups(self) -> list[list[int]] | None:
+        """Experts that by design compete only among themselves (a timestep band's experts), or None:
+        all of them compete. Routing diagnostics judge dead experts and selective deadlock within
+        each group, so a band that no token of the recorded micro-batch fell in is not 'dead'."""
+        return None
+
     def discard_step(self) -> None:
         """Called instead of `after_step` when the step was skipped (non-finite loss or gradient
         norm): drop whatever the step's forwards gathered for `after_step`, so that the next

@@ -203,6 +203,11 @@ class TimestepBandRouter(Router):
         fields = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(RoutingContext)}
         return self.inner(tokens, BandContext(**fields, allowed=allowed))
 
+    def expert_groups(self) -> list[list[int]]:
+        """Each band's experts: tokens of band j can only reach them (see Router.expert_groups)."""
+        per = self.experts_per_band
+        return [list(range(j * per, (j + 1) * per)) for j in range(self.num_bands)]
+
     @torch.no_grad()
     def after_step(self, reduce: Reduce) -> None:
         if self.inner is not None:
