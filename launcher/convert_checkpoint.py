@@ -115,12 +115,35 @@ def to_safetensors(checkpoint, out, master: bool = False) -> None:
 def from_safetensors(weights, out, config, overrides=()) -> None:
     from megamoe.config import load_config
     from megamoe.model.dit import build_model
-    from megamoe.model.weights import load_diffusers_weights, write_diffusers_weights
+    from megamoe.model.weights import WeightSource, load_diffusers_weights, write_diffusers_weights
 
     cfg = load_config(config, list(overrides))
     model = build_model(cfg.model, initialize=False)  # every weight is loaded next
-    load_diffusers_weights(model, weights)  # strict: names the first wrong key or shape and the fix
+    source = WeightSource(weights)
+    check_router_keys(source, model.state_dict().keys(), cfg.model.moe.router)
+    load_diffusers_weights(model, source)  # strict: names the first wrong key or shape and the fix
     write_diffusers_weights(model.state_dict(), cfg.model, out)
+
+
+def check_router_keys(source, expected, router: str) -> None:
+    """WeightsError when the weights and the model differ only in router tensors: they were saved with
+    another model.moe.router (or other router keys), which a bare .safetensors file does not record
+    (a folder's config.json does, and load_diffusers_weights names the setting from it)."""
+    from megamoe.model.weights import WeightsError, first_keys
+
+    saved_moe = source.config.get("moe") if isinstance(source.config, dict) else None
+    missing, unexpected = expected - source.shapes.keys(), source.shapes.keys() - expected
+    if isinstance(saved_moe, dict) or not (missing or unexpected):
+        return
+    if all(".ffn.router." in k for k in missing | unexpected):
+        parts = ([f"has unexpected {first_keys(unexpected)}"] if unexpected else []) + (
+            [f"lacks {first_keys(missing)}"] if missing else []
+        )
+        raise WeightsError(
+            f"{source.what} has router tensors that model.moe.router={router} does not build ({'; '.join(parts)}): "
+            f"it was saved with another router or router keys; set model.moe.router and its keys as in the run that "
+            f"saved it"
+        )
 
 
 def main(argv=None) -> int:

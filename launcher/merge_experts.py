@@ -10,6 +10,7 @@ data) as the dominant ones; every other expert joins the dominant expert its rou
 is most similar to, is aligned to it (hidden units permuted) and averaged in, weighted by routing
 frequency. The router is kept: the merged model's config says model.moe.merged_from=E, and each
 layer's expert_map sends a token that chose any member of a group to the group's expert.
+Timestep-band experts are refused: the groups would mix experts of different noise bands.
 
 DIR receives config.json (with the moe section) + diffusion_pytorch_model.safetensors, complete or
 not at all. The tool prints the held-out validation loss (mean and per noise level), parameter
@@ -69,7 +70,7 @@ def experts_per_token(model, batches, cfg) -> float:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megamoe.model.weights import write_diffusers_weights
-    from megamoe.posttrain.merging import check_budget, merge_model, plan_merge
+    from megamoe.posttrain.merging import UNMERGEABLE_ROUTERS, check_budget, merge_model, plan_merge
     from megamoe.posttrain.routing_stats import collect_routing_stats, load_routing_stats, save_routing_stats
     from megamoe.posttrain.trained_model import (
         PostTrainError,
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise PostTrainError(f"{flag} must be >= 1, got {getattr(args, name)}")
-        model, cfg = load_trained_model(args.checkpoint, args.weights)
+        model, cfg = load_trained_model(args.checkpoint, args.weights, refuse_routers=UNMERGEABLE_ROUTERS)
         moe = cfg.model.moe
         if moe.merged_from:
             raise PostTrainError(

@@ -13,7 +13,8 @@ Statistics come from --calibration-batches batches of the run's training data, o
 
 DIR is a complete checkpoint (same format): every tensor indexed by expert is permuted (module
 weights, fp32 master weights, both Adam moments, the EMA, the routers' gate rows, aux-free bias,
-prototypes) in state/, weights/ and ema_weights/; meta.json records the permutation. The model
+prototypes, DiffMoE's capacity-predictor rows and threshold) in state/, weights/ and ema_weights/;
+meta.json records the permutation. Timestep-band experts are refused: an expert's index is its noise band. The model
 computes the same function, and training continues from it as from CKPT:
 
     torchrun --nproc-per-node N launcher/pretrain.py --config ... parallel.expert_parallel_size=N --resume DIR
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
         if ratio < 1:
             raise PostTrainError(f"--max-load-ratio must be >= 1 (max rank load / mean), got {ratio}")
         why = "its router columns are not its experts; place the experts before merging"
-        model, cfg = load_trained_model(checkpoint, refuse_merged=why)
+        model, cfg = load_trained_model(checkpoint, refuse_merged=why, refuse_routers=placement.UNPLACEABLE_ROUTERS)
         num_experts = cfg.model.moe.num_experts
         if args.ep_size < 1 or num_experts % args.ep_size:
             raise PostTrainError(

@@ -81,11 +81,12 @@ def main(argv=None) -> int:
     from megamoe.model.dit import build_model
     from megamoe.model.weights import load_diffusers_weights
     from megamoe.posttrain.quantization import MANIFEST, load_quantized, read_run_config
-    from megamoe.posttrain.trained_model import PostTrainError
+    from megamoe.posttrain.trained_model import PostTrainError, check_not_model_folder
     from megamoe.tools.mp4_writer import write_video
 
     quantized = (Path(args.checkpoint) / MANIFEST).is_file()
     try:
+        check_not_model_folder(args.checkpoint)  # e.g. a merge_experts.py output: trained from, not sampled
         cfg = (
             read_run_config(args.checkpoint)
             if quantized

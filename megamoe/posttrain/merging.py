@@ -14,6 +14,10 @@ token that chose any member of a group is computed once by the group's expert wi
 summed weight. With identical members, the merged model therefore computes exactly what the
 original did.
 
+Timestep-band experts are refused (UNMERGEABLE_ROUTERS): band j owns the experts [j P, (j + 1) P),
+and a group of members from several bands would serve every one of those noise bands with one
+averaged expert.
+
     plan = plan_merge(stats, experts_per_layer=4)             # {block: LayerMerge}
     merged = merge_model(model, plan)                         # a new model, num_experts=4, merged_from=8
 """
@@ -29,6 +33,12 @@ from scipy.optimize import linear_sum_assignment
 
 from megamoe.posttrain.routing_stats import RoutingStats
 from megamoe.posttrain.trained_model import PostTrainError
+
+UNMERGEABLE_ROUTERS = {
+    "timestep_band": "each noise band owns its own experts, and merging groups experts across bands "
+    "(one averaged expert would serve several noise levels); merging is not built for it",
+}
+"""Routers whose experts must not be merged as MC-SMoE groups them, and why: the tool refuses them."""
 
 
 @dataclass

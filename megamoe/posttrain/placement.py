@@ -32,11 +32,16 @@ must keep their index (ProMoE's unconditional expert, the last one) are pinned.
 
 `permute_tensor` applies a permutation to one tensor of the model, named as in its state dict:
 the stacked experts (w1, b1, w2, b2), the routers' gate rows (linear, MLP, cross-attention,
-Sinkhorn, expert choice, Expert Race), the aux-free `expert_bias`, ProMoE's prototypes; null
-experts' rows (AdaMoE) stay where they are. What is not per expert (Expert Race's scalar threshold,
-ProMoE's scale, cross-attention projections, the MLP gate's hidden layer, layer-regularisation
-heads, shared experts) is left alone, and an unknown tensor under a router or the experts raises,
-so a new router's per-expert state is never left unpermuted by accident.
+Sinkhorn, Selective Sinkhorn, expert choice, Expert Race, DiffMoE, DynMoLE), the aux-free
+`expert_bias`, DiffMoE's capacity predictor output rows and per-expert threshold [E], ProMoE's
+prototypes; null experts' rows (AdaMoE) stay where they are. What is not per expert (Expert Race's
+scalar threshold, Selective Sinkhorn's step counter, ProMoE's scale, cross-attention projections,
+the MLP gate's and DiffMoE predictor's hidden layers, layer-regularisation heads, shared experts)
+is left alone, and an unknown tensor under a router or the experts raises, so a new router's
+per-expert state is never left unpermuted by accident.
+
+Timestep-band experts are refused (UNPLACEABLE_ROUTERS): band j owns the expert indices
+[j P, (j + 1) P), so moving an expert to another index would move it to another noise band.
 """
 
 from __future__ import annotations
@@ -262,11 +267,19 @@ def within_rank_mass(coactivation, perm, ep_size: int) -> float:
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.ffn\.(experts|router)\.(.+)$")
 _STACKED = {"w1", "b1", "w2", "b2"}
-_GATE_ROWS = {"gate.weight", "gate.2.weight", "expert_bias"}
+# One row per expert (then, for the gate and the aux-free bias, one per null expert).
+_GATE_ROWS = {"gate.weight", "gate.2.weight", "expert_bias", "predictor.2.weight", "predictor.2.bias"}
+# Scalars and layers whose outputs are not experts. `threshold` is Expert Race's scalar here;
+# DiffMoE's threshold has one entry per expert and is permuted (see permute_tensor).
 _NOT_PER_EXPERT = re.compile(
-    r"^(threshold|threshold_initialized|bias_update_count|log_scale|gate\.0\.(weight|bias)|(query|key|value)\.(weight|bias)"
-    r"|layer_reg_head\.(weight|bias))$"
+    r"^(threshold|threshold_initialized|bias_update_count|coin_step|log_scale|(gate|predictor)\.0\.(weight|bias)"
+    r"|(query|key|value)\.(weight|bias)|layer_reg_head\.(weight|bias))$"
 )
+UNPLACEABLE_ROUTERS = {
+    "timestep_band": "band j owns the expert indices [j P, (j + 1) P), so moving an expert to another index would "
+    "move it to another noise band; placement is not built for it",
+}
+"""Routers whose expert index means more than the expert's weights, and why: the tool refuses them."""
 
 
 def pinned_experts(router: str, num_experts: int) -> tuple[int, ...]:
@@ -284,7 +297,7 @@ def permute_tensor(name: str, tensor: torch.Tensor, perms: dict[int, torch.Tenso
     part, rest = m.group(2), m.group(3)
     if part == "experts" and rest in _STACKED:
         return tensor.index_select(0, perm)
-    if part == "router" and rest in _GATE_ROWS:
+    if part == "router" and (rest in _GATE_ROWS or (rest == "threshold" and tensor.dim() == 1)):
         # rows >= num_experts are null experts (AdaMoE): they are not placed and stay where they are
         order = torch.cat([perm, torch.arange(num_experts, tensor.shape[0])])
         return tensor.index_select(0, order)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -28,26 +29,46 @@ class PostTrainError(ValueError):
     """Bad input to a post-training tool; the one-line message names the problem and the fix."""
 
 
+def check_not_model_folder(path: str | os.PathLike) -> None:
+    """PostTrainError when `path` is a model folder (config.json + safetensors, as merge_experts.py,
+    upcycle.py and convert_checkpoint.py write) rather than a training checkpoint (meta.json): the
+    message says what it is and gives the overrides to train from it (a merged folder's too)."""
+    path = Path(path)
+    if not (path / "config.json").is_file() or (path / "meta.json").exists():
+        return
+    overrides = f"train.init_from={path}"
+    try:
+        moe = json.loads((path / "config.json").read_text()).get("moe") or {}
+    except (json.JSONDecodeError, AttributeError):
+        moe = {}
+    if moe.get("merged_from"):  # the config must describe the merged layers to load them
+        overrides += f" model.moe.num_experts={moe.get('num_experts')} model.moe.merged_from={moe['merged_from']}"
+    raise PostTrainError(
+        f"'{path}' is a model folder (config.json + safetensors), not a training checkpoint; train from it "
+        f"({overrides}) and pass a checkpoint of that run (<output_dir>/checkpoints/step_*)"
+    )
+
+
 def load_trained_model(
-    checkpoint: str | os.PathLike, weights: str = "model", refuse_merged: str | None = None
+    checkpoint: str | os.PathLike,
+    weights: str = "model",
+    refuse_merged: str | None = None,
+    refuse_routers: dict[str, str] | None = None,
 ) -> tuple[torch.nn.Module, Config]:
     """(fp32 model in eval mode, the run's resolved Config) of a checkpoint written by
     launcher/pretrain.py (`<output_dir>/checkpoints/step_*`), at any parallel layout.
 
     weights: 'model' (the module's weights, weights/) or 'ema' (ema_weights/, when the run kept an EMA).
     Raises PostTrainError for a missing or incomplete checkpoint and for a dense model, and, before any
-    weight is read, for a merged model (model.moe.merged_from) when `refuse_merged` gives the reason.
+    weight is read, for a merged model (model.moe.merged_from) when `refuse_merged` gives the reason
+    and for a model.moe.router in `refuse_routers` (router -> the reason the tool cannot take it).
     """
     from megamoe.model.dit import build_model
     from megamoe.model.weights import load_diffusers_weights
     from megamoe.train.checkpoint import CheckpointError, inspect_checkpoint
 
     path = Path(checkpoint)
-    if (path / "config.json").is_file() and not (path / "meta.json").exists():
-        raise PostTrainError(
-            f"'{path}' is a model folder (config.json + safetensors), not a training checkpoint; train from it "
-            f"(train.init_from={path}) and pass a checkpoint of that run (<output_dir>/checkpoints/step_*)"
-        )
+    check_not_model_folder(path)
     try:
         meta = inspect_checkpoint(path)
     except CheckpointError as exc:
@@ -63,6 +84,9 @@ def load_trained_model(
             f"checkpoint '{path}' holds a merged model (model.moe.merged_from={cfg.model.moe.merged_from}); "
             f"{refuse_merged}"
         )
+    router = cfg.model.moe.router
+    if refuse_routers and router in refuse_routers:
+        raise PostTrainError(f"checkpoint '{path}' has model.moe.router={router}: {refuse_routers[router]}")
     folder = path / ("ema_weights" if weights == "ema" else "weights")
     if not folder.is_dir():
         raise PostTrainError(f"checkpoint '{path}' has no {folder.name}/ folder; use --weights model")

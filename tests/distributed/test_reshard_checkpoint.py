@@ -311,6 +311,33 @@ def test_convert_to_one_safetensors_file_and_back(saved, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "model.dim=64" in err and not (tmp_path / "bad").exists()
 
 
+def test_convert_weights_of_another_router_names_model_moe_router(tmp_path, capsys):
+    """A bare .safetensors file records no config: weights of a Selective Sinkhorn model converted with
+    the default (linear) router differ only in router tensors, and the one-line error says so and names
+    model.moe.router, not 'incomplete or a different Wan variant'."""
+    from safetensors.torch import save_file
+
+    from launcher.convert_checkpoint import main
+    from megamoe.config import load_config
+    from megamoe.model.dit import build_model
+
+    ssr = [
+        "model.moe.router=selective_sinkhorn",
+        "model.moe.bias_balancing=false",
+        "model.moe.balance_loss=0",
+        "model.moe.z_loss=0",
+    ]
+    model = build_model(load_config(CONFIG, [*SMALL, *ssr]).model)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "ssr.safetensors"))
+    convert = ["from-safetensors", str(tmp_path / "ssr.safetensors"), str(tmp_path / "out"), "--config", CONFIG]
+    capsys.readouterr()
+    code = main([*convert, *SMALL])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "out").exists(), err
+    assert "router.coin_step" in err and "model.moe.router=linear" in err and "Wan variant" not in err
+    assert main([*convert, *SMALL, *ssr]) == 0  # the fix it names
+
+
 def test_corrupt_state_file_is_one_error_on_every_rank_and_left_untouched(saved, tmp_path, data_cache):
     """A state file of the right size but garbage inside fails every rank's check before DCP's
     collective load (no rank is left waiting in a collective: the run exits instead of hanging),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.distributed.launch_helpers import pretrain_in_process
@@ -31,6 +33,26 @@ def tiny_moe_args(output_dir, *extra) -> list[str]:
         "logging.every_steps=10",
         *extra,
     ]
+
+
+TIMESTEP_BAND = (
+    "model.moe.router=timestep_band",
+    "model.moe.timestep_band_router=linear",
+    "model.moe.timestep_band_boundaries=[300,700]",
+    "model.moe.num_experts=6",
+)
+"""Overrides of configs/tiny_moe.yaml for timestep-band experts: 3 noise bands of 2 experts."""
+
+
+def config_only_checkpoint(path, *overrides):
+    """A checkpoint directory with only meta.json (configs/tiny_moe.yaml + overrides, no files): enough
+    for a tool that refuses the config before it reads any weight."""
+    from megamoe.config import load_config, to_yaml
+
+    path.mkdir()
+    meta = {"config": to_yaml(load_config("configs/tiny_moe.yaml", list(overrides))), "files": {}}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
 
 
 @pytest.fixture(scope="session")

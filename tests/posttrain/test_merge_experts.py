@@ -19,7 +19,7 @@ from megamoe.posttrain.merging import align_permutation, merge_model, permute_un
 from megamoe.posttrain.routing_stats import collect_routing_stats, save_routing_stats
 from megamoe.posttrain.trained_model import data_batches, load_trained_model
 from tests.distributed.launch_helpers import pretrain_in_process
-from tests.posttrain.conftest import tiny_moe_args
+from tests.posttrain.conftest import TIMESTEP_BAND, config_only_checkpoint, tiny_moe_args
 
 
 def expert_out(x, w1, b1, w2, b2):
@@ -82,6 +82,33 @@ def run_cli(*args, capsys):
     code = merge_main(list(map(str, args)))
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def test_timestep_band_is_refused_in_one_line(tmp_path, capsys):
+    """MC-SMoE's groups span noise bands (e.g. [[0, 1, 4, 5], [2], [3]] on three bands of two): refused."""
+    ckpt = config_only_checkpoint(tmp_path / "tb", *TIMESTEP_BAND)
+    code, text, err = run_cli(
+        "--checkpoint", ckpt, "--out", tmp_path / "out", "--experts-per-layer", 3,
+        "--calibration-batches", 1, "--val-batches", 1, capsys=capsys,
+    )  # fmt: skip
+    assert code == 2 and text == "" and err.count("\n") == 1, err
+    assert "model.moe.router=timestep_band" in err and "across bands" in err and not (tmp_path / "out").exists()
+
+
+def test_sampler_on_a_merged_folder_says_to_train_from_it(tmp_path, capsys):
+    """A merge_experts.py output is complete but not a training checkpoint: the sampler says what it is
+    and gives the overrides to train from it (the merged expert count included), not 'incomplete'."""
+    from launcher.sample import main as sample
+
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"moe": {"num_experts": 4, "merged_from": 8}}))
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    code = sample(["--checkpoint", str(folder), "--caption", "a red circle", "--out", str(tmp_path / "x.mp4")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "is a model folder" in err, err
+    assert f"train.init_from={folder} model.moe.num_experts=4 model.moe.merged_from=8" in err
+    assert "incomplete" not in err and not (tmp_path / "x.mp4").exists()
 
 
 def test_merged_checkpoint_trains_and_samples(trained_moe, tmp_path, capsys):

@@ -23,7 +23,7 @@ from megamoe.posttrain import placement
 from megamoe.posttrain.routing_stats import collect_routing_stats, save_routing_stats
 from megamoe.posttrain.trained_model import data_batches, load_trained_model
 from tests.distributed.launch_helpers import pretrain_in_process, read_metrics
-from tests.posttrain.conftest import STEPS, tiny_moe_args
+from tests.posttrain.conftest import STEPS, TIMESTEP_BAND, config_only_checkpoint, tiny_moe_args
 
 
 def enumerate_best(coactivation, ep_size: int, max_load_ratio: float = placement.DEFAULT_MAX_LOAD_RATIO) -> float:
@@ -188,6 +188,66 @@ def test_every_router_computes_the_same_after_permutation(router):
         ya, yb = layer(x, ctx), permuted(x, ctx)
     assert torch.equal(layer.last_routing[1][:, :8][:, perm], permuted.last_routing[1][:, :8])
     assert float((ya - yb).abs().max()) <= 2 * 7 * 2.0**-24 * float(ya.abs().max())
+
+
+# What placement must do to each router's tensors, written out independently of permute_tensor.
+_PER_EXPERT_ROUTER_TENSORS = {
+    "selective_sinkhorn": {"gate.weight"},  # coin_step is the step counter: one for all experts
+    "diffmoe": {"gate.weight", "predictor.2.weight", "predictor.2.bias", "threshold"},  # not the hidden layer
+}
+
+
+@pytest.mark.parametrize("router", sorted(_PER_EXPERT_ROUTER_TENSORS))
+def test_selective_sinkhorn_and_diffmoe_compute_the_same_after_permutation(router):
+    """Selective Sinkhorn (a step counter beside the gate) and DiffMoE (capacity predictor and
+    per-expert threshold [E], learnt by two training steps, then in eval so that the threshold routes):
+    every per-expert tensor is the original taken in the permutation's order, everything else is
+    unchanged, and the permuted layer routes the same tokens to the permuted experts and computes
+    the same output up to the reordered E-term sums (see test_model_output_unchanged)."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=8, top_k=2, router=router, **({"router_hidden_dim": 16} if router == "diffmoe" else {}))
+    layer = MoEFeedForward(32, 64, cfg, target_dim=12)
+    with torch.no_grad():
+        for t in layer.parameters():
+            t.copy_(torch.randn_like(t) * 0.3)
+    ctx = RoutingContext(2, 6, temb=torch.randn(2, 32), text=torch.randn(2, 4, 32))
+    for _ in range(2):  # DiffMoE's threshold: the predictor's C-th score per expert, then its EMA
+        with torch.no_grad():
+            layer(torch.randn(2, 6, 32), ctx)
+        layer.router.after_step(lambda stats: stats)
+    layer.eval()
+    if router == "diffmoe":
+        assert bool(layer.router.threshold_initialized) and layer.router.threshold.unique().numel() == 8
+    else:
+        assert int(layer.router.coin_step) == 2
+    perm = torch.tensor([5, 0, 3, 6, 1, 7, 2, 4])
+    prefix = "blocks.0.ffn."
+    old = {prefix + k: v for k, v in layer.state_dict().items()}
+    state = placement.permute_state(old, {0: perm}, 8)
+    per_expert = {prefix + "router." + k for k in _PER_EXPERT_ROUTER_TENSORS[router]}
+    per_expert |= {prefix + "experts." + k for k in ("w1", "b1", "w2", "b2")}
+    for key, tensor in old.items():
+        assert torch.equal(state[key], tensor[perm] if key in per_expert else tensor), key
+    permuted = copy.deepcopy(layer)
+    permuted.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()})
+    x = torch.randn(2, 6, 32)
+    for m in (layer, permuted):
+        m.record = True
+    with torch.no_grad():
+        ya, yb = layer(x, ctx), permuted(x, ctx)
+    routed = layer.last_routing[1]
+    assert 0 < int(routed.sum()) < routed.numel()  # the threshold (DiffMoE) selects some, not all
+    assert torch.equal(routed[:, perm], permuted.last_routing[1])
+    assert float((ya - yb).abs().max()) <= 2 * 7 * 2.0**-24 * float(ya.abs().max())
+
+
+def test_timestep_band_is_refused_in_one_line(tmp_path, capsys):
+    """An expert's index is its noise band: placement would move experts between bands."""
+    ckpt = config_only_checkpoint(tmp_path / "tb", *TIMESTEP_BAND)
+    code = run(["--checkpoint", ckpt, "--out", tmp_path / "out", "--ep-size", 2, "--calibration-batches", 1])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "model.moe.router=timestep_band" in lines[0], lines
+    assert "another noise band" in lines[0] and not (tmp_path / "out").exists()
 
 
 def test_unknown_router_tensor_is_refused():
