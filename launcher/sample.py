@@ -14,6 +14,7 @@ embedding [L, text_dim] in a .npy or .safetensors file (key 'text').
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -76,6 +77,10 @@ def main(argv=None) -> int:
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    scales = args.guidance_per_band if args.guidance_per_band is not None else [args.guidance]
+    if not all(scale is None or math.isfinite(scale) for scale in scales):
+        print(f"error: CFG scales must be finite numbers, got {scales}; e.g. --guidance 4", file=sys.stderr)
+        return 2
 
     from megamoe.diffusion.sampler import check_guidance_per_band, euler_sample
     from megamoe.model.dit import build_model

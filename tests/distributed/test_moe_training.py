@@ -39,8 +39,12 @@ ROUTER_SETTINGS = {
     "promoe": ["model.moe.contrastive_loss=0.01", "diffusion.text_dropout=0.3", *NO_TOKEN_CHOICE_LOSSES],
     "sinkhorn": NO_TOKEN_CHOICE_LOSSES,
     "diffmoe": ["model.moe.capacity_loss=0.01", "model.moe.router_hidden_dim=32", *NO_TOKEN_CHOICE_LOSSES],
-    # Two bands of 2 experts, the linear router picking top-2 in each (it computes the balance and z losses).
-    "timestep_band": ["model.moe.timestep_band_router=linear", "model.moe.timestep_band_boundaries=[500.0]"],
+    # Two bands of 2 experts, the linear router picking top-1 in each (it computes the balance and z losses).
+    "timestep_band": [
+        "model.moe.timestep_band_router=linear",
+        "model.moe.timestep_band_boundaries=[500.0]",
+        "model.moe.top_k=1",
+    ],
     "selective_sinkhorn": ["model.moe.ssr_noise_std=1.0", *NO_TOKEN_CHOICE_LOSSES],
     "dynmole": ["model.moe.tsallis_loss=0.01", "model.moe.balance_loss=0.01", "model.moe.z_loss=0"],
 }

@@ -43,13 +43,15 @@ def moe_model(router: str, **losses) -> ModelConfig:
     return dataclasses.replace(
         DENSE,
         moe=MoEConfig(
-            num_experts=4,
-            layers="every_other",
-            router=router,
-            top_k=2,
-            num_shared_experts=1,
-            layer_reg_loss=0.1,
-            **losses,
+            **{
+                "num_experts": 4,
+                "layers": "every_other",
+                "router": router,
+                "top_k": 2,
+                "num_shared_experts": 1,
+                "layer_reg_loss": 0.1,
+                **losses,  # also a different top_k
+            }
         ),
     )
 
@@ -71,6 +73,7 @@ SPANNING = {
         "timestep_band",
         timestep_band_router="linear",
         timestep_band_boundaries=[500.0],
+        top_k=1,  # of each band's 2 experts, so the balance loss acts
         balance_loss=0.5,
         z_loss=0.01,
         balance_scope="sequence",

@@ -105,11 +105,11 @@ def test_top_p_sets_are_the_smallest_reaching_p():
 
 def test_soft_tokens_take_every_expert_up_to_the_cap():
     x, ctx = _tokens()
-    uncapped = _router(top_k=E, dynmole_entropy_threshold=-1.0)  # every token soft: the paper's soft routing
+    uncapped = _router(top_k=E, dynmole_entropy_threshold=0.0)  # S_q > 0: every token soft: the paper's soft routing
     out = uncapped(x, ctx)
     assert out.routing_map.all() and out.aux["soft_fraction"].item() == 1.0
     torch.testing.assert_close(out.probs, (x @ uncapped.gate.weight.t()).softmax(-1))
-    capped = _router(top_k=3, dynmole_entropy_threshold=-1.0)  # the cap: the 3 most probable, as top-3 routing
+    capped = _router(top_k=3, dynmole_entropy_threshold=0.0)  # the cap: the 3 most probable, as top-3 routing
     out = capped(x, ctx)
     p = (x @ capped.gate.weight.t()).softmax(-1)
     assert torch.equal(out.routing_map, torch.zeros_like(out.routing_map).scatter(1, p.topk(3).indices, True))
@@ -148,4 +148,6 @@ def test_settings_it_would_ignore_or_cannot_run_are_refused():
         _router(dynmole_top_p=0.0)
     with pytest.raises(ConfigError, match="model.moe.z_loss"):
         _router(z_loss=0.01)
+    with pytest.raises(ConfigError, match="dynmole_entropy_threshold must be >= 0"):
+        _router(dynmole_entropy_threshold=-0.1)
     assert math.isfinite(_router(dynmole_q=1.0)(*_tokens()).probs.sum().item())

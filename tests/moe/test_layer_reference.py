@@ -24,9 +24,10 @@ VARIANTS = {
 }
 
 
-# Routers whose defaults do not fit 4 experts at top-2: timestep bands of 2 experts, an MLP picking in each.
+# Routers whose defaults do not fit 4 experts at top-2: two timestep bands of 3 experts (top-2 of 3, so the
+# balance loss acts), an MLP picking in each.
 ROUTER_DEFAULTS = {
-    "timestep_band": dict(timestep_band_router="mlp", timestep_band_boundaries=[500.0]),
+    "timestep_band": dict(num_experts=6, timestep_band_router="mlp", timestep_band_boundaries=[500.0]),
     "expert_race": dict(race_gate="mlp"),  # reads router_hidden_dim (below) only with the MLP gate
 }
 

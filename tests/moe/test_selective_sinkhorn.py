@@ -106,7 +106,8 @@ def test_top_k_steps_and_inference_route_by_plain_top_k():
     logits = x @ tails.gate.weight.t()
     torch.testing.assert_close(tails(x, ctx).probs, top_k_weights(logits, K))
     # Inference: plain top-k without noise, whatever the coin and the noise setting.
-    for router in (_router(ssr_probability=1.0, ssr_noise_std=5.0), _router(ssr_probability=0.0, ssr_noise_std=5.0)):
+    routers = [_router(ssr_probability=p, ssr_noise_std=noise) for p, noise in ((1.0, 0.0), (0.5, 5.0), (0.0, 5.0))]
+    for router in routers:
         torch.testing.assert_close(router.eval()(x, ctx).probs, top_k_weights(logits, K))
 
 
@@ -208,3 +209,9 @@ def test_settings_it_would_ignore_or_cannot_run_are_refused():
         _router(ssr_probability=1.5)
     with pytest.raises(ConfigError, match="model.moe.ssr_noise_std"):
         _router(ssr_noise_std=-1.0)
+    with pytest.raises(ConfigError, match="sinkhorn_iterations=10 has no effect with ssr_probability=0"):
+        _router(ssr_probability=0.0, sinkhorn_iterations=10)
+    with pytest.raises(ConfigError, match="ssr_noise_std=0.5 has no effect with ssr_probability=1"):
+        _router(ssr_probability=1.0, ssr_noise_std=0.5)
+    with pytest.raises(ConfigError, match="sinkhorn_iterations=0 makes the Sinkhorn plan the softmax"):
+        _router(sinkhorn_iterations=0)

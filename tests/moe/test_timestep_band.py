@@ -84,7 +84,7 @@ def test_inner_router_picks_top_k_among_its_bands_experts_only(score_func, renor
         timestep_band_router="linear",
         score_func=score_func,
         renormalize=renormalize,
-        balance_loss=0.01,
+        balance_loss=0.01 if top_k < 2 else 0.0,  # top-2 of a band of 2: the load is fixed (refused)
         z_loss=0.001,
     )
     x, ctx = per_token_batch()
@@ -93,8 +93,9 @@ def test_inner_router_picks_top_k_among_its_bands_experts_only(score_func, renor
     assert torch.equal(out.routing_map, routing_map)
     torch.testing.assert_close(out.probs, probs)
     # The inner router's losses still work, with gradient to its gate.
-    assert {"balance", "z"} <= set(out.aux)
-    (out.aux["balance"] + out.aux["z"] + out.probs.sum()).backward()
+    losses = {"balance", "z"} if top_k < 2 else {"z"}
+    assert losses <= set(out.aux)
+    (sum(out.aux[name] for name in losses) + out.probs.sum()).backward()
     assert router.inner.gate.weight.grad.isfinite().all() and router.inner.gate.weight.grad.abs().sum() > 0
 
 
@@ -139,6 +140,7 @@ def test_token_shards_reach_the_inner_router():
         (dict(num_experts=2, top_k=1, num_null_experts=1), "num_null_experts"),
         (dict(num_experts=4, top_k=1, timestep_band_router="linear", balance_scope="x", balance_loss=1.0), "scope"),
         (dict(num_experts=2, top_k=1, capacity_factor=2.0), "capacity_factor=2.0 has no effect"),
+        (dict(num_experts=4, top_k=2, timestep_band_router="linear", balance_loss=0.01), "takes its whole band"),
     ],
 )
 def test_config_errors_name_the_key(change, match):
@@ -224,3 +226,13 @@ def test_cfg_per_band_is_refused_without_timestep_bands():
         check_guidance_per_band(MoEConfig(num_experts=4), [3.0, 5.0])
     with pytest.raises(ValueError, match="got 3 CFG scales for 2 bands"):
         check_guidance_per_band(bands, [1.0, 3.0, 5.0])
+
+
+@pytest.mark.parametrize("flags", [["--guidance", "nan"], ["--guidance-per-band", "1", "inf"]])
+def test_sampler_refuses_a_non_finite_guidance_scale(tmp_path, capsys, flags):
+    """argparse reads 'nan' and 'inf' as floats: refused in one line before any checkpoint is read."""
+    from launcher.sample import main as sample
+
+    code = sample(["--checkpoint", str(tmp_path / "absent"), "--caption", "a red circle", *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "CFG scales must be finite" in err, err

@@ -40,8 +40,9 @@ TIMESTEP_BAND = (
     "model.moe.timestep_band_router=linear",
     "model.moe.timestep_band_boundaries=[300,700]",
     "model.moe.num_experts=6",
+    "model.moe.top_k=1",
 )
-"""Overrides of configs/tiny_moe.yaml for timestep-band experts: 3 noise bands of 2 experts."""
+"""Overrides of configs/tiny_moe.yaml for timestep-band experts: 3 noise bands of 2 experts, top-1 in each."""
 
 
 def config_only_checkpoint(path, *overrides):

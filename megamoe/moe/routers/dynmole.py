@@ -90,6 +90,13 @@ class DynMoLERouter(Router):
         super().check_config(cfg)
         require(cfg.dynmole_q > 0, f"model.moe.dynmole_q must be > 0 (1 = Shannon entropy), got {cfg.dynmole_q}")
         require(0.0 < cfg.dynmole_top_p <= 1.0, f"model.moe.dynmole_top_p must be in (0, 1], got {cfg.dynmole_top_p}")
+        # S_q >= 0, so a negative threshold is a mistake; one at or above S_q(uniform) is top-p routing
+        # alone (no token is ever soft), a mode of its own.
+        require(
+            cfg.dynmole_entropy_threshold >= 0,
+            f"model.moe.dynmole_entropy_threshold must be >= 0 (Tsallis entropy is never negative), "
+            f"got {cfg.dynmole_entropy_threshold}",
+        )
         require(
             1 <= cfg.dynmole_min_experts <= cfg.top_k,
             f"model.moe.dynmole_min_experts={cfg.dynmole_min_experts} must be between 1 and top_k={cfg.top_k} "

@@ -105,6 +105,24 @@ class SelectiveSinkhornRouter(Router):
         )
         require(cfg.ssr_noise_std >= 0, f"model.moe.ssr_noise_std must be >= 0 (0 = no noise), got {cfg.ssr_noise_std}")
         require(cfg.ssr_seed >= 0, f"model.moe.ssr_seed must be >= 0, got {cfg.ssr_seed}")
+        # Settings under which a key can never act (no Sinkhorn step, no top-k step, a plan that is
+        # the softmax) are refused rather than ignored.
+        default = MoEConfig()
+        require(
+            cfg.ssr_probability > 0 or cfg.sinkhorn_iterations == default.sinkhorn_iterations,
+            f"model.moe.sinkhorn_iterations={cfg.sinkhorn_iterations} has no effect with ssr_probability=0 "
+            f"(no Sinkhorn step); remove it or raise ssr_probability",
+        )
+        require(
+            cfg.ssr_probability < 1 or cfg.ssr_noise_std == 0,
+            f"model.moe.ssr_noise_std={cfg.ssr_noise_std} has no effect with ssr_probability=1 (every training "
+            f"step routes by the plan; the noise acts on top-k steps only); set it to 0 or lower ssr_probability",
+        )
+        require(
+            cfg.ssr_probability == 0 or cfg.sinkhorn_iterations >= 1,
+            "model.moe.sinkhorn_iterations=0 makes the Sinkhorn plan the softmax, so Sinkhorn steps equal top-k "
+            "steps; set sinkhorn_iterations >= 1 (or ssr_probability=0)",
+        )
 
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
         super().__init__(dim, cfg, **kwargs)

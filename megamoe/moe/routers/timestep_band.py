@@ -163,6 +163,12 @@ class TimestepBandRouter(Router):
                 f"model.moe.num_experts={cfg.num_experts} must split evenly into {bands} bands with at least "
                 f"top_k={cfg.top_k} experts each; change num_experts, top_k or timestep_band_boundaries",
             )
+            require(
+                cfg.balance_loss == 0 or cfg.top_k < cfg.num_experts // bands,
+                f"model.moe.balance_loss={cfg.balance_loss} has no effect with top_k={cfg.top_k} experts of "
+                f"{cfg.num_experts // bands} per band (every token takes its whole band, so the load is fixed); "
+                f"set balance_loss=0 or lower top_k",
+            )
             ROUTERS[inner].check_config(inner_config(cfg))
 
     def __init__(self, dim: int, cfg: MoEConfig, **kwargs):
