@@ -3,8 +3,9 @@ at what noise level (`model.moe.trace_every`, `model.moe.trace_tokens`).
 
 They are the raw material of routing analyses by position and by noise level, as DiT-MoE
 (Fei et al. 2024, "Scaling Diffusion Transformers to 16 Billion Parameters", arXiv:2407.11633)
-plots expert choice per timestep and per spatial position, and the input of the post-training
-tools (megamoe/posttrain/). Every `trace_every` steps each rank writes what the MoE layers
+plots expert choice per timestep and per spatial position. (The post-training tools in
+megamoe/posttrain/ gather their own statistics on the checkpoint they change: they also need the
+layer inputs, and routings of earlier steps describe an earlier router.) Every `trace_every` steps each rank writes what the MoE layers
 routed in the last micro-batch of the step (the one diagnostics record too), once the step has
 been applied (a skipped step writes nothing); on other steps nothing is recorded or computed.
 
@@ -219,6 +220,10 @@ def read_trace(path: str | Path) -> RoutingTrace:
 
 
 def load_traces(run_dir: str | Path) -> list[RoutingTrace]:
-    """Every trace file of a run directory (train.output_dir), sorted by (step, rank); [] if none."""
+    """Every trace file of a run directory (train.output_dir), sorted by (step, rank); [] if the run
+    traced nothing yet. FileNotFoundError if `run_dir` is not a directory (a typo must not read as
+    'no traces')."""
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (train.output_dir); no routing traces there")
     files = sorted((Path(run_dir) / TRACE_DIR).glob("step_*.rank_*.safetensors"))
     return sorted((read_trace(p) for p in files), key=lambda t: (t.step, t.rank))

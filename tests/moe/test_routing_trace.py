@@ -175,3 +175,9 @@ def test_trace_settings_are_checked():
         validate(dataclasses.replace(base, model=model_cfg(trace_tokens=5)))
     with pytest.raises(ConfigError, match="trace_every must be >= 0"):
         validate(dataclasses.replace(base, model=model_cfg(trace_every=-1)))
+
+
+def test_load_traces_refuses_a_directory_that_is_not_there(tmp_path):
+    assert load_traces(tmp_path) == []  # a run that traced nothing yet
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        load_traces(tmp_path / "typo")
