@@ -3,7 +3,8 @@
 A run is described by one `Config`. `load_config("configs/tiny.yaml", ["model.num_layers=4"])`
 merges the YAML file and the overrides onto the dataclass defaults with OmegaConf, which
 rejects unknown keys and values of the wrong type, raising `ConfigError` with a one-line
-message naming the key and the fix. What types cannot express is checked by
+message naming the key and the fix (a bool key takes only true or false: OmegaConf alone would
+read 2, 1, yes or on as true). What types cannot express is checked by
 `megamoe.config_checks.validate`, before any process group exists.
 
 This module imports nothing of megamoe but the leaf `megamoe.error_messages`, so every other module may
@@ -13,7 +14,9 @@ import it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import re
+import typing
+from dataclasses import dataclass, field, is_dataclass
 
 import yaml
 from omegaconf import OmegaConf
@@ -127,7 +130,7 @@ class MoEConfig:
     dynmole_q: float = 1.1
     """DynMoLE: index q (> 0) of the Tsallis entropy S_q of a token's router distribution; 1 = Shannon."""
     dynmole_entropy_threshold: float = 0.9
-    """DynMoLE: tokens with S_q above this route softly to all experts (capped at top_k), the rest top-p."""
+    """DynMoLE: tokens with S_q above this (>= 0) route softly (capped at top_k), the rest top-p; >= S_q(uniform): top-p only."""
     dynmole_top_p: float = 0.75
     """DynMoLE: top-p tokens take the fewest experts whose probability mass reaches this (0 < p <= 1)."""
     dynmole_min_experts: int = 1
@@ -327,11 +330,53 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+def _bool_keys(cls: type, prefix: str = "") -> frozenset[str]:
+    """Dotted keys of the bool fields of the dataclass `cls` and of the dataclasses it nests."""
+    keys = set()
+    for name, hint in typing.get_type_hints(cls).items():
+        if hint is bool:
+            keys.add(prefix + name)
+        elif is_dataclass(hint):
+            keys |= _bool_keys(hint, f"{prefix}{name}.")
+    return frozenset(keys)
+
+
+BOOL_KEYS = _bool_keys(Config)
+
+
+def _refuse_non_bools(tree: dict, prefix: str = "") -> None:
+    """A bool field takes only true or false. OmegaConf would turn any integer (2, 1), 'yes', 'on'
+    or 'y' into a bool; 1 and 0 are refused too, since a number given to a switch is more likely
+    a mix-up of keys than a choice."""
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _refuse_non_bools(value, dotted + ".")
+        elif dotted in BOOL_KEYS and not isinstance(value, bool):
+            raise ConfigError(f"bad value for '{dotted}': {value!r} is not a boolean; write true or false")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans only (true/false, True/False, TRUE/FALSE):
+    YAML 1.1's yes/no/on/off stay strings, so a string key keeps 'on' and a bool key refuses it
+    instead of reading it as true."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
 def merge_config(base: dict | None = None, overrides: list[str] | None = None) -> Config:
     """Dataclass defaults <- `base` (a dict, e.g. parsed YAML) <- dotted `overrides`."""
     schema = OmegaConf.structured(Config)
     layers = [schema]
     if base:
+        _refuse_non_bools(base)
         layers.append(OmegaConf.create(base))
     for item in overrides or []:
         if "=" not in item:
@@ -340,12 +385,18 @@ def merge_config(base: dict | None = None, overrides: list[str] | None = None) -
         if OmegaConf.select(schema, key, default="__missing__") == "__missing__":
             raise ConfigError(f"unknown config key '{key}' in override '{item}'; see README 'Config reference'")
         try:
-            layers.append(OmegaConf.from_dotlist([item]))  # values parse with OmegaConf's safe YAML loader
+            layer = OmegaConf.from_dotlist([item])  # values parse with OmegaConf's safe YAML loader
+            # ... which reads yes/on as booleans; check bool keys as a YAML file's value would read
+            strict = yaml.load(item.split("=", 1)[1], Loader=_YamlLoader)
         except yaml.YAMLError as exc:
             reason = first_line(exc) or type(exc).__name__
             raise ConfigError(
                 f"override '{item}' has a value that is not plain YAML ({reason}); write a number, string, bool or list"
             ) from None
+        for part in reversed(key.split(".")):
+            strict = {part: strict}
+        _refuse_non_bools(strict)
+        layers.append(layer)
     try:
         merged = OmegaConf.merge(*layers)
     except OmegaConfBaseException as exc:
@@ -367,7 +418,7 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
             raise ConfigError(f"config file '{path}' does not exist; pass an existing file to --config (see configs/)")
         try:
             with open(path) as f:
-                base = yaml.safe_load(f) or {}
+                base = yaml.load(f, Loader=_YamlLoader) or {}
         except yaml.YAMLError as exc:
             reason = first_line(exc) or type(exc).__name__
             raise ConfigError(f"config file '{path}' is not valid YAML: {reason}") from None
@@ -390,4 +441,4 @@ def to_yaml(cfg: Config) -> str:
 
 
 def from_yaml_text(text: str) -> Config:
-    return merge_config(yaml.safe_load(text) or {})
+    return merge_config(yaml.load(text, Loader=_YamlLoader) or {})

@@ -110,6 +110,48 @@ def test_validate_raises_config_error_directly():
         validate(merge_config({"model": {"dim": 64, "num_heads": 7}}))
 
 
+CENTERED = "model.moe.bias_update_centered"
+ALF = ["model.moe.num_experts=4", "model.moe.bias_balancing=true", "model.moe.bias_update_rate=0.01"]
+
+
+@pytest.mark.parametrize("value", ["2", "1", "0", "yes", "on", "off", "y", "'true'", "null"])
+def test_bool_keys_refuse_anything_but_true_or_false(value):
+    """OmegaConf alone reads 2, 1, yes, on and y as true; a bool key takes true or false only."""
+    shown = {"null": "None", "'true'": "'true'"}.get(value, value if value.isdigit() else f"'{value}'")
+    with pytest.raises(ConfigError) as info:
+        merge_config(None, [*ALF, f"{CENTERED}={value}"])
+    assert str(info.value) == f"bad value for '{CENTERED}': {shown} is not a boolean; write true or false"
+
+
+def test_bool_key_with_a_number_stops_the_launcher(capsys, tmp_path):
+    code = main(["--config", TINY, f"train.output_dir={tmp_path}", "train.steps=1", *ALF, f"{CENTERED}=2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"error: bad value for '{CENTERED}': 2 is not a boolean; write true or false"
+    assert not any(tmp_path.iterdir())
+
+
+def test_bool_keys_accept_true_and_false_from_overrides_and_files(tmp_path):
+    for text, expected in [("true", True), ("false", False), ("True", True), ("FALSE", False)]:
+        assert merge_config(None, [*ALF, f"{CENTERED}={text}"]).model.moe.bias_update_centered is expected
+        config = tmp_path / f"{text}.yaml"
+        config.write_text(f"model:\n  moe:\n    bias_update_centered: {text}\n")
+        assert load_config(str(config)).model.moe.bias_update_centered is expected
+
+
+def test_bool_keys_refuse_yes_and_numbers_in_files_and_section_overrides(tmp_path):
+    """A YAML file reads booleans as YAML 1.2 does (true/false): `yes` is a string there, not true."""
+    for text, shown in [("yes", "'yes'"), ("on", "'on'"), ("2", "2")]:
+        config = tmp_path / "bad.yaml"
+        config.write_text(f"logging:\n  tensorboard: {text}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(str(config))
+        assert str(info.value) == f"bad value for 'logging.tensorboard': {shown} is not a boolean; write true or false"
+    with pytest.raises(ConfigError, match=f"bad value for '{CENTERED}': 'yes' is not a boolean"):
+        merge_config(None, ["model.moe={bias_update_centered: yes}"])
+    with pytest.raises(ConfigError, match="bad value for 'parallel.sequence_parallel': 1 is not a boolean"):
+        merge_config({"parallel": {"sequence_parallel": 1}})
+
+
 @pytest.mark.parametrize(
     "world, overrides, message",
     [

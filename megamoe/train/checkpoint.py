@@ -205,8 +205,16 @@ def check_resumable(cfg: Config, meta: dict, path: Path, world_size: int | None)
         )
 
 
+# `model` keys that only decide what a run observes (routing diagnostics and traces): they change
+# neither the model, its routing and losses, nor any state a checkpoint holds (the trace sample
+# has its own generator), so a resume may change them.
+OBSERVATION_KEYS = frozenset({"model.moe.diagnostics_every", "model.moe.trace_every", "model.moe.trace_tokens"})
+
+
 def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
-    """The checkpoint's model must be this run's; name every key that differs.
+    """The checkpoint's model must be this run's: every `model` key, nested ones field by field,
+    except OBSERVATION_KEYS. Raises CheckpointError with one line naming each differing key and
+    both values (`model.moe.top_k: checkpoint 2, config 4`).
 
     The parallel layout may differ: checkpoints are resharded on load (see train/sharded_state.py)."""
     try:
@@ -215,13 +223,32 @@ def check_compatible(cfg: Config, meta: dict, path: Path) -> None:
         raise CheckpointError(
             f"checkpoint '{path}' has an unreadable config ({exc}); pass another checkpoint"
         ) from None
-    theirs, ours = asdict(saved.model), asdict(cfg.model)
-    diff = [f"model.{k} (checkpoint {theirs[k]}, config {ours[k]})" for k in ours if theirs.get(k) != ours[k]]
+    diff = _differences(asdict(saved.model), asdict(cfg.model), "model")
     if diff:
         raise CheckpointError(
-            f"checkpoint '{path}' does not match the config: {', '.join(diff)}; "
-            f"set these keys to the checkpoint's values"
+            f"checkpoint '{path}' does not match the config: {'; '.join(diff)}; set each to the checkpoint's value"
         )
+
+
+def _differences(theirs: dict, ours: dict, prefix: str) -> list[str]:
+    """'key: checkpoint A, config B' for every leaf that differs, descending into nested sections."""
+    found = []
+    for name, value in ours.items():
+        key, saved = f"{prefix}.{name}", theirs.get(name)
+        if isinstance(value, dict) and isinstance(saved, dict):
+            found += _differences(saved, value, key)
+        elif saved != value and key not in OBSERVATION_KEYS:
+            found.append(f"{key}: checkpoint {_as_yaml(saved)}, config {_as_yaml(value)}")
+    return found
+
+
+def _as_yaml(value) -> str:
+    """A value as one writes it in a config (null, true, false), for the message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 def save_checkpoint(engine, cfg: Config, state, topology, export_weights) -> Path:

@@ -1,11 +1,14 @@
 """Checkpoints that cannot be used are refused before start-up, in one line, touching nothing."""
 
 import json
+from pathlib import Path
 
 from launcher.pretrain import main
 from megamoe.config import load_config, to_yaml
 from megamoe.train.checkpoint import (
     FORMAT,
+    CheckpointError,
+    check_compatible,
     complete_checkpoints,
     prune_checkpoints,
     resolve_resume,
@@ -87,9 +90,50 @@ def test_config_mismatch_names_the_keys(tmp_path, capsys):
     saved_cfg = load_config(TINY, ["model.dim=256", "model.num_layers=3"])
     path = fake_checkpoint(tmp_path, 5, saved_cfg)
     code, err = run(tmp_path, capsys, "--resume", str(path))
-    assert_one_line_error(
-        code, err, "model.dim (checkpoint 256, config 128)", "model.num_layers (checkpoint 3, config 4)"
+    assert_one_line_error(code, err)
+    assert err == (
+        f"error: checkpoint '{path}' does not match the config: model.dim: checkpoint 256, config 128; "
+        f"model.num_layers: checkpoint 3, config 4; set each to the checkpoint's value"
     )
+
+
+MOE = ["model.moe.num_experts=4", "model.moe.bias_balancing=true"]
+
+
+def compatibility_error(saved: list[str], ours: list[str]) -> str | None:
+    """check_compatible's message for a checkpoint of TINY + MOE + `saved` resumed with `ours`, or None."""
+    meta = {"config": to_yaml(load_config(TINY, MOE + saved))}
+    try:
+        check_compatible(load_config(TINY, MOE + ours), meta, Path("ckpt"))
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+def test_config_mismatch_names_nested_keys_alone():
+    """A model.moe key is named by itself with both values, not as two whole model.moe dicts."""
+    assert compatibility_error(["model.moe.top_k=2"], ["model.moe.top_k=4"]) == (
+        "checkpoint 'ckpt' does not match the config: model.moe.top_k: checkpoint 2, config 4; "
+        "set each to the checkpoint's value"
+    )
+    message = compatibility_error(
+        ["model.moe.router=linear", "model.moe.diagnostics_every=5"],
+        ["model.moe.router=expert_choice", "model.moe.bias_update_centered=true", "model.moe.diagnostics_every=10"],
+    )
+    assert message == (
+        "checkpoint 'ckpt' does not match the config: model.moe.router: checkpoint linear, config expert_choice; "
+        "model.moe.bias_update_centered: checkpoint false, config true; set each to the checkpoint's value"
+    )
+
+
+def test_observation_keys_may_change_on_resume(tmp_path):
+    """Diagnostics and trace keys change what a run reports, not the model or its state."""
+    saved = ["model.moe.diagnostics_every=5"]
+    changed = ["model.moe.diagnostics_every=10", "model.moe.trace_every=2", "model.moe.trace_tokens=64"]
+    assert compatibility_error(saved, changed) is None
+    cfg = load_config(TINY, [f"train.output_dir={tmp_path}", *MOE, *changed])
+    path = fake_checkpoint(tmp_path, 5, load_config(TINY, MOE + saved))
+    assert resolve_resume(cfg, str(path), world_size=1) == path
 
 
 def test_fresh_run_refuses_to_overwrite_existing_checkpoints(tmp_path, capsys):

@@ -30,7 +30,7 @@ def test_auto_still_refuses_another_model_naming_the_keys(tmp_path, capsys):
     fake_checkpoint(tmp_path, 5, load_config(TINY, ["model.dim=256"]))
     before = snapshot(tmp_path)
     code, err = run(tmp_path, capsys, "--resume", "auto")
-    assert code == 2 and len(err.splitlines()) == 1 and "model.dim (checkpoint 256, config 128)" in err
+    assert code == 2 and len(err.splitlines()) == 1 and ": model.dim: checkpoint 256, config 128; set each" in err
     assert snapshot(tmp_path) == before
 
 
