@@ -457,7 +457,7 @@ CHANGED = {
     "capacity_factor": 2.0,
     "race_threshold_decay": 0.5,
     "similarity_loss": 0.0,
-    "sinkhorn_iterations": 0,
+    "sinkhorn_iterations": 1,
     "num_prototypes_per_expert": 2,
     "contrastive_loss": 0.0,
     "capacity_loss": 0.0,
@@ -508,7 +508,8 @@ LAYER_KEYS = {
 
 
 # Where a router's defaults read fewer keys than it may: the inner router that reads all of them.
-ROUTER_BASE = {"timestep_band": dict(timestep_band_router="cross_attention")}
+# (timestep_band: 2 bands of 3 experts, so top-2 leaves the balance loss something to balance.)
+ROUTER_BASE = {"timestep_band": dict(timestep_band_router="cross_attention", num_experts=6)}
 
 
 def _router_behaviour(cfg) -> list:
@@ -557,7 +558,7 @@ def test_every_key_a_router_accepts_changes_what_it_does():
     for name, cls in ROUTERS.items():
         on = {key: 0.5 for key in cls.config_keys if key.endswith("_loss")}
         on.update({"bias_balancing": True} if "bias_balancing" in cls.config_keys else {})
-        base = MoEConfig(num_experts=4, top_k=2, router=name, **on, **ROUTER_BASE.get(name, {}))
+        base = MoEConfig(**{"num_experts": 4, "top_k": 2, "router": name, **on, **ROUTER_BASE.get(name, {})})
         reference = _router_behaviour(base)
         for key in sorted(cls.config_keys - MULTI_RANK_KEYS):
             needs = {k: v for k, v in REQUIRES.get(key, {}).items() if k in cls.config_keys | LAYER_KEYS}
