@@ -27,7 +27,8 @@ EXTRAS = {
     "expert_race": dict(similarity_loss=0.01, race_threshold_decay=0.5),
     "promoe": dict(contrastive_loss=0.01),
     "diffmoe": dict(diffmoe_threshold_decay=0.5),
-    "timestep_band": dict(timestep_band_router="linear", timestep_band_boundaries=[500.0], balance_loss=0.01),
+    # Top-1 of each band's 2 experts, so the inner router's balance loss acts.
+    "timestep_band": dict(timestep_band_router="linear", timestep_band_boundaries=[500.0], balance_loss=0.01, top_k=1),
 }
 CASES = {name: dict(router=name, **EXTRAS.get(name, {})) for name in ROUTERS}
 CASES["linear_null_experts"] = dict(
@@ -47,7 +48,7 @@ def config(moe: dict):
         text_dim=24,
         freq_dim=16,
         rope_max_seq_len=32,
-        moe=MoEConfig(num_experts=4, top_k=2, **moe),
+        moe=MoEConfig(**{"num_experts": 4, "top_k": 2, **moe}),
     )
     return cfg
 
