@@ -173,6 +173,38 @@ class Router(nn.Module):
         override it; one that keeps no per-step state has nothing to drop."""
 
 
+@torch.no_grad()
+def update_threshold_ema(
+    threshold: torch.Tensor,
+    initialized: torch.Tensor,
+    kth_sum: torch.Tensor | None,
+    kth_count: int,
+    decay: float,
+    reduce: Reduce,
+) -> None:
+    """The learned inference threshold of Expert Race and DiffMoE, once per applied step, in place.
+
+    threshold [...] fp32: EMA (`decay`) of the K-th training score, per expert or one for all;
+    initialized bool []: whether an update has happened (the first copies the step's value);
+    kth_sum, kth_count: this rank's sum of the step's K-th scores (shape of threshold) over its
+    kth_count forwards (None, 0 when it ran none). The sums and counts are reduced over the
+    data-parallel ranks in one call that every rank makes, also one that saw no batch, so the
+    collective cannot hang and every rank applies the same value; no update when no rank did.
+    """
+    stats = torch.zeros(threshold.numel() + 1, dtype=torch.float32, device=threshold.device)
+    if kth_sum is not None:
+        stats[:-1] = kth_sum.reshape(-1).to(stats.device)
+        stats[-1] = float(kth_count)
+    stats = reduce(stats)
+    if stats[-1] <= 0:
+        return
+    value = (stats[:-1] / stats[-1]).reshape(threshold.shape)
+    if bool(initialized):
+        value = decay * threshold.float() + (1.0 - decay) * value
+    threshold.copy_(value)
+    initialized.fill_(True)
+
+
 ROUTERS: dict[str, type[Router]] = {}
 
 

@@ -49,7 +49,16 @@ from torch import nn
 
 from megamoe.config import MoEConfig
 from megamoe.model.activation_checkpointing import is_recomputing
-from megamoe.moe.routers.base import SCORE_FUNCS, Reduce, Router, RouterOutput, RoutingContext, register_router, require
+from megamoe.moe.routers.base import (
+    SCORE_FUNCS,
+    Reduce,
+    Router,
+    RouterOutput,
+    RoutingContext,
+    register_router,
+    require,
+    update_threshold_ema,
+)
 from megamoe.moe.routers.expert_choice import expert_capacity
 
 
@@ -159,22 +168,11 @@ class DiffMoERouter(Router):
     def after_step(self, reduce: Reduce) -> None:
         if self.predictor is None:
             return
-        # Every rank calls reduce exactly once, also one that ran no forward this step.
-        e = self.num_experts
-        stats = torch.zeros(e + 1, dtype=torch.float32, device=self.threshold.device)
-        if self._kth_sum is not None:
-            stats[:e] = self._kth_sum.to(stats.device)
-            stats[e] = float(self._kth_count)
+        kth_sum, kth_count = self._kth_sum, self._kth_count
         self._kth_sum, self._kth_count = None, 0
-        stats = reduce(stats)
-        if stats[e] <= 0:
-            return
-        step_threshold = stats[:e] / stats[e]
-        if bool(self.threshold_initialized):
-            d = self.cfg.diffmoe_threshold_decay
-            step_threshold = d * self.threshold.float() + (1.0 - d) * step_threshold
-        self.threshold.copy_(step_threshold)
-        self.threshold_initialized.fill_(True)
+        update_threshold_ema(
+            self.threshold, self.threshold_initialized, kth_sum, kth_count, self.cfg.diffmoe_threshold_decay, reduce
+        )
 
     def discard_step(self) -> None:
         """A skipped step's statistics must not reach the threshold EMA (see Router.discard_step)."""

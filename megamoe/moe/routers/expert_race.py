@@ -57,7 +57,15 @@ from torch import nn
 from megamoe.config import MoEConfig
 from megamoe.model.activation_checkpointing import is_recomputing
 from megamoe.moe.router_losses import router_similarity_loss
-from megamoe.moe.routers.base import Reduce, Router, RouterOutput, RoutingContext, register_router, require
+from megamoe.moe.routers.base import (
+    Reduce,
+    Router,
+    RouterOutput,
+    RoutingContext,
+    register_router,
+    require,
+    update_threshold_ema,
+)
 
 RACE_SCORE_FUNCS = ("identity", "softmax", "sigmoid")
 RACE_GATES = ("linear", "mlp")
@@ -192,24 +200,11 @@ class ExpertRaceRouter(Router):
 
     @torch.no_grad()
     def after_step(self, reduce: Reduce) -> None:
-        # Every rank calls reduce exactly once, also a rank that ran no forward this step,
-        # so the collective cannot hang; the count tells whether anyone saw a batch.
-        stats = torch.zeros(2, dtype=torch.float32, device=self.threshold.device)
-        if self._kth_sum is not None:
-            stats[0] = self._kth_sum.to(stats.device)
-            stats[1] = float(self._kth_count)
+        kth_sum, kth_count = self._kth_sum, self._kth_count
         self._kth_sum, self._kth_count = None, 0
-        stats = reduce(stats)
-        if stats[1] <= 0:
-            return
-        step_threshold = stats[0] / stats[1]
-        if bool(self.threshold_initialized):
-            d = self.cfg.race_threshold_decay
-            new = d * self.threshold.float() + (1.0 - d) * step_threshold
-        else:
-            new = step_threshold
-        self.threshold.copy_(new)
-        self.threshold_initialized.fill_(True)
+        update_threshold_ema(
+            self.threshold, self.threshold_initialized, kth_sum, kth_count, self.cfg.race_threshold_decay, reduce
+        )
 
     def discard_step(self) -> None:
         """A skipped step's K-th scores (NaN for a NaN batch) must not reach the threshold EMA,
