@@ -267,7 +267,7 @@ def check_router_precision(model: torch.nn.Module, master_dtype: Callable | None
             if buffer.dtype in _HALF:
                 raise RuntimeError(
                     f"router buffer {name}.router.{bname} is {buffer.dtype}, which loses its small in-place "
-                    f"updates; the router must keep it fp32 through module casts (see TokenChoiceRouter._apply)"
+                    f"updates; the router must keep it fp32 through module casts (see Router.fp32_buffers)"
                 )
 
 

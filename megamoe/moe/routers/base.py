@@ -81,6 +81,10 @@ class Router(nn.Module):
 
     name = "?"  # set by register_router
     config_keys: frozenset = frozenset({"top_k", "layer_reg_loss"})
+    fp32_buffers: tuple[str, ...] = ()
+    """Buffers that module-wide casts (`model.bfloat16()`, DeepSpeed bf16) must leave fp32, following
+    only the device: router state updated outside the optimizer in small steps (aux-free bias,
+    learned thresholds), which bf16 rounding would silently stop."""
 
     token_shards: TokenShards = ONE_PROCESS
     """Where the other tokens of the batch are (set by parallelize()): losses and selections that
@@ -124,6 +128,15 @@ class Router(nn.Module):
 
     def route(self, tokens: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
         raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: self._buffers[name] for name in self.fp32_buffers if self._buffers.get(name) is not None}
+        out = super()._apply(fn, recurse)
+        for name, before in kept.items():
+            now = self._buffers[name]
+            if now.dtype != torch.float32:
+                self._buffers[name] = before.to(device=now.device, dtype=torch.float32)
+        return out
 
     def forward(self, tokens: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
         with torch.autocast(device_type=tokens.device.type, enabled=False):

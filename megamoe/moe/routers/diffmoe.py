@@ -65,6 +65,7 @@ from megamoe.moe.routers.expert_choice import expert_capacity
 @register_router("diffmoe")
 class DiffMoERouter(Router):
     # Balanced by construction (every expert exactly full in training): no balance loss or bias.
+    fp32_buffers = ("threshold",)  # a bf16 EMA drops small updates
     config_keys = Router.config_keys | {
         "capacity_factor",
         "score_func",
@@ -123,14 +124,6 @@ class DiffMoERouter(Router):
         if self.predictor is not None:
             self.threshold.zero_()
             self.threshold_initialized.fill_(False)
-
-    def _apply(self, fn, recurse=True):
-        # A module-wide bf16 cast would round the threshold and drop small EMA updates: keep it fp32.
-        kept = self._buffers.get("threshold")
-        out = super()._apply(fn, recurse)
-        if kept is not None and self.threshold.dtype != torch.float32:
-            self.threshold = kept.to(device=self.threshold.device, dtype=torch.float32)
-        return out
 
     def predictor_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """[N, dim] -> [N, E] capacity-predictor logits, on detached tokens (fp32 weights)."""

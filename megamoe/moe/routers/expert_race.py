@@ -87,6 +87,8 @@ class ExpertRaceRouter(Router):
     # score_func and renormalize (race_score_func picks the activation; the selected scores are
     # the weights), balance_loss and z_loss (a logsumexp penalty would only shrink the raw
     # combine weights).
+    # A bf16 EMA silently drops updates smaller than its precision ((1 - decay) * gap is small).
+    fp32_buffers = ("threshold",)
     config_keys = Router.config_keys | {
         "race_threshold_decay",
         "similarity_loss",
@@ -146,16 +148,6 @@ class ExpertRaceRouter(Router):
         """No threshold yet: the first step's sets it (also after a meta-device build, see megamoe/model/init.py)."""
         self.threshold.zero_()
         self.threshold_initialized.fill_(False)
-
-    def _apply(self, fn, recurse=True):
-        # Module-wide casts (model.bfloat16(), DeepSpeed bf16) would round the threshold, and a
-        # bf16 EMA silently drops updates smaller than its precision ((1 - decay) * gap is
-        # small): keep it fp32, only follow the device.
-        kept = self.threshold
-        out = super()._apply(fn, recurse)
-        if self.threshold.dtype != torch.float32:
-            self.threshold = kept.to(device=self.threshold.device, dtype=torch.float32)
-        return out
 
     def route(self, tokens: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
         n = tokens.shape[0]

@@ -89,6 +89,8 @@ def select_top_k(
 class TokenChoiceRouter(Router):
     """Shared part of the token-choice routers; subclasses implement `logits`."""
 
+    # The aux-free bias: its 1e-3 updates vanish next to biases of ~0.1 in bf16.
+    fp32_buffers = ("expert_bias",)
     config_keys = Router.config_keys | {
         "score_func",
         "renormalize",
@@ -276,15 +278,6 @@ class TokenChoiceRouter(Router):
         self.balance_counts = None
         if self.cfg.bias_balancing:
             self.load_counts = None
-
-    def _apply(self, fn, recurse=True):
-        # `module.bfloat16()` (how DeepSpeed makes a bf16 model) would round the bias to bf16,
-        # where the 1e-3 updates vanish next to biases of ~0.1; keep its dtype, follow the device.
-        bias = self._buffers.get("expert_bias")
-        super()._apply(fn, recurse)
-        if bias is not None and self.expert_bias.dtype != bias.dtype:
-            self.expert_bias = bias.to(self.expert_bias.device)
-        return self
 
 
 @register_router("linear")
