@@ -49,12 +49,6 @@ def is_recomputing() -> bool:
     return getattr(_state, "depth", 0) > 0
 
 
-def is_checkpointed_forward() -> bool:
-    """True during the first forward of a checkpointed block (not during its recomputation)."""
-    record = current_routing_record()
-    return record is not None and not record.recomputing
-
-
 def current_routing_record() -> RoutingRecord | None:
     """The record of the checkpointed block running now on this thread (first forward or
     recomputation); None outside checkpointed blocks."""
