@@ -219,7 +219,7 @@ def write_raw_shards(
                 for segment in scene_segments(path, scenes.threshold):
                     start, end = round(float(segment.start), 6), round(float(segment.end), 6)
                     where = {"segment": segment.index, "start": start, "end": end}
-                    if not segment.long_enough(scenes.min_frames, scenes.fps, info["fps"]):
+                    if not segment.long_enough(scenes.min_frames, scenes.fps):
                         dropped["short_segments"] += 1
                         need = f"{scenes.min_frames} frames at {scenes.fps:g} fps"
                         skip(

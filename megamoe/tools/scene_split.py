@@ -8,7 +8,7 @@ segment. A flash therefore gives a short segment, which the minimum length drops
 
 `split_video` decodes the video once and re-encodes each scene's frames with PyAV into its own mp4,
 at the source's frame rate and time base, its timestamps shifted so the segment starts at 0, and
-with the source's display rotation. Training then draws clips from one segment file at a time,
+with the source's display rotation (video only: audio is not kept). Training then draws clips from one segment file at a time,
 so a clip can never span a cut. Segment times are in seconds from the source's first frame, as
 PySceneDetect reports them.
 
@@ -51,11 +51,11 @@ class Segment:
     frames: int
     data: bytes
 
-    def long_enough(self, num_frames: int, fps: float, source_fps: float) -> bool:
+    def long_enough(self, num_frames: int, fps: float) -> bool:
         """Whether a clip of `num_frames` frames at `fps` fits: its first and last frames are
-        (num_frames - 1) / fps apart, and the loader rounds source frame positions to the nearest
-        frame, so half a source frame of slack is allowed."""
-        return float(self.last - self.start) + 0.5 / source_fps >= (num_frames - 1) / fps - 1e-9
+        (num_frames - 1) / fps apart, as the loader times clips by frame timestamps. (A millisecond
+        of slack absorbs timestamp rounding.)"""
+        return (num_frames - 1) / fps <= float(self.last - self.start) + 1e-3
 
 
 @dataclass(frozen=True)

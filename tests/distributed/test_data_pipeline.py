@@ -1,7 +1,8 @@
 """The training job on real shards: bad data reported and enforced; raw video and encoded latents train.
 
-Raw video shards are written by data/make_shards.py from PyAV-made mp4s, latent shards from them by
-data/encode_latents.py, with a tiny random Wan VAE and umT5 saved like the real ones.
+Raw video shards are written by data/make_shards.py from PyAV-made mp4s and from real clips cut into
+scenes (--split-scenes), latent shards from them by data/encode_latents.py, with a tiny random Wan
+VAE and umT5 saved like the real ones.
 """
 
 import importlib.util

@@ -18,7 +18,7 @@ import pytest
 from megamoe.data.errors import CORRUPT_VIDEO, MISSING_MEMBER, TOO_SHORT
 from megamoe.data.video import FrameSpec, decode_raw_sample, probe_video
 from megamoe.tools.latent_shards import read_shard
-from megamoe.tools.scene_split import SegmentCaption, caption_for, detect_cuts, split_video
+from megamoe.tools.scene_split import Segment, SegmentCaption, caption_for, detect_cuts, split_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COLOURS = {"red": (220, 40, 40), "green": (40, 140, 40), "blue": (40, 50, 230), "yellow": (180, 170, 20)}
@@ -113,6 +113,19 @@ def test_segments_keep_variable_frame_timing_and_display_rotation(tmp_path):
         assert times == [Fraction(p - expect[0], 1000) for p in expect]
         assert {f.rotation for f in decoded} == {90}
     assert (second.start, second.last) == (Fraction(280, 1000), Fraction(460, 1000))
+
+
+def test_a_segment_is_long_enough_when_the_clip_span_fits_between_its_first_and_last_frames():
+    """9 frames at 16 fps span 0.5 s: at 25 fps a scene needs 14 frames (0.52 s), 13 (0.48 s) is short."""
+
+    def scene(frames):
+        return Segment(
+            0, Fraction(2), Fraction(2) + Fraction(frames, 25), Fraction(2) + Fraction(frames - 1, 25), frames, b""
+        )
+
+    assert scene(14).long_enough(9, 16.0) and not scene(13).long_enough(9, 16.0)
+    assert scene(8).long_enough(5, 16.0) and not scene(7).long_enough(5, 16.0)  # 0.25 s: 0.28 s fits, 0.24 s not
+    assert scene(17).long_enough(9, 12.5) and not scene(16).long_enough(9, 12.5)  # exactly 0.64 s fits
 
 
 def test_a_segment_takes_the_caption_that_overlaps_it_longest_if_over_half():
