@@ -105,7 +105,7 @@ def split_video(path: str, cuts: list[Fraction]) -> Iterator[Segment]:
 
     A frame belongs to the last scene whose first frame time (0 or a cut) is at or before its own
     time, measured like PySceneDetect's (pts less the stream's start time). Each segment is an mp4
-    (libx264 crf 18, or mpeg4 where FFmpeg lacks libx264) with the source's time base and frame
+    (libx264 crf 18 preset veryfast, or mpeg4 where FFmpeg lacks libx264) with the source's time base and frame
     rate, its first frame at time 0. Odd frame sides lose their last row or column (4:2:0 needs
     even sides). Raises av.error.FFmpegError for a stream that cannot be decoded.
     """

@@ -41,12 +41,12 @@ def shot_frames(shots, height=48, width=64) -> list[np.ndarray]:
     return frames
 
 
-def write_mp4(path, frames, pts=None, time_base=Fraction(1, FPS), rotation=0):
+def write_mp4(path, frames, pts=None, time_base=Fraction(1, FPS), rotation=0, pix_fmt="yuv420p"):
     """libx264 mp4 of uint8 RGB frames; `pts` in `time_base` units (default 0, 1, 2, ...)."""
     with av.open(str(path), mode="w") as out:
         stream = out.add_stream("libx264", rate=FPS)
         stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = pix_fmt
         stream.time_base = stream.codec_context.time_base = time_base
         stream.options = {"crf": "12", "preset": "ultrafast"}
         if rotation:
@@ -113,6 +113,24 @@ def test_segments_keep_variable_frame_timing_and_display_rotation(tmp_path):
         assert times == [Fraction(p - expect[0], 1000) for p in expect]
         assert {f.rotation for f in decoded} == {90}
     assert (second.start, second.last) == (Fraction(280, 1000), Fraction(460, 1000))
+
+
+def test_odd_frame_sides_lose_their_last_row_and_column(tmp_path):
+    """4:2:0 needs even sides: a 47x63 source (4:4:4) gives 46x62 segments of its top-left pixels.
+    Its last row and column are white, so a segment scaled instead of cropped shows white at its edges."""
+    frames = [f[:47, :63].copy() for f in shot_frames([("green", 4), ("red", 4)])]
+    for frame in frames:
+        frame[-1], frame[:, -1] = 255, 255
+    path = tmp_path / "odd.mp4"
+    write_mp4(path, frames, pix_fmt="yuv444p")
+    for segment, colour in zip(split_video(str(path), [Fraction(4, FPS)]), ("green", "red")):
+        info = probe_video(segment.data)
+        assert (info["height"], info["width"], info["frames"]) == (46, 62, 4)
+        with av.open(io.BytesIO(segment.data)) as container:
+            for frame in container.decode(video=0):
+                image = frame.to_ndarray(format="rgb24").astype(int)
+                edges = np.concatenate([image[-1], image[:, -1]])
+                assert colour_of(image) == colour and np.abs(edges - COLOURS[colour]).max() < 40
 
 
 def test_a_segment_is_long_enough_when_the_clip_span_fits_between_its_first_and_last_frames():
