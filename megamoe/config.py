@@ -191,6 +191,8 @@ class DataConfig:
 
     path: str | None = None
     """Directory or brace pattern of latent WebDataset shards; null = embedded synthetic data."""
+    val_path: str | None = None
+    """Held-out shards (data.format's kind) for the validation loss; null = the embedded data's held-out split."""
     cache_dir: str = "~/.cache/megamoe"
     """Where the embedded synthetic dataset is generated (once, deterministically)."""
     micro_batch_size: int = 4
@@ -223,6 +225,8 @@ class DataConfig:
     """Samples a rank reads before max_failure_fraction is enforced."""
     decode_timeout_s: float = 30.0
     """format=video: seconds one clip may take to decode before it is skipped as 'decode_timeout'."""
+    decoder: str = "decord"
+    """format=video: 'decord', 'torchcodec' or 'pyav' (the fallback of the other two); decord: fastest in benchmarks/RESULTS.md."""
     vae_path: str | None = None
     """format=video: the frozen video VAE that encodes decoded clips in the training process."""
     text_encoder_path: str | None = None
@@ -316,6 +320,16 @@ class LoggingConfig:
     """Print a progress line and write scalars every this many steps."""
     tensorboard: bool = True
     """Write tensorboard event files under output_dir/tensorboard."""
+    val_every: int | None = None
+    """Held-out validation loss (train/validation.py) every this many steps; 0 = off; null = 100 where held-out data exists."""
+    val_batches: int = 2
+    """Held-out batches (data.micro_batch_size samples each) the validation loss averages over, the same each time."""
+    sample_every: int | None = None
+    """Tensorboard sample grid (train/validation.py) every this many steps; 0 = off; null = 200 where captions can be embedded."""
+    sample_captions: list[str] = field(
+        default_factory=lambda: ["a red circle moving right", "a blue square moving up", "a green bar moving left"]
+    )
+    """Prompts of the tensorboard samples, one grid row each (defaults: the embedded data's vocabulary)."""
 
 
 @dataclass
@@ -434,6 +448,35 @@ def sequence_shards(p: ParallelConfig) -> tuple[int, str]:
     if p.sequence_parallel and tp > 1:
         return cp * tp, "parallel.context_parallel_size x parallel.tensor_parallel_size (sequence parallel)"
     return cp, "parallel.context_parallel_size"
+
+
+DEFAULT_VAL_EVERY = 100
+"""Steps between validation losses when logging.val_every is null (and there is held-out data)."""
+DEFAULT_SAMPLE_EVERY = 200
+"""Steps between sample grids when logging.sample_every is null (and captions can be embedded): on 2 CPU
+cores a grid of the tiny model costs about 7 training steps (30 Euler steps with guidance)."""
+
+
+def has_held_out_data(d: DataConfig) -> bool:
+    """The validation loss has data: data.val_path, or the embedded data's held-out split."""
+    return d.val_path is not None or d.path is None
+
+
+def can_embed_captions(d: DataConfig) -> bool:
+    """Sample prompts can be embedded: the embedded data's word embeddings, or raw video's text encoder."""
+    return d.path is None or d.format == "video"
+
+
+def val_interval(cfg: Config) -> int:
+    """logging.val_every with null resolved: DEFAULT_VAL_EVERY where there is held-out data, else 0 (off)."""
+    every = cfg.logging.val_every
+    return every if every is not None else (DEFAULT_VAL_EVERY if has_held_out_data(cfg.data) else 0)
+
+
+def sample_interval(cfg: Config) -> int:
+    """logging.sample_every with null resolved: DEFAULT_SAMPLE_EVERY where captions can be embedded, else 0."""
+    every = cfg.logging.sample_every
+    return every if every is not None else (DEFAULT_SAMPLE_EVERY if can_embed_captions(cfg.data) else 0)
 
 
 def to_yaml(cfg: Config) -> str:

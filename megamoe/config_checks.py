@@ -14,7 +14,20 @@ import dataclasses
 import json
 import os
 
-from megamoe.config import Config, ConfigError, DataConfig, DiffusionConfig, ModelConfig, MoEConfig, sequence_shards
+from megamoe.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    DiffusionConfig,
+    LoggingConfig,
+    ModelConfig,
+    MoEConfig,
+    can_embed_captions,
+    has_held_out_data,
+    sample_interval,
+    sequence_shards,
+    val_interval,
+)
 from megamoe.data.buckets import shape_problem, vae_compression
 from megamoe.model.activation_checkpointing import checkpointed_blocks
 from megamoe.moe.layer import moe_layer_indices, router_config
@@ -146,6 +159,45 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         f"checkpoint.keep_last must be >= 1 (the newest checkpoint is always kept), got {cfg.checkpoint.keep_last}",
     )
     _check(cfg.logging.every_steps >= 1, f"logging.every_steps must be >= 1, got {cfg.logging.every_steps}")
+    _validate_evidence(cfg)
+
+
+def _validate_evidence(cfg: Config) -> None:
+    """The validation loss needs held-out data and the sample grid embeddable captions; their
+    other keys must not be set while they are off (train/validation.py)."""
+    lg, d = cfg.logging, cfg.data
+    for name in ("val_every", "sample_every"):
+        value = getattr(lg, name)
+        _check(value is None or value >= 0, f"logging.{name} must be >= 0 (0 = off) or null (auto), got {value}")
+    _check(lg.val_batches >= 1, f"logging.val_batches must be >= 1, got {lg.val_batches}")
+    val, sample = val_interval(cfg), sample_interval(cfg)
+    _check(
+        val == 0 or has_held_out_data(d),
+        f"logging.val_every={lg.val_every} needs held-out data, and data.path has none built in; set data.val_path "
+        f"to held-out shards or logging.val_every=0",
+    )
+    default = LoggingConfig()
+    if val == 0:
+        _check(
+            d.val_path is None,
+            "data.val_path is read only by the validation loss; set logging.val_every > 0 or drop it",
+        )
+        _check(
+            lg.val_batches == default.val_batches,
+            "logging.val_batches has no effect with the validation loss off; set logging.val_every > 0 or drop it",
+        )
+    _check(
+        sample == 0 or can_embed_captions(d),
+        f"logging.sample_every={lg.sample_every} needs captions embedded, which latent shards cannot do: use the "
+        f"embedded data or raw video shards (data.format=video with data.text_encoder_path), or logging.sample_every=0",
+    )
+    if sample == 0:
+        _check(
+            lg.sample_captions == default.sample_captions,
+            "logging.sample_captions has no effect with samples off; set logging.sample_every > 0 or drop it",
+        )
+    else:
+        _check(len(lg.sample_captions) > 0, "logging.sample_captions is empty; give at least one prompt")
 
 
 def _validate_model_parallel(cfg: Config) -> None:
@@ -195,6 +247,10 @@ def _validate_data(d: DataConfig) -> None:
         f"data.min_samples_before_failure_check must be >= 0, got {d.min_samples_before_failure_check}",
     )
     _check(d.decode_timeout_s > 0, f"data.decode_timeout_s must be > 0, got {d.decode_timeout_s}")
+    _check(
+        d.decoder in ("decord", "torchcodec", "pyav"),
+        f"data.decoder must be 'decord', 'torchcodec' or 'pyav', got '{d.decoder}'",
+    )
     video = d.format == "video" and d.path is not None
     for bucket in d.buckets:
         _check(
@@ -228,7 +284,7 @@ def _validate_data(d: DataConfig) -> None:
 
 
 # Read only by the video pipeline (data.format=video with data.path set).
-VIDEO_ONLY_DATA_KEYS = ("video_frames", "video_fps", "decode_timeout_s", "vae_path", "text_encoder_path")
+VIDEO_ONLY_DATA_KEYS = ("video_frames", "video_fps", "decode_timeout_s", "decoder", "vae_path", "text_encoder_path")
 
 
 def _refuse_changed(section, defaults, keys, prefix: str, why: str, fix: str) -> None:

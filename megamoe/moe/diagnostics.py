@@ -84,6 +84,7 @@ import numpy as np
 import torch
 
 from megamoe.config import MoEConfig
+from megamoe.moe.heatmap import heatmap, labelled_heatmap
 from megamoe.moe.routers.base import Router
 
 
@@ -271,24 +272,24 @@ def check_router_precision(model: torch.nn.Module, master_dtype: Callable | None
                 )
 
 
-def heatmap(values: np.ndarray, vmax: float, cell: int = 8) -> np.ndarray:
-    """[rows, cols] -> uint8 image [rows*cell, cols*cell, 3], viridis-like colours over [0, vmax]."""
-    x = np.clip(np.nan_to_num(values / max(vmax, 1e-12)), 0.0, 1.0)
-    stops = np.linspace(0.0, 1.0, 5)
-    colours = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
-    rgb = np.stack([np.interp(x, stops, colours[:, c]) for c in range(3)], axis=-1)
-    return np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1).round().astype(np.uint8)
-
-
 def write_tensorboard(writer, report: DiagnosticsReport, step: int) -> None:
-    """Scalars, the [layers x experts] load heatmap (mean load 1/E is the middle colour, 2x mean
-    or more the brightest, dead black-purple) under 'moe/load_heatmap', warnings as text, and the
-    depth profile as text and a [2 x layers] image under 'moe/depth_profile'."""
+    """Scalars, the [layers x experts] load heatmap under 'moe/load_heatmap' (moe/heatmap.py's
+    labelled_heatmap: layers down, experts across, a colour bar from 0 through the mean load 1/E to
+    2x mean or more; dead experts black-purple), warnings as text, and the depth profile as text and a
+    [2 x layers] image under 'moe/depth_profile'."""
     for name, value in report.scalars.items():
         writer.add_scalar(name, value, step)
     if report.load_matrix is not None and report.load_matrix.size:
         experts = report.load_matrix.shape[1]
-        writer.add_image("moe/load_heatmap", heatmap(report.load_matrix, 2.0 / experts), step, dataformats="HWC")
+        image = labelled_heatmap(
+            report.load_matrix,
+            2.0 / experts,
+            list(report.layer_names),
+            f"expert load at step {step}: share of a layer's routed tokens",
+            scale_label="load",
+            marks={1.0 / experts: "mean"},
+        )
+        writer.add_image("moe/load_heatmap", image, step, dataformats="HWC")
     if report.warnings:
         writer.add_text("moe/warnings", "  \n".join(report.warnings), step)
     if report.depth_profile:

@@ -3,6 +3,7 @@ noise levels, parameter bytes, and activated FLOPs per token.
 
     validation_loss(model, held_out)   {"s=0.10": ..., ..., "mean": ...}  velocity MSE at fixed noise
                                        levels with fixed noise: deterministic, comparable across models
+                                       (the training run's validation loss, train/validation.py)
     parameter_bytes(model)             {"total": ..., "experts": ...}  bytes of the parameters as held
     flops_per_token(model, held_out)   forward FLOPs per video token, counted by torch's FlopCounterMode
                                        on the matrix products actually run (a token's experts only)
@@ -16,7 +17,9 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from megamoe.diffusion.flow import TIMESTEP_SCALE, interpolate, velocity_target
+from megamoe.diffusion.flow import TIMESTEP_SCALE, interpolate
+from megamoe.train.validation import loss_key
+from megamoe.train.validation import validation_loss as held_out_loss
 
 NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
 """Noise levels s of the validation loss (0 = data, 1 = noise), spread over the range the sampler walks."""
@@ -27,27 +30,18 @@ def _noise(seed: int, batch: int, level: int, shape) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1])))
 
 
-@torch.no_grad()
 def validation_loss(
     model: torch.nn.Module, batches: list, levels: tuple[float, ...] = NOISE_LEVELS, seed: int = 0
 ) -> dict[str, float]:
-    """Mean velocity MSE (fp32) over `batches` at each noise level, keyed "s=0.10", and their mean "mean".
+    """Mean velocity MSE (fp32) over the samples of `batches` at each noise level, keyed "s=0.10", and their
+    mean "mean": the training run's validation loss (train/validation.py) in one process.
 
-    The noise of (batch i, level j) is a pure function of (seed, i, j), and text is never dropped: two
-    models evaluated on the same batches see exactly the same inputs.
+    The noise of each sample and level is a pure function of (seed, the sample's index, the level's index),
+    and text is never dropped: two models evaluated on the same batches see exactly the same inputs.
     """
-    model.eval()
-    dtype = next(model.parameters()).dtype
-    sums = [0.0] * len(levels)
-    for i, (latents, text) in enumerate(batches):
-        x0 = latents.float()
-        for j, level in enumerate(levels):
-            noise = _noise(seed, i, j, x0.shape)
-            s = torch.full((x0.shape[0],), float(level))
-            pred = model(interpolate(x0, noise, s).to(dtype), s * TIMESTEP_SCALE, text.to(dtype))
-            sums[j] += float(torch.mean((pred.float() - velocity_target(x0, noise)) ** 2))
-    result = {f"s={level:.2f}": total / len(batches) for level, total in zip(levels, sums, strict=True)}
-    result["mean"] = sum(result.values()) / len(levels)
+    losses = held_out_loss(model, batches, levels, seed=seed)
+    result = {f"s={level:.2f}": losses[loss_key(level)] for level in levels}
+    result["mean"] = losses["loss"]
     return result
 
 

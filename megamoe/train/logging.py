@@ -1,7 +1,17 @@
 """What rank 0 tells the user: a progress line, tensorboard scalars, and metrics.jsonl.
 
 The same scalars go to all three, so a test (or a notebook) can read the JSON lines or the
-tensorboard events and see what the console showed.
+tensorboard events and see what the console showed:
+
+    step 100/400 | loss 0.2312 (flow 0.2288) | val 0.2410 | lr 1.00e-03 | grad_norm 0.412 |
+    31.2 samples/s | 10.0k tokens/s | 95.1 TFLOP/s | MFU 9.6% | mem 21.4 GiB | eta 0:03:12
+
+`flow` (the flow-matching loss) stands beside the total when router losses are added to it, so an
+MoE run compares with a dense one; `val` is the held-out loss (train/validation.py) on the steps it
+is computed. tokens/s counts video (patch) tokens of every data-parallel rank; TFLOP/s, MFU (against
+the peak of train/throughput.py's table, named in the start-up line) and mem (rank 0's
+torch.cuda.max_memory_allocated) appear on GPU only. Rates are over the time since the last line,
+less the time spent on validation and samples.
 
 A resumed run redoes the steps after its checkpoint, which the interrupted run may have logged
 already: `resume_at(step)` drops those lines from metrics.jsonl and diagnostics.jsonl, and makes
@@ -34,6 +44,9 @@ class RunLogger:
         self._purge_step = None
         self._last_time = time.perf_counter()
         self._last_step = None
+        self._last_tokens = None
+        self.flops_per_token = None  # set by `count_flops` on GPU: TFLOP/s and MFU on the progress line
+        self.peak_flops = None
 
     def resume_at(self, step: int) -> None:
         """The run continues after (1-based) step `step`: forget what was logged for later steps."""
@@ -53,49 +66,106 @@ class RunLogger:
             self.writer = SummaryWriter(log_dir=str(self.out / "tensorboard"), purge_step=self._purge_step)
         return self.writer
 
+    def count_flops(self, flops_per_token: float, peak_flops: float | None) -> None:
+        """Show TFLOP/s (model FLOPs per video token of a training step, train/throughput.py) and, with the
+        device's peak FLOP/s, MFU on the progress line."""
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+
+    def exclude_time(self, seconds: float) -> None:
+        """Leave `seconds` (validation, samples) out of the rates of the next progress line."""
+        if self.enabled:
+            self._last_time += seconds
+
+    def record_config(self, cfg, start_step: int) -> str:
+        """Write the resolved config (the whole merged Config) to output_dir/config.yaml, atomically, and
+        return a line for the log (global rank 0 only; elsewhere nothing is written).
+
+        A run that starts or resumes under an equal config rewrites config.yaml with the same content.
+        Under a different one (a resume that extends train.steps, say), config.yaml keeps the config it
+        was first written with and this run's goes to config.resume-<step>.yaml beside it, <step> the
+        step it starts after: the run directory keeps every config that trained in it.
+        """
+        from megamoe.config import ConfigError, from_yaml_text, to_yaml
+
+        if not self.enabled:
+            return ""
+        path = self.out / "config.yaml"
+        if path.is_file():
+            try:
+                same = from_yaml_text(path.read_text()) == cfg
+            except (ConfigError, ValueError, OSError):  # unreadable or of another version: keep it
+                same = False
+            if not same:
+                path = self.out / f"config.resume-{start_step:08d}.yaml"
+        write_text_atomic(path, to_yaml(cfg))
+        return f"resolved config written to {path}" + (
+            "" if path.name == "config.yaml" else " (differs from config.yaml)"
+        )
+
     def info(self, message: str) -> None:
         if self.enabled:
             print(message, flush=True)
 
     def log_step(
-        self, step: int, scalars: dict[str, float], samples_per_step: int, data: dict[str, int] | None = None
+        self,
+        step: int,
+        scalars: dict[str, float],
+        samples_per_step: int,
+        data: dict[str, int] | None = None,
+        val: dict[str, float] | None = None,
     ) -> None:
         """Record `scalars` for the (1-based) completed step and print the progress line.
 
-        `data`: 'samples_seen' and 'bad_<cause>' counts of the data loader (tensorboard `data/...`,
-        and `| bad N` on the progress line when any sample was skipped).
+        `data`: 'samples_seen', 'video_tokens' (read so far) and 'bad_<cause>' counts of the data loader
+        (tensorboard `data/...`, and `| bad N` on the progress line when any sample was skipped).
+        `val`: the validation loss of this step, {'loss': ..., 'loss_s0.1': ...} (tensorboard `val/...`,
+        the JSON line's "val").
         """
         if not self.enabled:
             return
         now = time.perf_counter()
         steps_done = step - self._last_step if self._last_step is not None else None
         scalars = dict(scalars)
+        data = data or {}
+        tokens = data.get("video_tokens")
         if steps_done:
-            seconds_per_step = (now - self._last_time) / steps_done
+            seconds = now - self._last_time
+            seconds_per_step = seconds / steps_done
             scalars["samples_per_s"] = samples_per_step / seconds_per_step
             eta = str(timedelta(seconds=int(seconds_per_step * (self.total_steps - step))))
+            if tokens is not None and self._last_tokens is not None:
+                scalars["tokens_per_s"] = (tokens - self._last_tokens) / seconds
+                if self.flops_per_token is not None:
+                    scalars["tflops"] = scalars["tokens_per_s"] * self.flops_per_token / 1e12
+                    if self.peak_flops:
+                        scalars["mfu"] = scalars["tflops"] * 1e12 / self.peak_flops
         else:
             eta = "?"
-        self._last_time, self._last_step = now, step
-        data = data or {}
-        self.metrics_file.write(json.dumps({"step": step, **scalars, **({"data": data} if data else {})}) + "\n")
+        self._last_time, self._last_step, self._last_tokens = now, step, tokens
+        record = {"step": step, **scalars, **({"data": data} if data else {}), **({"val": val} if val else {})}
+        self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
         if self._tensorboard() is not None:
             for name, value in scalars.items():
                 self.writer.add_scalar(f"train/{name}", value, step)
             for name, value in data.items():
                 self.writer.add_scalar(f"data/{name}", value, step)
+            for name, value in (val or {}).items():
+                self.writer.add_scalar(f"val/{name}", value, step)
             self.writer.flush()
-        speed = f"{scalars['samples_per_s']:.1f}" if "samples_per_s" in scalars else "-"
-        skipped = sum(n for name, n in data.items() if name.startswith("bad_"))
-        bad = f" | bad {skipped}" if skipped else ""
-        nonfinite = scalars.get("skipped_steps", 0)  # optimizer steps skipped for a NaN/inf loss or grad norm
-        bad += f" | skipped_steps {nonfinite}" if nonfinite else ""
         print(
-            f"step {step}/{self.total_steps} | loss {scalars['loss']:.4f} | lr {scalars['lr']:.2e} | "
-            f"grad_norm {scalars['grad_norm']:.3f} | {speed} samples/s | eta {eta}{bad}",
+            f"step {step}/{self.total_steps} | {_progress(scalars, val)} | eta {eta}{_problems(scalars, data)}",
             flush=True,
         )
+
+    def log_samples(self, step: int, grid, captions: list[str]) -> None:
+        """The sample grid (uint8 [H, W, 3], one row per caption; train/validation.clip_grid) as tensorboard
+        image `samples/grid`, and its captions, top row first, as text `samples/captions`."""
+        if not self.enabled or self._tensorboard() is None:
+            return
+        self.writer.add_image("samples/grid", grid, step, dataformats="HWC")
+        self.writer.add_text("samples/captions", "  \n".join(f"{i}. {c}" for i, c in enumerate(captions)), step)
+        self.writer.flush()
 
     def log_diagnostics(self, report, step: int) -> None:
         """Routing diagnostics: tensorboard scalars + load heatmap, diagnostics.jsonl, warnings."""
@@ -130,3 +200,40 @@ def _truncate_after(path: Path, step: int) -> None:
         except (ValueError, KeyError, TypeError):
             continue
     write_text_atomic(path, "".join(kept))
+
+
+def _progress(scalars: dict[str, float], val: dict[str, float] | None) -> str:
+    """The progress line's figures, from loss to memory (see the module docstring)."""
+    loss = f"loss {scalars['loss']:.4f}"
+    if "loss_flow" in scalars and any(k.startswith("loss_") and k != "loss_flow" for k in scalars):
+        loss += f" (flow {scalars['loss_flow']:.4f})"  # router losses are in the total
+    parts = [loss]
+    if val:
+        parts.append(f"val {val['loss']:.4f}")
+    parts += [f"lr {scalars['lr']:.2e}", f"grad_norm {scalars['grad_norm']:.3f}"]
+    parts.append(f"{scalars['samples_per_s']:.1f} samples/s" if "samples_per_s" in scalars else "- samples/s")
+    if "tokens_per_s" in scalars:
+        parts.append(f"{_si(scalars['tokens_per_s'])} tokens/s")
+    if "tflops" in scalars:
+        parts.append(f"{scalars['tflops']:.1f} TFLOP/s")
+    if "mfu" in scalars:
+        parts.append(f"MFU {100 * scalars['mfu']:.1f}%")
+    if "max_memory_gib" in scalars:
+        parts.append(f"mem {scalars['max_memory_gib']:.1f} GiB")
+    return " | ".join(parts)
+
+
+def _problems(scalars: dict[str, float], data: dict[str, int]) -> str:
+    """' | bad N' when samples were skipped, ' | skipped_steps N' when optimizer steps were (NaN/inf)."""
+    skipped = sum(n for name, n in data.items() if name.startswith("bad_"))
+    out = f" | bad {skipped}" if skipped else ""
+    nonfinite = scalars.get("skipped_steps", 0)
+    return out + (f" | skipped_steps {nonfinite}" if nonfinite else "")
+
+
+def _si(value: float) -> str:
+    """12345.6 -> '12.3k'."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return f"{value:.0f}"

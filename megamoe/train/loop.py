@@ -1,7 +1,8 @@
 """The training loop: build, restore, then one `train_step` per step with logging and checkpoints.
 
-    build the rank's shard of the model -> DeepSpeed engine -> data -> restore a checkpoint
-    -> each step: train_step (train/step.py) -> progress line -> checkpoint -> stop when asked
+    record the resolved config -> build the rank's shard of the model -> DeepSpeed engine -> data
+    -> restore a checkpoint -> each step: train_step (train/step.py) -> every N steps: validation
+    loss, sample grid (train/validation.py) -> progress line -> checkpoint -> stop when asked
 
 Everything specific to a model or a layout lives elsewhere: what the rank holds is applied by
 `build_sharded_model` (parallel/parallelize.py), the MoE bookkeeping around each step is a
@@ -11,9 +12,12 @@ parallel/reductions.py, and what a checkpoint holds besides the engine is the `T
 
 from __future__ import annotations
 
+import math
+import time
+
 import torch
 
-from megamoe.config import Config
+from megamoe.config import Config, sample_interval, val_interval
 from megamoe.data.loader import DataError, ShardLoader, StreamStateError, build_loader
 from megamoe.data.video_latents import VideoToLatents
 from megamoe.model.activation_checkpointing import apply_activation_checkpointing
@@ -32,6 +36,16 @@ from megamoe.train.resilience import STOP_REQUEST, StepAgreement, stop_together
 from megamoe.train.run_dir import RunDirError
 from megamoe.train.state import TrainState
 from megamoe.train.step import StepOutcome, step_generator, train_step
+from megamoe.train.throughput import peak_flops, train_flops_per_token
+from megamoe.train.validation import caption_embeddings, clip_grid, read_held_out, sample_clips, validation_loss
+
+
+def data_parallel_group():
+    """The process group of this rank's data-parallel peers (same tensor and context parallel coordinate)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
 
 BAD_INPUT = (CheckpointError, DataError, StreamStateError, RunDirError, WeightsError)
 """Errors that mean the user's input (data, checkpoint, output directory) is bad: one line and exit 2."""
@@ -61,17 +75,37 @@ class Batches:
     """
 
     def __init__(
-        self, loader: ShardLoader, to_latents: VideoToLatents | None, device: torch.device, agreement: StepAgreement
+        self,
+        loader: ShardLoader,
+        to_latents: VideoToLatents | None,
+        device: torch.device,
+        agreement: StepAgreement,
+        patch_size=(1, 2, 2),
     ):
         self.loader, self.to_latents, self.device, self.agreement = loader, to_latents, device, agreement
+        self.patch_size = tuple(patch_size)
+        self.video_tokens = 0
+        """Patch tokens of the batches read so far (the progress line's tokens/s)."""
         self._first = self._read()
         self._last = self._first
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """One latent sample's (C, F, H, W), as the first batch has it: the shape of the sample grid's clips."""
+        return tuple(self._last[0].shape[1:])
+
+    def tokens_per_sample(self) -> int:
+        """Patch tokens of one sample of the first batch's shape."""
+        c, *grid = self.sample_shape
+        return math.prod(n // p for n, p in zip(grid, self.patch_size))
 
     def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = next(self.loader)
         if self.to_latents is not None:
             batch = self.to_latents(batch)
-        return (batch["latents"].to(self.device, non_blocking=True), batch["text"].to(self.device, non_blocking=True))
+        latents = batch["latents"]
+        self.video_tokens += latents.shape[0] * math.prod(n // p for n, p in zip(latents.shape[2:], self.patch_size))
+        return (latents.to(self.device, non_blocking=True), batch["text"].to(self.device, non_blocking=True))
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._first is not None:
@@ -111,9 +145,14 @@ def progress_scalars(cfg: Config, engine, outcome: StepOutcome, state: TrainStat
     }
 
 
-def data_counts(loader: ShardLoader) -> dict[str, int]:
-    """Samples read and failures by cause ('bad_<cause>'), summed over data-parallel ranks (collective)."""
-    mine = {"samples_seen": loader.samples_seen(), **{f"bad_{c}": n for c, n in loader.bad_data_counts().items()}}
+def data_counts(loader: ShardLoader, batches: Batches) -> dict[str, int]:
+    """Samples and video tokens read, and failures by cause ('bad_<cause>'), summed over data-parallel
+    ranks (collective)."""
+    mine = {
+        "samples_seen": loader.samples_seen(),
+        "video_tokens": batches.video_tokens,
+        **{f"bad_{c}": n for c, n in loader.bad_data_counts().items()},
+    }
     return sum_counts_over_data_parallel(mine)
 
 
@@ -128,7 +167,7 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
     # the gates and shared-expert noise by coordinate) or the checkpoint it resumes from.
     model = build_sharded_model(cfg, topology.device, initialize=not loading and resume_from is None)
     if loading:
-        log.info(init_from(model, cfg.train.init_from, cfg.train.seed))
+        log.info(f"train.init_from: {init_from(model, cfg.train.init_from, cfg.train.seed)}")
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     log.info(describe_run(cfg, topology))
     engine = build_engine(model, cfg)
@@ -136,15 +175,29 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
     # Start-up work a rank may fail alone ends in an agreement: every rank stops, or none (see resilience.py).
     with stop_together(topology.device, BAD_INPUT):
         loader, to_latents = build_data(cfg, topology)
+        # Read only by a run that reaches an evaluation step; every rank reads the same list.
+        val_every, sample_every = (n if n <= cfg.train.steps else 0 for n in (val_interval(cfg), sample_interval(cfg)))
+        held_out = read_held_out(cfg, to_latents) if val_every else None
+        prompts = caption_embeddings(cfg, to_latents) if sample_every else None
     agreement = StepAgreement(topology.device, cfg.train.max_nonfinite_steps)
     state = TrainState(loader, agreement, ema, topology.device, restart_stream=cfg.data.restart_stream_on_resume)
     with stop_together(topology.device, BAD_INPUT):
         if resume_from is not None:
             load_checkpoint(engine, resume_from, topology, state)
             log.resume_at(state.step)  # the steps after it are redone: log each once
-        batches = Batches(loader, to_latents, topology.device, agreement)
+        batches = Batches(loader, to_latents, topology.device, agreement, cfg.model.patch_size)
     if resume_from is not None:
         log.info(f"resumed from {resume_from} at step {state.step}")
+    if topology.is_main:
+        log.info(log.record_config(cfg, state.step))
+    if topology.device.type == "cuda":
+        peak = peak_flops(torch.cuda.get_device_name(topology.device))
+        flops = train_flops_per_token(cfg.model, batches.tokens_per_sample(), cfg.data.text_len)
+        log.count_flops(flops, peak[0] if peak else None)
+        log.info(
+            f"throughput: {flops / 1e9:.3f} GFLOP per video token and step (train/throughput.py); MFU against "
+            f"{peak[1] if peak else 'no peak: this GPU is not in the table, so no MFU'}"
+        )
 
     hooks = step_hooks_for(cfg, engine.module)
     # Nominal: with data.tokens_per_batch > 0 the batch size varies by bucket.
@@ -168,10 +221,23 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
             log.log_diagnostics(outcome.report, step)
             log.info(f"step {step}: {outcome.report.depth_line()}")
 
-        if step % cfg.logging.every_steps == 0 or step == cfg.train.steps:
+        started, last = time.perf_counter(), step == cfg.train.steps
+        val = None
+        if val_every and step % val_every == 0:
+            val = validation_loss(
+                engine.module, held_out, dp_rank=topology.dp_rank, dp_size=topology.dp_size, group=data_parallel_group()
+            )
+        if sample_every and step % sample_every == 0:
+            clips = sample_clips(engine.module, cfg, prompts, batches.sample_shape, to_latents)
+            log.log_samples(step, clip_grid(clips), list(cfg.logging.sample_captions))
+        log.exclude_time(time.perf_counter() - started)
+
+        if step % cfg.logging.every_steps == 0 or last or val is not None:
             scalars = progress_scalars(cfg, engine, outcome, state)
-            log.log_step(step, scalars, samples_per_step, data_counts(loader))
-            history.append({"step": step, **scalars})
+            if topology.device.type == "cuda":
+                scalars["max_memory_gib"] = torch.cuda.max_memory_allocated(topology.device) / 2**30
+            log.log_step(step, scalars, samples_per_step, data_counts(loader, batches), val)
+            history.append({"step": step, **scalars, **({"val": val} if val else {})})
         leaving = bool(exit_interval) and step % exit_interval == 0
         if (every and step % every == 0) or step == cfg.train.steps or leaving or outcome.stop:
             path = save_checkpoint(engine, cfg, state, topology, export_weights)

@@ -17,6 +17,7 @@ from megamoe.moe.diagnostics import (
     expert_output_similarity,
     expert_similarity,
     heatmap,
+    labelled_heatmap,
     sample_expert_inputs,
     track_router_update,
     write_tensorboard,
@@ -254,7 +255,20 @@ def test_tensorboard_scalars_and_heatmap(tmp_path):
     tags = events.Tags()
     assert "moe/load_heatmap" in tags["images"]
     image = events.Images("moe/load_heatmap")[0]
-    assert (image.width, image.height) == (E * 8, 2 * 8)
+    # The labelled picture of the report's loads (its layout is tested in tests/moe/test_heatmap.py).
+    import io
+
+    from PIL import Image
+
+    drawn = labelled_heatmap(
+        report.load_matrix,
+        2.0 / E,
+        report.layer_names,
+        "expert load at step 7: share of a layer's routed tokens",
+        scale_label="load",
+        marks={1.0 / E: "mean"},
+    )
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB")), drawn)
     for name in ("moe/layer01/max_violation", "moe/layer00/monopoly_share", "moe/max_max_violation"):
         (event,) = events.Scalars(name)
         assert event.step == 7 and event.value == pytest.approx(report.scalars[name], rel=1e-6)

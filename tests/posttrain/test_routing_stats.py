@@ -11,10 +11,11 @@ from megamoe.config import Config, DataConfig, ModelConfig, MoEConfig
 from megamoe.diffusion.flow import TIMESTEP_SCALE
 from megamoe.model.dit import build_model
 from megamoe.moe.layer import moe_layers
-from megamoe.posttrain.evaluation import _noise, flops_per_token, parameter_bytes, validation_loss
+from megamoe.posttrain.evaluation import flops_per_token, parameter_bytes, validation_loss
 from megamoe.posttrain.routing_stats import collect_routing_stats, load_routing_stats, save_routing_stats
 from megamoe.posttrain.trained_model import PostTrainError, data_batches, load_trained_model
 from megamoe.tools.synthetic_data import HELD_OUT_SEED, ensure_synthetic_dataset
+from megamoe.train.validation import validation_noise
 
 
 def model_config(**moe) -> ModelConfig:
@@ -113,7 +114,7 @@ def test_validation_loss_is_the_flow_loss_at_fixed_levels_and_noise():
         for j, level in enumerate((0.25, 0.75)):
             total = 0.0
             for i, (x0, text) in enumerate(data):
-                noise = _noise(5, i, j, x0.shape)
+                noise = torch.stack([validation_noise(5, 2 * i + b, j, x0.shape[1:]) for b in range(2)])
                 pred = model((1 - level) * x0 + level * noise, torch.full((2,), level * 1000), text)
                 total += float(((pred - (noise - x0)) ** 2).mean())
             assert first[f"s={level:.2f}"] == pytest.approx(total / 2, rel=1e-6)
