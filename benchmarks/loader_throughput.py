@@ -1,4 +1,4 @@
-"""Throughput and resident memory of the raw-video decode path, against bare decord, in one run.
+"""Throughput and resident memory of the raw-video decode path for each decoder, against bare decord, in one run.
 
     python benchmarks/loader_throughput.py                    # 10,000 clips per path, ~2-3 min on 2 cores
     python benchmarks/loader_throughput.py --clips 2000 --workers 1
@@ -6,15 +6,18 @@
 Small synthetic h264 mp4s (made with PyAV into a temp dir, decoded from their bytes, looped over)
 go through each path with the same frame sampling (`sample_frame_indices`, same seed):
   bare decord   VideoReader(BytesIO) + get_batch, nothing else: the baseline
-  inline        megamoe.data.video.decode_video_sample without a time limit (decord, resize, [-1, 1])
-  pool          the same in a DecodePool of --workers processes with a time limit (what guards
-                training against decord hangs); RSS is that of the worker processes
-  pyav          the inline path forced onto the PyAV fallback (--pyav-clips clips only)
+  decord, torchcodec, pyav
+                megamoe.data.video.decode_video_sample without a time limit, with data.decoder set
+                to each (frame times, decode, resize, [-1, 1]); pyav runs --pyav-clips clips only.
+                A decoder that cannot be imported here is left out (its row would be PyAV's)
+  pool          the decord row in a DecodePool of --workers processes with a time limit (what
+                guards training against decoder hangs); RSS is that of the worker processes
   loader xW     the training loader itself (ShardLoader, format=video, one bucket) over raw WebDataset
                 shards of the same files, with data.num_workers = W for each W in --loader-workers:
                 tar reading, header probe, decode to the bucket, batching, hand-over to the training
                 process. It streams, so it is timed in alternating blocks with bare decord
-                (--loader-clips per block, prefetch of at most a batch or two per worker carries over)
+                (--loader-clips per block, prefetch of at most a batch or two per worker carries over),
+                once per decoder in --loader-decoders: the same shards, the same settings
 Throughput is timed in interleaved rounds (every path takes turns), so the ratios to bare decord
 hold on a shared, noisy machine. Then each path runs --clips clips on its own, printing resident
 memory (VmRSS) after a warm-up, after 1,000 and after all clips: a per-clip leak shows as growth.
@@ -35,7 +38,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from megamoe.data.decode_pool import DecodePool  # noqa: E402
-from megamoe.data.video import DECORD_THREADS, FrameSpec, decode_video_sample, sample_frame_indices  # noqa: E402
+from megamoe.data.video import FrameSpec, decode_video_sample, sample_frame_indices  # noqa: E402
+from megamoe.data.video_decoders import DECODER_THREADS, _import  # noqa: E402
 from megamoe.tools.numbered_videos import make_video  # noqa: E402
 
 WARMUP = 50
@@ -55,8 +59,9 @@ def bare_decord(files: list[bytes], spec: FrameSpec, rng) -> callable:
     import decord
 
     def one(i: int) -> None:
-        reader = decord.VideoReader(io.BytesIO(files[i % len(files)]), ctx=decord.cpu(0), num_threads=DECORD_THREADS)
-        indices = sample_frame_indices(len(reader), reader.get_avg_fps(), spec.num_frames, spec.fps, rng)
+        reader = decord.VideoReader(io.BytesIO(files[i % len(files)]), ctx=decord.cpu(0), num_threads=DECODER_THREADS)
+        pts = reader.get_frame_timestamp(range(len(reader)))[:, 0]
+        indices = sample_frame_indices(pts, spec.num_frames, spec.fps, rng)
         reader.get_batch(indices.tolist()).asnumpy()
         del reader
 
@@ -109,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loader-workers", default="0,2", help="data.num_workers values of the loader rows ('' skips)")
     parser.add_argument("--loader-clips", type=int, default=400, help="clips per loader/bare block")
     parser.add_argument("--loader-blocks", type=int, default=4, help="alternating loader/bare blocks")
+    parser.add_argument("--loader-decoders", default="decord,torchcodec,pyav", help="data.decoder of the loader rows")
     args = parser.parse_args(argv)
     spec = FrameSpec(args.frames, args.fps, args.size, args.size)
 
@@ -125,19 +131,18 @@ def main(argv: list[str] | None = None) -> None:
 
     rng = np.random.default_rng(0)  # numpy Generators lock internally: safe to share across threads
     one = bare_decord(files, spec, rng)
-    paths = {
-        "bare decord": (lambda a, b: _each(range(a, b), one), None),
-        "inline": (
-            lambda a, b: _each(range(a, b), lambda i: decode_video_sample(files[i % len(files)], spec, rng)),
+
+    def inline(decoder):
+        return (
+            lambda a, b: _each(
+                range(a, b), lambda i: decode_video_sample(files[i % len(files)], spec, rng, decoder=decoder)
+            ),
             None,
-        ),
-    }
-    pyav = (
-        lambda a, b: _each(
-            range(a, b), lambda i: decode_video_sample(files[i % len(files)], spec, rng, backend="pyav")
-        ),
-        None,
-    )
+        )
+
+    decoders = [d for d in ("decord", "torchcodec") if _import({"torchcodec": "torchcodec.decoders"}.get(d, d))]
+    paths = {"bare decord": (lambda a, b: _each(range(a, b), one), None)}
+    paths.update({d: inline(d) for d in decoders})
     # Recycling off, so a leak in the workers shows in their RSS instead of being reset.
     pool = DecodePool(args.workers, timeout_s=args.timeout, max_jobs_per_worker=None) if args.workers else None
     try:
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
                 pool.worker_pids,
             )
         if args.pyav_clips:
-            paths["pyav"] = pyav
+            paths["pyav"] = inline("pyav")
         speed = interleaved_throughput(paths, args.rounds, args.chunk)
         memory = {
             name: memory_run(run_range, args.pyav_clips if name == "pyav" else args.clips, pids)
@@ -177,14 +182,17 @@ def main(argv: list[str] | None = None) -> None:
     if stats:
         print(f"pool stats: {stats} (pool RSS is the sum over its worker processes)")
     for workers in [int(w) for w in args.loader_workers.split(",") if w.strip()]:
-        loader_rate, bare_rate = loader_vs_bare(files, spec, one, workers, args)
-        print(
-            f"loader x{workers:<3} {loader_rate:>8.1f} {loader_rate / bare_rate:>8.2f}   (bare decord "
-            f"{bare_rate:.1f} clips/s in the alternating blocks; data.num_workers={workers})"
-        )
+        for decoder in [d for d in args.loader_decoders.split(",") if d in decoders + ["pyav"]]:
+            loader_rate, bare_rate = loader_vs_bare(files, spec, one, workers, args, decoder)
+            print(
+                f"loader x{workers:<3} {loader_rate:>8.1f} {loader_rate / bare_rate:>8.2f}   (data.decoder={decoder}, "
+                f"data.num_workers={workers}; bare decord {bare_rate:.1f} clips/s in the alternating blocks)"
+            )
 
 
-def loader_vs_bare(files: list[bytes], spec: FrameSpec, bare_one, workers: int, args) -> tuple[float, float]:
+def loader_vs_bare(
+    files: list[bytes], spec: FrameSpec, bare_one, workers: int, args, decoder: str
+) -> tuple[float, float]:
     """clips/s of the training loader over raw shards of `files`, and of bare decord, in alternating blocks."""
     from megamoe.data.loader import ShardLoader
     from megamoe.data.worker import StreamSpec
@@ -211,6 +219,7 @@ def loader_vs_bare(files: list[bytes], spec: FrameSpec, bare_one, workers: int, 
             video_frames=spec.num_frames,
             video_fps=spec.fps,
             decode_timeout_s=args.timeout,
+            decoder=decoder,
         )
         loader = ShardLoader(stream, workers)
         try:

@@ -371,6 +371,7 @@ def build_loader(cfg, dp_rank: int, dp_size: int, compression: tuple[int, int] =
         video_frames=d.video_frames,
         video_fps=d.video_fps,
         decode_timeout_s=d.decode_timeout_s,
+        decoder=d.decoder,
         sequence_shards=sequence_shards(cfg.parallel)[0],
         rope_max_seq_len=m.rope_max_seq_len,
     )

@@ -2,7 +2,8 @@
 
 `decode_to_bucket` runs inside a `DecodePool` worker (it is module-level and picklable), so the
 probe is under the same time limit as the decode. The bucket must be known before decoding
-because `decode_clip_uint8` resizes while decoding; the probe reads only container headers.
+because `decode_clip_uint8` resizes while decoding; the probe demuxes (no decoding) for the frame
+times and decodes the first frame for the display rotation.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from megamoe.data.buckets import BAD_SHAPE, NO_BUCKET, TOO_SHORT, assign_bucket
 from megamoe.data.video import probe_video
 
 
-def longest_fitting(num_frames: int, source_fps: float, target_fps: float, lengths) -> int:
-    """The longest clip length in `lengths` that the video holds at target_fps; 0 when none."""
-    from megamoe.data.video import frame_offsets
+def longest_fitting(span_s: float, target_fps: float, lengths) -> int:
+    """The longest clip length in `lengths` that a video whose frames span `span_s` seconds
+    holds at target_fps (the rule sample_frame_indices draws by); 0 when none."""
+    from megamoe.data.video import clip_fits
 
-    fitting = [n for n in lengths if int(frame_offsets(n, source_fps, target_fps)[-1]) <= num_frames - 1]
-    return max(fitting, default=0)
+    return max((n for n in lengths if clip_fits(span_s, n, target_fps)), default=0)
 
 
 def decode_to_bucket(data: bytes, spec, seed: int) -> dict:
@@ -30,15 +31,15 @@ def decode_to_bucket(data: bytes, spec, seed: int) -> dict:
     """
     from megamoe.data.video import FrameSpec, decode_clip_uint8
 
-    info = probe_video(data, decode_first_frame=False)
-    frames, fps, height, width = info["frames"], info["fps"], info["height"], info["width"]
+    info = probe_video(data)  # height and width as displayed (a phone video's rotation applied)
+    span, height, width = info["span"], info["height"], info["width"]
     if spec.buckets:
-        available = longest_fitting(frames, fps, spec.video_fps, sorted({b[0] for b in spec.buckets}))
+        available = longest_fitting(span, spec.video_fps, sorted({b[0] for b in spec.buckets}))
         bucket, cause = assign_bucket((available, height, width), spec.buckets, crop_only=False)
     else:
         mh, mw = spec.compression[1] * spec.patch_size[1], spec.compression[1] * spec.patch_size[2]
         bucket, cause = (spec.video_frames, height - height % mh, width - width % mw), None
-        if not longest_fitting(frames, fps, spec.video_fps, [spec.video_frames]):
+        if not longest_fitting(span, spec.video_fps, [spec.video_frames]):
             bucket, cause = None, TOO_SHORT
         elif height < mh or width < mw:
             bucket, cause = None, NO_BUCKET
@@ -47,6 +48,6 @@ def decode_to_bucket(data: bytes, spec, seed: int) -> dict:
     if spec.shape_problem(bucket) is not None:  # before the decode it would waste
         return {"skip": BAD_SHAPE}
     clip, _ = decode_clip_uint8(
-        data, FrameSpec(bucket[0], spec.video_fps, bucket[1], bucket[2]), seed, source_size=(height, width)
+        data, FrameSpec(bucket[0], spec.video_fps, bucket[1], bucket[2]), seed, spec.decoder, (height, width)
     )
     return {"clip": clip, "bucket": list(bucket)}

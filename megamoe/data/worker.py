@@ -74,6 +74,7 @@ class StreamSpec:
     video_frames: int = 17
     video_fps: float = 16.0
     decode_timeout_s: float = 30.0
+    decoder: str = "decord"  # data.decoder: 'decord', 'torchcodec' or 'pyav' (PyAV is the fallback of all)
     sequence_shards: int = 1  # pieces each sample's tokens are cut into (CP, x TP under sequence parallelism)
     rope_max_seq_len: int = 1024  # model.rope_max_seq_len: the largest patch-grid extent per axis
 

@@ -1,4 +1,7 @@
-"""Raw video decoding: frame sampling closed forms, decord vs PyAV, resize, bad data, DecodePool."""
+"""Raw video decoding: frame sampling closed forms, decord vs torchcodec vs PyAV, resize, bad data, DecodePool.
+
+Variable frame rates and display rotation have their own files (test_video_timing.py,
+test_video_rotation.py); torchcodec-only behaviour is in test_torchcodec_backend.py."""
 
 import json
 import os
@@ -10,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from megamoe.data import video
+from megamoe.data import video, video_decoders
 from megamoe.data.decode_pool import DecodePool
 from megamoe.data.errors import (
     BAD_CAPTION,
@@ -37,6 +40,31 @@ def rng(seed=0):
     return np.random.default_rng(seed)
 
 
+def cfr(n, fps):
+    """Frame times of a constant-rate video: frame i at i / fps seconds."""
+    return np.arange(n) / fps
+
+
+def usable(decoder: str) -> bool:
+    """Whether `decoder` can be imported here (torchcodec needs FFmpeg's shared libraries and a
+    torch build it was compiled against; its tests skip, saying so, where it cannot load)."""
+    if decoder == "pyav":
+        return True
+    name = {"decord": "decord", "torchcodec": "torchcodec.decoders"}[decoder]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return video_decoders._import(name) is not None
+
+
+def need(decoder: str) -> None:
+    if not usable(decoder):
+        error = video_decoders._modules.get({"torchcodec": "torchcodec.decoders"}.get(decoder, decoder))
+        pytest.skip(f"{decoder} cannot be imported here ({type(error).__name__}: {str(error)[:120]})")
+
+
+DECODERS = ["decord", "torchcodec", "pyav"]
+
+
 # --- frame sampling -----------------------------------------------------------------------
 
 
@@ -49,40 +77,42 @@ def test_frame_spec_needs_4k_plus_1():
 
 def test_30_to_15_fps_takes_every_other_frame():
     for seed in range(20):
-        idx = sample_frame_indices(100, 30.0, 17, 15.0, rng(seed))
+        idx = sample_frame_indices(cfr(100, 30.0), 17, 15.0, rng(seed))
         assert (np.diff(idx) == 2).all() and idx[0] >= 0 and idx[-1] <= 99
 
 
 def test_24_to_16_fps_closed_form():
-    # Frame k is at k/16 s = source frame 1.5k, rounded half up: 0, 2, 3, 5, 6, 8, 9, ...
-    idx = sample_frame_indices(1000, 24.0, 9, 16.0, rng(3))
-    expected = np.floor(1.5 * np.arange(9) + 0.5).astype(int)
+    # Clip frame k is shown at k/16 s = 1.5k source frames in: the frame on screen then is
+    # floor(1.5k): 0, 1, 3, 4, 6, 7, 9, ... (frame 1 is displayed from 1/24 to 2/24 s, which holds 1/16 s).
+    idx = sample_frame_indices(cfr(1000, 24.0), 9, 16.0, rng(3))
+    expected = np.floor(1.5 * np.arange(9)).astype(int)
     assert (idx - idx[0] == expected).all()
-    assert list(expected) == [0, 2, 3, 5, 6, 8, 9, 11, 12]
+    assert list(expected) == [0, 1, 3, 4, 6, 7, 9, 10, 12]
 
 
 def test_window_fits_and_start_is_uniform():
     # 33 source frames at 30 fps hold exactly one 17-frame clip at 15 fps: it must start at 0.
-    assert list(sample_frame_indices(33, 30.0, 17, 15.0, rng())) == list(range(0, 33, 2))
-    starts = [sample_frame_indices(40, 30.0, 17, 15.0, rng(s))[0] for s in range(400)]
+    assert list(sample_frame_indices(cfr(33, 30.0), 17, 15.0, rng())) == list(range(0, 33, 2))
+    starts = [sample_frame_indices(cfr(40, 30.0), 17, 15.0, rng(s))[0] for s in range(400)]
     assert set(starts) == set(range(8))  # every fitting start (0..7) occurs, none beyond
 
 
 def test_one_frame_target_and_upsampling():
-    picks = {int(sample_frame_indices(5, 30.0, 1, 16.0, rng(s))[0]) for s in range(200)}
+    picks = {int(sample_frame_indices(cfr(5, 30.0), 1, 16.0, rng(s))[0]) for s in range(200)}
     assert picks == set(range(5))
-    # Slower than the source: 10 -> 20 fps repeats frames, never invents them.
-    idx = sample_frame_indices(50, 10.0, 9, 20.0, rng(1))
-    assert list(idx - idx[0]) == [0, 1, 1, 2, 2, 3, 3, 4, 4]
+    # Slower than the source: 10 -> 20 fps shows each frame twice, never invents one.
+    idx = sample_frame_indices(cfr(50, 10.0), 9, 20.0, rng(1))
+    assert list(idx - idx[0]) == [0, 0, 1, 1, 2, 2, 3, 3, 4]
 
 
 def test_too_short_raises():
     with pytest.raises(SampleError) as e:
-        sample_frame_indices(32, 30.0, 17, 15.0, rng())
+        sample_frame_indices(cfr(32, 30.0), 17, 15.0, rng())
     assert e.value.cause == TOO_SHORT
-    with pytest.raises(SampleError) as e:
-        sample_frame_indices(10, float("nan"), 1, 15.0, rng())
-    assert e.value.cause == CORRUPT_VIDEO
+    for bad in ([], [0.0, float("nan")]):
+        with pytest.raises(SampleError) as e:
+            sample_frame_indices(np.array(bad), 1, 15.0, rng())
+        assert e.value.cause == CORRUPT_VIDEO
 
 
 # --- decoding -----------------------------------------------------------------------------
@@ -97,50 +127,56 @@ def videos():
 
 
 @pytest.mark.parametrize("codec,fmt,height,width", CODECS)
-def test_decord_and_pyav_decode_the_same_frames(videos, codec, fmt, height, width):
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_every_decoder_decodes_the_frames_pyav_does(videos, decoder, codec, fmt, height, width):
+    need(decoder)
     results = {}
-    for backend in ("decord", "pyav"):
+    for backend in sorted({decoder, "pyav"}):
         picked = []
         r = decode_frames(
-            videos[codec],
-            lambda n, fps: picked.append(sample_frame_indices(n, fps, 9, 15.0, rng(5))) or picked[-1],
-            backend,
+            videos[codec], lambda pts: picked.append(sample_frame_indices(pts, 9, 15.0, rng(5))) or picked[-1], backend
         )
-        assert r.backend == backend and r.num_source_frames == 40 and r.source_fps == pytest.approx(30.0)
+        assert r.backend == backend and len(r.pts) == 40
+        np.testing.assert_allclose(np.diff(r.pts), 1 / 30, atol=1e-3)  # read from the file (WebM: in ms)
         assert r.frames.shape == (9, height, width, 3) and r.frames.dtype == np.uint8
         # The frames decoded are the frames asked for: each frame's grey level names its index.
-        assert [frame_index(f) for f in r.frames] == list(picked[-1])
+        assert [frame_index(f) for f in r.frames] == list(picked[-1]) == list(r.indices)
         results[backend] = r.frames.astype(int)
-    assert np.abs(results["decord"] - results["pyav"]).max() <= 3  # colour conversion rounding only
+    assert np.abs(results[decoder] - results["pyav"]).max() <= 3  # colour conversion rounding only
 
 
-def test_one_frame_clip():
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_one_frame_clip(decoder):
+    need(decoder)
     data = make_video(1, 32, 32, 25.0)
-    for backend in ("decord", "pyav"):
-        r = decode_frames(data, lambda n, fps: sample_frame_indices(n, fps, 1, 16.0, rng()), backend)
-        assert r.num_source_frames == 1 and r.frames.shape == (1, 32, 32, 3)
+    for backend in (decoder,):
+        r = decode_frames(data, lambda pts: sample_frame_indices(pts, 1, 16.0, rng()), backend)
+        assert r.backend == backend and len(r.pts) == 1 and r.frames.shape == (1, 32, 32, 3)
         assert abs(float(np.median(r.frames)) - frame_level(0)) <= 2
 
 
-def test_auto_falls_back_to_pyav_when_decord_fails(videos, monkeypatch):
+@pytest.mark.parametrize("decoder,function", [("decord", "_decode_decord"), ("torchcodec", "_decode_torchcodec")])
+def test_falls_back_to_pyav_when_the_decoder_fails(videos, monkeypatch, decoder, function):
     def broken(*args):
-        raise RuntimeError("DECORDError: simulated")
+        raise RuntimeError(f"{decoder} error: simulated")
 
-    monkeypatch.setattr(video, "_decode_decord", broken)
+    monkeypatch.setattr(video_decoders, function, broken)
+    monkeypatch.setitem(video_decoders._modules, {"decord": "decord"}.get(decoder, "torchcodec.decoders"), sys)
     before = video.backend_counts["pyav"]
-    r = decode_frames(videos["libx264"], lambda n, fps: np.arange(5))
+    r = decode_frames(videos["libx264"], lambda pts: np.arange(5), decoder)
     assert r.backend == "pyav" and video.backend_counts["pyav"] == before + 1
 
 
-def test_missing_decord_warns_once_and_uses_pyav(videos, monkeypatch):
-    monkeypatch.setattr(video, "_decord_tried", False)
-    monkeypatch.setattr(video, "_decord_module", None)
-    monkeypatch.setitem(sys.modules, "decord", None)  # makes `import decord` raise ImportError
-    with pytest.warns(RuntimeWarning, match="decord cannot be imported"):
-        assert decode_frames(videos["libx264"], lambda n, fps: np.arange(3)).backend == "pyav"
+@pytest.mark.parametrize("decoder,module", [("decord", "decord"), ("torchcodec", "torchcodec.decoders")])
+def test_missing_decoder_warns_once_and_uses_pyav(videos, monkeypatch, decoder, module):
+    monkeypatch.setattr(video_decoders, "_modules", {})
+    monkeypatch.setattr(video_decoders, "_warned", set())
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    with pytest.warns(RuntimeWarning, match=f"{decoder} cannot be imported"):
+        assert decode_frames(videos["libx264"], lambda pts: np.arange(3), decoder).backend == "pyav"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second warning would fail here
-        assert decode_frames(videos["libx264"], lambda n, fps: np.arange(3)).backend == "pyav"
+        assert decode_frames(videos["libx264"], lambda pts: np.arange(3), decoder).backend == "pyav"
 
 
 # --- resize and crop ----------------------------------------------------------------------
@@ -176,27 +212,31 @@ def test_resize_matches_float_reference_within_one_level():
 
 @pytest.mark.parametrize("codec,fmt,height,width", CODECS)
 @pytest.mark.parametrize("target", [(16, 16), (17, 23), (64, 96)])  # down, odd down, up
-def test_decord_scaling_while_decoding_matches_a_torch_resize(videos, codec, fmt, height, width, target, monkeypatch):
-    """decord scales inside its decoder (FFmpeg's scaler); the PyAV fallback decodes full frames
-    that torch resizes. Both must give the same clip: same frames, same size, and pixels within a
-    few levels (different filters: FFmpeg's bicubic vs torch's antialiased bilinear)."""
+@pytest.mark.parametrize("decoder", ["decord", "torchcodec"])
+def test_scaling_while_decoding_matches_a_torch_resize(videos, decoder, codec, fmt, height, width, target, monkeypatch):
+    """decord and torchcodec scale inside the decoder (FFmpeg's scaler); the PyAV fallback decodes
+    full frames that torch resizes. All must give the same clip: same frames, same size, and pixels
+    within a few levels (different filters: FFmpeg's bicubic vs torch's antialiased bilinear)."""
+    need(decoder)
     spec = FrameSpec(9, 15.0, *target)
     decoded_sizes = []
-    real_decode = video._decode_decord
+    function = {"decord": "_decode_decord", "torchcodec": "_decode_torchcodec"}[decoder]
+    real_decode = getattr(video_decoders, function)
 
     def recording_decode(*args, **kwargs):
         result = real_decode(*args, **kwargs)
         decoded_sizes.append(result.frames.shape[1:3])
         return result
 
-    monkeypatch.setattr(video, "_decode_decord", recording_decode)
-    scaled, used = video.decode_clip_uint8(videos[codec], spec, seed=3)
-    reference, ref_used = video.decode_clip_uint8(videos[codec], spec, seed=3, backend="pyav")
-    assert (used, ref_used) == ("decord", "pyav")
-    # decord itself delivered the frames at the size that covers the bucket (not the source size),
-    # except at the output widths decord 0.6 rejects, which retry at the source size.
+    monkeypatch.setattr(video_decoders, function, recording_decode)
+    scaled, used = video.decode_clip_uint8(videos[codec], spec, seed=3, decoder=decoder)
+    reference, ref_used = video.decode_clip_uint8(videos[codec], spec, seed=3, decoder="pyav")
+    assert (used, ref_used) == (decoder, "pyav")
+    # The decoder itself delivered the frames at the size that covers the bucket (not the source
+    # size), except at the output widths decord 0.6 rejects, which retry at the source size.
     cover = video.cover_size(height, width, *target)
-    assert decoded_sizes[-1] == (cover if cover[1] not in (8, 12, 16, 24, 48, 72) else (height, width))
+    rejected = decoder == "decord" and cover[1] in (8, 12, 16, 24, 48, 72)
+    assert decoded_sizes[-1] == ((height, width) if rejected else cover)
     assert scaled.shape == reference.shape == (9, *target, 3)
     assert [frame_index(f) for f in scaled] == [frame_index(f) for f in reference]
     diff = np.abs(scaled.astype(int) - reference.astype(int))
@@ -214,7 +254,7 @@ def test_decode_video_sample_inline(videos):
 
 
 @pytest.mark.parametrize("kind", ["zero", "truncated", "random"])
-@pytest.mark.parametrize("backend", ["auto", "pyav"])
+@pytest.mark.parametrize("backend", DECODERS)
 def test_broken_video_is_corrupt(videos, kind, backend):
     good = videos["libx264"]
     data = {
@@ -223,7 +263,7 @@ def test_broken_video_is_corrupt(videos, kind, backend):
         "random": np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
     }[kind]
     with pytest.raises(SampleError) as e:
-        decode_frames(data, lambda n, fps: np.arange(1), backend)
+        decode_frames(data, lambda pts: np.arange(1), backend)
     assert e.value.cause == CORRUPT_VIDEO
 
 
