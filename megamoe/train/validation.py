@@ -23,6 +23,7 @@ The model runs in eval mode, which matters for routers only (the model has no dr
     step; before it, and for DiffMoE without a predictor, they route by the batch rule over the
     micro-batch, which is the same on every layout because the batches are.
   - Selective Sinkhorn routes by plain top-k (its Sinkhorn coin is a training-only choice).
+  - Expert choice picks each expert's tokens per sample or micro-batch, as in training.
   - Aux-free biases, global balance counts, and the thresholds' statistics are not updated.
 The training step's state is untouched: the noise comes from generators of its own, not the global
 RNG, so a run's training losses are the same with and without validation.

@@ -41,6 +41,8 @@ def test_ten_steps_at_ep2_match_the_replicated_run(nproc, zero_stage, tmp_path, 
         f"optim.zero_stage={zero_stage}",
         "checkpoint.every_steps=10",
         "optim.grad_clip=1.0",
+        "logging.val_every=10",  # the held-out forward dispatches tokens to the other rank's experts too
+        "logging.val_batches=3",  # odd: one rank runs a batch again, uncounted, to keep the all-to-alls in step
     ]
     replicated = run(nproc, args, tmp_path / "ep1")
     sharded = run(nproc, args + ["parallel.expert_parallel_size=2"], tmp_path / "ep2")
@@ -49,6 +51,8 @@ def test_ten_steps_at_ep2_match_the_replicated_run(nproc, zero_stage, tmp_path, 
     for step in sharded:
         assert abs(sharded[step]["loss"] - replicated[step]["loss"]) < 1e-5, step
         assert abs(sharded[step]["grad_norm"] - replicated[step]["grad_norm"]) < 1e-5, step
+    for name, value in sharded[10]["val"].items():
+        assert abs(value - replicated[10]["val"][name]) < 1e-5, name
 
     # The exported weights hold every rank's experts: the full, layout-independent model.
     from megamoe.model.weights import read_state_dict

@@ -27,6 +27,9 @@ ARGS = [
     "logging.every_steps=1",
     "checkpoint.every_steps=3",
     "model.moe.diagnostics_every=3",
+    "logging.val_every=3",
+    "logging.val_batches=2",
+    "logging.sample_every=3",
 ]
 WEIGHTS = "checkpoints/step_00000003/weights"
 
@@ -40,6 +43,11 @@ def test_tensor_parallel_launch_matches_single_process(tmp_path, data_cache):
     for step in tp2:
         assert abs(tp2[step]["loss"] - single[step]["loss"]) < 1e-5, step
         assert abs(tp2[step]["grad_norm"] - single[step]["grad_norm"]) < 1e-5, step
+    # The validation loss under TP runs the same forward on both ranks (and the sample grid, which
+    # must not hang): the same figure, up to the TP forward's rounding, as the training losses.
+    assert tp2[3]["val"].keys() == single[3]["val"].keys()
+    for name, value in tp2[3]["val"].items():
+        assert abs(value - single[3]["val"][name]) < 1e-5, name
 
     from megamoe.config import load_config
     from megamoe.model.dit import build_model

@@ -3,6 +3,7 @@
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +19,13 @@ def common(tmp, data_cache, steps):
 
 def test_main_job_learns_logs_to_tensorboard_and_checkpoints(tmp_path, data_cache):
     out = tmp_path / "run"
-    result = pretrain(
-        common(out, data_cache, 100) + ["logging.every_steps=5", "checkpoint.every_steps=50", "optim.warmup_steps=10"]
-    )
+    args = common(out, data_cache, 100) + [
+        "logging.every_steps=5",
+        "checkpoint.every_steps=50",
+        "optim.warmup_steps=10",
+        "logging.sample_every=100",  # the default, 200, is past this run's end
+    ]
+    result = pretrain(args)
     assert "step 100/100" in result.stdout and "samples/s" in result.stdout
     metrics = read_metrics(out)
     losses = [metrics[s]["loss"] for s in sorted(metrics)]
@@ -41,6 +46,7 @@ def test_main_job_learns_logs_to_tensorboard_and_checkpoints(tmp_path, data_cach
     assert checkpoints == ["step_00000050", "step_00000100"]
     final = out / "checkpoints" / "step_00000100"
     assert (final / "meta.json").is_file() and (final / "weights" / "config.json").is_file()
+    check_evidence(args, final, result.stdout, events, metrics, losses)
 
     # The sampler turns the checkpoint into a viewable clip: 4 samples side by side, 5 frames.
     video = tmp_path / "samples.mp4"
@@ -68,6 +74,44 @@ def test_main_job_learns_logs_to_tensorboard_and_checkpoints(tmp_path, data_cach
     with av.open(str(video)) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 5 and frames[0].shape[1] == 4 * frames[0].shape[0]
+
+
+def check_evidence(args, final, stdout, events, metrics, losses):
+    """The start-up record, the validation loss (that of the checkpoint's weights, recomputed in this
+    process) and the sample grid in tensorboard, at the steps the resolved config asks for."""
+    import math
+
+    from megamoe.config import from_yaml_text, load_config, sample_interval, val_interval
+    from megamoe.model.dit import build_model
+    from megamoe.model.weights import load_diffusers_weights
+    from megamoe.train.validation import GAP, MIN_FRAME_PIXELS, read_held_out, validation_loss
+
+    cfg = load_config(TINY, args[2:])
+    out = Path(cfg.train.output_dir)
+    assert from_yaml_text((out / "config.yaml").read_text()) == cfg  # the whole resolved config
+    assert f"resolved config written to {out / 'config.yaml'}" in stdout and "tokens/s" in stdout
+    steps = cfg.train.steps
+    val_steps = [s for s in range(1, steps + 1) if val_interval(cfg) and s % val_interval(cfg) == 0]
+    assert val_steps and sorted(s for s in metrics if "val" in metrics[s]) == val_steps
+    for name in ("loss", "loss_s0.1", "loss_s0.9"):
+        logged = {e.step: e.value for e in events.Scalars(f"val/{name}")}
+        assert sorted(logged) == val_steps
+        assert all(v == pytest.approx(metrics[s]["val"][name], rel=1e-6) for s, v in logged.items())
+    assert f"| val {metrics[val_steps[-1]]['val']['loss']:.4f} |" in stdout
+    if val_steps[-1] == steps:  # the final checkpoint's weights give the logged figure
+        model = build_model(cfg.model, initialize=False)
+        load_diffusers_weights(model, final / "weights")
+        again = validation_loss(model, read_held_out(cfg))
+        assert again == pytest.approx(metrics[steps]["val"], rel=1e-5)
+    assert metrics[val_steps[-1]]["val"]["loss"] < 0.6 * sum(losses[:3]) / 3  # held-out clips learned too
+
+    sample_steps = [s for s in range(1, steps + 1) if sample_interval(cfg) and s % sample_interval(cfg) == 0]
+    grids = events.Images("samples/grid")
+    assert sample_steps and [g.step for g in grids] == sample_steps
+    k = math.ceil(MIN_FRAME_PIXELS / cfg.data.synthetic_size)
+    cell = k * cfg.data.synthetic_size + GAP
+    rows, frames = len(cfg.logging.sample_captions), cfg.data.synthetic_frames
+    assert (grids[-1].height, grids[-1].width) == (rows * cell - GAP, frames * cell - GAP)
 
 
 MOE = [
