@@ -129,6 +129,26 @@ def test_samples_are_rgb_clips_of_the_sample_shape_and_repeat():
     assert a.shape == (2, 3, 2, 4, 4) and torch.equal(a, sample_clips(m, cfg, text, (3, 2, 4, 4)))
 
 
+def test_raw_video_samples_are_decoded_by_the_vae():
+    """A raw-video run's latents go through its VAE: a tiny random Wan VAE (8x spatial, 4x temporal)."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKLWan
+
+    from megamoe.data.wan_encoders import decode_latents
+    from megamoe.diffusion.sampler import euler_sample
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=3, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.0] * 3, latents_std=[1.0] * 3
+    ).eval()
+    cfg, m, text = Config(model=MODEL), model(), torch.randn(2, 5, 16)
+    clips = sample_clips(m, cfg, text, (3, 2, 4, 4), SimpleNamespace(vae=vae))
+    assert clips.shape == (2, 3, 5, 32, 32)  # 1 + (2 - 1) x 4 frames of 8 x 4 pixels
+    latents = euler_sample(m.eval(), (2, 3, 2, 4, 4), text, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(clips, decode_latents(vae, latents))
+
+
 def test_flops_per_token_match_torch_flop_counter():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
