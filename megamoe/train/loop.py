@@ -88,11 +88,8 @@ class Batches:
         """Patch tokens of the batches read so far (the progress line's tokens/s)."""
         self._first = self._read()
         self._last = self._first
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        """One latent sample's (C, F, H, W), as the first batch has it: the shape of the sample grid's clips."""
-        return tuple(self._last[0].shape[1:])
+        self.sample_shape = tuple(self._first[0].shape[1:])
+        """One latent sample's (C, F, H, W) in the first batch: the shape of the sample grid's clips."""
 
     def tokens_per_sample(self) -> int:
         """Patch tokens of one sample of the first batch's shape."""
