@@ -1,5 +1,5 @@
 """Importing megatron-core through megamoe.parallel defers `torch.compile` to the first call of what
-it decorates (see megamoe/parallel/__init__.py): the compiler is not loaded at start, torch.compile
+it decorates (see megamoe/parallel/megatron_state.py): the compiler is not loaded at start, torch.compile
 is put back, and a deferred function still compiles, once, when called."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from megamoe.parallel import _compile_on_first_call
+from megamoe.parallel.megatron_state import _compile_on_first_call
 
 
 def test_a_deferred_function_compiles_once_at_its_first_call_in_both_decorator_forms():
@@ -37,7 +37,7 @@ def test_a_deferred_function_compiles_once_at_its_first_call_in_both_decorator_f
 
 def test_importing_megamoe_parallel_leaves_the_compiler_unloaded_and_torch_compile_restored():
     probe = (
-        "import sys, torch; real = torch.compile; import megamoe.parallel.parallelize; "
+        "import sys, torch; real = torch.compile; import megamoe.parallel.parallelize, warnings; "
         "print('torch._inductor.compile_fx' in sys.modules, torch.compile is real)"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout

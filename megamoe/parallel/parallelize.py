@@ -32,7 +32,6 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from torch import nn
 
 from megamoe.config import Config, ParallelConfig
@@ -43,6 +42,7 @@ from megamoe.moe.token_shards import TokenShards
 from megamoe.parallel.collectives import gather_along_dim
 from megamoe.parallel.context import SequenceSharding, UlyssesAttend
 from megamoe.parallel.expert import apply_expert_parallel
+from megamoe.parallel.megatron_state import parallel_state
 from megamoe.parallel.tensor import shard_module, sum_partial_gradients, tensor_parallel_modules
 
 

@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from megamoe.config import ParallelConfig
+from megamoe.parallel.megatron_state import parallel_state
 from megamoe.parallel.parallelize import token_batch_group
 
 

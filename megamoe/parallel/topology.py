@@ -25,10 +25,10 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from megamoe.config import ParallelConfig
 from megamoe.device import backend_for
+from megamoe.parallel.megatron_state import parallel_state
 
 
 @dataclass(frozen=True)
