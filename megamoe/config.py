@@ -226,7 +226,7 @@ class DataConfig:
     decode_timeout_s: float = 30.0
     """format=video: seconds one clip may take to decode before it is skipped as 'decode_timeout'."""
     decoder: str = "decord"
-    """format=video: 'decord', 'torchcodec' or 'pyav' (the fallback of the other two); decord: fastest in benchmarks/RESULTS.md."""
+    """format=video: 'decord', 'torchcodec' or 'pyav' (the fallback of both); decord: ties torchcodec at 480p (benchmarks/RESULTS.md) and loads on CPU-only torch."""
     vae_path: str | None = None
     """format=video: the frozen video VAE that encodes decoded clips in the training process."""
     text_encoder_path: str | None = None

@@ -175,8 +175,8 @@ def decode_clip_uint8(
     decord scales while decoding to the size that covers the clip (FFmpeg's scaler, whose filter
     widens with the downscale ratio so it does not alias, run inside its colour conversion): that
     costs nothing over decoding at the source size, where decoding full frames and resizing them
-    in torch ran at 0.75x bare decord (benchmarks/RESULTS.md). torchcodec does the same (its
-    Resize transform); PyAV frames arrive at the source size and are resized in torch.
+    in torch ran at 0.75x bare decord (benchmarks/RESULTS.md). torchcodec and PyAV frames arrive
+    at the source size and are resized in torch.
     `source_size` is the DISPLAYED (height, width), from the caller's probe or probed here.
     """
     if source_size is None:

@@ -213,8 +213,8 @@ def test_resize_matches_float_reference_within_one_level():
 @pytest.mark.parametrize("codec,fmt,height,width", CODECS)
 @pytest.mark.parametrize("target", [(16, 16), (17, 23), (64, 96)])  # down, odd down, up
 @pytest.mark.parametrize("decoder", ["decord", "torchcodec"])
-def test_scaling_while_decoding_matches_a_torch_resize(videos, decoder, codec, fmt, height, width, target, monkeypatch):
-    """decord and torchcodec scale inside the decoder (FFmpeg's scaler); the PyAV fallback decodes
+def test_decoder_scaling_matches_a_torch_resize(videos, decoder, codec, fmt, height, width, target, monkeypatch):
+    """decord scales inside its decoder (FFmpeg's scaler); torchcodec and the PyAV fallback decode
     full frames that torch resizes. All must give the same clip: same frames, same size, and pixels
     within a few levels (different filters: FFmpeg's bicubic vs torch's antialiased bilinear)."""
     need(decoder)
@@ -232,11 +232,12 @@ def test_scaling_while_decoding_matches_a_torch_resize(videos, decoder, codec, f
     scaled, used = video.decode_clip_uint8(videos[codec], spec, seed=3, decoder=decoder)
     reference, ref_used = video.decode_clip_uint8(videos[codec], spec, seed=3, decoder="pyav")
     assert (used, ref_used) == (decoder, "pyav")
-    # The decoder itself delivered the frames at the size that covers the bucket (not the source
-    # size), except at the output widths decord 0.6 rejects, which retry at the source size.
+    # decord itself delivered the frames at the size that covers the bucket (not the source size),
+    # except at the output widths decord 0.6 rejects, which retry at the source size; torchcodec
+    # delivers the source size.
     cover = video.cover_size(height, width, *target)
-    rejected = decoder == "decord" and cover[1] in (8, 12, 16, 24, 48, 72)
-    assert decoded_sizes[-1] == ((height, width) if rejected else cover)
+    at_source = decoder == "torchcodec" or cover[1] in (8, 12, 16, 24, 48, 72)
+    assert decoded_sizes[-1] == ((height, width) if at_source else cover)
     assert scaled.shape == reference.shape == (9, *target, 3)
     assert [frame_index(f) for f in scaled] == [frame_index(f) for f in reference]
     diff = np.abs(scaled.astype(int) - reference.astype(int))
