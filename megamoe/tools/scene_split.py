@@ -30,6 +30,7 @@ from fractions import Fraction
 
 from megamoe.config import DataConfig
 from megamoe.data.errors import CORRUPT_VIDEO, SampleError
+from megamoe.data.video import clip_fits
 from megamoe.tools.mp4_writer import _pick_codec
 
 DEFAULT_THRESHOLD = 27.0  # PySceneDetect ContentDetector's default
@@ -52,10 +53,8 @@ class Segment:
     data: bytes
 
     def long_enough(self, num_frames: int, fps: float) -> bool:
-        """Whether a clip of `num_frames` frames at `fps` fits: its first and last frames are
-        (num_frames - 1) / fps apart, as the loader times clips by frame timestamps. (A millisecond
-        of slack absorbs timestamp rounding.)"""
-        return (num_frames - 1) / fps <= float(self.last - self.start) + 1e-3
+        """Whether a clip of `num_frames` frames at `fps` fits, by the loader's own rule (`clip_fits`)."""
+        return clip_fits(float(self.last - self.start), num_frames, fps)
 
 
 @dataclass(frozen=True)
