@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from megamoe.config import from_yaml_text
+from megamoe.diffusion.sampler import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from megamoe.train.checkpoint import CheckpointError, inspect_checkpoint
 
 
@@ -37,6 +38,7 @@ def load_text_embedding(args, cfg) -> torch.Tensor:
     else:
         from megamoe.tools.synthetic_data import embed_caption
 
+        # Warns, naming them, about words the embedded data never uses (the model knows only its captions).
         text = torch.as_tensor(embed_caption(args.caption, cfg.data.text_len, cfg.model.text_dim))
     if text.dim() != 2 or text.shape[1] != cfg.model.text_dim:
         raise ValueError(f"text embedding has shape {tuple(text.shape)}, expected [L, {cfg.model.text_dim}]")
@@ -62,8 +64,13 @@ def main(argv=None) -> int:
     p.add_argument("--num-samples", type=int, default=4, help="clips generated side by side")
     p.add_argument("--frames", type=int, default=None, help="latent frames (default: the training data's)")
     p.add_argument("--size", type=int, default=None, help="latent height and width (default: the training data's)")
-    p.add_argument("--steps", type=int, default=30, help="Euler steps")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off; default 4)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"Euler steps (default {DEFAULT_STEPS})")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help=f"classifier-free guidance scale (1 = off; default {DEFAULT_GUIDANCE:g})",
+    )
     p.add_argument(
         "--guidance-per-band",
         type=float,
@@ -135,7 +142,7 @@ def main(argv=None) -> int:
         bands = dict(guidance_per_band=args.guidance_per_band, band_boundaries=cfg.model.moe.timestep_band_boundaries)
         guidance = f"per band {args.guidance_per_band}"
     else:
-        args.guidance = 4.0 if args.guidance is None else args.guidance
+        args.guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
         bands, guidance = {}, args.guidance
 
     text = load_text_embedding(args, cfg).unsqueeze(0).expand(args.num_samples, -1, -1)

@@ -8,6 +8,11 @@ from megamoe.config import MoEConfig
 from megamoe.diffusion.flow import TIMESTEP_SCALE, sampling_schedule
 from megamoe.moe.routers.timestep_band import band_index
 
+DEFAULT_STEPS = 30
+"""Euler steps of launcher/sample.py and benchmarks/sample_quality.py unless told otherwise."""
+DEFAULT_GUIDANCE = 4.0
+"""Classifier-free guidance scale of launcher/sample.py and benchmarks/sample_quality.py unless told otherwise."""
+
 
 def check_guidance_per_band(moe: MoEConfig, scales: list[float] | None) -> None:
     """ValueError unless `scales` (one CFG scale per timestep band, or None) fits the model: only
@@ -32,8 +37,8 @@ def euler_sample(
     model,
     shape: tuple,
     text: torch.Tensor,
-    num_steps: int = 30,
-    guidance_scale: float = 4.0,
+    num_steps: int = DEFAULT_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE,
     shift: float = 1.0,
     generator: torch.Generator | None = None,
     guidance_per_band: list[float] | None = None,

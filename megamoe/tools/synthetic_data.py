@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ import numpy as np
 from megamoe.tools.latent_shards import encode_sample, write_shard
 
 # Bump when the generator's output changes, so cached datasets of older code are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 # The dataset's content seed. It is deliberately not `data.seed`, which only seeds the shuffle:
 # changing the shuffle must not regenerate the data.
 SYNTHETIC_SEED = 0
@@ -54,6 +55,12 @@ COLOURS = {
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 BACKGROUND = (0.1, 0.1, 0.1)
 SUPERSAMPLE = 8  # subsamples per pixel and axis: soft edges, and sub-pixel motion stays visible
+SHAPE_RADIUS = 0.18
+"""Half the size of a circle, as a fraction of the frame size (other shapes scale with it)."""
+TRAVEL = (0.3, 0.45)
+"""Range of the distance a shape travels from the first to the last frame, as fractions of the frame size:
+large enough that the direction shows in every clip (at 16 pixels, 1.2-1.8 pixels per frame over 5
+frames), small enough that the widest shape (a bar, 2.5 * SHAPE_RADIUS) fits its whole path."""
 
 
 @dataclass(frozen=True)
@@ -81,10 +88,10 @@ def clip_spec(seed: int, index: int, frames: int, size: int) -> ClipSpec:
     shape = SHAPES[rng.integers(len(SHAPES))]
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
-    r = 0.2 * size
+    r = SHAPE_RADIUS * size
     half = {"square": (0.9 * r, 0.9 * r), "circle": (r, r), "triangle": (r, r), "bar": (1.4 * r, 0.5 * r)}[shape]
     # The whole path stays inside the frame, so the shape never leaves or gets clipped.
-    travel = rng.uniform(0.25, 0.4) * size if frames > 1 else 0.0
+    travel = rng.uniform(*TRAVEL) * size if frames > 1 else 0.0
     dx, dy = DIRECTIONS[direction]
     start = []
     for d, h in ((dx, half[0]), (dy, half[1])):
@@ -151,8 +158,30 @@ def make_clip(seed: int, index: int, frames: int, size: int, channels: int) -> t
     return project_channels(render_clip_rgb(spec, frames, size), channels), spec.caption
 
 
-def embed_caption(caption: str, text_len: int, text_dim: int) -> np.ndarray:
-    """float32 [text_len, text_dim]: one fixed vector per word, zero rows after the last word."""
+VOCABULARY = frozenset({"a", "moving", *SHAPES, *COLOURS, *DIRECTIONS})
+"""Every word of the generator's captions; a model trained on them has seen no other."""
+
+
+def unknown_words(caption: str) -> list[str]:
+    """The words of `caption` outside VOCABULARY, in order, each once (case-insensitive)."""
+    return list(dict.fromkeys(w for w in caption.lower().split() if w not in VOCABULARY))
+
+
+def embed_caption(caption: str, text_len: int, text_dim: int, warn_unknown: bool = True) -> np.ndarray:
+    """float32 [text_len, text_dim]: one fixed vector per word, zero rows after the last word.
+
+    Any word embeds, but a model trained on the embedded data never saw words outside VOCABULARY
+    (their vectors are as random to it as noise): with `warn_unknown` such a caption warns
+    (UserWarning), naming them.
+    """
+    unknown = unknown_words(caption) if warn_unknown else []
+    if unknown:
+        warnings.warn(
+            f"caption {caption!r} has words the synthetic data never uses: {', '.join(unknown)}; the model "
+            f"knows only 'a <colour> <shape> moving <direction>' with colours {', '.join(COLOURS)}, shapes "
+            f"{', '.join(SHAPES)} and directions {', '.join(DIRECTIONS)}",
+            stacklevel=2,
+        )
     out = np.zeros((text_len, text_dim), dtype=np.float32)
     for row, word in enumerate(caption.lower().split()[:text_len]):
         rng = np.random.Generator(np.random.PCG64(zlib.crc32(word.encode("utf-8"))))
