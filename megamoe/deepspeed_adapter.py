@@ -114,6 +114,20 @@ def build_expert_aware_engine(model, params, schedule, mpu, config: dict, num_ex
 # Expert groups: DeepSpeed's module-level tables in `deepspeed.utils.groups`.
 
 
+def skip_shared_memory_all_reduce() -> None:
+    """Tell DeepSpeed's communication backend not to build its CPU shared-memory all-reduce.
+
+    On the CPU accelerator, `deepspeed.init_distributed` compiles a C++ extension
+    (`deepspeed_shm_comm`) the first time it runs on a machine (30 to 60 s of both cores here, and
+    again whenever its build hash changes) for `inference_all_reduce` alone, which megamoe never
+    calls: its reductions go through torch.distributed. Relies on `deepspeed.comm.torch.build_shm_op`
+    returning None for an op that `deepspeed.ops.__compatible_ops__` marks incompatible.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def register_expert_groups(name: str, ep_group, edp_group) -> None:
     """Make DeepSpeed use these expert-parallel and expert-data-parallel groups under `name`.
 

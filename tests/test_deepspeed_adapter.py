@@ -191,3 +191,11 @@ def test_forgetting_the_expert_groups_empties_deepspeeds_tables(engine):
     assert all(EXPERTS in table for table in tables) and groups.mpu is engine.mpu
     adapter.forget_expert_groups()
     assert not any(tables) and groups.mpu is None
+
+
+def test_deepspeed_builds_no_shared_memory_all_reduce_on_cpu(engine):
+    """init_distributed on gloo leaves DeepSpeed's backend without its compiled shm all-reduce (a C++
+    build at the first start on every machine, for an all-reduce megamoe never calls)."""
+    import deepspeed.comm.comm as ds_comm
+
+    assert ds_comm.cdb is not None and ds_comm.cdb.shm_comm_op is None

@@ -173,8 +173,14 @@ def share_expert_groups_with_deepspeed(expert_parallel_size: int) -> str:
     """
     import deepspeed
 
-    from megamoe.deepspeed_adapter import register_expert_groups, registered_expert_groups
+    from megamoe.deepspeed_adapter import (
+        register_expert_groups,
+        registered_expert_groups,
+        skip_shared_memory_all_reduce,
+    )
 
+    if dist.get_backend() == "gloo":
+        skip_shared_memory_all_reduce()
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the existing process group
     name = f"ep_size_{expert_parallel_size}"
     ep_group, edp_group = expert_groups()
