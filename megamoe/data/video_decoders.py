@@ -70,10 +70,24 @@ def _import(name: str):
         if name not in _warned:
             _warned.add(name)
             package = name.split(".")[0]
-            hint = " and FFmpeg's shared libraries (README)" if package == "torchcodec" else ""
+            root = module
+            while root.__cause__ is not None:  # torchcodec wraps the loader's error: name the missing library
+                root = root.__cause__
+            reason = f"{type(module).__name__}: {_short(module)}"
+            if root is not module:
+                reason += f", because {type(root).__name__}: {_short(root)}"
+            if isinstance(module, ModuleNotFoundError):
+                fix = f"`pip install {package}`" + (" and FFmpeg's shared libraries" if package == "torchcodec" else "")
+            elif package == "torchcodec":
+                fix = (
+                    "It is installed but cannot load: it needs FFmpeg's shared libraries and a build for this "
+                    "torch (PyPI's wheels link CUDA torch; with a CPU torch take it from torch's own index)"
+                )
+            else:
+                fix = f"It is installed but cannot load; reinstall {package}"
             warnings.warn(
-                f"{package} cannot be imported ({type(module).__name__}: {_short(module)}); decoding videos "
-                f"with PyAV, its fallback. `pip install {package}`{hint}",
+                f"{package} cannot be imported ({reason}); decoding videos with PyAV, its fallback. {fix} "
+                f"(README, Decoders)",
                 RuntimeWarning,
                 stacklevel=3,
             )

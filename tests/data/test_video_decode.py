@@ -358,3 +358,22 @@ def test_pool_reraises_bugs_and_cleans_up():
     p.close()
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_a_decoder_that_is_installed_but_cannot_load_names_the_missing_library(monkeypatch):
+    """torchcodec wraps the dynamic loader's error ('Could not load this library ...'); the warning
+    names the library that is really missing and says reinstalling the same wheel will not help."""
+    try:
+        try:
+            raise OSError("libnvrtc.so.13: cannot open shared object file")
+        except OSError as missing:
+            raise OSError("Could not load this library: libtorchcodec_image.so") from missing
+    except OSError as wrapped:
+        failure = wrapped
+    monkeypatch.setattr(video_decoders, "_modules", {"torchcodec.decoders": failure})
+    monkeypatch.setattr(video_decoders, "_warned", set())
+    with pytest.warns(RuntimeWarning) as record:
+        assert video_decoders._import("torchcodec.decoders") is None
+    message = str(record[0].message)
+    assert "because OSError: libnvrtc.so.13" in message and "installed but cannot load" in message
+    assert "pip install" not in message
