@@ -386,11 +386,17 @@ def build_loader(cfg, dp_rank: int, dp_size: int, compression: tuple[int, int] =
 
 
 def check_shard_count(num_shards: int, dp_size: int, workers: int) -> None:
-    """Each of `workers` loader workers of each data-parallel rank needs a shard of its own."""
+    """Each of `workers` loader workers of each data-parallel rank needs a shard of its own.
+
+    The hint names what helps: more shards always; fewer workers only when there are several
+    (data.num_workers 0 and 1 both read in one worker).
+    """
     if num_shards < dp_size * workers:
+        fix = f"write at least {dp_size * workers} shards (make_shards --shard-size smaller)"
+        if workers > 1 and num_shards >= dp_size:
+            fix += f" or set data.num_workers <= {num_shards // dp_size}"
         raise DataError(
-            f"{num_shards} shards cannot feed {dp_size} data-parallel rank(s) x {workers} "
-            f"loader worker(s); write at least {dp_size * workers} shards or lower data.num_workers"
+            f"{num_shards} shards cannot feed {dp_size} data-parallel rank(s) x {workers} loader worker(s); {fix}"
         )
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from megamoe.data.loader import DataError, ShardLoader, StreamSpec, StreamStateError
+from megamoe.data.loader import DataError, ShardLoader, StreamSpec, StreamStateError, check_shard_count
 from megamoe.data.shards import resolve_shards
 from megamoe.data.worker import WorkerStream
 from megamoe.tools.latent_shards import encode_sample, write_shard
@@ -228,9 +228,26 @@ def test_a_killed_worker_is_replaced_and_the_stream_goes_on(tmp_path):
 
 def test_too_few_shards_for_ranks_times_workers(shard_dir):
     with pytest.raises(
-        DataError, match="8 shards cannot feed 2 data-parallel rank.*x 5 loader worker.*data.num_workers"
+        DataError,
+        match=r"8 shards cannot feed 2 data-parallel rank.*x 5 loader worker.*write at least 10 shards "
+        r"\(make_shards --shard-size smaller\) or set data.num_workers <= 4$",
     ):
         loader(resolve_shards(shard_dir), workers=5, dp_size=2)
+
+
+@pytest.mark.parametrize(
+    "shards,dp,workers,fix",
+    [
+        (1, 2, 1, "write at least 2 shards (make_shards --shard-size smaller)"),  # num_workers 0 or 1
+        (1, 2, 3, "write at least 6 shards (make_shards --shard-size smaller)"),  # fewer workers cannot help
+        (5, 2, 3, "write at least 6 shards (make_shards --shard-size smaller) or set data.num_workers <= 2"),
+    ],
+)
+def test_too_few_shards_hint_names_only_a_fix_that_helps(shards, dp, workers, fix):
+    with pytest.raises(DataError) as err:
+        check_shard_count(shards, dp, workers)
+    assert str(err.value).endswith("; " + fix)
+    check_shard_count(dp * workers, dp, workers)  # exactly enough: accepted
 
 
 @pytest.mark.parametrize(
