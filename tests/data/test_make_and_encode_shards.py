@@ -16,6 +16,7 @@ from megamoe.data.wan_encoders import decode_latents, encode_text, encode_video,
 from megamoe.tools.latent_encoding import sample_rng
 from megamoe.tools.latent_shards import read_shard
 from megamoe.tools.numbered_videos import make_video
+from megamoe.tools.random_encoders import write_random_encoders
 from tests.data.latent_stream_oracle import LatentShardStream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -134,44 +135,17 @@ def test_make_shards_skips_a_caption_that_is_not_utf8_as_the_loader_would(tmp_pa
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    """A tiny random AutoencoderKLWan and UMT5EncoderModel + word-level tokenizer, saved like real ones."""
-    from diffusers import AutoencoderKLWan
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
-    root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
+    """Tiny random Wan VAE and umT5 (megamoe/tools/random_encoders.py): (vae path, text encoder path)."""
     # Non-trivial latents_mean/std, so a wrong normalisation convention cannot pass the checks below.
-    vae = AutoencoderKLWan(
-        base_dim=8,
+    paths = write_random_encoders(
+        str(tmp_path_factory.mktemp("models") / "wan"),
         z_dim=Z_DIM,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
+        text_dim=TEXT_DIM,
+        words=WORDS,
         latents_mean=[0.1 * i for i in range(Z_DIM)],
         latents_std=[1.0 + 0.5 * i for i in range(Z_DIM)],
     )
-    vae.save_pretrained(root / "vae")
-    config = UMT5Config(
-        vocab_size=len(WORDS) + 3,
-        d_model=TEXT_DIM,
-        num_layers=1,
-        num_heads=2,
-        d_kv=16,
-        d_ff=64,
-        relative_attention_num_buckets=8,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    UMT5EncoderModel(config).save_pretrained(root / "text")
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])  # as T5: EOS
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    ).save_pretrained(root / "text")
-    return str(root / "vae"), str(root / "text")
+    return paths["vae"], paths["text_encoder"]
 
 
 def test_encode_text_zero_pads_like_wan(tiny_models):
@@ -249,3 +223,21 @@ def test_encode_latents_tool_writes_stream_readable_shards(video_folder, tiny_mo
     with open(out / "manifest.json") as f:
         assert json.load(f)["params"]["z_dim"] == Z_DIM
     assert np.isfinite(batch["latents"].numpy()).all()
+
+
+@pytest.mark.parametrize(
+    "args, problem",
+    [
+        (["--text-dim", "33"], "--text-dim must be even and >= 2 (two attention heads), got 33"),
+        (["--z-dim", "0"], "--z-dim must be >= 1, got 0"),
+        ([], "is not empty; give a new directory"),
+    ],
+)
+def test_make_random_encoders_refuses_bad_arguments_with_one_line(tmp_path, capsys, args, problem):
+    (tmp_path / "already-here").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool("make_random_encoders").main(["--out", str(tmp_path), *args])
+    assert exit_info.value.code == 2
+    (message,) = capsys.readouterr().err.strip().splitlines()
+    assert message.startswith("error: ") and message.endswith(problem)
+    assert os.listdir(tmp_path) == ["already-here"]

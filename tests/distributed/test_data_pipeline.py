@@ -120,45 +120,14 @@ def load_tool(name):
 
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
-    """A tiny random AutoencoderKLWan and UMT5EncoderModel with a word-level tokenizer, saved to disk."""
-    from diffusers import AutoencoderKLWan
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
-    root = tmp_path_factory.mktemp("encoders")
-    torch.manual_seed(0)
-    AutoencoderKLWan(
-        base_dim=8,
-        z_dim=Z_DIM,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        latents_mean=[0.0] * Z_DIM,
-        latents_std=[1.0] * Z_DIM,
-    ).save_pretrained(root / "vae")
-    config = UMT5Config(
-        vocab_size=len(WORDS) + 3,
-        d_model=TEXT_DIM,
-        num_layers=1,
-        num_heads=2,
-        d_kv=16,
-        d_ff=64,
-        relative_attention_num_buckets=8,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
+    """A tiny random AutoencoderKLWan and UMT5EncoderModel with a word-level tokenizer, saved to disk
+    by data/make_random_encoders.py as a diffusers pipeline folder: (vae path, text encoder path)."""
+    out = tmp_path_factory.mktemp("encoders") / "wan"
+    words = ["--words", " ".join(WORDS)]
+    paths = load_tool("make_random_encoders").main(
+        ["--out", str(out), "--z-dim", str(Z_DIM), "--text-dim", str(TEXT_DIM), *words]
     )
-    UMT5EncoderModel(config).save_pretrained(root / "text")
-    tokenizer = Tokenizer(
-        models.WordLevel(
-            {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}, unk_token="<unk>"
-        )
-    )
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    ).save_pretrained(root / "text")
-    return str(root / "vae"), str(root / "text")
+    return paths["vae"], paths["text_encoder"]
 
 
 @pytest.fixture(scope="module")
