@@ -321,11 +321,11 @@ class LoggingConfig:
     tensorboard: bool = True
     """Write tensorboard event files under output_dir/tensorboard."""
     val_every: int | None = None
-    """Held-out validation loss (train/validation.py) every this many steps; 0 = off; null = 100 where held-out data exists."""
+    """Held-out validation loss (train/validation.py) every this many steps, at most train.steps; 0 = off; null = 100 where held-out data exists and train.steps reaches it, else off (its other keys are then still accepted)."""
     val_batches: int = 2
     """Held-out batches (data.micro_batch_size samples each) the validation loss averages over, the same each time."""
     sample_every: int | None = None
-    """Tensorboard sample grid (train/validation.py) every this many steps; 0 = off; null = 200 where captions can be embedded."""
+    """Tensorboard sample grid (train/validation.py) every this many steps, at most train.steps; 0 = off; null = 200 where captions can be embedded and train.steps reaches it, else off (its other keys are then still accepted)."""
     sample_captions: list[str] = field(
         default_factory=lambda: ["a red circle moving right", "a blue square moving up", "a green bar moving left"]
     )
@@ -468,15 +468,19 @@ def can_embed_captions(d: DataConfig) -> bool:
 
 
 def val_interval(cfg: Config) -> int:
-    """logging.val_every with null resolved: DEFAULT_VAL_EVERY where there is held-out data, else 0 (off)."""
+    """The validation loss's interval as the loop runs it: logging.val_every, or, for null,
+    DEFAULT_VAL_EVERY where there is held-out data; 0 (off) where that is past train.steps."""
     every = cfg.logging.val_every
-    return every if every is not None else (DEFAULT_VAL_EVERY if has_held_out_data(cfg.data) else 0)
+    every = every if every is not None else (DEFAULT_VAL_EVERY if has_held_out_data(cfg.data) else 0)
+    return every if every <= cfg.train.steps else 0
 
 
 def sample_interval(cfg: Config) -> int:
-    """logging.sample_every with null resolved: DEFAULT_SAMPLE_EVERY where captions can be embedded, else 0."""
+    """The sample grid's interval as the loop runs it: logging.sample_every, or, for null,
+    DEFAULT_SAMPLE_EVERY where captions can be embedded; 0 (off) where that is past train.steps."""
     every = cfg.logging.sample_every
-    return every if every is not None else (DEFAULT_SAMPLE_EVERY if can_embed_captions(cfg.data) else 0)
+    every = every if every is not None else (DEFAULT_SAMPLE_EVERY if can_embed_captions(cfg.data) else 0)
+    return every if every <= cfg.train.steps else 0
 
 
 def to_yaml(cfg: Config) -> str:

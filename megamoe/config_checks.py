@@ -165,11 +165,20 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 def _validate_evidence(cfg: Config) -> None:
     """The validation loss needs held-out data and the sample grid embeddable captions; their
     other keys must not be set while they are off (train/validation.py)."""
-    lg, d = cfg.logging, cfg.data
+    lg, d, t = cfg.logging, cfg.data, cfg.train
     for name in ("val_every", "sample_every"):
         value = getattr(lg, name)
         _check(value is None or value >= 0, f"logging.{name} must be >= 0 (0 = off) or null (auto), got {value}")
     _check(lg.val_batches >= 1, f"logging.val_batches must be >= 1, got {lg.val_batches}")
+    for name in ("val_every", "sample_every"):
+        value = getattr(lg, name)
+        _check(
+            value is None or value <= t.steps,
+            f"logging.{name}={value} is past train.steps={t.steps}, so it would never run; "
+            f"set it <= train.steps, 0 (off) or null (auto)",
+        )
+    # The intervals the loop runs (config.py): a null interval past train.steps is off for this run
+    # only, so a short debug run of a full config keeps its data.val_path and captions.
     val, sample = val_interval(cfg), sample_interval(cfg)
     _check(
         val == 0 or has_held_out_data(d),
@@ -177,7 +186,7 @@ def _validate_evidence(cfg: Config) -> None:
         f"to held-out shards or logging.val_every=0",
     )
     default = LoggingConfig()
-    if val == 0:
+    if val == 0 and not (lg.val_every is None and has_held_out_data(d)):
         _check(
             d.val_path is None,
             "data.val_path is read only by the validation loss; set logging.val_every > 0 or drop it",
@@ -191,7 +200,7 @@ def _validate_evidence(cfg: Config) -> None:
         f"logging.sample_every={lg.sample_every} needs captions embedded, which latent shards cannot do: use the "
         f"embedded data or raw video shards (data.format=video with data.text_encoder_path), or logging.sample_every=0",
     )
-    if sample == 0:
+    if sample == 0 and not (lg.sample_every is None and can_embed_captions(d)):
         _check(
             lg.sample_captions == default.sample_captions,
             "logging.sample_captions has no effect with samples off; set logging.sample_every > 0 or drop it",

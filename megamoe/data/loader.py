@@ -401,15 +401,20 @@ def check_shard_count(num_shards: int, dp_size: int, workers: int) -> None:
 
 
 def check_data_path(cfg, dp_size: int) -> None:
-    """Before start-up: data.path names enough shards for the run (DataError otherwise; opens no shard)."""
+    """Before start-up: data.path names enough shards for the run, and data.val_path, whenever it is
+    given (even where this run's validation never comes), names at least one: every rank reads the
+    held-out set whole, in one worker (train/validation.py). DataError otherwise, naming the key;
+    opens no shard."""
     if cfg.data.path is not None:
         check_shard_count(len(_resolve(cfg.data.path)), dp_size, max(1, cfg.data.num_workers))
+    if cfg.data.val_path is not None:
+        _resolve(cfg.data.val_path, "data.val_path")
 
 
-def _resolve(path: str) -> list[str]:
+def _resolve(path: str, key: str = "data.path") -> list[str]:
     from megamoe.data.shards import resolve_shards
 
     try:
         return resolve_shards(path)
     except (ValueError, FileNotFoundError) as exc:
-        raise DataError(f"data.path: {exc}") from None
+        raise DataError(f"{key}: {exc}") from None

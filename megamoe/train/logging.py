@@ -21,6 +21,7 @@ logged once, with the values of the run that carried on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from datetime import timedelta
@@ -77,29 +78,28 @@ class RunLogger:
             self._last_time += seconds
 
     def record_config(self, cfg, start_step: int) -> str:
-        """Write the resolved config (the whole merged Config) to output_dir/config.yaml, atomically, and
-        return a line for the log (global rank 0 only; elsewhere nothing is written).
+        """Write the resolved config (the whole merged Config, with logging.val_every and sample_every
+        the intervals the loop runs: config.py's val_interval and sample_interval, 0 where off) to
+        output_dir/config.yaml, atomically, and return a line for the log (global rank 0 only;
+        elsewhere nothing is written).
 
-        A run that starts or resumes under an equal config rewrites config.yaml with the same content.
-        Under a different one (a resume that extends train.steps, say), config.yaml keeps the config it
-        was first written with and this run's goes to config.resume-<step>.yaml beside it, <step> the
-        step it starts after: the run directory keeps every config that trained in it.
+        The newest record (config.yaml, or the newest config.resume-*.yaml) is rewritten with the same
+        content when this run's config equals it. Under a different one (a resume that extends
+        train.steps, say), this run's goes to config.resume-<step>.yaml beside them, <step> the step it
+        starts after: the run directory keeps every config that trained in it, each change once.
         """
-        from megamoe.config import ConfigError, from_yaml_text, to_yaml
+        from megamoe.config import to_yaml
 
         if not self.enabled:
             return ""
+        cfg = resolved_intervals(cfg)
         path = self.out / "config.yaml"
-        if path.is_file():
-            try:
-                same = from_yaml_text(path.read_text()) == cfg
-            except (ConfigError, ValueError, OSError):  # unreadable or of another version: keep it
-                same = False
-            if not same:
-                path = self.out / f"config.resume-{start_step:08d}.yaml"
+        newest = _newest_record(self.out)
+        if newest is not None:
+            path = newest if _read_record(newest) == cfg else self.out / f"config.resume-{start_step:08d}.yaml"
         write_text_atomic(path, to_yaml(cfg))
         return f"resolved config written to {path}" + (
-            "" if path.name == "config.yaml" else " (differs from config.yaml)"
+            "" if newest in (None, path) else f" (differs from {newest.name})"
         )
 
     def info(self, message: str) -> None:
@@ -186,6 +186,32 @@ class RunLogger:
             self.writer.close()
         if self.metrics_file is not None:
             self.metrics_file.close()
+
+
+def resolved_intervals(cfg):
+    """`cfg` with logging.val_every and sample_every set to the intervals the loop runs (0 = off)."""
+    from megamoe.config import sample_interval, val_interval
+
+    logging = dataclasses.replace(cfg.logging, val_every=val_interval(cfg), sample_every=sample_interval(cfg))
+    return dataclasses.replace(cfg, logging=logging)
+
+
+def _newest_record(out: Path) -> Path | None:
+    """The config record written last: the newest config.resume-*.yaml, else config.yaml (None: neither)."""
+    resumes = sorted(out.glob("config.resume-*.yaml"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    if resumes:
+        return resumes[-1]
+    return out / "config.yaml" if (out / "config.yaml").is_file() else None
+
+
+def _read_record(path: Path):
+    """A config record with its intervals resolved; None where it is unreadable or of another version."""
+    from megamoe.config import ConfigError, from_yaml_text
+
+    try:
+        return resolved_intervals(from_yaml_text(path.read_text()))
+    except (ConfigError, ValueError, OSError):
+        return None
 
 
 def _truncate_after(path: Path, step: int) -> None:

@@ -172,8 +172,9 @@ def train(cfg: Config, topology: Topology, resume_from=None) -> list[dict]:
     # Start-up work a rank may fail alone ends in an agreement: every rank stops, or none (see resilience.py).
     with stop_together(topology.device, BAD_INPUT):
         loader, to_latents = build_data(cfg, topology)
-        # Read only by a run that reaches an evaluation step; every rank reads the same list.
-        val_every, sample_every = (n if n <= cfg.train.steps else 0 for n in (val_interval(cfg), sample_interval(cfg)))
+        # Read only by a run that reaches an evaluation step (the intervals are 0 past train.steps);
+        # every rank reads the same list.
+        val_every, sample_every = val_interval(cfg), sample_interval(cfg)
         held_out = read_held_out(cfg, to_latents) if val_every else None
         prompts = caption_embeddings(cfg, to_latents) if sample_every else None
     agreement = StepAgreement(topology.device, cfg.train.max_nonfinite_steps)

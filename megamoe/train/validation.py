@@ -152,25 +152,38 @@ def read_held_out(cfg: Config, to_latents=None) -> list[tuple[torch.Tensor, torc
     """The first logging.val_batches (latents, text) batches (CPU, fp32) of the held-out shards, read in
     this process with the run's data settings and shuffle seed: the same list on every rank and call.
     Raw video shards are encoded by `to_latents` (the run's VideoToLatents). Corrupt samples are skipped
-    and counted by the loader; raises DataError for missing or unreadable shards (naming data.val_path)."""
+    and counted by the loader.
+
+    Each held-out sample is used at most once: a set with fewer usable samples than the batches need
+    (the loader would start it over) is refused, as are missing or unreadable shards. Samples are told
+    apart by their WebDataset key, which must be unique across the held-out shards (data/make_shards.py
+    writes them so). Raises DataError, its message starting `data.val_path=<path>:` (or naming the
+    embedded data's held-out split)."""
     from megamoe.data.loader import DataError, build_loader
-    from megamoe.data.shards import resolve_shards
 
     path, fmt = held_out_source(cfg)
-    if cfg.data.val_path is not None:
-        try:
-            resolve_shards(path)
-        except (ValueError, FileNotFoundError) as exc:
-            raise DataError(f"data.val_path: {exc}") from None
+    source = f"data.val_path={cfg.data.val_path}" if cfg.data.val_path is not None else "the embedded held-out split"
     data = dataclasses.replace(cfg.data, path=path, format=fmt, num_workers=0)
     compression = to_latents.compression if to_latents is not None else (4, 16)
-    batches = []
-    with build_loader(dataclasses.replace(cfg, data=data), 0, 1, compression) as loader:
-        for _ in range(cfg.logging.val_batches):
-            batch = next(loader)
-            if fmt == "video":
-                batch = to_latents(batch)
-            batches.append((batch["latents"].float().cpu(), batch["text"].float().cpu()))
+    batches, seen = [], set()
+    try:
+        with build_loader(dataclasses.replace(cfg, data=data), 0, 1, compression) as loader:
+            for _ in range(cfg.logging.val_batches):
+                batch = next(loader)
+                if seen.intersection(batch["key"]) or len(set(batch["key"])) < len(batch["key"]):
+                    lg, d = cfg.logging, cfg.data
+                    raise DataError(
+                        f"it starts over after {len(seen.union(batch['key']))} usable sample(s), fewer than "
+                        f"logging.val_batches={lg.val_batches} x data.micro_batch_size={d.micro_batch_size} "
+                        f"= {lg.val_batches * d.micro_batch_size}; lower logging.val_batches or add held-out clips"
+                    )
+                seen.update(batch["key"])
+                if fmt == "video":
+                    batch = to_latents(batch)
+                batches.append((batch["latents"].float().cpu(), batch["text"].float().cpu()))
+    except DataError as exc:
+        message = str(exc).removeprefix("data.path: ")  # the loader knows the held-out set as its data.path
+        raise DataError(f"{source}: {message}") from None
     return batches
 
 

@@ -173,7 +173,7 @@ def test_mfu_peak_by_device_name():
 
 def test_config_record_keeps_the_first_and_writes_a_changed_one_beside_it(tmp_path):
     from megamoe.config import from_yaml_text
-    from megamoe.train.logging import RunLogger
+    from megamoe.train.logging import RunLogger, resolved_intervals
 
     def record(cfg, start_step):
         log = RunLogger(str(tmp_path), cfg.train.steps, tensorboard=False, enabled=True)
@@ -183,13 +183,13 @@ def test_config_record_keeps_the_first_and_writes_a_changed_one_beside_it(tmp_pa
 
     cfg = Config(model=MODEL)
     assert "config.yaml" in record(cfg, 0)
-    assert from_yaml_text((tmp_path / "config.yaml").read_text()) == cfg
+    assert from_yaml_text((tmp_path / "config.yaml").read_text()) == resolved_intervals(cfg)
     record(cfg, 40)  # resumed unchanged
     assert sorted(p.name for p in tmp_path.glob("config*")) == ["config.yaml"]
     longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=900))
     assert "differs" in record(longer, 300)
-    assert from_yaml_text((tmp_path / "config.yaml").read_text()) == cfg
-    assert from_yaml_text((tmp_path / "config.resume-00000300.yaml").read_text()) == longer
+    assert from_yaml_text((tmp_path / "config.yaml").read_text()) == resolved_intervals(cfg)
+    assert from_yaml_text((tmp_path / "config.resume-00000300.yaml").read_text()) == resolved_intervals(longer)
 
 
 def test_progress_line_shows_flow_val_tokens_and_gpu_figures(tmp_path, capsys):
@@ -235,3 +235,108 @@ def test_settings_that_cannot_act_are_refused():
     validate(Config(data=dataclasses.replace(shards, val_path="/data/val")))
     cfg = load_config(None, ["logging.sample_captions=[a white circle moving down]"])
     assert cfg.logging.sample_captions == ["a white circle moving down"]
+
+
+def write_held_out(directory, count, start=0):
+    """One latent shard of `count` samples with keys held-<start>..., sized for MODEL and DataConfig's text_len."""
+    from megamoe.tools.latent_shards import encode_sample, write_shard
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(start)
+    samples = [
+        (
+            f"held-{i:04d}",
+            encode_sample(rng.standard_normal((3, 2, 4, 4)), rng.standard_normal((16, 16)), "a red circle"),
+        )
+        for i in range(start, start + count)
+    ]
+    write_shard(str(directory / f"shard-{start:06d}.tar"), samples)
+
+
+def test_val_path_is_checked_before_start_up_even_where_validation_never_runs(tmp_path, capsys):
+    from launcher.pretrain import main
+    from tests.train.test_checkpoint_checks import TINY, assert_one_line_error
+
+    (tmp_path / "empty").mkdir()
+    for val_path in (tmp_path / "missing", tmp_path / "empty"):
+        out = tmp_path / "run"
+        # train.steps=1: the default interval (100) is past the end, so no validation would read it.
+        code = main(["--config", TINY, "train.steps=1", f"train.output_dir={out}", f"data.val_path={val_path}"])
+        assert_one_line_error(code, capsys.readouterr().err.strip(), "data.val_path", "no shards found")
+        assert not out.exists()  # refused before the run directory, its lock or metrics.jsonl
+
+
+def test_held_out_errors_name_val_path_and_a_short_set_is_refused(tmp_path):
+    from megamoe.data.loader import DataError
+    from megamoe.train.validation import read_held_out
+
+    write_held_out(tmp_path / "val", 5)
+    data = DataConfig(path=str(tmp_path / "train"), val_path=str(tmp_path / "val"), micro_batch_size=2)
+    cfg = Config(model=MODEL, data=data, logging=LoggingConfig(val_batches=3))  # 6 samples needed, 5 there
+    with pytest.raises(DataError, match=rf"^data.val_path={tmp_path / 'val'}: it starts over after 5 usable"):
+        read_held_out(cfg)
+    write_held_out(tmp_path / "val", 1, start=5)
+    batches = read_held_out(cfg)  # each of the 6 samples once
+    assert len(batches) == 3 and all(latents.shape == (2, 3, 2, 4, 4) for latents, _ in batches)
+    seen = sorted(round(float(latents[i, 0, 0, 0, 0]), 5) for latents, _ in batches for i in range(2))
+    expected = []
+    for start, count in ((0, 5), (5, 1)):
+        rng = np.random.default_rng(start)
+        for _ in range(count):
+            expected.append(round(float(rng.standard_normal((3, 2, 4, 4))[0, 0, 0, 0]), 5))
+            rng.standard_normal((16, 16))
+    assert seen == sorted(expected)
+    from megamoe.tools.latent_shards import write_shard
+
+    junk = {"caption.txt": b"x", "latents.npy": b"junk", "text.npy": b"junk"}
+    (tmp_path / "bad").mkdir()
+    write_shard(str(tmp_path / "bad" / "shard-000000.tar"), [(f"bad-{i}", junk) for i in range(6)])
+    strict = dataclasses.replace(data, val_path=str(tmp_path / "bad"), min_samples_before_failure_check=1)
+    with pytest.raises(DataError, match=rf"^data.val_path={tmp_path / 'bad'}: 6 of 6 samples failed"):
+        read_held_out(dataclasses.replace(cfg, data=strict))  # the loader's own error, prefixed
+
+
+def test_checks_and_loop_use_one_interval():
+    from megamoe.config import TrainConfig, sample_interval, val_interval
+
+    short = Config(data=DataConfig(val_path="/data/val"), train=TrainConfig(steps=50))  # embedded data
+    assert (val_interval(short), sample_interval(short)) == (0, 0)  # defaults 100 and 200 are past the end
+    # Null intervals past the end are off for this run only: their keys stay accepted.
+    validate(dataclasses.replace(short, logging=LoggingConfig(val_batches=3, sample_captions=["a red bar"])))
+    longer = dataclasses.replace(short, train=TrainConfig(steps=200))
+    assert (val_interval(longer), sample_interval(longer)) == (100, 200)
+    with pytest.raises(ConfigError, match="logging.val_every=60 is past train.steps=50"):
+        validate(dataclasses.replace(short, logging=LoggingConfig(val_every=60)))
+    with pytest.raises(ConfigError, match="logging.sample_every=51 is past train.steps=50"):
+        validate(dataclasses.replace(short, logging=LoggingConfig(sample_every=51)))
+    with pytest.raises(ConfigError, match="data.val_path is read only by the validation loss"):
+        validate(dataclasses.replace(short, logging=LoggingConfig(val_every=0)))
+    validate(dataclasses.replace(short, logging=LoggingConfig(val_every=50, sample_every=50)))
+
+
+def test_config_record_holds_the_run_intervals_and_each_change_once(tmp_path):
+    from megamoe.config import TrainConfig, from_yaml_text
+    from megamoe.train.logging import RunLogger
+
+    def record(cfg, start_step):
+        log = RunLogger(str(tmp_path), cfg.train.steps, tensorboard=False, enabled=True)
+        line = log.record_config(cfg, start_step)
+        log.close()
+        return line
+
+    def written(name):
+        return from_yaml_text((tmp_path / name).read_text()).logging
+
+    short = Config(model=MODEL, train=TrainConfig(steps=150))  # embedded data: val every 100, samples past the end
+    record(short, 0)
+    assert (written("config.yaml").val_every, written("config.yaml").sample_every) == (100, 0)
+    longer = dataclasses.replace(short, train=TrainConfig(steps=400))
+    assert "differs from config.yaml" in record(longer, 150)
+    assert (written("config.resume-00000150.yaml").val_every, written("config.resume-00000150.yaml").sample_every) == (
+        100,
+        200,
+    )
+    assert "differs" not in record(longer, 250)  # restarted again under the same, changed config
+    assert sorted(p.name for p in tmp_path.glob("config*")) == ["config.resume-00000150.yaml", "config.yaml"]
+    assert "differs from config.resume-00000150.yaml" in record(short, 300)  # changed back: a change again
+    assert (tmp_path / "config.resume-00000300.yaml").is_file() and len(list(tmp_path.glob("config*"))) == 3
