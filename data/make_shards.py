@@ -16,12 +16,14 @@ With --split-scenes, each video is cut at its shot boundaries (PySceneDetect) an
 becomes a sample of its own, `<video key>_s<NNN>`, re-encoded as its own mp4 so that no training
 clip can span a cut; its json member and index row hold the scene's start and end (seconds in the
 source). A scene takes the caption of the --segment-captions line that overlaps it longest, else
-its video's caption. Scenes too short for --min-frames frames at --fps are counted, not written.
+its video's caption. Scenes too short for --min-frames frames at --fps are counted, not written;
+segment captions that start after their video ends are counted in a warning on the summary line.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import replace
 
@@ -78,8 +80,15 @@ def main(argv: list[str] | None = None) -> dict:
     given = [flag for flag, value in scene_flags.items() if value is not None]
     if given and not args.split_scenes:
         fail(f"{', '.join(given)} set how scenes are cut: add --split-scenes")
+    for flag, value in (("--scene-threshold", args.scene_threshold), ("--fps", args.fps)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            fail(f"{flag} must be a finite number > 0, got {value:g}")
+    if args.min_frames is not None and args.min_frames < 1:
+        fail(f"--min-frames must be >= 1, got {args.min_frames}")
     try:
         inputs = collect_inputs(folder=args.videos, index=args.index)
+    except UnicodeDecodeError as exc:
+        fail(f"{args.index}: not UTF-8 (byte {exc.start}: {exc.reason}); save it as UTF-8")
     except (OSError, ValueError, KeyError) as exc:
         fail(str(exc))
     if not inputs:
@@ -91,10 +100,6 @@ def main(argv: list[str] | None = None) -> dict:
             min_frames=DataConfig.video_frames if args.min_frames is None else args.min_frames,
             fps=DataConfig.video_fps if args.fps is None else args.fps,
         )
-        if not split.threshold > 0:
-            fail(f"--scene-threshold must be > 0, got {split.threshold:g}")
-        if split.min_frames < 1 or not split.fps > 0:
-            fail(f"--min-frames must be >= 1 and --fps > 0, got {split.min_frames} and {split.fps:g}")
         if args.segment_captions:
             try:
                 captions = read_segment_captions(args.segment_captions)

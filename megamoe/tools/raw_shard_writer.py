@@ -32,7 +32,7 @@ import tarfile
 
 from megamoe.data.errors import BAD_CAPTION, CORRUPT_VIDEO, MISSING_MEMBER, TOO_SHORT, SampleError, utf8_caption
 from megamoe.data.video import probe_video
-from megamoe.tools.scene_split import SplitOptions, caption_for, scene_segments
+from megamoe.tools.scene_split import SplitOptions, caption_for, captions_past_end, scene_segments
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv")
 TAR_BLOCK = 512
@@ -165,7 +165,8 @@ def write_raw_shards(
     segment caption overlaps; segments too short or without a caption are counted, not written.
 
     Returns {'samples': n, 'shards': [...], 'skipped': {cause: n}} (videos skipped, by cause), and
-    with `scenes` also 'videos' (videos cut), 'short_segments' and 'uncaptioned_segments'. Writes
+    with `scenes` also 'videos' (videos cut), 'short_segments', 'uncaptioned_segments' and
+    'captions_past_end' (line numbers of segment captions starting after their video ends). Writes
     index.jsonl and skipped.jsonl into `out_dir` (which must hold no shards yet). `log` gets one
     line per video or segment skipped; `summary(report, ...)` is the closing line.
     """
@@ -177,6 +178,7 @@ def write_raw_shards(
     writer = TarShardWriter(out_dir, int(shard_size_mb * 1024 * 1024))
     skipped: dict[str, int] = {}
     dropped = {"short_segments": 0, "uncaptioned_segments": 0}
+    past_end: list[int] = []  # segment caption lines that start after their video ends
     count = samples = 0
     with (
         open(os.path.join(out_dir, "index.jsonl"), "w") as index,
@@ -216,17 +218,20 @@ def write_raw_shards(
                 continue
             written = samples
             try:
+                video_end = None  # the last segment's end
                 for segment in scene_segments(path, scenes.threshold):
+                    video_end = segment.end
                     start, end = round(float(segment.start), 6), round(float(segment.end), 6)
                     where = {"segment": segment.index, "start": start, "end": end}
                     if not segment.long_enough(scenes.min_frames, scenes.fps):
                         dropped["short_segments"] += 1
-                        need = f"{scenes.min_frames} frames at {scenes.fps:g} fps"
-                        skip(
-                            path,
-                            SampleError(TOO_SHORT, detail=f"{segment.frames} frames; a clip needs {need}"),
-                            **where,
+                        # Its span, not its frame count, decides (a variable frame rate has no fixed ratio).
+                        need = (scenes.min_frames - 1) / scenes.fps
+                        detail = (
+                            f"spans {segment.span:.3f} s ({segment.frames} frames); a clip of "
+                            f"{scenes.min_frames} frames at {scenes.fps:g} fps needs {need:.3f} s"
                         )
+                        skip(path, SampleError(TOO_SHORT, detail=detail), **where)
                         continue
                     text = caption_for(start, end, segment_captions) or caption
                     if text is None:
@@ -242,6 +247,8 @@ def write_raw_shards(
                     row = {"key": segment_key, "shard": shard, "source": path, **where, **probe_video(segment.data)}
                     index.write(json.dumps(row) + "\n")
                     samples += 1
+                if video_end is not None:
+                    past_end += [c.line for c in captions_past_end(segment_captions, video_end)]
             except SampleError as e:  # a stream broken past its header: the segments before the break stay
                 skipped[e.cause] = skipped.get(e.cause, 0) + 1
                 skip(path, e)
@@ -249,7 +256,7 @@ def write_raw_shards(
     writer.close()
     report = {"samples": samples, "shards": list(writer.names), "skipped": skipped}
     if scenes is not None:
-        report.update(videos=count, **dropped)
+        report.update(videos=count, **dropped, captions_past_end=sorted(past_end))
     return report
 
 
@@ -263,4 +270,11 @@ def summary(report: dict, out_dir: str, scenes: SplitOptions | None = None) -> s
             f"{report['short_segments']} shorter than "
             f"{scenes.min_frames} frames at {scenes.fps:g} fps, {report['uncaptioned_segments']} without a caption"
         )
+        if report["captions_past_end"]:
+            lines = report["captions_past_end"]
+            shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
+            line += (
+                f"; warning: {len(lines)} segment caption(s) start after their video ends, so label no "
+                f"scene (lines {shown}): check their times and video"
+            )
     return line

@@ -52,9 +52,14 @@ class Segment:
     frames: int
     data: bytes
 
+    @property
+    def span(self) -> float:
+        """Seconds from its first frame to its last: what a clip must fit in (variable frame rate too)."""
+        return float(self.last - self.start)
+
     def long_enough(self, num_frames: int, fps: float) -> bool:
         """Whether a clip of `num_frames` frames at `fps` fits, by the loader's own rule (`clip_fits`)."""
-        return clip_fits(float(self.last - self.start), num_frames, fps)
+        return clip_fits(self.span, num_frames, fps)
 
 
 @dataclass(frozen=True)
@@ -194,14 +199,18 @@ def read_segment_captions(path: str) -> dict[str, list[SegmentCaption]]:
 
     start and end are seconds (finite, 0 <= start < end); the caption a non-empty string (its
     whitespace collapsed). Blank lines are ignored. Raises ValueError('<path>:<line>: ...') at the
-    first bad line.
+    first bad line, one that is not UTF-8 included.
     """
     out: dict[str, list[SegmentCaption]] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 (byte {e.start}: {e.reason}); save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 record = json.loads(line)
             except ValueError as e:
@@ -247,16 +256,18 @@ def match_captions_to_videos(
     captions: dict[str, list[SegmentCaption]], paths: list[str], source: str
 ) -> dict[str, list[SegmentCaption]]:
     """Segment captions by video path. A caption's "video" names a path of `paths` by its file name
-    ("bikes.mp4"), its stem ("bikes") or a tail of its path ("sub/bikes.mp4"). Raises
+    ("bikes.mp4"), its stem ("bikes") or a tail of its path ("sub/bikes.mp4", "./sub/bikes.mp4"):
+    names and paths are compared normalised (os.path.normpath). Raises
     ValueError('<source>:<line>: ...') for a name that matches no video or more than one."""
     by_path: dict[str, list[SegmentCaption]] = {}
+    normal = {p: os.path.normpath(p) for p in paths}
     for name, entries in captions.items():
-        tail = name.strip("/")
+        tail = os.path.normpath(name).strip("/")
         matches = sorted(
             {
                 p
-                for p in paths
-                if p == tail or p.endswith("/" + tail) or os.path.splitext(os.path.basename(p))[0] == tail
+                for p, q in normal.items()
+                if q == tail or q.endswith("/" + tail) or os.path.splitext(os.path.basename(q))[0] == tail
             }
         )
         where = f"{source}:{entries[0].line}"
@@ -269,3 +280,9 @@ def match_captions_to_videos(
             )
         by_path.setdefault(matches[0], []).extend(entries)
     return {p: sorted(entries, key=lambda c: c.line) for p, entries in by_path.items()}
+
+
+def captions_past_end(captions: list[SegmentCaption], end: Fraction | float) -> list[SegmentCaption]:
+    """The captions that start at or after `end` (the video's end, seconds): they can label no scene,
+    which usually means wrong times or the wrong video."""
+    return [c for c in captions if c.start >= float(end)]

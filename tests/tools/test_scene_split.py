@@ -18,7 +18,14 @@ import pytest
 from megamoe.data.errors import CORRUPT_VIDEO, MISSING_MEMBER, TOO_SHORT
 from megamoe.data.video import FrameSpec, decode_raw_sample, probe_video
 from megamoe.tools.latent_shards import read_shard
-from megamoe.tools.scene_split import Segment, SegmentCaption, caption_for, detect_cuts, split_video
+from megamoe.tools.scene_split import (
+    Segment,
+    SegmentCaption,
+    caption_for,
+    detect_cuts,
+    match_captions_to_videos,
+    split_video,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COLOURS = {"red": (220, 40, 40), "green": (40, 140, 40), "blue": (40, 50, 230), "yellow": (180, 170, 20)}
@@ -183,6 +190,7 @@ def test_make_shards_writes_one_captioned_sample_per_scene_and_counts_short_ones
         {"video": "film.mp4", "start": 0.0, "end": 0.9, "caption": "a red   scene"},  # red 0-0.8 s
         {"video": "film", "start": 0.7, "end": 2.1, "caption": "a green scene"},  # green 0.8-2.0 s
         {"video": "other.mp4", "start": 2.5, "end": 3.4, "caption": "a yellow scene"},  # yellow 2.4-3.4 s
+        {"video": "./film.mp4", "start": 3.4, "end": 9.0, "caption": "after the end"},  # film ends at 3.4 s
     ]
     captions = tmp_path / "segments.jsonl"
     captions.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -193,7 +201,10 @@ def test_make_shards_writes_one_captioned_sample_per_scene_and_counts_short_ones
     # film: red, green, yellow written (blue short); other: yellow only (red and green have no caption).
     assert report["samples"] == 4 and report["videos"] == 2 and report["skipped"] == {CORRUPT_VIDEO: 1}
     assert report["short_segments"] == 2 and report["uncaptioned_segments"] == 2
-    assert "2 shorter than 9 frames at 16 fps, 2 without a caption" in capsys.readouterr().out
+    assert report["captions_past_end"] == [4]
+    out_line = capsys.readouterr().out
+    assert "2 shorter than 9 frames at 16 fps, 2 without a caption" in out_line
+    assert "warning: 1 segment caption(s) start after their video ends, so label no scene (lines 4)" in out_line
     samples = read_samples(out)
     film, other = "00000000", "00000001"  # keys in path order: broken.mp4 is skipped before a key
     expected = {
@@ -211,6 +222,9 @@ def test_make_shards_writes_one_captioned_sample_per_scene_and_counts_short_ones
         assert (index[key]["start"], index[key]["end"]) == (start, end)
         assert set(decoded_colours(members["mp4"])) == {colour}
     skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    # The blue shot: frames 50-59 at 25 fps, first to last 9/25 s; 9 frames at 16 fps span 8/16 s.
+    short = [s["detail"] for s in skipped if s["cause"] == TOO_SHORT]
+    assert short == ["spans 0.360 s (10 frames); a clip of 9 frames at 16 fps needs 0.500 s"] * 2
     assert sorted((s["cause"], s.get("segment")) for s in skipped) == [
         (CORRUPT_VIDEO, None),
         (MISSING_MEMBER, 0),
@@ -289,3 +303,38 @@ def test_scene_flags_without_split_scenes_are_refused(tmp_path, capsys):
         load_make_shards().main(["--videos", str(tmp_path), "--out", str(tmp_path / "o"), "--min-frames", "9"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == "error: --min-frames set how scenes are cut: add --split-scenes"
+
+
+def test_a_caption_file_that_is_not_utf8_is_refused_naming_file_and_line(tmp_path, capsys):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    (folder / "film.mp4").write_bytes(b"not opened: the caption file is checked first")
+    captions = tmp_path / "segments.jsonl"
+    good = json.dumps({"video": "film.mp4", "start": 0, "end": 1, "caption": "fine"}).encode()
+    captions.write_bytes(good + b"\n" + good.replace(b"fine", "caf\u00e9".encode("latin-1")) + b"\n")
+    args = ["--videos", str(folder), "--out", str(tmp_path / "out"), "--split-scenes", "--segment-captions"]
+    with pytest.raises(SystemExit) as exit_info:
+        load_make_shards().main([*args, str(captions)])
+    assert exit_info.value.code == 2
+    (message,) = capsys.readouterr().err.strip().splitlines()
+    assert message.startswith(f"error: {captions}:2: not UTF-8 (byte ")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--fps", "inf"), ("--fps", "nan"), ("--fps", "0"), ("--scene-threshold", "inf")]
+)
+def test_a_rate_or_threshold_that_is_not_a_finite_positive_number_is_refused(tmp_path, capsys, flag, value):
+    args = ["--videos", str(tmp_path), "--out", str(tmp_path / "o"), "--split-scenes", flag, value]
+    with pytest.raises(SystemExit) as exit_info:
+        load_make_shards().main(args)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {flag} must be a finite number > 0, got {value}"
+
+
+def test_caption_video_names_are_matched_normalised():
+    caption = SegmentCaption(0.0, 1.0, "x", 1)
+    paths = ["data/film.mp4", "data/sub/film.mp4", "./data/sub/other.mp4"]
+    names = {"./sub/film.mp4": [caption], "sub//other.mp4": [caption], "data/./film.mp4": [caption]}
+    matched = match_captions_to_videos(names, paths, "captions.jsonl")
+    assert matched == {p: [caption] for p in paths}
