@@ -5,7 +5,8 @@
     #       model.in_channels=4 model.out_channels=4 model.text_dim=32 (the line it prints)
 
 The folder has the layout of a diffusers Wan pipeline (vae/, text_encoder/, tokenizer/), so the
-same settings later point at the real Wan2.2-TI2V-5B-Diffusers. See megamoe/tools/random_encoders.py.
+same settings later point at the real Wan2.2-TI2V-5B-Diffusers. Needs the `video` extra
+(diffusers, transformers). See megamoe/tools/random_encoders.py.
 """
 
 from __future__ import annotations

@@ -133,6 +133,17 @@ def test_make_shards_skips_a_caption_that_is_not_utf8_as_the_loader_would(tmp_pa
     assert info.value.cause == "bad_caption"
 
 
+def test_make_shards_names_an_index_that_is_not_utf8(tmp_path, capsys):
+    index = tmp_path / "index.csv"
+    index.write_bytes("path,caption\nclip.mp4,a caf\u00e9 scene\n".encode("latin-1"))
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool("make_shards").main(["--index", str(index), "--out", str(tmp_path / "raw"), "--quiet"])
+    assert exit_info.value.code == 2
+    (message,) = capsys.readouterr().err.strip().splitlines()
+    assert message.startswith(f"error: {index}: not UTF-8 (byte ")
+    assert not (tmp_path / "raw").exists()
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """Tiny random Wan VAE and umT5 (megamoe/tools/random_encoders.py): (vae path, text encoder path)."""
