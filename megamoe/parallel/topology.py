@@ -73,6 +73,10 @@ def init_distributed(parallel: ParallelConfig, device: torch.device, timeout_min
         else:
             store = _store_of_this_attempt(timeout)
         dist.init_process_group(backend_for(device), timeout=timeout, **store)
+    if dist.get_backend() == "gloo":  # before DeepSpeed's first init_distributed (engine or expert groups)
+        from megamoe.deepspeed_adapter import skip_shared_memory_all_reduce
+
+        skip_shared_memory_all_reduce()
     return _model_parallel_groups(parallel, device)
 
 
@@ -173,14 +177,8 @@ def share_expert_groups_with_deepspeed(expert_parallel_size: int) -> str:
     """
     import deepspeed
 
-    from megamoe.deepspeed_adapter import (
-        register_expert_groups,
-        registered_expert_groups,
-        skip_shared_memory_all_reduce,
-    )
+    from megamoe.deepspeed_adapter import register_expert_groups, registered_expert_groups
 
-    if dist.get_backend() == "gloo":
-        skip_shared_memory_all_reduce()
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the existing process group
     name = f"ep_size_{expert_parallel_size}"
     ep_group, edp_group = expert_groups()
