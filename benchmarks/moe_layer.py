@@ -119,7 +119,11 @@ def deepspeed_moe(dim, width, experts, k, device, dtype):
     import deepspeed
     from deepspeed.moe.layer import MoE
 
+    from megamoe.deepspeed_adapter import skip_shared_memory_all_reduce
+
     ensure_world_of_one(device)
+    if device.type != "cuda":
+        skip_shared_memory_all_reduce()  # a C++ build for an all-reduce this layer (ep_size 1) never makes
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     layer = MoE(
         hidden_size=dim,

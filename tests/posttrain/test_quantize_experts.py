@@ -184,7 +184,8 @@ def test_trained_mask_drops_experts_and_the_flops_show_it(trained_moe, quantized
     with_masks = flops_per_token(model, held_out)
     dropped = dropped_fraction(model)
     enable_top_any(model, False)
-    assert 0.05 < dropped < 0.5  # at most the second of top-2: the top-1 is always kept
+    # at most the second of top-2 (the top-1 is always kept); on the tiny data all seconds may go
+    assert 0.05 < dropped <= 0.5
     assert with_masks < flops_per_token(model, held_out)
 
 
