@@ -73,10 +73,6 @@ def init_distributed(parallel: ParallelConfig, device: torch.device, timeout_min
         else:
             store = _store_of_this_attempt(timeout)
         dist.init_process_group(backend_for(device), timeout=timeout, **store)
-    if dist.get_backend() == "gloo":  # before DeepSpeed's first init_distributed (engine or expert groups)
-        from megamoe.deepspeed_adapter import skip_shared_memory_all_reduce
-
-        skip_shared_memory_all_reduce()
     return _model_parallel_groups(parallel, device)
 
 
@@ -106,6 +102,10 @@ def init_rehearsal_distributed(
 
 def _model_parallel_groups(parallel: ParallelConfig, device: torch.device, gloo_side_groups: bool = True) -> Topology:
     """megatron-core's groups over the default process group, and this rank's place in them."""
+    if device.type != "cuda":  # before DeepSpeed's first init_distributed (engine or expert groups)
+        from megamoe.deepspeed_adapter import skip_shared_memory_all_reduce
+
+        skip_shared_memory_all_reduce()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_parallel_size,
         pipeline_model_parallel_size=1,
