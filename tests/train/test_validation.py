@@ -4,6 +4,7 @@ on 1 and 2 data-parallel ranks; the sample grid's layout; FLOPs per token agains
 counter; the config record on resume; what the progress line shows; the settings' refusals."""
 
 import dataclasses
+import functools
 import re
 
 import numpy as np
@@ -171,15 +172,21 @@ def test_mfu_peak_by_device_name():
     assert peak_flops("Tesla T4") is None
 
 
+def record_config(directory, cfg, start_step):
+    """What a run starting at `start_step` writes as its config record in `directory` (its log line)."""
+    from megamoe.train.logging import RunLogger
+
+    log = RunLogger(str(directory), cfg.train.steps, tensorboard=False, enabled=True)
+    line = log.record_config(cfg, start_step)
+    log.close()
+    return line
+
+
 def test_config_record_keeps_the_first_and_writes_a_changed_one_beside_it(tmp_path):
     from megamoe.config import from_yaml_text
-    from megamoe.train.logging import RunLogger, resolved_intervals
+    from megamoe.train.logging import resolved_intervals
 
-    def record(cfg, start_step):
-        log = RunLogger(str(tmp_path), cfg.train.steps, tensorboard=False, enabled=True)
-        line = log.record_config(cfg, start_step)
-        log.close()
-        return line
+    record = functools.partial(record_config, tmp_path)
 
     cfg = Config(model=MODEL)
     assert "config.yaml" in record(cfg, 0)
@@ -316,13 +323,8 @@ def test_checks_and_loop_use_one_interval():
 
 def test_config_record_holds_the_run_intervals_and_each_change_once(tmp_path):
     from megamoe.config import TrainConfig, from_yaml_text
-    from megamoe.train.logging import RunLogger
 
-    def record(cfg, start_step):
-        log = RunLogger(str(tmp_path), cfg.train.steps, tensorboard=False, enabled=True)
-        line = log.record_config(cfg, start_step)
-        log.close()
-        return line
+    record = functools.partial(record_config, tmp_path)
 
     def written(name):
         return from_yaml_text((tmp_path / name).read_text()).logging
