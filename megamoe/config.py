@@ -140,6 +140,24 @@ class MoEConfig:
 
 
 @dataclass
+class BlockRouterConfig:
+    """Dr.LLM block routers: per sample, each block is skipped, executed or repeated (megamoe/model/block_routing.py)."""
+
+    enabled: bool = False
+    """Route each sample's path through the blocks by one small router per block; false = every block runs once."""
+    windows: int = 4
+    """Windows of consecutive tokens a router mean-pools the sample's hidden states over (its logits are averaged over them)."""
+    hidden_dim: int = 64
+    """Hidden width of each block's router MLP."""
+    budget: float = 0.75
+    """Path search: most block runs per sample as a fraction of model.num_layers (a repeat counts twice)."""
+    focal_gamma: float = 2.0
+    """Router training: focusing exponent of the focal loss (0 = class-balanced cross-entropy)."""
+    balance_beta: float = 0.999
+    """Router training: class weights (1 - beta) / (1 - beta^count) by effective number (Cui et al. 2019); 0 = unweighted."""
+
+
+@dataclass
 class ModelConfig:
     """The Wan2.x video DiT; field names follow diffusers' `WanTransformer3DModel`."""
 
@@ -169,6 +187,8 @@ class ModelConfig:
     """Largest patch-grid extent the rotary tables cover, per axis."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-Experts FFNs (dense when moe.num_experts is 0)."""
+    block_router: BlockRouterConfig = field(default_factory=BlockRouterConfig)
+    """Dr.LLM block skip / execute / repeat routers (off by default: every block runs once)."""
 
 
 @dataclass

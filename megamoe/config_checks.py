@@ -15,6 +15,7 @@ import json
 import os
 
 from megamoe.config import (
+    BlockRouterConfig,
     Config,
     ConfigError,
     DataConfig,
@@ -58,6 +59,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         f"model.patch_size must be three positive ints (frames, height, width), got {m.patch_size}",
     )
     _validate_moe(m)
+    _validate_block_router(m)
     names = ("tensor_parallel_size", "context_parallel_size", "expert_parallel_size")
     for name in names:
         _check(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
@@ -333,6 +335,24 @@ def _validate_sample_shapes(cfg: Config) -> None:
     for name, shape in known:
         problem = shape_problem(shape, video, compression, m.patch_size, shards, m.rope_max_seq_len, shards_name)
         _check(problem is None, f"{name} {problem}; change it, or the setting named")
+
+
+def _validate_block_router(m: ModelConfig) -> None:
+    """Dr.LLM block routers (megamoe/model/block_routing.py): ranges, and no setting while they are off."""
+    r = m.block_router
+    if not r.enabled:
+        keys = [f.name for f in dataclasses.fields(BlockRouterConfig) if f.name != "enabled"]
+        why, fix = "while model.block_router.enabled=false", "set model.block_router.enabled=true or remove it"
+        _refuse_changed(r, BlockRouterConfig(), keys, "model.block_router", why, fix)
+        return
+    _check(r.windows >= 1, f"model.block_router.windows must be >= 1, got {r.windows}")
+    _check(r.hidden_dim >= 1, f"model.block_router.hidden_dim must be >= 1, got {r.hidden_dim}")
+    _check(
+        0 < r.budget <= 2,
+        f"model.block_router.budget={r.budget} must be in (0, 2] (block runs per sample / model.num_layers)",
+    )
+    _check(r.focal_gamma >= 0, f"model.block_router.focal_gamma must be >= 0, got {r.focal_gamma}")
+    _check(0 <= r.balance_beta < 1, f"model.block_router.balance_beta must be in [0, 1), got {r.balance_beta}")
 
 
 def _validate_moe(m: ModelConfig) -> None:

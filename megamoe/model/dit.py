@@ -21,6 +21,7 @@ from torch import nn
 
 from megamoe.config import ModelConfig
 from megamoe.model.attention import WanAttention
+from megamoe.model.block_routing import BlockPaths
 from megamoe.model.feed_forward import FeedForward
 from megamoe.model.init import ZEROS, Init, inits_of, materialize
 from megamoe.model.init import reset_parameters as reset_with_torch_rng
@@ -167,6 +168,7 @@ class WanDiT(nn.Module):
         self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=self.patch_size, stride=self.patch_size)
         self.condition_embedder = ConditionEmbedder(cfg)
         self.blocks = nn.ModuleList(WanBlock(cfg, i) for i in range(cfg.num_layers))
+        self.block_paths = BlockPaths(cfg) if cfg.block_router.enabled else None
         self.norm_out = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(self.patch_size))
         # The head is modulated by temb itself (not the 6-way projection): shift, scale.
@@ -241,8 +243,11 @@ class WanDiT(nn.Module):
             token_offset=shards.index * x.shape[1],
         )
         rope = shards.shard_rope(*self.rope(grid, x.device))
-        for block in self.blocks:
-            x = block(x, text, modulation, rope, ctx)
+        if self.block_paths is not None:  # Dr.LLM routers pick each sample's path (model/block_routing.py)
+            x = self.block_paths(self.blocks, x, text, modulation, rope, ctx, shards)
+        else:
+            for block in self.blocks:
+                x = block(x, text, modulation, rope, ctx)
         shift, scale = (self.scale_shift_table[None] + temb[:, :, None]).unbind(2)
         x = _modulate(self.norm_out(x.float()), shift, scale, x.dtype)
         return self._unpatchify(shards.gather(self.proj_out(x)), grid)
