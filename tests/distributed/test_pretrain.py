@@ -148,21 +148,22 @@ def resume_args(data_cache):
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory, data_cache):
     """An MoE run at EP=2 with gradient accumulation, ZeRO-2, EMA and aux-free biases, so that every
-    piece of state must come back: uninterrupted (`full`), and "preempted" after step 4 then resumed
-    (`part`). Returns (full, part, the resumed run's result)."""
+    piece of state must come back: uninterrupted (`full`), and a second run (`part`) that starts from
+    the uninterrupted run's checkpoint of step 4, as a job does after a preemption. Returns (full, part,
+    the resumed run's result). (Stopping at a signal and `--resume auto` are test_resilience.py's.)"""
     tmp = tmp_path_factory.mktemp("resume")
     extra = resume_args(data_cache)
     full, part = tmp / "full", tmp / "part"
     pretrain([*extra, f"train.output_dir={full}"])
-    pretrain([*extra, f"train.output_dir={part}", "train.exit_interval=4"])
-    resumed = pretrain([*extra, f"train.output_dir={part}", "--resume", "latest"])
+    resumed = pretrain([*extra, f"train.output_dir={part}", "--resume", str(full / "checkpoints" / "step_00000004")])
     return full, part, resumed
 
 
 def test_resume_reproduces_the_uninterrupted_losses_exactly(interrupted):
     full, part, resumed = interrupted
-    assert f"resumed from {part / 'checkpoints' / 'step_00000004'} at step 4" in resumed.stdout
+    assert f"resumed from {full / 'checkpoints' / 'step_00000004'} at step 4" in resumed.stdout
     uninterrupted, continued = read_metrics(full), read_metrics(part)
+    assert sorted(continued) == list(range(5, 9))
     for step in range(5, 9):
         for name in ("loss", "grad_norm", "lr"):
             assert continued[step][name] == uninterrupted[step][name], (step, name)
@@ -181,7 +182,7 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(interrupted):
 def test_unloadable_checkpoint_is_one_line_error_and_left_untouched(interrupted, tmp_path, data_cache):
     out = tmp_path / "run"
     ckpt = out / "checkpoints" / "step_00000004"
-    shutil.copytree(interrupted[1] / "checkpoints" / "step_00000004", ckpt)
+    shutil.copytree(interrupted[0] / "checkpoints" / "step_00000004", ckpt)
     victim = ckpt / "rank_00001.pt"
     victim.write_bytes(b"\0" * victim.stat().st_size)  # same size: passes the size check, fails to load
     before = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 
+import pytest
 import torch
 
 from tests.distributed.launch_helpers import (
@@ -65,8 +66,23 @@ def assert_same_weights(a, b):
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), "weights differ"
 
 
-def test_sigterm_to_torchrun_saves_and_resume_auto_continues_exactly(tmp_path, data_cache):
-    part, full = tmp_path / "part", tmp_path / "full"
+REFERENCE_STEPS = 24
+"""How far the uninterrupted reference run goes (of a 400-step schedule): past any step the faults below compare."""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_cache):
+    """The run the fault tests must reproduce: 400-step schedule, stopped after REFERENCE_STEPS,
+    a checkpoint every 3 steps. Saving changes nothing in the run (each step's noise is a function
+    of its coordinates), so runs that save at other steps compare with it."""
+    full = tmp_path_factory.mktemp("uninterrupted") / "run"
+    extra = [*SMALL, "checkpoint.every_steps=3", "checkpoint.keep_last=10", f"train.exit_interval={REFERENCE_STEPS}"]
+    pretrain(common(full, data_cache, 400, *extra))
+    return full
+
+
+def test_sigterm_to_torchrun_saves_and_resume_auto_continues_exactly(tmp_path, data_cache, uninterrupted):
+    part = tmp_path / "part"
     args = common(part, data_cache, 400, *SMALL, "checkpoint.every_steps=0")  # only the preemption saves
     run = start_pretrain(args + ["--resume", "auto"])  # a fresh start: nothing to resume yet
     wait_until(lambda: steps_logged(part) >= 3, "3 steps", run)
@@ -82,14 +98,14 @@ def test_sigterm_to_torchrun_saves_and_resume_auto_continues_exactly(tmp_path, d
     assert "forcefully" not in err  # the workers exited on their own, before torchrun's kill timeout
     assert run.returncode != 0 and "got signal: 15" in err  # torchrun re-raises a signal it forwarded
 
+    assert stopped + 3 <= REFERENCE_STEPS, f"stopped at step {stopped}: raise REFERENCE_STEPS"
     stop_at = [f"train.exit_interval={stopped + 3}"]  # compare three steps after the preemption
     resumed = pretrain(args + stop_at + ["--resume", "auto"])
     assert f"resumed from {part / 'checkpoints' / saved[0]} at step {stopped}" in resumed.stdout
-    pretrain(common(full, data_cache, 400, *SMALL, "checkpoint.every_steps=0") + stop_at)
-    uninterrupted, continued = read_metrics(full), read_metrics(part)
+    reference, continued = read_metrics(uninterrupted), read_metrics(part)
     for step in range(stopped + 1, stopped + 4):
         for name in ("loss", "grad_norm", "lr"):
-            assert continued[step][name] == uninterrupted[step][name], (step, name)
+            assert continued[step][name] == reference[step][name], (step, name)
 
 
 def test_a_signal_reaching_one_rank_stops_all_after_the_same_step(tmp_path, data_cache):
@@ -131,13 +147,13 @@ def test_save_killed_mid_write_is_skipped_by_resume_auto(tmp_path, data_cache):
     assert checkpoints(out_dir) == ["step_00000002", "step_00000004", "step_00000006"]  # the stale temp dir is gone
 
 
-def test_max_restarts_brings_a_killed_rank_back_with_identical_final_weights(tmp_path, data_cache):
-    job, full = tmp_path / "job", tmp_path / "full"
-    extra = [*SMALL, "checkpoint.every_steps=3", "checkpoint.keep_last=10"]
+def test_max_restarts_brings_a_killed_rank_back_with_identical_final_weights(tmp_path, data_cache, uninterrupted):
+    job = tmp_path / "job"
+    extra = [*SMALL, "checkpoint.every_steps=3", "checkpoint.keep_last=10", "train.exit_interval=12"]
     # The save of step 6 stalls a few seconds, so the job is surely still running when rank 1 is killed,
     # after step 5 is logged: the restart resumes from step 3 and redoes steps 4 and 5.
     run = start_pretrain(
-        common(job, data_cache, 12, *extra) + ["--resume", "auto"],
+        common(job, data_cache, 400, *extra) + ["--resume", "auto"],
         faults={"MEGAMOE_TEST_SLOW_SAVE": "6:5"},
         torchrun_args=["--max-restarts", "1"],
     )
@@ -148,15 +164,15 @@ def test_max_restarts_brings_a_killed_rank_back_with_identical_final_weights(tmp
     assert "resumed from" in out  # the restarted workers continued from a checkpoint
     assert "INJECTED a stall of 5 s in the save of step 6" in out
 
-    pretrain(common(full, data_cache, 12, *extra))
-    assert_same_weights(weights(job / "checkpoints" / "step_00000012"), weights(full / "checkpoints" / "step_00000012"))
+    final = "checkpoints/step_00000012"
+    assert_same_weights(weights(job / final), weights(uninterrupted / final))
     # metrics.jsonl holds each step once, as the uninterrupted run logged it
     logged = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
-    uninterrupted = read_metrics(full)
+    reference = read_metrics(uninterrupted)
     assert [m["step"] for m in logged] == list(range(1, 13))
     for m in logged:
         for name in ("loss", "grad_norm", "lr"):
-            assert m[name] == uninterrupted[m["step"]][name], (m["step"], name)
+            assert m[name] == reference[m["step"]][name], (m["step"], name)
 
 
 def router_buffers(state) -> dict:
