@@ -140,6 +140,27 @@ class MoEConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA-Mixer: routed low-rank experts on the attention projections, for fine-tuning a frozen base
+    (megamoe/model/lora_mixer.py); `num_experts: 0` adds none."""
+
+    num_experts: int = 0
+    """LoRA experts per adapted projection; 0 = no adapters (the model as it is, every weight trains)."""
+    rank: int = 8
+    """Rank r of each expert's update B A (A: r x in, B: out x r)."""
+    alpha: float = 16.0
+    """LoRA scale numerator: the routed update is multiplied by alpha / rank."""
+    top_k: int = 2
+    """Experts each token uses per projection (hard top-k; their renormalised router weights mix them)."""
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
+    """Attention projections that get routed experts, in self- and cross-attention: any of q, k, v, o."""
+    balance_loss: float = 0.01
+    """Weight of the load-balance part of LoRA-Mixer's routing loss (E x sum_e load_e x mean prob_e, per projection)."""
+    entropy_loss: float = 0.0
+    """Weight of the specialization part: mean entropy of each token's router distribution (lower = sharper routing)."""
+
+
+@dataclass
 class BlockRouterConfig:
     """Dr.LLM block routers: per sample, each block is skipped, executed or repeated (megamoe/model/block_routing.py)."""
 
@@ -187,6 +208,8 @@ class ModelConfig:
     """Largest patch-grid extent the rotary tables cover, per axis."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-Experts FFNs (dense when moe.num_experts is 0)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA-Mixer routed adapters on attention; with lora.num_experts > 0 only they train (0: none, as before)."""
     block_router: BlockRouterConfig = field(default_factory=BlockRouterConfig)
     """Dr.LLM block skip / execute / repeat routers (off by default: every block runs once)."""
 

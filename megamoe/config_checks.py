@@ -21,6 +21,7 @@ from megamoe.config import (
     DataConfig,
     DiffusionConfig,
     LoggingConfig,
+    LoRAConfig,
     ModelConfig,
     MoEConfig,
     can_embed_captions,
@@ -59,6 +60,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         f"model.patch_size must be three positive ints (frames, height, width), got {m.patch_size}",
     )
     _validate_moe(m)
+    _validate_lora(cfg)
     _validate_block_router(m)
     names = ("tensor_parallel_size", "context_parallel_size", "expert_parallel_size")
     for name in names:
@@ -353,6 +355,36 @@ def _validate_block_router(m: ModelConfig) -> None:
     )
     _check(r.focal_gamma >= 0, f"model.block_router.focal_gamma must be >= 0, got {r.focal_gamma}")
     _check(0 <= r.balance_beta < 1, f"model.block_router.balance_beta must be in [0, 1), got {r.balance_beta}")
+
+
+def _validate_lora(cfg: Config) -> None:
+    """LoRA-Mixer adapters (megamoe/model/lora_mixer.py): ranges, and no setting while they are off."""
+    r = cfg.model.lora
+    _check(r.num_experts >= 0, f"model.lora.num_experts must be >= 0 (0 = no adapters), got {r.num_experts}")
+    if r.num_experts == 0:
+        keys = [f.name for f in dataclasses.fields(LoRAConfig) if f.name != "num_experts"]
+        why, fix = "without adapters (model.lora.num_experts=0)", "set model.lora.num_experts > 0 or remove it"
+        _refuse_changed(r, LoRAConfig(), keys, "model.lora", why, fix)
+        return
+    _check(r.rank >= 1, f"model.lora.rank must be >= 1, got {r.rank}")
+    _check(r.alpha > 0, f"model.lora.alpha must be > 0, got {r.alpha}")
+    _check(
+        1 <= r.top_k <= r.num_experts,
+        f"model.lora.top_k={r.top_k} must be in 1..model.lora.num_experts={r.num_experts}",
+    )
+    _check(
+        len(r.targets) > 0 and set(r.targets) <= {"q", "k", "v", "o"} and len(set(r.targets)) == len(r.targets),
+        f"model.lora.targets={list(r.targets)} must name distinct projections among q, k, v, o",
+    )
+    for name in ("balance_loss", "entropy_loss"):
+        _check(getattr(r, name) >= 0, f"model.lora.{name} must be >= 0, got {getattr(r, name)}")
+    # Column/row-parallel q, k, v, o would need the adapters' B (resp. A) split the same way and the
+    # routers' gradients summed over TP; a frozen 5B base fits one GPU, so TP is not needed for it.
+    _check(
+        cfg.parallel.tensor_parallel_size == 1,
+        f"model.lora (LoRA-Mixer adapters) does not support parallel.tensor_parallel_size="
+        f"{cfg.parallel.tensor_parallel_size}; set it to 1 (use context or data parallelism)",
+    )
 
 
 def _validate_moe(m: ModelConfig) -> None:

@@ -25,6 +25,7 @@ from megamoe.model.block_routing import BlockPaths
 from megamoe.model.feed_forward import FeedForward
 from megamoe.model.init import ZEROS, Init, inits_of, materialize
 from megamoe.model.init import reset_parameters as reset_with_torch_rng
+from megamoe.model.lora_mixer import freeze_base
 from megamoe.model.rope import WanRotaryEmbedding
 from megamoe.moe.layer import MoEFeedForward, moe_layer_indices
 from megamoe.moe.routers.base import RoutingContext
@@ -94,9 +95,9 @@ class WanBlock(nn.Module):
         super().__init__()
         dim = cfg.dim
         self.norm1 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
-        self.attn1 = WanAttention(dim, cfg.num_heads, cfg.eps)
+        self.attn1 = WanAttention(dim, cfg.num_heads, cfg.eps, cfg.lora)
         self.norm2 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
-        self.attn2 = WanAttention(dim, cfg.num_heads, cfg.eps)
+        self.attn2 = WanAttention(dim, cfg.num_heads, cfg.eps, cfg.lora)
         self.norm3 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         if layer_index in moe_layer_indices(cfg):
             self.ffn = MoEFeedForward(
@@ -175,6 +176,8 @@ class WanDiT(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.empty(1, 2, dim))
         self.sequence_sharding = NoSequenceSharding()
         self.reset_parameters()
+        if cfg.lora.num_experts > 0:  # LoRA-Mixer fine-tuning: only the adapters train
+            freeze_base(self)
 
     def parameter_inits(self) -> dict[str, Init]:
         """Wan's from-scratch initialisation, where it differs from megamoe.model.init's defaults

@@ -374,8 +374,8 @@ def load_diffusers_weights(model: torch.nn.Module, source, shards: Mapping[str, 
     targets = model.state_dict(keep_vars=True)
     if any(t.is_meta for t in targets.values()):
         raise WeightsError("the model is on the meta device; call model.to_empty(device=...) before loading weights")
-    for key, target in targets.items():
-        target.copy_(source.read(key, shards[key].index))  # copy_ casts to the tensor's dtype and device
+    for key, shard in shards.items():  # every key, or those `shards` names (a base under LoRA adapters)
+        targets[key].copy_(source.read(key, shard.index))  # copy_ casts to the tensor's dtype and device
 
 
 def read_state_dict(directory: str) -> dict[str, torch.Tensor]:

@@ -114,6 +114,7 @@ def shard_experts(experts: GroupedExperts, ep_rank: int, ep_size: int) -> Groupe
         for name in ("w1", "b1", "w2", "b2"):
             getattr(shard, name).copy_(getattr(experts, name)[start : start + local])
     shard.use_grouped_mm = experts.use_grouped_mm
+    shard.requires_grad_(experts.w1.requires_grad)  # a frozen base (model.lora) stays frozen when sliced
     return shard
 
 

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from megamoe.atomic_files import AtomicFile, write_text_atomic
 from megamoe.config import ModelConfig
 from megamoe.model.dit import build_model
+from megamoe.model.lora_mixer import draw_adapters, fine_tunes_base, is_adapter_key
 from megamoe.model.weights import (
     INDEX_NAME,
     LocalShard,
@@ -95,7 +96,10 @@ def open_init_source(path, cfg: ModelConfig) -> tuple[WeightSource, bool]:
     if upcycle:
         check_dense(source, cfg)
     else:
-        check_matches(source, cfg, {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()})
+        expected = {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()}
+        if fine_tunes_base(cfg.lora, source.shapes):  # the base of a LoRA-Mixer fine-tune: adapters are drawn
+            expected = {k: shape for k, shape in expected.items() if not is_adapter_key(k)}
+        check_matches(source, cfg, expected)
     return source, upcycle
 
 
@@ -114,6 +118,10 @@ def init_from(model: torch.nn.Module, path, seed: int) -> str:
         mode = mode_of(model.cfg)
         upcycle_into(model, source, mode, seed, shards)
         return f"upcycled the dense {source.what} into {model.cfg.moe.num_experts} experts ({mode} mode, seed {seed})"
+    if fine_tunes_base(model.cfg.lora, source.shapes):
+        load_diffusers_weights(model, source, {k: s for k, s in shards.items() if not is_adapter_key(k)})
+        draw_adapters(model, seed)
+        return f"loaded the base weights from {source.what}; LoRA-Mixer adapters drawn from seed {seed}"
     load_diffusers_weights(model, source, shards)
     return f"loaded weights from {source.what}"
 

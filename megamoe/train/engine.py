@@ -72,6 +72,12 @@ def build_engine(model: torch.nn.Module, cfg: Config):
     params = [p for p in model.parameters() if p.requires_grad]
     if any(is_expert_parameter(p) for p in params):
         return _expert_aware_engine(model, params, schedule, cfg)
+    if any(is_expert_parameter(p) for p in model.parameters()):
+        # Frozen experts (a LoRA-Mixer fine-tune of an MoE model): nothing to reduce over their groups,
+        # but DeepSpeed still broadcasts every parameter at start-up, experts over their own group.
+        from megamoe.parallel.topology import share_expert_groups_with_deepspeed
+
+        share_expert_groups_with_deepspeed(cfg.parallel.expert_parallel_size)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=params, lr_scheduler=schedule, mpu=DeepSpeedMPU(), config=deepspeed_config(cfg)
     )

@@ -11,6 +11,7 @@ import torch
 
 from megamoe.config import Config
 from megamoe.diffusion.flow import flow_matching_loss
+from megamoe.model.lora_mixer import routing_losses
 from megamoe.moe.layer import collect_aux, moe_layers
 from megamoe.moe.router_losses import layer_reg_loss
 
@@ -25,6 +26,8 @@ def loss_weights(cfg: Config) -> dict[str, float]:
         "layer_reg": moe.layer_reg_loss,
         "capacity": moe.capacity_loss,
         "tsallis": moe.tsallis_loss,
+        "lora_balance": cfg.model.lora.balance_loss,  # LoRA-Mixer's routing loss (model/lora_mixer.py)
+        "lora_entropy": cfg.model.lora.entropy_loss,
     }
 
 
@@ -51,7 +54,7 @@ def training_loss(
     flow, target = flow_matching_loss(model, latents, text, cfg.diffusion, generator)
     total, parts = flow, {"flow": flow.detach()}
     weights = loss_weights(cfg)
-    for name, value in collect_aux(module).items():
+    for name, value in {**collect_aux(module), **routing_losses(module)}.items():
         if weights.get(name, 0.0) > 0:
             total = total + weights[name] * value
             parts[name] = value.detach()

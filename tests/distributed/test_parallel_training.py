@@ -6,8 +6,17 @@ parallel_training_harness.py for how the two runs see the same data and noise.""
 import dataclasses
 
 import pytest
+import torch
 
-from tests.distributed.parallel_training_harness import SMALL_MOE, compare_with_single_process, make_config, run
+from megamoe.config import LoRAConfig
+from megamoe.model.lora_mixer import is_adapter_key
+from tests.distributed.parallel_training_harness import (
+    SMALL_MOE,
+    build_reference_model,
+    compare_with_single_process,
+    make_config,
+    run,
+)
 
 TOLERANCE = 1e-5
 TIE_MARGIN = 1e-5
@@ -93,3 +102,20 @@ def test_model_parallel_layouts_match_single_process(world, parallel, single_pro
     assert worst < max(1e-6, weights_gap), (worst, weights_gap)
     # An average, not a copy of the final weights.
     assert max((b[k] - reference["weights"][k]).abs().max().item() for k in b) > 1e-4
+
+
+def test_lora_mixer_at_cp2_ep2_matches_single_process(tmp_path):
+    """LoRA-Mixer adapters (model/lora_mixer.py) on the MoE model, experts split over the CP ranks:
+    the adapters are replicated, each CP rank routes its own tokens and the routing losses come from
+    statistics averaged over the sequence shards (cross-attention's k and v route the text, whole on
+    every rank). Only the adapters train, through DeepSpeed ZeRO-2: every base weight, sliced experts
+    included, ends bit-equal to its start in both runs."""
+    lora = LoRAConfig(num_experts=4, rank=2, alpha=4.0, top_k=2, balance_loss=0.05, entropy_loss=0.01)
+    model = dataclasses.replace(SMALL_MOE, lora=lora)
+    cfg = make_config({"context_parallel_size": 2, "expert_parallel_size": 2}, model=model, steps=3)
+    parallel, reference = compare_with_single_process(cfg, world=2, slices=2, tmp_path=tmp_path)
+    assert_same_run(parallel, reference, steps=3)
+    start = build_reference_model(cfg).state_dict()
+    for run_weights in (parallel["weights"], reference["weights"]):
+        for key, value in run_weights.items():
+            assert torch.equal(value, start[key]) != is_adapter_key(key), key
