@@ -47,6 +47,27 @@ SKIP, EXECUTE, REPEAT = 0, 1, 2
 ACTIONS = ("skip", "execute", "repeat")
 
 
+def block_flops(cfg: ModelConfig, tokens: int, text_tokens: int) -> int:
+    """Forward FLOPs (2 per multiply-add) of one dense WanBlock run on one sample of `tokens` video and
+    `text_tokens` text tokens: the matrix products and the two attentions, which is what a skip saves
+    (the norms and modulation are O(tokens * dim) and left out, as torch's FlopCounterMode leaves them).
+
+    self-attention: q, k, v, o projections 8 L d^2, scores and values 4 L^2 d; cross-attention: q, o
+    4 L d^2, k, v over the text 4 L_text d^2, scores and values 4 L L_text d; FFN 4 L d ffn_dim.
+    Raises ValueError for MoE models (their blocks' cost depends on the routing)."""
+    if cfg.moe.num_experts:
+        raise ValueError("block_flops counts dense blocks; count an MoE model's FLOPs with FlopCounterMode")
+    d, n, t = cfg.dim, tokens, text_tokens
+    return 8 * n * d * d + 4 * n * n * d + 4 * n * d * d + 4 * t * d * d + 4 * n * t * d + 4 * n * d * cfg.ffn_dim
+
+
+def router_flops(cfg: ModelConfig) -> int:
+    """Forward FLOPs of one block's router on one sample: its MLP on each window (the pooling is O(L d))."""
+    r = cfg.block_router
+    windows = r.windows
+    return windows * (2 * 2 * cfg.dim * r.hidden_dim + 2 * r.hidden_dim * len(ACTIONS))
+
+
 def window_means(x: torch.Tensor, offset: int, total: int, windows: int, group=None) -> torch.Tensor:
     """Means of each sample's hidden states over `windows` windows of consecutive tokens: fp32 [B, W, dim].
 

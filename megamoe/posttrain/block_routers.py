@@ -96,6 +96,26 @@ def train_routers(
     return history
 
 
+def fit_routers(model, paths: torch.Tensor, searched: list, levels, seed: int, draws: int, args) -> tuple[list, float]:
+    """Train `model`'s routers (only they: the rest is frozen) on labels paths [N, levels, num_layers]
+    of the batches `searched`, with the search's inputs (seed, draws) and args.steps, args.lr.
+    Returns (the focal loss before each step, the fraction of labels the trained routers pick)."""
+    from megamoe.tools.block_path_search import example_inputs
+
+    inputs = example_inputs(searched, levels, seed, draws)
+    paths = paths.flatten(0, 1).long()  # [E, num_layers], example = sample * levels + level
+    features = router_inputs(model, inputs, paths)
+    targets = paths.repeat(draws, 1)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.block_paths.routers.parameters():
+        p.requires_grad_(True)
+    history = train_routers(model.block_paths, features, targets, model.cfg.block_router, args.steps, args.lr)
+    with torch.no_grad():
+        picked = torch.stack([decide(r(w, n)) for r, (w, n) in zip(model.block_paths.routers, features)], 1)
+    return history, float((picked == targets).float().mean())
+
+
 def routed_figures(model, batches: list, levels) -> dict:
     """Validation loss of the plain model (every block once) and of the routed one on `batches`, and the
     routed model's block runs per sample (mean, and per level)."""
@@ -153,7 +173,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from megamoe.tools.block_path_search import example_inputs, load_routed_model, read_labels
+    from megamoe.tools.block_path_search import load_routed_model, read_labels
 
     args = parse_args(argv)
     try:
@@ -174,21 +194,11 @@ def main(argv=None) -> int:
         return EXIT_BAD_INPUT
     levels = tuple(meta["levels"])
     searched, held_out = batches[: meta["batches"]], batches[meta["batches"] :]
-    inputs = example_inputs(searched, levels, meta["seed"], meta["draws"])
-    paths = labels["paths"].flatten(0, 1).long()  # [E, num_layers], example = sample * levels + level
-    features = router_inputs(model, inputs, paths)
-    targets = paths.repeat(meta["draws"], 1)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in model.block_paths.routers.parameters():
-        p.requires_grad_(True)
-    history = train_routers(model.block_paths, features, targets, cfg.model.block_router, args.steps, args.lr)
-    with torch.no_grad():
-        picked = torch.stack([decide(r(w, n)) for r, (w, n) in zip(model.block_paths.routers, features)], 1)
+    history, accuracy = fit_routers(model, labels["paths"], searched, levels, meta["seed"], meta["draws"], args)
     runs = labels["paths"].float().sum(-1)
     report = {
         "router_loss": {"first": history[0], "last": history[-1]},
-        "label_accuracy": float((picked == targets).float().mean()),
+        "label_accuracy": accuracy,
         "labels": {
             "runs_per_sample": float(runs.mean()),
             "loss_plain": float(labels["loss_plain"].mean()),

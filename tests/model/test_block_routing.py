@@ -9,9 +9,11 @@ import re
 import pytest
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from megamoe.config import BlockRouterConfig, ModelConfig, MoEConfig
-from megamoe.model.block_routing import decide, fixed_paths, recorded_inputs, window_means
+from megamoe.model.block_routing import block_flops, decide, fixed_paths, recorded_inputs, router_flops, window_means
 from megamoe.model.dit import build_model
 
 ROUTED = BlockRouterConfig(enabled=True, windows=3, hidden_dim=16)
@@ -108,6 +110,28 @@ def test_routers_decide_from_windowed_means_and_noise_level():
     window = torch.arange(32) * 3 // 32  # token p in window floor(3p / 32): 11, 11 and 10 tokens
     naive_means = torch.stack([x[:, window == w].mean(1) for w in range(3)], dim=1)
     torch.testing.assert_close(recorded[0][0], naive_means, rtol=0, atol=1e-6)
+
+
+def test_block_and_router_flops_equal_the_counted_flops_of_a_path():
+    """The closed forms against torch's FlopCounterMode on the routed forward: a fixed path costs its
+    block runs times block_flops over the all-skip forward; the routers' own choice adds their MLPs."""
+    model = with_routers(build_model(DENSE))
+    latents, timestep, text = inputs(2)
+
+    def counted(counts=None):
+        counter = FlopCounterMode(display=False)
+        paths = fixed_paths(model, counts) if counts is not None else contextlib.nullcontext()
+        # The math backend: FlopCounterMode does not count the CPU flash-attention kernel at all.
+        with counter, torch.no_grad(), paths, sdpa_kernel(SDPBackend.MATH):
+            model(latents, timestep, text)
+        return counter.get_total_flops()
+
+    stem_and_head = counted(torch.zeros(2, 3, dtype=torch.long))
+    counts = torch.tensor([[2, 0, 1], [1, 1, 0]])
+    assert counted(counts) - stem_and_head == block_flops(DENSE, 32, 5) * int(counts.sum())
+    routed = counted() - stem_and_head
+    runs = int(model.block_paths.last_counts.sum())
+    assert routed == block_flops(DENSE, 32, 5) * runs + router_flops(DENSE) * 3 * 2
 
 
 def test_window_means_of_chunks_add_up_to_the_whole_sequence():

@@ -121,13 +121,27 @@ def test_search_and_router_training_tools_end_to_end(trained_moe, tmp_path, caps
     """The two commands on a trained 2-block MoE checkpoint, budget 1 run: labels within the budget at
     the brute-force best, routers saved and loadable, a report with both models' held-out figures."""
     labels_dir, routers_dir = tmp_path / "labels", tmp_path / "routers"
-    common = ["--checkpoint", str(trained_moe), "--out", str(labels_dir), "--batches", "1", "--draws", "1"]
+    common = [
+        "--checkpoint",
+        str(trained_moe),
+        "--out",
+        str(labels_dir),
+        "--batches",
+        "1",
+        "--draws",
+        "1",
+        "--rounds",
+        "1",
+    ]
     assert search_main([*common, "--set", "model.block_router.budget=0.5"]) == 0
     labels, meta = read_labels(labels_dir)
     assert labels["paths"].shape == (4, 5, 2) and meta["search"] == "greedy"
     assert int(labels["paths"].long().sum(-1).max()) <= max_runs(0.5, 2) == 1
     assert bool((labels["loss"] <= labels["loss_plain"] + 1.0).all())
-    assert train_main(["--labels", str(labels_dir), "--out", str(routers_dir), "--steps", "20"]) == 0
+    assert (
+        train_main(["--labels", str(labels_dir), "--out", str(routers_dir), "--steps", "20", "--eval-batches", "1"])
+        == 0
+    )
     report = json.loads((routers_dir / "report.json").read_text())
     assert report["router_loss"]["last"] < report["router_loss"]["first"]
     assert set(report["held_out"]) >= {"loss_plain", "loss_routed", "runs_per_sample"}
