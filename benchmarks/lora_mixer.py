@@ -12,7 +12,8 @@ the tiny config (configs/tiny.yaml's model with the same adapter settings):
     2 x the base forward (the forward and the input gradients; frozen weights need no weight
     gradient) + 3 x the adapters';
   - CPU time of a training step (forward, backward, AdamW step) and of a forward, interleaved in one
-    process (full, lora, full, lora, ...; the first round warms up; median of the rest) on the tiny model;
+    process (full, lora, full, lora, ...; the first round warms up; median of the rest): one
+    self-attention at the 5B width (3072, 24 heads) on 512 tokens, and the whole tiny model;
   - the merged export's error (posttrain/lora_export.py): the tiny model fine-tuned for --merge-steps
     steps on a fixed batch, gates calibrated on 4 batches, then the RMS of the merged dense model's
     prediction minus the routed model's, as a fraction of the routed model's own change from the base
@@ -31,7 +32,7 @@ import torch
 from megamoe.config import DiffusionConfig, LoRAConfig, load_config
 from megamoe.diffusion.flow import flow_matching_loss
 from megamoe.model.dit import build_model, count_parameters
-from megamoe.model.lora_mixer import flops_per_token, routing_losses, trainable_parameters
+from megamoe.model.lora_mixer import flops_per_token, freeze_base, routing_losses, trainable_parameters
 from megamoe.posttrain import lora_export
 from megamoe.train.throughput import forward_flops_per_token
 
@@ -105,6 +106,46 @@ def time_steps(model_cfg, repeats: int) -> None:
     )
 
 
+def time_attention(model_cfg, tokens: int, repeats: int) -> None:
+    """One self-attention at the model's width on `tokens` tokens: base trained in full against
+    frozen with adapters (its q, k, v, o, the adapters' share of a real block's attention FLOPs)."""
+    from megamoe.model.attention import WanAttention
+    from megamoe.model.init import reset_parameters
+
+    layers = {}
+    for name, lora in (("full", None), ("lora", model_cfg.lora)):
+        torch.manual_seed(0)
+        layer = WanAttention(model_cfg.dim, model_cfg.num_heads, model_cfg.eps, lora)
+        reset_parameters(layer)
+        if lora is not None:  # frozen base; B made non-zero, as after some training
+            freeze_base(layer)
+            for adapter in layer.lora.values():
+                adapter.lora_B.data.normal_(std=1e-3)
+        layers[name] = (layer, torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad]))
+    x = torch.randn(1, tokens, model_cfg.dim)
+    step_times, forward_times = {k: [] for k in layers}, {k: [] for k in layers}
+    for _ in range(repeats + 1):
+        for name, (layer, optimizer) in layers.items():
+            start = time.perf_counter()
+            out = layer(x)
+            optimizer.zero_grad()
+            out.square().mean().backward()
+            optimizer.step()
+            step_times[name].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            with torch.no_grad():
+                layer(x)
+            forward_times[name].append(time.perf_counter() - start)
+    step = {k: statistics.median(v[1:]) for k, v in step_times.items()}
+    forward = {k: statistics.median(v[1:]) for k, v in forward_times.items()}
+    print(
+        f"CPU time, one self-attention of width {model_cfg.dim} on {tokens} tokens ({torch.get_num_threads()} threads, "
+        f"median of {repeats}): training step full {step['full'] * 1e3:.0f} ms, LoRA-Mixer {step['lora'] * 1e3:.0f} ms "
+        f"({step['lora'] / step['full']:.3f}x); forward base {forward['full'] * 1e3:.0f} ms, with adapters "
+        f"{forward['lora'] * 1e3:.0f} ms ({forward['lora'] / forward['full']:.3f}x)"
+    )
+
+
 def merge_error(model_cfg, steps: int) -> None:
     diffusion = DiffusionConfig(text_dropout=0.0)
     base, model = pretrained(dataclasses.replace(model_cfg, lora=LoRAConfig())), pretrained(model_cfg)
@@ -143,6 +184,7 @@ def main() -> None:
     memory_and_flops("Wan2.2-TI2V-5B", big.model, tokens=27_280, text_len=big.data.text_len)  # a 720p 121-frame clip
     tiny = dataclasses.replace(load_config("configs/tiny.yaml").model, lora=big.model.lora)
     memory_and_flops("tiny", tiny, tokens=5 * 8 * 8, text_len=8)
+    time_attention(big.model, tokens=512, repeats=args.repeats)
     time_steps(tiny, args.repeats)
     merge_error(tiny, args.merge_steps)
 
