@@ -172,9 +172,15 @@ def freeze_base(model: nn.Module) -> None:
 
 
 def routing_losses(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{'lora_balance', 'lora_entropy'} of the model's last forward, each summed over its adapters
-    (empty without adapters): the unsharded values on every rank of a sequence-sharded model."""
-    found = [m.stats for m in adapters(model).values() if m.stats is not None]
+    """{'lora_balance', 'lora_entropy'} of the model's last forward, each summed over the adapters that
+    ran in it (empty without adapters): the unsharded values on every rank of a sequence-sharded model.
+    Reading them consumes them, so an adapter a later forward does not run (a block skipped by a block
+    router) is not counted again from a graph its backward has freed."""
+    found = []
+    for m in adapters(model).values():
+        if m.stats is not None:
+            found.append(m.stats)
+            m.stats = None
     if not found:
         return {}
     sharding = model.sequence_sharding

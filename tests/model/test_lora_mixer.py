@@ -111,6 +111,7 @@ def test_routing_losses_equal_their_closed_forms():
     entropy = -(a * math.log(a) + (e - 1) * b * math.log(b))
     assert losses["lora_balance"].item() == pytest.approx(balance, rel=1e-6)
     assert losses["lora_entropy"].item() == pytest.approx(entropy, rel=1e-6)
+    assert routing_losses(holder) == {}  # read once: an adapter that does not run again is not counted again
     # Uniform routing (zero router): balance 1 and entropy ln E, the two ends of the scale.
     with torch.no_grad():
         adapter.router.weight.zero_()
