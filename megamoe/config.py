@@ -140,6 +140,27 @@ class MoEConfig:
 
 
 @dataclass
+class MixtureOfDepthsConfig:
+    """Mixture-of-depths token routing (MoD, gamma-MoD): in the chosen blocks only the best-scored
+    tokens of each sample run the block, the rest skip it (megamoe/model/mixture_of_depths.py)."""
+
+    layers: str = "none"
+    """Blocks that route their tokens: 'none' (every block runs every token), 'all', 'every_other' or a list like '2,5'."""
+    capacity: float = 0.5
+    """Fraction of each sample's tokens that run a routed block in training (0 < capacity <= 1)."""
+    update_scale: str = "straight_through"
+    """How the router score scales a routed token's block update: 'straight_through' (x1 forward, score's gradient) or 'score'."""
+    router_features: list[str] = field(default_factory=list)
+    """Extra router inputs besides the token (FTP-style): any of 'noise_level' (t / 1000) and 'position' (f, h, w in [0, 1])."""
+    threshold_decay: float = 0.99
+    """EMA decay of the learned score threshold that routes at inference (eval mode)."""
+    sparsity_loss: float = 0.0
+    """Weight of the sparsity-target loss (mean router score - sparsity_target)^2 per routed block; 0 = off."""
+    sparsity_target: float = 0.5
+    """Mean router score the sparsity-target loss pulls toward (0 < target < 1); only with sparsity_loss > 0."""
+
+
+@dataclass
 class LoRAConfig:
     """LoRA-Mixer: routed low-rank experts on the attention projections, for fine-tuning a frozen base
     (megamoe/model/lora_mixer.py); `num_experts: 0` adds none."""
@@ -208,6 +229,8 @@ class ModelConfig:
     """Largest patch-grid extent the rotary tables cover, per axis."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-Experts FFNs (dense when moe.num_experts is 0)."""
+    mod: MixtureOfDepthsConfig = field(default_factory=MixtureOfDepthsConfig)
+    """Mixture-of-depths token routing in chosen blocks (off with mod.layers='none': every block runs every token)."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """LoRA-Mixer routed adapters on attention; with lora.num_experts > 0 only they train (0: none, as before)."""
     block_router: BlockRouterConfig = field(default_factory=BlockRouterConfig)

@@ -22,6 +22,7 @@ from megamoe.config import (
     DiffusionConfig,
     LoggingConfig,
     LoRAConfig,
+    MixtureOfDepthsConfig,
     ModelConfig,
     MoEConfig,
     can_embed_captions,
@@ -32,6 +33,7 @@ from megamoe.config import (
 )
 from megamoe.data.buckets import shape_problem, vae_compression
 from megamoe.model.activation_checkpointing import checkpointed_blocks
+from megamoe.model.mixture_of_depths import ROUTER_FEATURES, UPDATE_SCALES, mod_layer_indices
 from megamoe.moe.layer import moe_layer_indices, router_config
 from megamoe.moe.routers import check_router_config
 
@@ -62,6 +64,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _validate_moe(m)
     _validate_lora(cfg)
     _validate_block_router(m)
+    _validate_mod(cfg)
     names = ("tensor_parallel_size", "context_parallel_size", "expert_parallel_size")
     for name in names:
         _check(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
@@ -355,6 +358,50 @@ def _validate_block_router(m: ModelConfig) -> None:
     )
     _check(r.focal_gamma >= 0, f"model.block_router.focal_gamma must be >= 0, got {r.focal_gamma}")
     _check(0 <= r.balance_beta < 1, f"model.block_router.balance_beta must be in [0, 1), got {r.balance_beta}")
+
+
+def _validate_mod(cfg: Config) -> None:
+    """Mixture-of-depths blocks (megamoe/model/mixture_of_depths.py): ranges, and no setting while they are off."""
+    r, m = cfg.model.mod, cfg.model
+    routed = mod_layer_indices(m)
+    if not routed:
+        keys = [f.name for f in dataclasses.fields(MixtureOfDepthsConfig) if f.name != "layers"]
+        why, fix = "without routed blocks (model.mod.layers=none)", "set model.mod.layers or remove it"
+        _refuse_changed(r, MixtureOfDepthsConfig(), keys, "model.mod", why, fix)
+        return
+    _check(
+        0 < r.capacity <= 1,
+        f"model.mod.capacity must be in (0, 1] (a fraction of each sample's tokens), got {r.capacity}",
+    )
+    _check(
+        r.update_scale in UPDATE_SCALES,
+        f"model.mod.update_scale must be one of {', '.join(UPDATE_SCALES)}, got '{r.update_scale}'",
+    )
+    _check(
+        set(r.router_features) <= set(ROUTER_FEATURES) and len(set(r.router_features)) == len(r.router_features),
+        f"model.mod.router_features={list(r.router_features)} must name distinct features among "
+        f"{', '.join(ROUTER_FEATURES)}",
+    )
+    _check(0 <= r.threshold_decay < 1, f"model.mod.threshold_decay must be in [0, 1), got {r.threshold_decay}")
+    _check(r.sparsity_loss >= 0, f"model.mod.sparsity_loss must be >= 0 (0 = off), got {r.sparsity_loss}")
+    _check(0 < r.sparsity_target < 1, f"model.mod.sparsity_target must be in (0, 1), got {r.sparsity_target}")
+    if r.sparsity_loss == 0:
+        why, fix = (
+            "without the sparsity loss (model.mod.sparsity_loss=0)",
+            "set model.mod.sparsity_loss > 0 or remove it",
+        )
+        _refuse_changed(r, MixtureOfDepthsConfig(), ["sparsity_target"], "model.mod", why, fix)
+    both = sorted(routed & moe_layer_indices(m)) if m.moe.num_experts > 0 else []
+    _check(
+        not both,
+        f"blocks {both} are in both model.mod.layers and model.moe.layers; route tokens only in dense blocks "
+        f"(an MoE FFN would see a different set of tokens than its router's statistics count)",
+    )
+    _check(
+        cfg.parallel.tensor_parallel_size == 1,
+        f"model.mod (mixture-of-depths) does not support parallel.tensor_parallel_size="
+        f"{cfg.parallel.tensor_parallel_size}; set it to 1 (context and expert parallelism work)",
+    )
 
 
 def _validate_lora(cfg: Config) -> None:

@@ -26,6 +26,7 @@ from megamoe.model.feed_forward import FeedForward
 from megamoe.model.init import ZEROS, Init, inits_of, materialize
 from megamoe.model.init import reset_parameters as reset_with_torch_rng
 from megamoe.model.lora_mixer import freeze_base
+from megamoe.model.mixture_of_depths import MixtureOfDepths, mod_layer_indices
 from megamoe.model.rope import WanRotaryEmbedding
 from megamoe.moe.layer import MoEFeedForward, moe_layer_indices
 from megamoe.moe.routers.base import RoutingContext
@@ -105,6 +106,8 @@ class WanBlock(nn.Module):
             )
         else:
             self.ffn = FeedForward(dim, cfg.ffn_dim)
+        # Mixture-of-depths: a token router picks the tokens that run this block (model/mixture_of_depths.py).
+        self.mod = MixtureOfDepths(dim, cfg.mod) if layer_index in mod_layer_indices(cfg) else None
         # Per-block offset added to the shared time projection: each block gets its own
         # shift/scale/gate while the timestep MLP is shared (Wan's cheap adaLN).
         self.scale_shift_table = nn.Parameter(torch.empty(1, 6, dim))
@@ -118,6 +121,12 @@ class WanBlock(nn.Module):
     ) -> torch.Tensor:
         """x [B, L, dim]; text [B, L_text, dim]; modulation [B, T, 6, dim] with T in {1, L};
         ctx: what an MoE FFN's router may condition on."""
+        if self.mod is not None:  # only the tokens the router picks run the block; the rest skip it
+            return self.mod(self.run, x, text, modulation, rope, ctx)
+        return self.run(x, text, modulation, rope, ctx)
+
+    def run(self, x, text, modulation, rope, ctx=None) -> torch.Tensor:
+        """The block on every token of x; rope [L, head_dim/2], or [B, L, head_dim/2] per sample."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + modulation.float()
         ).unbind(2)

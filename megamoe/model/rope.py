@@ -63,11 +63,12 @@ class WanRotaryEmbedding(torch.nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs of x [B, L, heads, head_dim] by per-token angles cos/sin [L, head_dim/2].
+    """Rotate channel pairs of x [B, L, heads, head_dim] by per-token angles cos/sin [L, head_dim/2]
+    (or [B, L, head_dim/2]: each sample's own positions, as mixture-of-depths blocks pass).
 
     Computed in float32 (the tables' dtype) and cast back, as diffusers does.
     """
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over heads
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return out.type_as(x)

@@ -37,6 +37,7 @@ from torch import nn
 from megamoe.config import Config, ParallelConfig
 from megamoe.model.dit import WanDiT, build_model
 from megamoe.model.init import inits_of, materialize
+from megamoe.model.mixture_of_depths import mixture_of_depths_modules
 from megamoe.moe.layer import moe_layers
 from megamoe.moe.token_shards import TokenShards
 from megamoe.parallel.collectives import gather_along_dim
@@ -118,6 +119,8 @@ def _shard(model: WanDiT, parallel: ParallelConfig) -> None:
     shards = TokenShards(shard_group, batch_group if dist.get_world_size(batch_group) > 1 else None)
     for layer in moe_layers(model):
         layer.router.token_shards = shards
+    for module in mixture_of_depths_modules(model):  # token routers pick from the unsharded sequence
+        module.token_shards = shards
     if ep > 1:
         apply_expert_parallel(model, parallel_state.get_expert_model_parallel_group())
     model.parallelized = True

@@ -12,6 +12,7 @@ import torch
 from megamoe.config import Config
 from megamoe.diffusion.flow import flow_matching_loss
 from megamoe.model.lora_mixer import routing_losses
+from megamoe.model.mixture_of_depths import collect_mod_aux
 from megamoe.moe.layer import collect_aux, moe_layers
 from megamoe.moe.router_losses import layer_reg_loss
 
@@ -28,6 +29,7 @@ def loss_weights(cfg: Config) -> dict[str, float]:
         "tsallis": moe.tsallis_loss,
         "lora_balance": cfg.model.lora.balance_loss,  # LoRA-Mixer's routing loss (model/lora_mixer.py)
         "lora_entropy": cfg.model.lora.entropy_loss,
+        "mod_sparsity": cfg.model.mod.sparsity_loss,  # mixture-of-depths (model/mixture_of_depths.py)
     }
 
 
@@ -54,7 +56,7 @@ def training_loss(
     flow, target = flow_matching_loss(model, latents, text, cfg.diffusion, generator)
     total, parts = flow, {"flow": flow.detach()}
     weights = loss_weights(cfg)
-    for name, value in {**collect_aux(module), **routing_losses(module)}.items():
+    for name, value in {**collect_aux(module), **routing_losses(module), **collect_mod_aux(module)}.items():
         if weights.get(name, 0.0) > 0:
             total = total + weights[name] * value
             parts[name] = value.detach()

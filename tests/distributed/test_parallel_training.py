@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from megamoe.config import LoRAConfig
+from megamoe.config import LoRAConfig, MixtureOfDepthsConfig
 from megamoe.model.lora_mixer import is_adapter_key
 from tests.distributed.parallel_training_harness import (
     SMALL_MOE,
@@ -40,8 +40,13 @@ def assert_same_run(parallel, reference, steps):
         )
     a, b = parallel["weights"], reference["weights"]
     assert a.keys() == b.keys()
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    worst = max_gap(a, b)
     assert worst < TOLERANCE, worst
+
+
+def max_gap(a: dict, b: dict) -> float:
+    """Largest difference between the tensors of a and b under a's keys (bool buffers as 0/1)."""
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
 def test_ep2_on_four_ranks_ten_steps_match_single_process(tmp_path):
@@ -66,42 +71,64 @@ EMA_DECAY = 0.5
 """Low enough that 4 steps move the EMA well away from both the first and the last weights."""
 
 
+MODELS = {
+    "moe": SMALL_MOE,
+    # Mixture-of-depths in block 0 (half of each sample's tokens, picked from the unsharded sequence,
+    # with the position and noise-level features and the sparsity loss), experts in block 1.
+    "mod": dataclasses.replace(
+        SMALL_MOE,
+        moe=dataclasses.replace(SMALL_MOE.moe, layers="1"),
+        mod=MixtureOfDepthsConfig(
+            layers="0", router_features=["noise_level", "position"], sparsity_loss=0.1, sparsity_target=0.3
+        ),
+    ),
+}
+
+
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory):
-    """The one-process reference of the 4-step layouts below: the same run for all of them."""
-    cfg = make_config({}, steps=4, ema_decay=EMA_DECAY)
-    return run(cfg, 1, 2, tmp_path_factory.mktemp("single") / "reference.pt")
+    """The one-process reference of the 4-step layouts below, one run per model, made when first asked for."""
+    runs = {}
+
+    def reference(model: str) -> dict:
+        if model not in runs:
+            cfg = make_config({}, model=MODELS[model], steps=4, ema_decay=EMA_DECAY)
+            runs[model] = run(cfg, 1, 2, tmp_path_factory.mktemp("single") / "reference.pt")
+        return runs[model]
+
+    return reference
 
 
 @pytest.mark.parametrize(
-    "world, parallel",
+    "world, parallel, model",
     [
-        (4, {"tensor_parallel_size": 2, "expert_parallel_size": 2}),  # TP x EP x DP = 2 x 2 (folded) x 2
-        (2, {"context_parallel_size": 2}),
-        (2, {"context_parallel_size": 2, "expert_parallel_size": 2}),  # experts split over the CP ranks
-        (4, {"tensor_parallel_size": 2, "context_parallel_size": 2}),
+        (4, {"tensor_parallel_size": 2, "expert_parallel_size": 2}, "moe"),  # TP x EP x DP = 2 x 2 (folded) x 2
+        (2, {"context_parallel_size": 2}, "moe"),
+        # Experts split over the CP ranks (block 1); block 0 routes tokens by mixture-of-depths.
+        (2, {"context_parallel_size": 2, "expert_parallel_size": 2}, "mod"),
+        (4, {"tensor_parallel_size": 2, "context_parallel_size": 2}, "moe"),
     ],
-    ids=["tp2_ep2_dp2", "cp2", "cp2_ep2", "tp2_cp2"],
+    ids=["tp2_ep2_dp2", "cp2", "cp2_ep2_mod", "tp2_cp2"],
 )
-def test_model_parallel_layouts_match_single_process(world, parallel, single_process, tmp_path):
+def test_model_parallel_layouts_match_single_process(world, parallel, model, single_process, tmp_path):
     """Losses, grad norms and weights to 1e-5; the EMA, kept per shard (TP blocks, EP experts, the
     replicated rest) and gathered whole, equals the one-process EMA to 1e-6."""
-    cfg = make_config(parallel, steps=4, ema_decay=EMA_DECAY)
+    cfg = make_config(parallel, model=MODELS[model], steps=4, ema_decay=EMA_DECAY)
     sharded = run(cfg, world, 2, tmp_path / "parallel.pt")
-    reference = single_process
+    reference = single_process(model)
     assert sum(norm > cfg.optim.grad_clip for norm in reference["grad_norm"]) >= 2  # clipping acts
     assert_same_run(sharded, reference, steps=4)
     a, b = sharded["ema"], reference["ema"]
     assert a.keys() == b.keys()
-    assert b["blocks.0.ffn.experts.w1"].shape[0] == SMALL_MOE.moe.num_experts  # every expert, gathered
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert b["blocks.1.ffn.experts.w1"].shape[0] == SMALL_MOE.moe.num_experts  # every expert, gathered
+    worst = max_gap(a, b)
     # The EMA is a convex combination of the weights along the run: it can match the one-process EMA
     # only as closely as the weights match theirs (rounding, amplified by Adam; 1e-5 above). It must
     # add no error of its own: within 1e-6, or within the final weights' own gap where that is larger.
-    weights_gap = max((sharded["weights"][k] - reference["weights"][k]).abs().max().item() for k in a)
+    weights_gap = max_gap({k: sharded["weights"][k] for k in a}, reference["weights"])
     assert worst < max(1e-6, weights_gap), (worst, weights_gap)
     # An average, not a copy of the final weights.
-    assert max((b[k] - reference["weights"][k]).abs().max().item() for k in b) > 1e-4
+    assert max_gap(b, reference["weights"]) > 1e-4
 
 
 def test_lora_mixer_at_cp2_ep2_matches_single_process(tmp_path):

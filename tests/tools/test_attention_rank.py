@@ -1,0 +1,61 @@
+"""ARank (megamoe/tools/attention_rank.py) against constructed cases: attention maps whose keys take r
+distinct values have rank r, and blocks whose attention is forced to rank 1 are the ones named."""
+
+import pytest
+import torch
+
+import megamoe.posttrain.trained_model as trained_model
+from megamoe.config import Config, ModelConfig
+from megamoe.model.dit import build_model
+from megamoe.tools import attention_rank
+from megamoe.tools.attention_rank import attention_map_rank, attention_ranks, blocks_to_convert
+
+TINY = ModelConfig(
+    dim=32, num_layers=4, num_heads=4, ffn_dim=64, in_channels=4, out_channels=4, text_dim=24, freq_dim=16,
+    rope_max_seq_len=32,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("distinct_keys", [1, 3, 7])
+def test_a_map_whose_keys_take_r_values_has_rank_r(distinct_keys):
+    """Keys repeating r distinct vectors make r distinct columns of softmax(q k^T): rank r exactly."""
+    g = torch.Generator().manual_seed(distinct_keys)
+    q = torch.randn(2, 3, 40, 8, generator=g)
+    values = torch.randn(2, 3, distinct_keys, 8, generator=g)
+    k = values[:, :, torch.arange(40) % distinct_keys]
+    assert (attention_map_rank(q, k, rtol=1e-4, max_queries=256) == distinct_keys).all()
+    assert (attention_map_rank(q, k, rtol=1e-4, max_queries=16) == distinct_keys).all()  # a row subset
+
+
+def low_rank_model():
+    """Blocks 1 and 3 attend uniformly (zero query projection: every logit is 0), a rank-1 map."""
+    model = build_model(TINY, seed=0).eval()
+    with torch.no_grad():
+        for i in (1, 3):
+            model.blocks[i].attn1.to_q.weight.zero_()
+            model.blocks[i].attn1.to_q.bias.zero_()
+    return model
+
+
+def calibration(n=2):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(2, 4, 2, 8, 8, generator=g), torch.randn(2, 5, 24, generator=g)) for _ in range(n)]
+
+
+def test_the_forced_low_rank_blocks_are_named():
+    model = low_rank_model()
+    ranks = attention_ranks(model, calibration())
+    assert ranks[1] == ranks[3] == 1.0
+    assert min(ranks[0], ranks[2]) > 4, ranks
+    assert blocks_to_convert(ranks, 2) == [1, 3]
+    assert blocks_to_convert([3.0, 1.0, 1.0, 2.0], 1) == [1]  # a tie goes to the earlier block
+    assert all(block.attn1.attend.__name__ == "attend" for block in model.blocks)  # probes removed
+
+
+def test_the_command_prints_the_override(monkeypatch, capsys):
+    monkeypatch.setattr(attention_rank, "load_checkpoint_model", lambda path, weights: (low_rank_model(), Config()))
+    monkeypatch.setattr(trained_model, "data_batches", lambda cfg, n: calibration(n))
+    assert attention_rank.main(["ckpt", "--convert", "2", "--batches", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "model.mod.layers=1,3"
+    assert attention_rank.main(["ckpt", "--convert", "5"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --convert must be in 1..4 (the model's blocks), got 5"
