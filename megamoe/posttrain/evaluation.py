@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from megamoe.diffusion.flow import TIMESTEP_SCALE, interpolate
@@ -66,12 +67,15 @@ def video_tokens(model: torch.nn.Module, latents: torch.Tensor) -> int:
 def flops_per_token(model: torch.nn.Module, batches: list, level: float = 0.5, seed: int = 0) -> float:
     """Forward FLOPs per video token (matrix products and attention, as FlopCounterMode counts them)
     over `batches` at noise level `level`. Routed experts count only for the tokens they receive, so
-    merging (a token's two experts folded into one), pruning and null experts show up here."""
+    merging (a token's two experts folded into one), pruning and null experts show up here.
+
+    Attention runs on SDPA's math backend while counting: FlopCounterMode knows the CUDA flash and
+    memory-efficient kernels but not CPU's fused one, whose FLOPs it would silently count as zero."""
     model.eval()
     dtype = next(model.parameters()).dtype
     counter = FlopCounterMode(display=False)
     tokens = 0
-    with counter:
+    with counter, sdpa_kernel(SDPBackend.MATH):
         for i, (latents, text) in enumerate(batches):
             x0 = latents.float()
             s = torch.full((x0.shape[0],), float(level))
