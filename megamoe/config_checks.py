@@ -391,6 +391,13 @@ def _validate_mod(cfg: Config) -> None:
             "set model.mod.sparsity_loss > 0 or remove it",
         )
         _refuse_changed(r, MixtureOfDepthsConfig(), ["sparsity_target"], "model.mod", why, fix)
+    # A block router may skip a routed block for one rank's samples while another rank runs it, and a
+    # routed block's threshold update is a collective: the ranks would wait on each other for ever.
+    _check(
+        not m.block_router.enabled,
+        "model.mod.layers and model.block_router.enabled=true cannot be combined (a skipped mixture-of-depths "
+        "block would leave the other ranks in its threshold all-reduce); use one of them",
+    )
     both = sorted(routed & moe_layer_indices(m)) if m.moe.num_experts > 0 else []
     _check(
         not both,

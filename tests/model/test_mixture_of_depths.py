@@ -11,6 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from megamoe.config import (
+    BlockRouterConfig,
     Config,
     ConfigError,
     MixtureOfDepthsConfig,
@@ -261,6 +262,11 @@ def test_sparsity_loss_pulls_the_mean_score_to_its_target():
             r"blocks \[1\] are in both",
         ),
         (routed(), {"tensor_parallel_size": 2}, "model.mod .mixture-of-depths. does not support"),
+        (
+            dataclasses.replace(routed(), block_router=BlockRouterConfig(enabled=True)),
+            {},
+            "model.block_router.enabled=true cannot be combined",
+        ),
     ],
 )
 def test_config_rules(model, parallel, message):
