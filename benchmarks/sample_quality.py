@@ -19,6 +19,10 @@ colour (the same on every clip; the palette's nearest colour to the background i
 --ground-truth scores real clips of the generator instead (the first --seeds held-out clips of
 each caption) the same way: it must score about 100% on all three, or the metric is wrong.
 
+Apart from the caption, it also reports how the objects move (`motion`): the centroid's mean step
+between consecutive frames, and the mean cosine between consecutive steps (1 = a straight path). A
+model that learned motion but not the direction words shows straight paths and direction at chance.
+
 Prints a table (overall, and per colour, shape and direction) and then the figures as JSON
 (also written to --json). With --check the exit status is 1 when a target is missed.
 """
@@ -95,6 +99,27 @@ def centroid_travel(mask: np.ndarray) -> tuple[float, float] | None:
     return ends[1][0] - ends[0][0], ends[1][1] - ends[0][1]
 
 
+def motion(mask: np.ndarray) -> tuple[float, float | None] | None:
+    """(mean centroid step between consecutive frames in pixels, mean cosine between consecutive
+    steps) of a foreground mask [F, H, W]: how far and how straight the object moves, whatever the
+    caption says. None when a frame has no foreground; the cosine is None when no two consecutive
+    steps are both longer than 0.2 pixels (a still object has no direction to keep)."""
+    centres = []
+    for frame in mask:
+        ys, xs = np.nonzero(frame)
+        if len(xs) == 0:
+            return None
+        centres.append((xs.mean(), ys.mean()))
+    steps = np.diff(np.asarray(centres), axis=0)  # [F-1, 2]
+    lengths = np.linalg.norm(steps, axis=1)
+    cosines = [
+        float(a @ b / (na * nb))
+        for a, b, na, nb in zip(steps[:-1], steps[1:], lengths[:-1], lengths[1:])
+        if na > 0.2 and nb > 0.2
+    ]
+    return float(lengths.mean()), (float(np.mean(cosines)) if cosines else None)
+
+
 def score_clip(
     rgb01: np.ndarray, colour: str, direction: str, min_area: int = MIN_AREA, min_travel: float = MIN_TRAVEL
 ) -> dict:
@@ -113,6 +138,7 @@ def score_clip(
         "direction": along is not None and along >= min_travel,
         "objects": counts,
         "travel": along,
+        "motion": motion(mask),
     }
 
 
@@ -187,6 +213,14 @@ def summarise(scores: dict[tuple[str, str, str], list[dict]]) -> dict:
         return {q: sum(s[q] for s in items) / len(items) for q in TARGETS}
 
     out = {"overall": shares([s for v in scores.values() for s in v]), "samples": sum(map(len, scores.values()))}
+    # Whether objects move at all, and straight, apart from the caption's direction: a model that
+    # learned motion but ignores the direction word scores chance on `direction` with straight paths.
+    moving = [s["motion"] for v in scores.values() for s in v if s["motion"] is not None]
+    cosines = [c for _, c in moving if c is not None]
+    out["motion"] = {
+        "mean_step_px": float(np.mean([step for step, _ in moving])) if moving else None,
+        "mean_turn_cosine": float(np.mean(cosines)) if cosines else None,
+    }
     for axis, names in (("shape", SHAPES), ("colour", COLOURS), ("direction", DIRECTIONS)):
         i = ("shape", "colour", "direction").index(axis)
         out[f"by_{axis}"] = {n: shares([s for k, v in scores.items() if k[i] == n for s in v]) for n in names}
@@ -201,6 +235,10 @@ def print_table(summary: dict) -> None:
     for name, s in rows:
         print(f"{name:>16} {s['colour']:>7.1%} {s['single']:>7.1%} {s['direction']:>9.1%}")
     print(f"{'target':>16} " + " ".join(f"{TARGETS[q]:>{w}.0%}" for q, w in zip(TARGETS, (7, 7, 9))))
+    m = summary["motion"]
+    if m["mean_step_px"] is not None:
+        turn = "n/a" if m["mean_turn_cosine"] is None else f"{m['mean_turn_cosine']:.2f}"
+        print(f"motion: the centroid moves {m['mean_step_px']:.2f} px a frame; consecutive steps' cosine {turn}")
 
 
 def main(argv=None) -> int:

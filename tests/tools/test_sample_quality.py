@@ -94,7 +94,29 @@ def test_a_still_object_or_an_empty_clip_passes_nothing_it_should_not():
     assert sq.score_clip(drift, "red", "right")["travel"] == pytest.approx(0.5)
     assert not sq.score_clip(drift, "red", "right")["direction"]
     empty = sq.score_clip(blank(), "red", "right")
-    assert empty == {"colour": False, "single": False, "direction": False, "objects": [0] * 5, "travel": None}
+    assert empty == {
+        "colour": False,
+        "single": False,
+        "direction": False,
+        "objects": [0] * 5,
+        "travel": None,
+        "motion": None,
+    }
+
+
+def test_motion_is_the_mean_centroid_step_and_how_straight_the_path_is():
+    """A straight path keeps its direction (cosine 1); a zig-zag of the same steps reverses it every
+    frame (cosine -1); a still object has steps of 0 and no cosine."""
+    assert sq.motion(sq.foreground_mask(moving_box(1, 0))) == pytest.approx((1.0, 1.0))
+    assert sq.motion(sq.foreground_mask(moving_box(1, 1))) == pytest.approx((2**0.5, 1.0))
+    zigzag = blank()
+    for f, x in enumerate([6, 8, 6, 8, 6]):
+        paint(zigzag, f, x, 6, 4, 4)
+    assert sq.motion(sq.foreground_mask(zigzag)) == pytest.approx((2.0, -1.0))
+    assert sq.motion(sq.foreground_mask(moving_box(0, 0))) == (0.0, None)
+    # Over the vocabulary: the 20 "right" captions move straight, the other 60 zig-zag.
+    scores = {k: [sq.score_clip(moving_box(1, 0) if k[2] == "right" else zigzag, "red", k[2])] for k in sq.vocabulary()}
+    assert sq.summarise(scores)["motion"] == pytest.approx({"mean_step_px": 1.75, "mean_turn_cosine": -0.5})
 
 
 def test_ground_truth_mode_meets_the_targets_and_check_fails_on_a_miss(tmp_path, monkeypatch, capsys):
