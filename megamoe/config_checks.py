@@ -421,6 +421,13 @@ def _validate_lora(cfg: Config) -> None:
         _refuse_changed(r, LoRAConfig(), keys, "model.lora", why, fix)
         return
     _check(r.rank >= 1, f"model.lora.rank must be >= 1, got {r.rank}")
+    # Each adapted projection is model.dim x model.dim: B A has rank at most model.dim whatever r is.
+    _check(
+        r.rank <= cfg.model.dim,
+        f"model.lora.rank={r.rank} exceeds the width of the attention projections (model.dim={cfg.model.dim}): "
+        f"an update B A of a {cfg.model.dim} x {cfg.model.dim} weight has rank at most {cfg.model.dim}, a larger r "
+        f"only adds parameters; set model.lora.rank <= {cfg.model.dim}",
+    )
     _check(r.alpha > 0, f"model.lora.alpha must be > 0, got {r.alpha}")
     _check(
         1 <= r.top_k <= r.num_experts,
@@ -438,6 +445,12 @@ def _validate_lora(cfg: Config) -> None:
         cfg.parallel.tensor_parallel_size == 1,
         f"model.lora (LoRA-Mixer adapters) does not support parallel.tensor_parallel_size="
         f"{cfg.parallel.tensor_parallel_size}; set it to 1 (use context or data parallelism)",
+    )
+    # Without a base the adapters would train on top of frozen random weights: nothing a user wants.
+    _check(
+        bool(cfg.train.init_from),
+        f"model.lora.num_experts={r.num_experts}: LoRA-Mixer fine-tunes a frozen base: set train.init_from to its "
+        f"weights (a diffusers-layout folder, e.g. the released transformer or a checkpoint's weights/)",
     )
 
 

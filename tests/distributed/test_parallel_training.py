@@ -140,6 +140,9 @@ def test_lora_mixer_at_cp2_ep2_matches_single_process(tmp_path):
     lora = LoRAConfig(num_experts=4, rank=2, alpha=4.0, top_k=2, balance_loss=0.05, entropy_loss=0.01)
     model = dataclasses.replace(SMALL_MOE, lora=lora)
     cfg = make_config({"context_parallel_size": 2, "expert_parallel_size": 2}, model=model, steps=3)
+    # The harness draws the base itself (build_reference_model) and never reads train.init_from; it is
+    # set because config validation refuses adapters without a base to fine-tune.
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from="harness-drawn base"))
     parallel, reference = compare_with_single_process(cfg, world=2, slices=2, tmp_path=tmp_path)
     assert_same_run(parallel, reference, steps=3)
     start = build_reference_model(cfg).state_dict()

@@ -4,6 +4,7 @@ closed forms, the FLOP count against torch's counter, freezing, training, export
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -160,7 +161,7 @@ def test_only_the_adapters_train_and_the_loss_falls():
 
 
 def test_5b_config_builds_on_meta_and_trains_two_percent():
-    cfg = load_config("configs/wan2.2_ti2v_5b_lora_mixer.yaml")
+    cfg = load_config("configs/wan2.2_ti2v_5b_lora_mixer.yaml", ["train.init_from=/weights/Wan2.2-TI2V-5B/transformer"])
     validate(cfg)
     model = build_model(cfg.model, device="meta")
     base = count_parameters(build_model(dataclasses.replace(cfg.model, lora=LoRAConfig()), device="meta"))
@@ -228,9 +229,47 @@ def test_init_from_a_dense_base_draws_the_adapters_as_the_seed_does(tmp_path):
         (dataclasses.replace(LORA, top_k=5), {}, "model.lora.top_k=5 must be in 1..model.lora.num_experts=4"),
         (dataclasses.replace(LORA, targets=["q", "x"]), {}, "must name distinct projections among q, k, v, o"),
         (LORA, {"tensor_parallel_size": 2}, "does not support parallel.tensor_parallel_size=2"),
+        (LORA, {}, "LoRA-Mixer fine-tunes a frozen base: set train.init_from to its weights"),
+        (dataclasses.replace(LORA, rank=33), {}, "model.lora.rank=33 exceeds the width of the attention projections"),
     ],
 )
 def test_config_checks(lora, parallel, message):
     cfg = Config(model=dataclasses.replace(BASE, lora=lora), parallel=ParallelConfig(**parallel))
+    if "init_from" not in message:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from="/weights/base"))
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         validate(cfg, world_size=2 if parallel else 1)
+    if "rank=33" in message:  # a rank of the full width is still a (pointless but valid) choice
+        validate(dataclasses.replace(cfg, model=dataclasses.replace(BASE, lora=dataclasses.replace(LORA, rank=32))))
+    if "init_from" in message:
+        validate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from="/weights/base")))
+
+
+def test_export_api_refuses_bad_input_in_one_line(tmp_path):
+    """Each bad input gets a ValueError (WeightsError is one) naming the problem and the fix, not a raw
+    FileNotFoundError, KeyError or ZeroDivisionError, and not a silent copy of a model without adapters."""
+    model, dense = pretrained(ADAPTED), pretrained(BASE)
+    path, plain = tmp_path / "adapters.safetensors", tmp_path / "plain"
+    lora_export.save_adapters(model, path)
+    save_diffusers_weights(dense, str(plain))
+    one_block = build_model(dataclasses.replace(ADAPTED, num_layers=1))
+    lora_export.save_adapters(one_block, tmp_path / "one_block.safetensors")
+    three_blocks = build_model(dataclasses.replace(ADAPTED, num_layers=3))
+    cases = [
+        (lambda: lora_export.load_adapters(model, tmp_path / "none.safetensors"), "no such adapters file"),
+        (
+            lambda: lora_export.load_adapters(model, next(plain.glob("*.safetensors"))),
+            "holds no LoRA-Mixer adapters (no megamoe_lora_mixer metadata)",
+        ),
+        (lambda: lora_export.load_adapters(one_block, path), "has adapters the model lacks, e.g. ['blocks.1."),
+        (lambda: lora_export.load_adapters(three_blocks, path), "lacks e.g. ['blocks.2."),
+        (lambda: lora_export.load_adapters(dense, path), "the model has no LoRA-Mixer adapters to load into"),
+        (lambda: lora_export.calibrate(model, [], DiffusionConfig(), torch.Generator()), "it got none"),
+        (lambda: lora_export.save_merged(model, {}, tmp_path / "m1"), "gates lack 16 of the model's 16 adapters"),
+        (lambda: lora_export.save_merged(dense, {}, tmp_path / "m2"), "no LoRA-Mixer adapters to merge"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)) as caught:
+            call()
+        assert len(str(caught.value).splitlines()) == 1
+    assert not (tmp_path / "m1").exists() and not (tmp_path / "m2").exists()
