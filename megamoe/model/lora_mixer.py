@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from megamoe.config import LoRAConfig
+from megamoe.config import LoRAConfig, ModelConfig
 from megamoe.model.init import ZEROS, Init, draw_, inits_of
 from megamoe.moe.token_shards import TokenShards
 
@@ -216,6 +216,15 @@ def flops_per_token(dim: int, num_layers: int, tokens_per_sample: int, text_len:
             per_token -= adapter_flops(1, dim, dim, cfg)  # cross-attention k/v run on the text instead
             per_sample += adapter_flops(text_len, dim, dim, cfg)
     return num_layers * (per_token + per_sample / tokens_per_sample)
+
+
+def adapter_parameters(cfg: ModelConfig) -> int:
+    """Parameters of every adapter of `WanDiT(cfg)`, from the config alone (what trains with adapters on):
+    per block, self- and cross-attention each adapt `targets`, each adapter E x (router d + A r d + B d r)."""
+    lora, d = cfg.lora, cfg.dim
+    if lora.num_experts == 0:
+        return 0
+    return cfg.num_layers * 2 * len(lora.targets) * lora.num_experts * (d + 2 * lora.rank * d)
 
 
 def trainable_parameters(model: nn.Module) -> int:

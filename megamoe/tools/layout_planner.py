@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from megamoe.config import Config, ConfigError, ModelConfig
 from megamoe.config_checks import validate
 from megamoe.model.activation_checkpointing import checkpointed_blocks
+from megamoe.model.lora_mixer import adapter_parameters
 from megamoe.moe.layer import moe_layer_indices
 
 GB = 1e9
@@ -237,14 +238,21 @@ def checkpoint_bytes(cfg: Config, world: int) -> int:
     """Bytes one checkpoint of `cfg` written by `world` ranks takes on disk (see train/checkpoint.py).
 
     state/ holds each parameter once as the module holds it (2 bytes under bf16, else 4) plus
-    fp32 master weight and Adam's two moments (12); weights/ repeats it in the module's dtype and
-    ema_weights/, when EMA is on, in fp32 (4); each rank adds its rank file. The parallel layout
-    changes only the number of rank files: every block of a tensor is written once.
+    fp32 master weight and Adam's two moments (12); weights/ repeats it in the module's dtype; with
+    EMA on, state/ holds the fp32 EMA and ema_weights/ repeats it (4 + 4); each rank adds its rank
+    file. The parallel layout changes only the number of rank files: every block of a tensor is
+    written once.
     Buffers (router biases and thresholds) are a few numbers per layer and fall in the allowances.
+    With LoRA-Mixer adapters the base is frozen (model/lora_mixer.py `freeze_base`): only the adapters
+    have master weights and moments; the base is written in state/ and weights/ (and its EMA, as the
+    EMA averages every parameter).
     """
     w_bytes = 2 if cfg.train.precision == "bf16" else 4
-    per_param = w_bytes + 12 + w_bytes + (4 if cfg.train.ema_decay > 0 else 0)
-    return config_parameter_counts(cfg.model).total * per_param + world * RANK_FILE_BYTES + CHECKPOINT_FIXED_BYTES
+    ema = 8 if cfg.train.ema_decay > 0 else 0
+    adapted, base = adapter_parameters(cfg.model), config_parameter_counts(cfg.model).total  # base: no adapters
+    trainable, frozen = (adapted, base) if adapted else (base, 0)
+    per_trained, per_frozen = w_bytes + 12 + w_bytes + ema, w_bytes + w_bytes + ema
+    return trainable * per_trained + frozen * per_frozen + world * RANK_FILE_BYTES + CHECKPOINT_FIXED_BYTES
 
 
 _PARAMETERS: dict[str, list] = {}
