@@ -31,9 +31,11 @@ from megamoe.config import (
     sequence_shards,
     val_interval,
 )
-from megamoe.data.buckets import shape_problem, vae_compression
+from megamoe.data.buckets import latent_shape, shape_problem, vae_compression
+from megamoe.data.buckets import tokens_per_sample as bucket_tokens
 from megamoe.model.activation_checkpointing import checkpointed_blocks
 from megamoe.model.mixture_of_depths import ROUTER_FEATURES, UPDATE_SCALES, mod_layer_indices
+from megamoe.model.mixture_of_depths import tokens_per_sample as routed_tokens
 from megamoe.moe.layer import moe_layer_indices, router_config
 from megamoe.moe.routers import check_router_config
 
@@ -340,6 +342,16 @@ def _validate_sample_shapes(cfg: Config) -> None:
     for name, shape in known:
         problem = shape_problem(shape, video, compression, m.patch_size, shards, m.rope_max_seq_len, shards_name)
         _check(problem is None, f"{name} {problem}; change it, or the setting named")
+        if mod_layer_indices(m) and shards > 1:  # a routed block cuts its chosen tokens over the shards
+            tokens = bucket_tokens(latent_shape(shape, video, compression), m.patch_size)
+            k = routed_tokens(m.mod.capacity, tokens)
+            near = min(max(shards, round(k / shards) * shards), tokens // shards * shards)
+            _check(
+                k % shards == 0,
+                f"model.mod.capacity={m.mod.capacity} routes {k} of the {tokens} tokens per sample of {name}, "
+                f"which do not split over {shards_name} = {shards}; choose a capacity that routes a multiple of "
+                f"{shards}, e.g. model.mod.capacity={near / tokens:.6g} ({near} tokens)",
+            )
 
 
 def _validate_block_router(m: ModelConfig) -> None:

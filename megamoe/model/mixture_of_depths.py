@@ -74,15 +74,25 @@ def mod_layer_indices(cfg: ModelConfig) -> set[int]:
     if spec == "every_other":
         return set(range(1, n, 2))
     try:
-        indices = {int(part) for part in spec.split(",")}
+        listed = [int(part) for part in spec.split(",")]
     except ValueError:
-        indices = set()
-    if not indices or any(not 0 <= i < n for i in indices):
+        listed = []
+    if not listed or any(not 0 <= i < n for i in listed):
         raise ConfigError(
             f"model.mod.layers='{cfg.mod.layers}' is not 'none', 'all', 'every_other' or a comma list of "
             f"block indices in [0, {n}) like '2,5'; fix model.mod.layers"
         )
-    return indices
+    repeated = sorted({i for i in listed if listed.count(i) > 1})
+    if repeated:  # a block routes once: a repeat is a typo for another block
+        raise ConfigError(
+            f"model.mod.layers='{cfg.mod.layers}' names block(s) {repeated} more than once; list each block once"
+        )
+    return set(listed)
+
+
+def is_mod_key(key: str) -> bool:
+    """Whether a state-dict key belongs to a block's mixture-of-depths router (its gate or threshold)."""
+    return ".mod." in key
 
 
 def tokens_per_sample(capacity: float, seq_len: int) -> int:

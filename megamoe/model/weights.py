@@ -30,6 +30,8 @@ from safetensors.torch import save_file
 from megamoe.atomic_files import write_atomic, write_text_atomic
 from megamoe.config import ModelConfig
 from megamoe.error_messages import first_line
+from megamoe.model.lora_mixer import PROJECTIONS
+from megamoe.model.mixture_of_depths import ROUTER_FEATURES, mod_layer_indices
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
@@ -162,6 +164,83 @@ def config_fix_for(cfg: ModelConfig, fields: dict) -> str:
         if getattr(cfg, k) != v and not (k == "patch_size" and [int(p) for p in cfg.patch_size] == v)
     ]
     return f"set {', '.join(diffs)} to match the checkpoint" if diffs else ""
+
+
+def routing_fields_from_shapes(shapes: Mapping[str, tuple], dim: int) -> dict:
+    """The routing settings a checkpoint's keys and shapes imply, for the routing modules it holds:
+    {'lora.num_experts': 4, 'lora.rank': 8, 'lora.targets': ['q', 'k', 'v', 'o'], 'mod.layers': '0,3',
+    'mod.router_features': ['position']}; a kind of module the checkpoint has none of is absent."""
+    fields = {}
+    letters = {key: letter for letter, key in PROJECTIONS.items()}
+    adapters = {m.group(1): shape for k, shape in shapes.items() if (m := _ADAPTER_A.match(k))}  # lora_A [E, r, in]
+    if adapters:
+        shape = next(iter(adapters.values()))
+        fields["lora.num_experts"], fields["lora.rank"] = shape[0], shape[1]
+        fields["lora.targets"] = [letters[p] for p in PROJECTIONS.values() if p in adapters]
+    gates = {int(m.group(1)): shape for k, shape in shapes.items() if (m := _MOD_GATE.match(k))}  # [1, dim + features]
+    if gates:
+        fields["mod.layers"] = ",".join(str(i) for i in sorted(gates))
+        width = next(iter(gates.values()))[-1] - dim
+        widths = {sum(ROUTER_FEATURES[f] for f in c): list(c) for c in _subsets(list(ROUTER_FEATURES))}
+        if width in widths:
+            fields["mod.router_features"] = widths[width]
+    return fields
+
+
+def _setting(key: str, value) -> str:
+    """'model.KEY=VALUE' as an override is written (lists as [a,b])."""
+    return f"model.{key}=[{','.join(value)}]" if isinstance(value, list) else f"model.{key}={value}"
+
+
+def _subsets(items: list) -> list[tuple]:
+    return [tuple(x for i, x in enumerate(items) if mask >> i & 1) for mask in range(1 << len(items))]
+
+
+_ADAPTER_A = re.compile(r"blocks\.\d+\.attn[12]\.lora\.(\w+)\.lora_A$")
+_MOD_GATE = re.compile(r"blocks\.(\d+)\.mod\.gate\.weight$")
+
+
+def routing_fix_for(cfg: ModelConfig, shapes: Mapping[str, tuple]) -> str:
+    """What to set for the routing modules of a checkpoint (LoRA-Mixer adapters, mixture-of-depths
+    routers) that `cfg` does not describe; '' if they fit. A checkpoint with none of a kind that
+    `cfg` adds is a base (train.init_from draws them from train.seed) and is named only as such."""
+    found = routing_fields_from_shapes(shapes, cfg.dim)
+    lora = {k: v for k, v in found.items() if k.startswith("lora.")}
+    if lora and cfg.lora.num_experts == 0:
+        return (
+            f"the checkpoint has LoRA-Mixer adapters (model.lora.num_experts={lora['lora.num_experts']}): set it, "
+            f"or export a merged dense model (python -m megamoe.posttrain.lora_export --merged) and load that"
+        )
+    if lora:
+        current = {"lora.num_experts": cfg.lora.num_experts, "lora.rank": cfg.lora.rank, "lora.targets": None}
+        current["lora.targets"] = [t for t in PROJECTIONS if t in cfg.lora.targets]
+        diffs = [_setting(k, v) for k, v in lora.items() if current[k] != v]
+        if diffs:
+            return f"the checkpoint's LoRA-Mixer adapters have {', '.join(diffs)}: set that to load them"
+    mod = {k: v for k, v in found.items() if k.startswith("mod.")}
+    routed = mod_layer_indices(cfg)
+    if mod and not routed:
+        return (
+            f"the checkpoint has mixture-of-depths routers (model.mod.layers={mod['mod.layers']}): set it "
+            f"(with the run's other model.mod settings) to load them"
+        )
+    if mod:
+        diffs = []
+        if {int(i) for i in mod["mod.layers"].split(",")} != routed:
+            diffs.append(f"model.mod.layers={mod['mod.layers']}")
+        if "mod.router_features" in mod and sorted(mod["mod.router_features"]) != sorted(cfg.mod.router_features):
+            diffs.append(_setting("mod.router_features", mod["mod.router_features"]))
+        if diffs:
+            return f"the checkpoint's mixture-of-depths routers have {', '.join(diffs)}: set that to load them"
+    bases = (["LoRA-Mixer adapters"] if cfg.lora.num_experts > 0 and not lora else []) + (
+        ["mixture-of-depths routers"] if routed and not mod else []
+    )
+    if bases:
+        return (
+            f"the checkpoint has no {' or '.join(bases)}: it is a base, which train.init_from loads with them "
+            f"drawn from train.seed"
+        )
+    return ""
 
 
 def first_keys(keys, n: int = 3) -> str:
@@ -330,7 +409,7 @@ def check_matches(source: WeightSource, cfg: ModelConfig, expected: Mapping[str,
         (k for k in expected.keys() & shapes.keys() if tuple(expected[k]) != tuple(shapes[k])),
         key=lambda k: (k.endswith("bias"), k),
     )
-    fix = config_fix_for(cfg, model_fields_from_shapes(shapes))
+    fix = config_fix_for(cfg, model_fields_from_shapes(shapes)) or routing_fix_for(cfg, shapes)
     if wrong:
         k = wrong[0]
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""

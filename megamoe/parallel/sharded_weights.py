@@ -27,7 +27,7 @@ import json
 import os
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -35,7 +35,9 @@ import torch.distributed as dist
 from megamoe.atomic_files import AtomicFile, write_text_atomic
 from megamoe.config import ModelConfig
 from megamoe.model.dit import build_model
-from megamoe.model.lora_mixer import draw_adapters, fine_tunes_base, is_adapter_key
+from megamoe.model.init import draw_, inits_of
+from megamoe.model.lora_mixer import is_adapter_key
+from megamoe.model.mixture_of_depths import is_mod_key, mod_layer_indices
 from megamoe.model.weights import (
     INDEX_NAME,
     LocalShard,
@@ -83,6 +85,41 @@ def local_shards(model: torch.nn.Module) -> dict[str, LocalShard]:
 # Reading.
 
 
+ADDED_ROUTING = (
+    ("LoRA-Mixer adapters", is_adapter_key, lambda cfg: cfg.lora.num_experts > 0),
+    ("mixture-of-depths routers", is_mod_key, lambda cfg: bool(mod_layer_indices(cfg))),
+)
+"""Routing modules a config adds to a base model: (name, is one of its state-dict keys, does `cfg` add them)."""
+
+
+def drawn_fresh(cfg: ModelConfig, keys) -> tuple[list[str], Callable[[str], bool]]:
+    """The parameters and buffers a base checkpoint with state-dict `keys` may lack: those of each
+    kind of routing module that `cfg` adds and the checkpoint holds none of (a dense Wan release
+    under LoRA-Mixer adapters, a pretrained model converted to mixture-of-depths blocks). Returns
+    (the kinds' names, a predicate on state-dict keys). A checkpoint that holds some modules of a
+    kind must hold all of them: it was trained with them, and `check_matches` names the setting."""
+    kinds = [(name, is_key) for name, is_key, adds in ADDED_ROUTING if adds(cfg) and not any(map(is_key, keys))]
+    return [name for name, _ in kinds], lambda key: any(is_key(key) for _, is_key in kinds)
+
+
+@torch.no_grad()
+def draw_fresh(model: torch.nn.Module, fresh: Callable[[str], bool], seed: int) -> None:
+    """Give the modules whose keys `fresh` accepts the values `build_model(cfg, seed=seed)` gives them:
+    parameters drawn as a pure function of (seed, name, position) (megamoe/model/init.py), buffers
+    reset. Routing modules are replicated, so every rank draws the whole tensor."""
+    for prefix, module in model.named_modules():
+        if not prefix or not fresh(prefix + ".") or fresh(prefix.rpartition(".")[0] + "."):
+            continue  # not a fresh module, or inside one already drawn
+        for name, init in inits_of(module).items():
+            param = module.get_parameter(name)
+            if split_of(param) is not None:
+                raise WeightsError(f"{prefix}.{name} is sharded; routing modules are replicated on every rank")
+            draw_(param.data, init, seed, f"{prefix}.{name}", None)
+        for sub in module.modules():
+            if hasattr(sub, "reset_buffers"):
+                sub.reset_buffers()
+
+
 def open_init_source(path, cfg: ModelConfig) -> tuple[WeightSource, bool]:
     """Open `train.init_from` and check it against the model `cfg` describes: headers only, no
     tensor read and no communication, so it runs before any process group exists.
@@ -96,9 +133,8 @@ def open_init_source(path, cfg: ModelConfig) -> tuple[WeightSource, bool]:
     if upcycle:
         check_dense(source, cfg)
     else:
-        expected = {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()}
-        if fine_tunes_base(cfg.lora, source.shapes):  # the base of a LoRA-Mixer fine-tune: adapters are drawn
-            expected = {k: shape for k, shape in expected.items() if not is_adapter_key(k)}
+        _, fresh = drawn_fresh(cfg, source.shapes)  # a base: the routing modules it lacks are drawn
+        expected = {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items() if not fresh(k)}
         check_matches(source, cfg, expected)
     return source, upcycle
 
@@ -118,10 +154,11 @@ def init_from(model: torch.nn.Module, path, seed: int) -> str:
         mode = mode_of(model.cfg)
         upcycle_into(model, source, mode, seed, shards)
         return f"upcycled the dense {source.what} into {model.cfg.moe.num_experts} experts ({mode} mode, seed {seed})"
-    if fine_tunes_base(model.cfg.lora, source.shapes):
-        load_diffusers_weights(model, source, {k: s for k, s in shards.items() if not is_adapter_key(k)})
-        draw_adapters(model, seed)
-        return f"loaded the base weights from {source.what}; LoRA-Mixer adapters drawn from seed {seed}"
+    kinds, fresh = drawn_fresh(model.cfg, source.shapes)
+    if kinds:
+        load_diffusers_weights(model, source, {k: s for k, s in shards.items() if not fresh(k)})
+        draw_fresh(model, fresh, seed)
+        return f"loaded the base weights from {source.what}; {' and '.join(kinds)} drawn from seed {seed}"
     load_diffusers_weights(model, source, shards)
     return f"loaded weights from {source.what}"
 

@@ -252,6 +252,7 @@ def test_sparsity_loss_pulls_the_mean_score_to_its_target():
     [
         (routed(capacity=0.0), {}, "model.mod.capacity must be in"),
         (routed(layers="3"), {}, "model.mod.layers='3'"),
+        (routed(layers="1,1"), {}, r"model.mod.layers='1,1' names block\(s\) \[1\] more than once"),
         (routed(update_scale="gate"), {}, "model.mod.update_scale"),
         (routed(router_features=["attention"]), {}, "model.mod.router_features"),
         (routed(sparsity_target=0.3), {}, "model.mod.sparsity_target=0.3 has no effect"),
@@ -309,3 +310,58 @@ def test_training_the_tiny_config_with_mod_lowers_the_loss():
     print(f"flow loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
     assert min(router_grads) > 0  # the router trains from the first step on (block update and sparsity loss)
+
+
+def test_a_capacity_that_does_not_split_over_the_context_shards_is_refused_before_start(tmp_path, capsys, monkeypatch):
+    """tiny: 5 x 8 x 8 = 320 tokens per sample; capacity 0.503 routes 161, which 2 shards cannot split.
+    launcher/pretrain.py (rank 0 of 2) refuses it in one line, exit 2, before any process group exists."""
+    import torch.distributed as dist
+
+    from launcher.pretrain import main
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = ["--config", "configs/tiny.yaml", "model.mod.layers=1,3", "parallel.context_parallel_size=2"]
+    code = main([*args, "model.mod.capacity=0.503", f"train.output_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and not dist.is_initialized(), err
+    assert "model.mod.capacity=0.503 routes 161 of the 320 tokens per sample" in err, err
+    assert "e.g. model.mod.capacity=0.5 (160 tokens)" in err, err
+    validate(load_config("configs/tiny.yaml", args[2:] + ["model.mod.capacity=0.5"]), world_size=2)  # 160: fine
+
+
+def test_init_from_a_pretrained_base_draws_the_routers_as_the_seed_does(tmp_path):
+    """A checkpoint without mixture-of-depths routers (a dense pretrained model) is a base: its weights
+    load as they are and the routers (gates and threshold buffers) equal build_model(seed)'s."""
+    from megamoe.model.mixture_of_depths import is_mod_key
+    from megamoe.model.weights import save_diffusers_weights
+    from megamoe.parallel.sharded_weights import init_from
+
+    save_diffusers_weights(pretrained(BASE), str(tmp_path / "base"))
+    cfg = routed(layers="0,2")
+    model = build_model(cfg, seed=5)
+    for block in (model.blocks[0], model.blocks[2]):  # as a model that has routed before would hold them
+        block.mod.threshold.fill_(0.7)
+        block.mod.threshold_initialized.fill_(True)
+    assert "mixture-of-depths routers drawn from seed 3" in init_from(model, str(tmp_path / "base"), seed=3)
+    fresh, base = build_model(cfg, seed=3).state_dict(), pretrained(BASE).state_dict()
+    state = model.state_dict()
+    assert sum(map(is_mod_key, state)) == 8 and state.keys() == fresh.keys()
+    for key, value in state.items():
+        assert torch.equal(value, fresh[key] if is_mod_key(key) else base[key]), key
+
+
+def test_the_launcher_converts_a_pretrained_checkpoint_to_mixture_of_depths(tmp_path):
+    """README's ARank -> convert workflow: `pretrain.py model.mod.layers=0,3 train.init_from=<ckpt>/weights`
+    on a dense tiny checkpoint's export starts and trains (one step)."""
+    from megamoe.model.weights import save_diffusers_weights
+    from tests.distributed.launch_helpers import pretrain_in_process, read_metrics
+
+    save_diffusers_weights(build_model(load_config("configs/tiny.yaml").model, seed=1), str(tmp_path / "weights"))
+    out = tmp_path / "out"
+    pretrain_in_process(
+        ["--config", "configs/tiny.yaml", "model.mod.layers=0,3", f"train.init_from={tmp_path / 'weights'}",
+         "train.steps=1", "data.synthetic_num_clips=4", "data.micro_batch_size=2", f"data.cache_dir={tmp_path}",
+         f"train.output_dir={out}"]
+    )  # fmt: skip
+    assert np.isfinite(read_metrics(out)[1]["loss_flow"])

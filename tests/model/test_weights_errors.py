@@ -114,3 +114,46 @@ def test_exported_files_follow_the_umask(state, tmp_path, umask):
     assert want == 0o666 & ~umask
     for name in ("config.json", "diffusion_pytorch_model.safetensors"):
         assert os.stat(tmp_path / "weights" / name).st_mode & 0o777 == want, name
+
+
+ROUTED = dataclasses.replace(CFG, num_layers=3)
+
+
+def routed(lora=None, mod=None) -> ModelConfig:
+    from megamoe.config import LoRAConfig, MixtureOfDepthsConfig
+
+    return dataclasses.replace(ROUTED, lora=LoRAConfig(**(lora or {})), mod=MixtureOfDepthsConfig(**(mod or {})))
+
+
+@pytest.mark.parametrize(
+    "saved, loading, message",
+    [
+        (routed(lora={"num_experts": 4}), routed(), "has LoRA-Mixer adapters (model.lora.num_experts=4): set it, or "),
+        (routed(lora={"num_experts": 4}), routed(lora={"num_experts": 2}), "have model.lora.num_experts=4: set that"),
+        (routed(lora={"num_experts": 4}), routed(lora={"num_experts": 4, "rank": 2}), "have model.lora.rank=8: set"),
+        (
+            routed(lora={"num_experts": 4, "targets": ["q", "o"]}),
+            routed(lora={"num_experts": 4}),
+            "have model.lora.targets=[q,o]: set that",
+        ),
+        (routed(mod={"layers": "0,2"}), routed(), "has mixture-of-depths routers (model.mod.layers=0,2): set it"),
+        (routed(mod={"layers": "0,2"}), routed(mod={"layers": "1"}), "have model.mod.layers=0,2: set that"),
+        (
+            routed(mod={"layers": "1", "router_features": ["position"]}),
+            routed(mod={"layers": "1", "router_features": ["noise_level"]}),
+            "have model.mod.router_features=[position]: set that",
+        ),
+        (
+            routed(),
+            routed(mod={"layers": "1"}),
+            "has no mixture-of-depths routers: it is a base, which train.init_from",
+        ),
+    ],
+)
+def test_a_routing_mismatch_names_the_setting(tmp_path, saved, loading, message):
+    """A checkpoint saved with other routing modules (LoRA-Mixer adapters, mixture-of-depths routers)
+    than the model's: the message names the setting the checkpoint was saved with."""
+    from megamoe.model.dit import build_model
+
+    save_diffusers_weights(build_model(saved), str(tmp_path / "saved"))
+    assert message in load_error(build_model(loading, initialize=False), str(tmp_path / "saved"))
