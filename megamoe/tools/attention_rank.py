@@ -12,7 +12,10 @@ averaged over heads and calibration samples; the blocks of lowest ARank are conv
 CHECKPOINT: a `checkpoints/step_*` directory written by launcher/pretrain.py (dense or MoE). The
 calibration batches are the run's first training batches (posttrain/trained_model.data_batches),
 noised to `--noise-level` (0 = data, 1 = noise) with a fixed seed, text kept. Printed: each block's
-ARank, and the `model.mod.layers=...` override naming the N blocks of lowest ARank.
+ARank, and the `model.mod.layers=...` override naming the N blocks of lowest ARank among the dense
+ones (an MoE block cannot route tokens; default N: half of them). Convert with
+`launcher/pretrain.py ... model.mod.layers=... train.init_from=CHECKPOINT/weights`: the routers are
+drawn from train.seed, every other weight loads.
 
 Rank of one map A = softmax(q k^T / sqrt(head_dim)) [Lq, L] (one head of one sample): the number of
 its singular values above rtol times the largest. For long sequences A is restricted to
@@ -28,7 +31,9 @@ import sys
 import torch
 from torch import nn
 
+from megamoe.config import ModelConfig
 from megamoe.diffusion.flow import TIMESTEP_SCALE, interpolate
+from megamoe.moe.layer import moe_layer_indices
 
 
 def attention_map_rank(q: torch.Tensor, k: torch.Tensor, rtol: float, max_queries: int) -> torch.Tensor:
@@ -79,10 +84,27 @@ def attention_ranks(
     return [torch.cat(p.ranks).mean().item() for p in probes]
 
 
-def blocks_to_convert(ranks: list[float], count: int) -> list[int]:
-    """The `count` blocks of lowest ARank, in block order (ties: the earlier block first)."""
-    order = sorted(range(len(ranks)), key=lambda i: (ranks[i], i))
+def blocks_to_convert(ranks: list[float], count: int, candidates: set[int] | None = None) -> list[int]:
+    """The `count` blocks of lowest ARank among `candidates` (default: every block), in block order
+    (ties: the earlier block first)."""
+    blocks = range(len(ranks)) if candidates is None else sorted(candidates)
+    order = sorted(blocks, key=lambda i: (ranks[i], i))
     return sorted(order[:count])
+
+
+def convertible_blocks(cfg: ModelConfig) -> set[int]:
+    """The blocks a mixture-of-depths router may go in: the dense ones (config_checks refuses MoD in
+    an MoE block, whose router statistics would count tokens the block never saw)."""
+    moe = moe_layer_indices(cfg) if cfg.moe.num_experts > 0 else set()
+    return set(range(cfg.num_layers)) - moe
+
+
+FLAG_RULES = (
+    ("batches", lambda v: v >= 1, "must be >= 1"),
+    ("max_queries", lambda v: v >= 1, "must be >= 1"),
+    ("rtol", lambda v: 0 < v < 1, "must be in (0, 1) (a fraction of the largest singular value)"),
+    ("noise_level", lambda v: 0 <= v <= 1, "must be in [0, 1] (0 = data, 1 = noise)"),
+)
 
 
 def load_checkpoint_model(checkpoint: str, weights: str):
@@ -96,6 +118,10 @@ def load_checkpoint_model(checkpoint: str, weights: str):
     from megamoe.train.checkpoint import CheckpointError, inspect_checkpoint
 
     path = Path(checkpoint)
+    if path.exists() and not path.is_dir():
+        raise PostTrainError(
+            f"'{path}' is a file, not a checkpoint; pass a checkpoints/step_* directory of launcher/pretrain.py"
+        )
     check_not_model_folder(path)
     try:
         cfg = from_yaml_text(inspect_checkpoint(path)["config"])
@@ -122,20 +148,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", choices=("model", "ema"), default="model")
     args = parser.parse_args(argv)
     try:
-        if args.batches < 1 or args.max_queries < 1 or not 0 < args.rtol < 1 or not 0 <= args.noise_level <= 1:
-            raise PostTrainError("--batches and --max-queries must be >= 1, --rtol in (0, 1), --noise-level in [0, 1]")
+        for name, holds, rule in FLAG_RULES:  # `not holds` also refuses a NaN
+            if not holds(getattr(args, name)):
+                raise PostTrainError(f"--{name.replace('_', '-')} {rule}, got {getattr(args, name)}")
         model, cfg = load_checkpoint_model(args.checkpoint, args.weights)
-        count = len(model.blocks) // 2 if args.convert is None else args.convert
-        if not 1 <= count <= len(model.blocks):
-            raise PostTrainError(f"--convert must be in 1..{len(model.blocks)} (the model's blocks), got {count}")
+        dense = convertible_blocks(model.cfg)
+        moe = f"model.moe.layers={model.cfg.moe.layers}"
+        if not dense:
+            raise PostTrainError(
+                f"every block of '{args.checkpoint}' is an MoE block ({moe}), and mixture-of-depths routes tokens "
+                f"only in dense blocks: nothing to convert; rank a checkpoint with dense blocks"
+            )
+        count = max(1, len(dense) // 2) if args.convert is None else args.convert
+        if not 1 <= count <= len(dense):
+            what = "the model's blocks" if len(dense) == len(model.blocks) else f"its dense blocks; {moe} are MoE"
+            raise PostTrainError(f"--convert must be in 1..{len(dense)} ({what}), got {count}")
         batches = data_batches(cfg, args.batches)
     except PostTrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ranks = attention_ranks(model, batches, args.noise_level, args.rtol, args.max_queries)
     for i, rank in enumerate(ranks):
-        print(f"block {i:3d}  ARank {rank:8.2f}")
-    print("model.mod.layers=" + ",".join(str(i) for i in blocks_to_convert(ranks, count)))
+        print(f"block {i:3d}  ARank {rank:8.2f}" + ("" if i in dense else "  (MoE: not convertible)"))
+    print("model.mod.layers=" + ",".join(str(i) for i in blocks_to_convert(ranks, count, dense)))
     return 0
 
 
