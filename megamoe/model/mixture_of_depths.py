@@ -39,8 +39,12 @@ Sequence sharding (context parallelism): each rank holds a chunk of every sample
 gathered, so every rank picks the unsharded top-k; the chosen tokens (in sequence order) are cut
 into equal chunks, one per rank, so Ulysses attention runs among all chosen tokens; the block
 outputs are gathered back and each rank keeps its own tokens. k must then divide into the shards
-(training), and at eval each sample's count is rounded up to a multiple of the shards with its
+(training; config_checks refuses a capacity that breaks this for a sample shape known before
+start-up), and at eval each sample's count is rounded up to a multiple of the shards with its
 next-best tokens (in one process nothing is rounded).
+
+Converting a pretrained model: a checkpoint without routers is a base, whose weights
+`train.init_from` loads while it draws the routers from the seed (parallel/sharded_weights.py).
 
 Loss (`aux`, unweighted; the objective weighs it by `sparsity_loss`):
     'mod_sparsity'  (mean s over every token of the micro-batch - sparsity_target)^2
