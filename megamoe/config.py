@@ -16,10 +16,10 @@ from __future__ import annotations
 import os
 import re
 import typing
-from dataclasses import dataclass, field, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import Node, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megamoe.error_messages import first_line
@@ -451,6 +451,33 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
+def _accepted_form(exc: OmegaConfBaseException) -> str | None:
+    """For a value of the wrong shape (a list where a string goes, one value where a list goes, an empty
+    value), the rest of a one-line message: the key's accepted form, written from the value given, in
+    YAML and as an override. None for other errors (OmegaConf's own line is clear enough there)."""
+    cls, name, key = getattr(exc, "object_type", None), getattr(exc, "key", None), getattr(exc, "full_key", None)
+    if not (is_dataclass(cls) and isinstance(name, str) and key):
+        return None
+    hint, value = typing.get_type_hints(cls).get(name), getattr(exc, "value", None)
+    if isinstance(value, Node):  # a scalar given where a list goes comes wrapped
+        value = value._value()
+    is_list = OmegaConf.is_list(value) or isinstance(value, (list, tuple))
+    if value is None:
+        spec = {f.name: f for f in fields(cls)}[name]
+        default = spec.default_factory() if spec.default_factory is not MISSING else spec.default
+        if is_dataclass(default):  # a whole section: OmegaConf's line names it
+            return None
+        shown = "[" + ",".join(map(str, default)) + "]" if isinstance(default, list) else default
+        return f"the value is empty; give one, e.g. its default {key}={shown}"
+    if typing.get_origin(hint) is list and not is_list:
+        items = [item.strip() for item in str(value).split(",") if item.strip()]
+        return f"{key} is a list: write {name}: [{', '.join(items)}] in YAML, {key}=[{','.join(items)}] as an override"
+    if hint is str and is_list:
+        joined = ",".join(str(item) for item in value)
+        return f"{key} is a string like '{joined}', not a list: write {name}: '{joined}' in YAML, {key}={joined} as an override"
+    return None
+
+
 def merge_config(base: dict | None = None, overrides: list[str] | None = None) -> Config:
     """Dataclass defaults <- `base` (a dict, e.g. parsed YAML) <- dotted `overrides`."""
     schema = OmegaConf.structured(Config)
@@ -485,6 +512,9 @@ def merge_config(base: dict | None = None, overrides: list[str] | None = None) -
             raise ConfigError(
                 f"unknown config key '{key}'; remove it or fix its spelling (see README 'Config reference')"
             ) from None
+        form = _accepted_form(exc)
+        if form:
+            raise ConfigError(f"bad value for '{key}': {form}") from None
         reason = first_line(exc) or type(exc).__name__
         raise ConfigError(f"bad value for '{key}': {reason}; fix the type of this value") from None
     return OmegaConf.to_object(merged)

@@ -614,3 +614,51 @@ def test_buckets_that_do_not_fit_the_model_or_the_layout_are_refused(tmp_path, m
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and cases[-1][2] in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "yaml_text, overrides, key, form, fix",
+    [
+        (
+            "model:\n  mod:\n    layers: [1, 3]\n",
+            [],
+            "model.mod.layers",
+            "model.mod.layers is a string like '1,3', not a list: write layers: '1,3' in YAML, "
+            "model.mod.layers=1,3 as an override",
+            "model.mod.layers=1,3",
+        ),
+        (
+            "model:\n  lora:\n    targets: q,k\n",
+            [],
+            "model.lora.targets",
+            "model.lora.targets is a list: write targets: [q, k] in YAML, model.lora.targets=[q,k] as an override",
+            "model.lora.targets=[q,k]",
+        ),
+        (
+            None,
+            ["model.mod.router_features=noise_level"],
+            "model.mod.router_features",
+            "model.mod.router_features is a list: write router_features: [noise_level] in YAML, "
+            "model.mod.router_features=[noise_level] as an override",
+            "model.mod.router_features=[noise_level]",
+        ),
+        (
+            None,
+            ["model.mod.layers="],
+            "model.mod.layers",
+            "the value is empty; give one, e.g. its default model.mod.layers=none",
+            "model.mod.layers=none",
+        ),
+    ],
+)
+def test_a_value_of_the_wrong_shape_gets_the_accepted_form(yaml_text, overrides, key, form, fix, tmp_path):
+    """A list where a string goes, one value where a list goes, an empty value: the line names the key and
+    shows the form it takes, built from the value given; that form is then accepted."""
+    path = None
+    if yaml_text:
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path and str(path), overrides)
+    assert str(info.value) == f"bad value for '{key}': {form}"
+    load_config(None, [fix])
