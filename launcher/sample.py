@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--caption", help="caption, embedded like the synthetic dataset's captions")
     prompt.add_argument("--text-embedding", help=".npy or .safetensors (key 'text') of shape [L, text_dim]")
-    p.add_argument("--out", default="samples.mp4", help="output mp4")
+    p.add_argument("--out", default="samples.mp4", help="output file, ending in .mp4")
     p.add_argument("--num-samples", type=int, default=4, help="clips generated side by side")
     p.add_argument("--frames", type=int, default=None, help="latent frames (default: the training data's)")
     p.add_argument("--size", type=int, default=None, help="latent height and width (default: the training data's)")
@@ -84,6 +84,17 @@ def main(argv=None) -> int:
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    # PyAV picks the container by the extension: refuse another before minutes of sampling, not after
+    out = Path(args.out)
+    if out.suffix.lower() != ".mp4":
+        print(
+            f"error: --out '{out}' does not end in .mp4 (the clips are written as mp4); e.g. --out {out}.mp4",
+            file=sys.stderr,
+        )
+        return 2
+    if not out.parent.is_dir():
+        print(f"error: --out '{out}': folder '{out.parent}' does not exist; create it or pick another", file=sys.stderr)
+        return 2
     scales = args.guidance_per_band if args.guidance_per_band is not None else [args.guidance]
     if not all(scale is None or math.isfinite(scale) for scale in scales):
         print(f"error: CFG scales must be finite numbers, got {scales}; e.g. --guidance 4", file=sys.stderr)
