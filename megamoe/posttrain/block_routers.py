@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from megamoe.config import BlockRouterConfig, to_yaml
+from megamoe.config import BlockRouterConfig, ModelConfig, to_yaml
 from megamoe.model.block_routing import ACTIONS, BlockPaths, decide, fixed_paths, recorded_inputs
 from megamoe.posttrain.evaluation import validation_loss
 from megamoe.posttrain.trained_model import PostTrainError, check_output_directory, data_batches, output_directory
@@ -145,19 +146,71 @@ def save_routers(model, out: str | Path, cfg, report: dict) -> None:
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
-def load_block_routers(checkpoint: str | Path, routers: str | Path, weights: str = "model"):
-    """(the base checkpoint's model with the trained routers of `routers`, its Config)."""
+def load_block_routers(checkpoint: str | Path, routers: str | Path, weights: str | None = None):
+    """(the base checkpoint's model with the trained routers of `routers`, its Config).
+
+    weights: "model" or "ema"; None = the weights the routers were trained on (report.json "base").
+    Raises PostTrainError (one line) unless `checkpoint` is the base the routers were trained on: the
+    same model config (block_router aside; the first key that differs is named), the same training step,
+    and router tensors of exactly the model's names and shapes (one router per block)."""
     from megamoe.config import from_yaml_text
-    from megamoe.tools.block_path_search import load_routed_model
+    from megamoe.tools.block_path_search import checkpoint_meta, load_routed_model
 
     routers = Path(routers)
-    if not (routers / ROUTERS).is_file():
-        raise PostTrainError(f"'{routers}' holds no {ROUTERS}; train routers with megamoe.posttrain.block_routers")
-    saved = from_yaml_text((routers / "config.yaml").read_text()).model.block_router
+    for name in (ROUTERS, "config.yaml"):
+        if not (routers / name).is_file():
+            raise PostTrainError(f"'{routers}' holds no {name}; train routers with megamoe.posttrain.block_routers")
+    trained = from_yaml_text((routers / "config.yaml").read_text())
+    report = routers / "report.json"
+    base = json.loads(report.read_text()).get("base", {}) if report.is_file() else {}
+    meta = checkpoint_meta(checkpoint)
+    check_same_base(trained.model, from_yaml_text(meta["config"]).model, routers, checkpoint)
+    if base.get("step") is not None and base["step"] != meta.get("step"):
+        raise PostTrainError(
+            f"routers in '{routers}' were trained on step {base['step']} ('{base['checkpoint']}'), but checkpoint "
+            f"'{checkpoint}' is step {meta.get('step')}; pass the checkpoint the path labels were searched on"
+        )
+    weights = weights or base.get("weights", "model")
+    saved = trained.model.block_router
     overrides = [f"model.block_router.{k}={v}" for k, v in vars(saved).items() if k != "enabled"]
     model, cfg = load_routed_model(checkpoint, overrides, weights)
-    model.load_state_dict(load_file(str(routers / ROUTERS)), strict=False)
+    state = load_file(str(routers / ROUTERS))
+    expected = {k: v.shape for k, v in model.state_dict().items() if k.startswith("block_paths.")}
+    for key in sorted(expected.keys() | state.keys()):
+        if key not in state or key not in expected or state[key].shape != expected[key]:
+            given = tuple(state[key].shape) if key in state else "absent"
+            wanted = tuple(expected[key]) if key in expected else "absent"
+            raise PostTrainError(
+                f"'{routers / ROUTERS}' does not fit the model of '{checkpoint}' ({cfg.model.num_layers} blocks): "
+                f"{key} is {given} there, {wanted} in the model; train routers for this checkpoint"
+            )
+    model.block_paths.load_state_dict({k.removeprefix("block_paths."): v for k, v in state.items()}, strict=True)
     return model, cfg
+
+
+def check_same_base(trained: ModelConfig, base: ModelConfig, routers: str | Path, checkpoint: str | Path) -> None:
+    """PostTrainError naming the first model.* key (block_router aside) whose value differs between the
+    config the routers were trained with and the checkpoint's: routers read one base model's hidden
+    states, and a base with other blocks (count, MoE, mixture-of-depths, widths) would misuse them."""
+    a, b = (OmegaConf.to_container(OmegaConf.structured(c)) for c in (trained, base))
+    for key, value in _flat(a).items():
+        other = _flat(b).get(key)
+        if not key.startswith("block_router.") and value != other:
+            raise PostTrainError(
+                f"routers in '{routers}' were trained on a base with model.{key}={value}, but checkpoint "
+                f"'{checkpoint}' has model.{key}={other}; pass the checkpoint the path labels were searched on"
+            )
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def parse_args(argv=None):
@@ -207,6 +260,8 @@ def main(argv=None) -> int:
         "held_out": routed_figures(model, held_out, levels),
         "num_layers": cfg.model.num_layers,
         "budget": cfg.model.block_router.budget,
+        # what load_block_routers compares a checkpoint against (with config.yaml's model config)
+        "base": {"checkpoint": meta["checkpoint"], "step": meta.get("step"), "weights": meta["weights"]},
     }
     save_routers(model, args.out, cfg, report)
     h = report["held_out"]

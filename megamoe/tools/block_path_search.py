@@ -20,6 +20,7 @@ floor(budget * num_layers) block runs per path, a repeat counting twice (model.b
 LABELS receives labels.safetensors (paths int8 [N, levels, num_layers]; loss, loss_plain fp32
 [N, levels]) and labels.json (the run config with the block_router settings, the levels, seeds, how
 the held-out batches were read), complete or not at all. Bad input: one line on stderr, exit code 2.
+It prints a line per searched batch with the elapsed time, and runs torch on one thread (see main).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -146,23 +148,62 @@ def path_losses(model, inputs: dict, rows: list[tuple[int, tuple[int, ...]]], ch
     return torch.cat(out).view(draws, len(rows)).mean(0).tolist()
 
 
-def search_labels(model, batches: list, levels=NOISE_LEVELS, seed: int = 0, draws: int = 2, rounds: int = 4) -> dict:
+def search_labels(
+    model,
+    batches: list,
+    levels=NOISE_LEVELS,
+    seed: int = 0,
+    draws: int = 2,
+    rounds: int = 4,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """Labels of every (held-out sample, level) under model.cfg.block_router.budget:
-    {"paths": int8 [N, levels, num_layers], "loss": [N, levels], "loss_plain": [N, levels]}."""
+    {"paths": int8 [N, levels, num_layers], "loss": [N, levels], "loss_plain": [N, levels]}.
+
+    The examples of one batch are searched together, batch after batch (each example's search is its
+    own, so this is the search of all at once), and `progress` gets a line per batch with the elapsed time."""
     cfg = model.cfg
-    inputs = example_inputs(batches, levels, seed, draws)
-    num_examples = len(inputs["x0"])
+    start = time.perf_counter()
+    inputs = example_inputs(batches, levels, seed, draws)  # every batch's, so each sample keeps its noise
     runs = max_runs(cfg.block_router.budget, cfg.num_layers)
-    paths, losses = greedy_path_search(
-        lambda rows: path_losses(model, inputs, rows), num_examples, cfg.num_layers, runs, rounds
-    )
-    plain = path_losses(model, inputs, [(e, (1,) * cfg.num_layers) for e in range(num_examples)])
-    shape = (num_examples // len(levels), len(levels))
+    paths, losses, plain = [], [], []
+    first = 0
+    for b, (latents, _) in enumerate(batches):
+        ids = range(first, first + len(latents) * len(levels))
+        first = ids.stop
+
+        def score(rows, ids=ids):
+            return path_losses(model, inputs, [(ids[e], p) for e, p in rows])
+
+        found, found_losses = greedy_path_search(score, len(ids), cfg.num_layers, runs, rounds)
+        batch_plain = score([(e, (1,) * cfg.num_layers) for e in range(len(ids))])
+        paths, losses, plain = paths + found, losses + found_losses, plain + batch_plain
+        if progress:
+            n = len(ids)
+            progress(
+                f"batch {b + 1}/{len(batches)}: {n} examples ({len(latents)} samples x {len(levels)} levels), "
+                f"{sum(map(sum, found)) / n:.2f} of {cfg.num_layers} block runs per path, flow loss "
+                f"{sum(found_losses) / n:.5f} (all blocks once {sum(batch_plain) / n:.5f}); "
+                f"{time.perf_counter() - start:.0f} s elapsed"
+            )
+    shape = (len(paths) // len(levels), len(levels))
     return {
         "paths": torch.tensor(paths, dtype=torch.int8).view(*shape, cfg.num_layers),
         "loss": torch.tensor(losses, dtype=torch.float32).view(shape),
         "loss_plain": torch.tensor(plain, dtype=torch.float32).view(shape),
     }
+
+
+def checkpoint_meta(checkpoint: str | Path) -> dict:
+    """The meta.json of a pretrain checkpoint (its "config" YAML text, "step", ...); PostTrainError
+    (one line) for a model folder or anything that is not a complete checkpoint."""
+    from megamoe.train.checkpoint import CheckpointError, inspect_checkpoint
+
+    check_not_model_folder(checkpoint)
+    try:
+        return inspect_checkpoint(Path(checkpoint))
+    except CheckpointError as exc:
+        raise PostTrainError(str(exc)) from None
 
 
 def load_routed_model(checkpoint: str | Path, overrides=(), weights: str = "model") -> tuple[torch.nn.Module, Config]:
@@ -172,14 +213,9 @@ def load_routed_model(checkpoint: str | Path, overrides=(), weights: str = "mode
     from megamoe.config_checks import validate
     from megamoe.model.dit import build_model
     from megamoe.model.weights import WeightsError, load_diffusers_weights
-    from megamoe.train.checkpoint import CheckpointError, inspect_checkpoint
 
     path = Path(checkpoint)
-    check_not_model_folder(path)
-    try:
-        run = from_yaml_text(inspect_checkpoint(path)["config"])
-    except CheckpointError as exc:
-        raise PostTrainError(str(exc)) from None
+    run = from_yaml_text(checkpoint_meta(path)["config"])
     for item in overrides:
         if not item.startswith(ROUTER_PREFIX) or item.startswith(ROUTER_PREFIX + "enabled"):
             raise PostTrainError(
@@ -257,9 +293,27 @@ def main(argv=None) -> int:
         check_output_directory(args.out)
         model, cfg = load_routed_model(args.checkpoint, args.set, args.weights)
         batches = data_batches(cfg, args.batches, held_out=args.val_data is None, path=args.val_data)
-        labels = search_labels(model, batches, NOISE_LEVELS, args.seed, args.draws, args.rounds)
+        print(
+            f"searching {args.batches} batches x {len(NOISE_LEVELS)} noise levels, {args.draws} noise draws, "
+            f"at most {max_runs(cfg.model.block_router.budget, cfg.model.num_layers)} of {cfg.model.num_layers} "
+            "block runs per path",
+            flush=True,
+        )
+        # One thread: the search runs a small model on many small batches, where torch's intra-op threads
+        # cost more than they give. Measured on 2 CPU cores (shared with other work) for the 4-block tiny
+        # model, the same 240 forwards took 4.1 s of CPU time with 1 thread and 14-16 s with 2 (wall 20-22 s
+        # against 52-130 s): the threads, not the search, made it about 4x slower.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            labels = search_labels(
+                model, batches, NOISE_LEVELS, args.seed, args.draws, args.rounds, lambda line: print(line, flush=True)
+            )
+        finally:
+            torch.set_num_threads(threads)  # main() may run inside a bigger program (the tests)
         meta = {
             "checkpoint": str(Path(args.checkpoint).resolve()),
+            "step": checkpoint_meta(args.checkpoint).get("step"),
             "weights": args.weights,
             "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
             "levels": list(NOISE_LEVELS),

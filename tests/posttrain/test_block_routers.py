@@ -6,12 +6,16 @@ import dataclasses
 import itertools
 import json
 import math
+import shutil
 
+import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from megamoe.config import BlockRouterConfig
+from megamoe.config import BlockRouterConfig, load_config, to_yaml
 from megamoe.model.dit import build_model
 from megamoe.posttrain.block_routers import (
+    ROUTERS,
     class_weights,
     focal_loss,
     load_block_routers,
@@ -19,15 +23,18 @@ from megamoe.posttrain.block_routers import (
     train_routers,
 )
 from megamoe.posttrain.block_routers import main as train_main
+from megamoe.posttrain.trained_model import PostTrainError
 from megamoe.tools.block_path_search import (
     example_inputs,
     greedy_path_search,
     max_runs,
     path_losses,
     read_labels,
+    search_labels,
 )
 from megamoe.tools.block_path_search import main as search_main
 from tests.model.test_block_routing import DENSE
+from tests.posttrain.conftest import config_only_checkpoint
 
 
 def test_focal_loss_equals_its_closed_form():
@@ -82,20 +89,54 @@ def test_greedy_search_finds_the_best_path_where_it_is_known():
 
 def test_search_labels_are_the_brute_force_best_on_a_real_model():
     """Two blocks, one run: every feasible path is one move from every other, so the greedy search must
-    end at the brute-force best of each example's flow loss."""
+    end at the brute-force best of each example's flow loss. search_labels searches batch after batch
+    (a progress line each), with each sample's noise as example_inputs gives it for all batches at once."""
     cfg = dataclasses.replace(DENSE, num_layers=2, block_router=BlockRouterConfig(enabled=True))
     model = build_model(cfg, seed=3).eval()
     with torch.no_grad():
         model.proj_out.weight.normal_(std=0.3)
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(2, 4, 2, 8, 8, generator=g), torch.randn(2, 5, 24, generator=g))]
+    batches = [(torch.randn(1, 4, 2, 8, 8, generator=g), torch.randn(1, 5, 24, generator=g)) for _ in range(2)]
+    lines = []
+    labels = search_labels(model, batches, (0.3, 0.7), seed=0, draws=2, progress=lines.append)
+    assert max_runs(cfg.block_router.budget, 2) == 1
+    paths, losses = labels["paths"].flatten(0, 1).tolist(), labels["loss"].flatten().tolist()
     inputs = example_inputs(batches, (0.3, 0.7), seed=0, draws=2)
-    paths, losses = greedy_path_search(lambda rows: path_losses(model, inputs, rows), 4, 2, runs=1)
     for e in range(4):
         feasible = [(0, 0), (1, 0), (0, 1)]
         expected = path_losses(model, inputs, [(e, p) for p in feasible])
-        assert paths[e] == feasible[min(range(3), key=expected.__getitem__)]
+        assert tuple(paths[e]) == feasible[min(range(3), key=expected.__getitem__)]
         assert math.isclose(losses[e], min(expected), rel_tol=1e-6)
+    assert [line.split(":")[0] for line in lines] == ["batch 1/2", "batch 2/2"]
+    assert all(line.endswith(" s elapsed") for line in lines)
+
+
+def routers_trained_on(tmp_path, *overrides):
+    """A routers directory whose config.yaml is configs/tiny_moe.yaml + overrides with block routers on."""
+    routers = tmp_path / "routers"
+    routers.mkdir()
+    cfg = load_config("configs/tiny_moe.yaml", [*overrides, "model.block_router.enabled=true"])
+    (routers / "config.yaml").write_text(to_yaml(cfg))
+    save_file({"block_paths.routers.0.fc2.bias": torch.zeros(3)}, str(routers / ROUTERS))
+    return routers
+
+
+@pytest.mark.parametrize(
+    "checkpoint_overrides, key",
+    [
+        (["model.num_layers=2"], "model.num_layers=4, but checkpoint '{}' has model.num_layers=2"),
+        (["model.num_layers=4", "model.moe.num_experts=0"], "model.moe.num_experts=8, but checkpoint '{}' has model"),
+        (["model.num_layers=4", "model.mod.layers=all"], "model.mod.layers=none, but checkpoint '{}' has model.mod"),
+    ],
+)
+def test_routers_of_another_base_are_refused_naming_the_key(tmp_path, checkpoint_overrides, key):
+    """Routers trained on the 4-block tiny MoE against a 2-block, a dense and a mixture-of-depths base:
+    refused before any weight is read, naming the first model key that differs."""
+    routers = routers_trained_on(tmp_path, "model.num_layers=4")
+    checkpoint = config_only_checkpoint(tmp_path / "base", *checkpoint_overrides)
+    with pytest.raises(PostTrainError) as info:
+        load_block_routers(checkpoint, routers)
+    assert f"routers in '{routers}' were trained on a base with " + key.format(checkpoint) in str(info.value)
 
 
 def test_router_training_lowers_the_focal_loss_and_fits_the_labels():
@@ -147,5 +188,22 @@ def test_search_and_router_training_tools_end_to_end(trained_moe, tmp_path, caps
     assert set(report["held_out"]) >= {"loss_plain", "loss_routed", "runs_per_sample"}
     model, cfg = load_block_routers(trained_moe, routers_dir)
     assert cfg.model.block_router.budget == 0.5 and model.block_paths.routers[0].fc2.weight.abs().sum() > 0
+    saved = load_file(str(routers_dir / ROUTERS))
+    for key, value in model.state_dict().items():
+        if key.startswith("block_paths."):
+            assert torch.equal(value, saved.pop(key)), key
+    assert not saved
+    # a router more than the checkpoint's blocks (as 4-block routers on this 2-block base) or another step
+    extra = shutil.copytree(routers_dir, tmp_path / "extra")
+    tensors = load_file(str(extra / ROUTERS))
+    tensors["block_paths.routers.2.fc2.bias"] = tensors["block_paths.routers.1.fc2.bias"].clone()
+    save_file(tensors, str(extra / ROUTERS))
+    with pytest.raises(PostTrainError, match=r"block_paths\.routers\.2\.fc2\.bias is \(3,\) there, absent in the"):
+        load_block_routers(trained_moe, extra)
+    moved = shutil.copytree(routers_dir, tmp_path / "moved")
+    report["base"]["step"] += 1
+    (moved / "report.json").write_text(json.dumps(report))
+    with pytest.raises(PostTrainError, match=f"trained on step {report['base']['step']} "):
+        load_block_routers(trained_moe, moved)
     assert search_main([*common[:3], str(tmp_path / "x"), "--set", "model.moe.top_k=1"]) == 2
     assert "only model.block_router.*" in capsys.readouterr().err
