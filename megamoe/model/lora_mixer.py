@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from megamoe.config import LoRAConfig, ModelConfig
-from megamoe.model.init import ZEROS, Init, draw_, inits_of
+from megamoe.model.init import ZEROS, Init
 from megamoe.moe.token_shards import TokenShards
 
 PROJECTIONS = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out"}
@@ -145,21 +145,6 @@ def adapters(model: nn.Module) -> dict[str, RoutedLoRA]:
 def is_adapter_key(key: str) -> bool:
     """Whether a state-dict key belongs to a LoRA-Mixer adapter (router or experts), not the base."""
     return ".lora." in key
-
-
-def fine_tunes_base(cfg: LoRAConfig, keys) -> bool:
-    """A checkpoint with state-dict `keys` is a base for adapters still to be drawn: the model has
-    adapters (cfg.num_experts > 0) and the checkpoint none (e.g. the released dense weights)."""
-    return cfg.num_experts > 0 and not any(is_adapter_key(k) for k in keys)
-
-
-@torch.no_grad()
-def draw_adapters(model: nn.Module, seed: int) -> None:
-    """Draw every adapter parameter as `build_model(..., seed)` draws it (after loading a base into
-    the other weights): a pure function of (seed, name, position), see megamoe/model/init.py."""
-    for prefix, module in adapters(model).items():
-        for name, init in inits_of(module).items():
-            draw_(module.get_parameter(name).data, init, seed, f"{prefix}.{name}", None)
 
 
 def freeze_base(model: nn.Module) -> None:
