@@ -21,6 +21,7 @@ would reach there). Bad input: one line on stderr, exit code 2.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -151,8 +152,9 @@ def load_block_routers(checkpoint: str | Path, routers: str | Path, weights: str
 
     weights: "model" or "ema"; None = the weights the routers were trained on (report.json "base").
     Raises PostTrainError (one line) unless `checkpoint` is the base the routers were trained on: the
-    same model config (block_router aside; the first key that differs is named), the same training step,
-    and router tensors of exactly the model's names and shapes (one router per block)."""
+    same model config (block_router aside; the first key that differs is named), the same training step
+    and weights (base_fingerprint), and router tensors of exactly the model's names and shapes (one
+    router per block)."""
     from megamoe.config import from_yaml_text
     from megamoe.tools.block_path_search import checkpoint_meta, load_routed_model
 
@@ -174,6 +176,11 @@ def load_block_routers(checkpoint: str | Path, routers: str | Path, weights: str
     saved = trained.model.block_router
     overrides = [f"model.block_router.{k}={v}" for k, v in vars(saved).items() if k != "enabled"]
     model, cfg = load_routed_model(checkpoint, overrides, weights)
+    if base.get("fingerprint") not in (None, base_fingerprint(model)):
+        raise PostTrainError(
+            f"routers in '{routers}' were trained on other {weights} weights than those of checkpoint "
+            f"'{checkpoint}' (same config and step: another run?); pass '{base['checkpoint']}'"
+        )
     state = load_file(str(routers / ROUTERS))
     expected = {k: v.shape for k, v in model.state_dict().items() if k.startswith("block_paths.")}
     for key in sorted(expected.keys() | state.keys()):
@@ -186,6 +193,17 @@ def load_block_routers(checkpoint: str | Path, routers: str | Path, weights: str
             )
     model.block_paths.load_state_dict({k.removeprefix("block_paths."): v for k, v in state.items()}, strict=True)
     return model, cfg
+
+
+def base_fingerprint(model) -> str:
+    """sha256 of every 97th value of each base (non-router) tensor, with its name and shape: tells apart
+    the weights of another run or step at the cost of reading 1% of them."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if not name.startswith("block_paths."):
+            digest.update(f"{name}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().float().flatten()[::97].contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def check_same_base(trained: ModelConfig, base: ModelConfig, routers: str | Path, checkpoint: str | Path) -> None:
@@ -261,7 +279,12 @@ def main(argv=None) -> int:
         "num_layers": cfg.model.num_layers,
         "budget": cfg.model.block_router.budget,
         # what load_block_routers compares a checkpoint against (with config.yaml's model config)
-        "base": {"checkpoint": meta["checkpoint"], "step": meta.get("step"), "weights": meta["weights"]},
+        "base": {
+            "checkpoint": meta["checkpoint"],
+            "step": meta.get("step"),
+            "weights": meta["weights"],
+            "fingerprint": base_fingerprint(model),
+        },
     }
     save_routers(model, args.out, cfg, report)
     h = report["held_out"]

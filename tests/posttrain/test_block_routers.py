@@ -205,5 +205,10 @@ def test_search_and_router_training_tools_end_to_end(trained_moe, tmp_path, caps
     (moved / "report.json").write_text(json.dumps(report))
     with pytest.raises(PostTrainError, match=f"trained on step {report['base']['step']} "):
         load_block_routers(trained_moe, moved)
+    report["base"]["step"] -= 1
+    report["base"]["fingerprint"] = "0" * 64  # as another run's weights at the same step
+    (moved / "report.json").write_text(json.dumps(report))
+    with pytest.raises(PostTrainError, match="were trained on other model weights than those of checkpoint"):
+        load_block_routers(trained_moe, moved)
     assert search_main([*common[:3], str(tmp_path / "x"), "--set", "model.moe.top_k=1"]) == 2
     assert "only model.block_router.*" in capsys.readouterr().err
