@@ -181,19 +181,11 @@ DEFAULT_CALIBRATION_BATCHES = 8
 def load_adapted_model(checkpoint, weights: str = "model"):
     """(fp32 model in eval mode, the run's Config) of a launcher/pretrain.py checkpoint trained with
     LoRA-Mixer adapters; PostTrainError (one line) for a missing checkpoint or one without adapters."""
-    from megamoe.config import from_yaml_text
     from megamoe.model.dit import build_model
     from megamoe.model.weights import load_diffusers_weights
-    from megamoe.posttrain.trained_model import PostTrainError, check_not_model_folder
-    from megamoe.train.checkpoint import CheckpointError, inspect_checkpoint
+    from megamoe.posttrain.trained_model import PostTrainError, checkpoint_config
 
-    path = Path(checkpoint)
-    check_not_model_folder(path)
-    try:
-        meta = inspect_checkpoint(path)
-    except CheckpointError as exc:
-        raise PostTrainError(str(exc)) from None
-    cfg = from_yaml_text(meta["config"])
+    path, cfg = checkpoint_config(checkpoint)
     if cfg.model.lora.num_experts == 0:
         raise PostTrainError(
             f"checkpoint '{path}' has no LoRA-Mixer adapters (model.lora.num_experts=0); pass a checkpoint of a "

@@ -49,6 +49,20 @@ def check_not_model_folder(path: str | os.PathLike) -> None:
     )
 
 
+def checkpoint_config(checkpoint: str | os.PathLike) -> tuple[Path, Config]:
+    """(its path, the run's resolved Config) of a launcher/pretrain.py checkpoint, read before any
+    weight; PostTrainError for a model folder given instead, or a missing or incomplete checkpoint."""
+    from megamoe.train.checkpoint import CheckpointError, inspect_checkpoint
+
+    path = Path(checkpoint)
+    check_not_model_folder(path)
+    try:
+        meta = inspect_checkpoint(path)
+    except CheckpointError as exc:
+        raise PostTrainError(str(exc)) from None
+    return path, from_yaml_text(meta["config"])
+
+
 def load_trained_model(
     checkpoint: str | os.PathLike,
     weights: str = "model",
@@ -65,15 +79,8 @@ def load_trained_model(
     """
     from megamoe.model.dit import build_model
     from megamoe.model.weights import load_diffusers_weights
-    from megamoe.train.checkpoint import CheckpointError, inspect_checkpoint
 
-    path = Path(checkpoint)
-    check_not_model_folder(path)
-    try:
-        meta = inspect_checkpoint(path)
-    except CheckpointError as exc:
-        raise PostTrainError(str(exc)) from None
-    cfg = from_yaml_text(meta["config"])
+    path, cfg = checkpoint_config(checkpoint)
     if cfg.model.moe.num_experts == 0:
         raise PostTrainError(
             f"checkpoint '{path}' holds a dense model (model.moe.num_experts=0); the post-training tools work on "
