@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from megamoe.config import load_config
-from megamoe.tools.layout_planner import config_parameter_counts
+from megamoe.tools.parameter_counts import config_parameter_counts
 from megamoe.tools.random_wan_checkpoint import write_random_wan
 
 REPO = Path(__file__).resolve().parents[1]

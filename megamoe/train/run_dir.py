@@ -1,7 +1,7 @@
 """The run directory (train.output_dir): checked before start-up, and written by one run at a time.
 
 Before any process group exists, every rank checks that the directory can be created and
-written, and that its filesystem has room for one checkpoint (`megamoe.tools.layout_planner.checkpoint_bytes`;
+written, and that its filesystem has room for one checkpoint (`megamoe.tools.parameter_counts.checkpoint_bytes`;
 a new checkpoint is written in full before older ones are pruned). Saves killed mid-write
 (`checkpoints/.step_*.tmp`) count as room: the run removes them once it holds the lock.
 
@@ -58,7 +58,7 @@ def check_output_dir(cfg: Config, world_size: int) -> None:
     Local and cheap: every rank runs it before start-up (each writes and removes its own probe
     file). Room is checked first, on the nearest existing parent, so a refusal creates nothing.
     """
-    from megamoe.tools.layout_planner import checkpoint_bytes
+    from megamoe.tools.parameter_counts import checkpoint_bytes
 
     out = Path(cfg.train.output_dir)
     fix = "set train.output_dir to a directory this user can write"

@@ -39,7 +39,7 @@ def test_failed_save_on_one_rank_stops_all_and_keeps_the_previous_checkpoint(tmp
     inspect_checkpoint(ckpts / "step_00000001")  # every recorded file present at its size
 
     # The planner's checkpoint size covers the real one, with little to spare.
-    from megamoe.tools.layout_planner import checkpoint_bytes
+    from megamoe.tools.parameter_counts import checkpoint_bytes
     from megamoe.train.run_dir import check_output_dir
 
     written = sum(p.stat().st_size for p in (ckpts / "step_00000001").rglob("*") if p.is_file())

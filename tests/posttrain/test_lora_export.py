@@ -13,7 +13,7 @@ from megamoe.model.dit import build_model
 from megamoe.model.lora_mixer import adapter_parameters, adapters
 from megamoe.model.weights import read_state_dict
 from megamoe.posttrain import lora_export
-from megamoe.tools.layout_planner import (
+from megamoe.tools.parameter_counts import (
     CHECKPOINT_FIXED_BYTES,
     RANK_FILE_BYTES,
     checkpoint_bytes,

@@ -19,11 +19,11 @@ from megamoe.moe.layer import moe_layers
 from megamoe.tools.layout_planner import (
     GB,
     Layout,
-    config_parameter_counts,
     make_plan,
     optimizer_groups,
     zero_gradient_bytes,
 )
+from megamoe.tools.parameter_counts import config_parameter_counts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The 5B configs and the cluster each is laid out for (their header comments say the same).

@@ -5,7 +5,7 @@ import pytest
 import megamoe.train.run_dir as run_dir
 from launcher.pretrain import main
 from megamoe.config import load_config
-from megamoe.tools.layout_planner import checkpoint_bytes
+from megamoe.tools.parameter_counts import checkpoint_bytes
 from megamoe.train.run_dir import RunDirError, check_output_dir
 from tests.train.test_checkpoint_checks import TINY, assert_one_line_error, snapshot
 
