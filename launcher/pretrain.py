@@ -72,6 +72,12 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         validate(cfg, world_size=world_size)
+        if cfg.model.block_router.enabled:  # accepted, it would change nothing: refuse instead
+            raise ConfigError(
+                "model.block_router.enabled=true: pretraining cannot train block routers (a skip/execute/repeat "
+                "choice has no gradient), so they would stay at 'execute'; leave it off here and train them "
+                "afterwards with python -m megamoe.tools.block_path_search and python -m megamoe.posttrain.block_routers"
+            )
         resume_from = resolve_resume(cfg, args.resume, world_size)
         if cfg.train.init_from and resume_from is None:
             from megamoe.parallel.sharded_weights import open_init_source

@@ -64,6 +64,7 @@ def test_every_shipped_config_validates():
             "bias_balancing",
         ),
         (["model.moe.num_experts=4", "model.moe.router=promoe", "model.moe.top_k=4"], "promoe"),
+        (["model.block_router.enabled=true"], "pretraining cannot train block routers"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(overrides, key_in_message, capsys, tmp_path):
