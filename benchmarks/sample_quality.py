@@ -1,6 +1,6 @@
 """Do a checkpoint's samples show what the caption says? Colour, one object, and its direction.
 
-    python benchmarks/sample_quality.py --checkpoint outputs/tiny/checkpoints/step_00000600 --check
+    python benchmarks/sample_quality.py --checkpoint outputs/tiny/checkpoints/step_00001200 --check
     python benchmarks/sample_quality.py --ground-truth --config configs/tiny.yaml   # check of the metric
 
 For a model trained on the embedded synthetic data (megamoe/tools/synthetic_data.py), it samples

@@ -11,6 +11,8 @@ from megamoe.config import Config, ConfigError, from_yaml_text, load_config, mer
 from megamoe.config_checks import validate
 
 TINY = "configs/tiny.yaml"
+WAN_PATCH = "model.patch_size=[1,2,2]"
+"""Wan's patch, in place of tiny.yaml's 4x4: the token-count cases below are written for it."""
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -203,7 +205,7 @@ def test_bool_keys_refuse_yes_and_numbers_in_files_and_section_overrides(tmp_pat
 def test_model_parallel_layout_errors(world, overrides, message, monkeypatch, capsys, tmp_path):
     """Each bad tensor/context-parallel layout is one line naming the key, before any process group."""
     monkeypatch.setenv("WORLD_SIZE", str(world))
-    code = main(["--config", TINY, f"train.output_dir={tmp_path}", *overrides])
+    code = main(["--config", TINY, f"train.output_dir={tmp_path}", WAN_PATCH, *overrides])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
 
@@ -230,7 +232,8 @@ def test_model_parallel_layouts_that_divide_validate():
     # Without sequence parallelism a dense model's tokens are split by CP only (45 tokens under TP=2 is fine).
     validate(
         load_config(
-            TINY, ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=false", "data.synthetic_size=6"]
+            TINY,
+            [WAN_PATCH, "parallel.tensor_parallel_size=2", "parallel.sequence_parallel=false", "data.synthetic_size=6"],
         ),
         world_size=2,
     )
@@ -605,13 +608,13 @@ def test_buckets_that_do_not_fit_the_model_or_the_layout_are_refused(tmp_path, m
     ]
     for world, overrides, message in cases:
         with pytest.raises(ConfigError) as info:
-            validate(load_config(TINY, overrides), world_size=world)
+            validate(load_config(TINY, [WAN_PATCH, *overrides]), world_size=world)
         assert message in str(info.value)
     # Under a VAE that compresses 8x, [17, 96, 160] is (5, 12, 20) latents: 300 tokens, which do split.
     (vae / "config.json").write_text(json.dumps({"scale_factor_spatial": 8}))
-    validate(load_config(TINY, cases[0][1]), world_size=2)
+    validate(load_config(TINY, [WAN_PATCH, *cases[0][1]]), world_size=2)
     # Through the launcher: one line, exit 2, nothing written.
-    code = main(["--config", TINY, f"train.output_dir={tmp_path / 'run'}", "train.steps=1", "data.synthetic_size=160"])
+    code = main(["--config", TINY, f"train.output_dir={tmp_path / 'run'}", WAN_PATCH, "train.steps=1", "data.synthetic_size=160"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and cases[-1][2] in err
     assert not (tmp_path / "run").exists()

@@ -314,7 +314,7 @@ def test_training_the_tiny_config_with_mod_lowers_the_loss():
 
 
 def test_a_capacity_that_does_not_split_over_the_context_shards_is_refused_before_start(tmp_path, capsys, monkeypatch):
-    """tiny: 5 x 8 x 8 = 320 tokens per sample; capacity 0.503 routes 161, which 2 shards cannot split.
+    """tiny with 2x2 patches: 5 x 8 x 8 = 320 tokens per sample; capacity 0.503 routes 161, which 2 shards cannot split.
     launcher/pretrain.py (rank 0 of 2) refuses it in one line, exit 2, before any process group exists."""
     import torch.distributed as dist
 
@@ -322,7 +322,7 @@ def test_a_capacity_that_does_not_split_over_the_context_shards_is_refused_befor
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    args = ["--config", "configs/tiny.yaml", "model.mod.layers=1,3", "parallel.context_parallel_size=2"]
+    args = ["--config", "configs/tiny.yaml", "model.patch_size=[1,2,2]", "model.mod.layers=1,3", "parallel.context_parallel_size=2"]
     code = main([*args, "model.mod.capacity=0.503", f"train.output_dir={tmp_path}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and not dist.is_initialized(), err
