@@ -614,7 +614,16 @@ def test_buckets_that_do_not_fit_the_model_or_the_layout_are_refused(tmp_path, m
     (vae / "config.json").write_text(json.dumps({"scale_factor_spatial": 8}))
     validate(load_config(TINY, [WAN_PATCH, *cases[0][1]]), world_size=2)
     # Through the launcher: one line, exit 2, nothing written.
-    code = main(["--config", TINY, f"train.output_dir={tmp_path / 'run'}", WAN_PATCH, "train.steps=1", "data.synthetic_size=160"])
+    code = main(
+        [
+            "--config",
+            TINY,
+            f"train.output_dir={tmp_path / 'run'}",
+            WAN_PATCH,
+            "train.steps=1",
+            "data.synthetic_size=160",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and cases[-1][2] in err
     assert not (tmp_path / "run").exists()

@@ -200,6 +200,7 @@ def video_overrides(encoders):
     return [
         "model.in_channels=4",
         "model.out_channels=4",
+        "model.patch_size=[1,2,2]",  # Wan's patch: 32-pixel buckets are 4x4 latents under the random VAE
         f"model.text_dim={TEXT_DIM}",
         f"data.text_len={TEXT_LEN}",
         "data.micro_batch_size=2",

@@ -322,7 +322,13 @@ def test_a_capacity_that_does_not_split_over_the_context_shards_is_refused_befor
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    args = ["--config", "configs/tiny.yaml", "model.patch_size=[1,2,2]", "model.mod.layers=1,3", "parallel.context_parallel_size=2"]
+    args = [
+        "--config",
+        "configs/tiny.yaml",
+        "model.patch_size=[1,2,2]",
+        "model.mod.layers=1,3",
+        "parallel.context_parallel_size=2",
+    ]
     code = main([*args, "model.mod.capacity=0.503", f"train.output_dir={tmp_path}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and not dist.is_initialized(), err
