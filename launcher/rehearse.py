@@ -61,17 +61,26 @@ def parse_args(argv=None):
 
 
 class ByteLedger:
-    """Bytes of distinct storages by category: a tensor seen twice (a view, a shared buffer) counts once."""
+    """Bytes of distinct storages by category: a tensor seen twice (a view, a shared buffer) counts once.
+
+    Storages are keyed by address, so the ledger holds each one it has seen until it is dropped:
+    otherwise a buffer freed in the step (a gradient) could hand its address to one allocated there
+    (Adam's moments), which would then count as already seen, under the wrong category.
+    """
 
     def __init__(self):
         self._seen: dict[int, tuple[str, int]] = {}
+        self._held: list = []
 
     def add(self, category: str, tensors) -> None:
         import torch
 
         for t in tensors:
             if isinstance(t, torch.Tensor) and t.numel() and t.device.type != "meta":
-                self._seen.setdefault(t.untyped_storage().data_ptr(), (category, t.untyped_storage().nbytes()))
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in self._seen:
+                    self._seen[storage.data_ptr()] = (category, storage.nbytes())
+                    self._held.append(storage)
 
     def totals(self) -> dict[str, int]:
         out = dict.fromkeys(CATEGORIES, 0)
