@@ -110,6 +110,24 @@ def build_expert_aware_engine(model, params, schedule, mpu, config: dict, num_ex
     return engine
 
 
+def import_muon_with_compile_deferred() -> None:
+    """Import DeepSpeed's Muon optimizer now, with `torch.compile` deferred (megamoe/deferred_compile.py).
+
+    The first `deepspeed.initialize` imports it to list the optimizers ZeRO supports
+    (`deepspeed.runtime.zero.utils.is_zero_supported_optimizer`), and its kernels are decorated with
+    `torch.compile` at import, which loads Inductor: about 1.4 s of CPU on every rank at every start
+    for an optimizer megamoe never uses. Imported first here, the decorations only record what to
+    compile. Releases without the module (or the import's other dependencies) are left as they are.
+    """
+    from megamoe.deferred_compile import compile_deferred
+
+    with compile_deferred():
+        try:
+            import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+        except ImportError:
+            pass
+
+
 # ---------------------------------------------------------------------------------------------
 # Expert groups: DeepSpeed's module-level tables in `deepspeed.utils.groups`.
 

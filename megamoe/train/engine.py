@@ -61,7 +61,10 @@ def build_engine(model: torch.nn.Module, cfg: Config):
     """Wrap `model` in a DeepSpeed engine; returns the engine (its `.module` is `model`)."""
     import deepspeed
 
+    from megamoe.deepspeed_adapter import import_muon_with_compile_deferred
+
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    import_muon_with_compile_deferred()
 
     def schedule(optimizer):
         o = cfg.optim
