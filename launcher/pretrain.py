@@ -126,4 +126,6 @@ if __name__ == "__main__":
     code = main()
     if code == EXIT_BAD_INPUT:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sys.exit(code)
+    from megamoe.process_exit import exit_now
+
+    exit_now(code)
