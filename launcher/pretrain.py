@@ -15,6 +15,14 @@ SIGTERM or SIGUSR1 (preemption) makes every rank finish its step, write a checkp
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # First, before seconds of imports: from here on SIGTERM and SIGUSR1 only raise the stop flag.
+    # Once one rank exits (say, refusing bad input), torchrun sends SIGTERM to the others, and one
+    # still importing would otherwise die of it instead of exiting with its own code.
+    from megamoe.train.stop_signals import STOP_REQUEST
+
+    STOP_REQUEST.install()
+
 import argparse
 import json
 import os
@@ -93,7 +101,8 @@ def main(argv=None) -> int:
     from megamoe.device import resolve_device
     from megamoe.parallel.topology import destroy_distributed, init_distributed
     from megamoe.train.loop import BAD_INPUT, train
-    from megamoe.train.resilience import STOP_REQUEST, AgreedStop, stop_together
+    from megamoe.train.resilience import AgreedStop, stop_together
+    from megamoe.train.stop_signals import STOP_REQUEST
 
     STOP_REQUEST.install()  # a preemption signal during start-up stops the run after its first step
 
@@ -117,12 +126,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from megamoe.train.resilience import STOP_REQUEST
-
     # Once one rank exits, torchrun sends SIGTERM to the others, which may still be writing the same
-    # line: from the first moment, SIGTERM only raises the stop flag, and while a refusing rank shuts
-    # down (when Python restores the default handler) it is ignored, so every rank exits with its own code.
-    STOP_REQUEST.install()
+    # line: from the first moment (the top of this file) SIGTERM only raises the stop flag, and while
+    # a refusing rank shuts down it is ignored, so every rank exits with its own code.
     code = main()
     if code == EXIT_BAD_INPUT:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

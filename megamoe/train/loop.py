@@ -32,10 +32,11 @@ from megamoe.train.engine import EMA, build_engine
 from megamoe.train.logging import RunLogger
 from megamoe.train.moe_step_hooks import step_hooks_for
 from megamoe.train.objective import weighted_total
-from megamoe.train.resilience import STOP_REQUEST, StepAgreement, stop_together
+from megamoe.train.resilience import StepAgreement, stop_together
 from megamoe.train.run_dir import RunDirError
 from megamoe.train.state import TrainState
 from megamoe.train.step import StepOutcome, step_generator, train_step
+from megamoe.train.stop_signals import STOP_REQUEST
 from megamoe.train.throughput import peak_flops, train_flops_per_token
 from megamoe.train.validation import caption_embeddings, clip_grid, read_held_out, sample_clips, validation_loss
 

@@ -22,14 +22,10 @@ a test variable.
 
 from __future__ import annotations
 
-import signal
-import threading
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class AgreedStop(RuntimeError):
@@ -78,37 +74,6 @@ def stop_together(device: torch.device, kinds: tuple[type[Exception], ...]):
     message = agreed_problem(problem, device)
     if message is not None:
         raise AgreedStop(message)
-
-
-class StopSignals:
-    """Remembers that SIGTERM or SIGUSR1 arrived; the training loop stops after the current step.
-
-    The handler only sets a flag: a signal can arrive inside a collective or a checkpoint write,
-    and stopping there would leave the other ranks waiting or the checkpoint half written.
-    """
-
-    def __init__(self):
-        self.received: str | None = None
-        self._installed = False
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
-
-    def install(self) -> StopSignals:
-        """Idempotent: the launcher installs it before start-up (which can take minutes), the loop again."""
-        if threading.current_thread() is threading.main_thread() and not self._installed:  # handlers: main thread only
-            for sig in STOP_SIGNALS:
-                signal.signal(sig, self._handle)
-            self._installed = True
-        return self
-
-    @property
-    def requested(self) -> bool:
-        return self.received is not None
-
-
-STOP_REQUEST = StopSignals()
-"""The process's one stop flag (a signal handler is process-wide)."""
 
 
 class StepAgreement:

@@ -26,7 +26,8 @@ from megamoe.config import Config
 from megamoe.deepspeed_adapter import skip_micro_step
 from megamoe.parallel.reductions import any_rank
 from megamoe.train.objective import training_loss
-from megamoe.train.resilience import STOP_REQUEST, StepAgreement, local_grads_finite, poison_if_nonfinite
+from megamoe.train.resilience import StepAgreement, local_grads_finite, poison_if_nonfinite
+from megamoe.train.stop_signals import STOP_REQUEST
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor, torch.Generator]
 """(latents [B, C, F, H, W], text [B, L, text_dim], the generator its noise levels, noise and text dropout
@@ -98,7 +99,7 @@ def train_step(
     NonFiniteError after train.max_nonfinite_steps skipped steps in a row. hooks: the model's
     StepHooks (None: none). ema: an EMA updated after an applied step, or None. Whether this rank
     received a stop signal (SIGTERM, SIGUSR1) is read from the process's flag,
-    resilience.STOP_REQUEST, at the end of the step.
+    stop_signals.STOP_REQUEST, at the end of the step.
     """
     module, accum = engine.module, cfg.train.grad_accum
     hooks = hooks if hooks is not None else StepHooks()

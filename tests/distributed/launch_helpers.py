@@ -75,7 +75,7 @@ def pretrain_in_process(args) -> None:
     import signal
 
     from launcher.pretrain import main
-    from megamoe.train.resilience import STOP_REQUEST, STOP_SIGNALS
+    from megamoe.train.stop_signals import STOP_REQUEST, STOP_SIGNALS
 
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     environ = dict(os.environ)  # the launcher sets RANK, WORLD_SIZE, MASTER_* for its world of one

@@ -110,3 +110,39 @@ def test_bad_input_before_start_up_is_torchruns_root_cause_and_writes_nothing(tm
     line = assert_stopped_together(result, "data.path", "no shards found")
     assert result.stderr.rstrip().splitlines()[-2].strip() == f"traceback : {line}"  # the last words torchrun prints
     assert not out.exists()
+
+
+# The signal torchrun sends to the other ranks once one exits, raised here while the launcher is still
+# importing torch: deterministic, where the race it stands for (one rank refusing before another has
+# finished its imports) depends on scheduling.
+SIGTERM_DURING_IMPORTS = """
+import os, runpy, signal, sys
+
+class SignalOnTorchImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+
+sys.meta_path.insert(0, SignalOnTorchImport())
+sys.argv = ["launcher/pretrain.py", *sys.argv[1:]]
+runpy.run_path("launcher/pretrain.py", run_name="__main__")
+"""
+
+
+def test_sigterm_while_the_launcher_imports_does_not_kill_a_refusing_rank(tmp_path):
+    import subprocess
+    import sys
+
+    empty = tmp_path / "shards"
+    empty.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", SIGTERM_DURING_IMPORTS, "--config", TINY, f"data.path={empty}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])  # not -15: the handler came first
+    assert done.stderr.strip().splitlines()[-1].startswith("error: data.path"), done.stderr[-3000:]
