@@ -130,8 +130,10 @@ if __name__ == "__main__":
     # line: from the first moment (the top of this file) SIGTERM only raises the stop flag, and while
     # a refusing rank shuts down it is ignored, so every rank exits with its own code.
     code = main()
+    if code == 0:  # the run closed its loader and logs: skip the interpreter's teardown
+        from megamoe.process_exit import exit_now
+
+        exit_now(code)
     if code == EXIT_BAD_INPUT:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from megamoe.process_exit import exit_now
-
-    exit_now(code)
+    sys.exit(code)  # a refusal may leave files to Python's own teardown to close

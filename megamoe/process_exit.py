@@ -4,7 +4,9 @@ After `main` returns, CPython finalizes every module and object it still holds; 
 DeepSpeed and megatron-core imported that takes about 1.3 s of CPU (measured on a 2-core CPU
 machine), on every rank at every exit, and writes nothing a finished run needs. `exit_now` does what
 a normal exit does that matters (atexit handlers, which also join or end multiprocessing children;
-flushing stdout and stderr), then ends the process with `os._exit`.
+flushing stdout and stderr), then ends the process with `os._exit`. Files still open are not
+flushed, so it serves runs that closed their own: launcher/pretrain.py after a run that returned 0
+(its loader and logs closed), not after a refusal.
 """
 
 from __future__ import annotations
