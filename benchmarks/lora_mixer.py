@@ -34,6 +34,7 @@ from megamoe.diffusion.flow import flow_matching_loss
 from megamoe.model.dit import build_model, count_parameters
 from megamoe.model.lora_mixer import flops_per_token, freeze_base, routing_losses, trainable_parameters
 from megamoe.posttrain import lora_export
+from megamoe.tools.layout_planner import tokens_of
 from megamoe.train.throughput import forward_flops_per_token
 
 TRAINED_BYTES = 14  # fp32 Adam m and v, fp32 master weight, bf16 gradient
@@ -183,7 +184,8 @@ def main() -> None:
     print(f"adapters: {big.model.lora}")
     memory_and_flops("Wan2.2-TI2V-5B", big.model, tokens=27_280, text_len=big.data.text_len)  # a 720p 121-frame clip
     tiny = dataclasses.replace(load_config("configs/tiny.yaml").model, lora=big.model.lora)
-    memory_and_flops("tiny", tiny, tokens=5 * 8 * 8, text_len=8)
+    # The clips the timed steps use (`batch`: 5 x 16 x 16 latents), in tiny.yaml's patches.
+    memory_and_flops("tiny", tiny, tokens=tokens_of(tiny, (5, 16, 16)), text_len=8)
     time_attention(big.model, tokens=512, repeats=args.repeats)
     time_steps(tiny, args.repeats)
     merge_error(tiny, args.merge_steps)
