@@ -37,6 +37,7 @@ from megamoe.data.loader import DataError, check_data_path
 from megamoe.model.weights import WeightsError
 from megamoe.train.checkpoint import CheckpointError, resolve_resume
 from megamoe.train.run_dir import RunDirError, RunLock, check_output_dir, remove_unfinished_saves
+from megamoe.train.stop_signals import STOP_REQUEST
 
 EXIT_BAD_INPUT = 2
 
@@ -73,6 +74,19 @@ def refuse(message: str, printed: bool) -> int:
     return EXIT_BAD_INPUT
 
 
+def stop_before_start_up(signal_name: str, rank: int) -> None:
+    """A stop signal that arrived before the process group exists ends the rank as the signal would.
+
+    Nothing is trained yet, so there is nothing to save; and the signal may be torchrun's after
+    another rank died, whom `init_distributed` would wait for until torchrun's SIGKILL, 30 s later
+    by default. (Input checks came first: a rank whose peer refused bad input refuses it too.)
+    """
+    print(f"{signal_name} before start-up (rank {rank}): stopping, nothing to save", file=sys.stderr, flush=True)
+    sig = signal.Signals[signal_name]
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -102,9 +116,10 @@ def main(argv=None) -> int:
     from megamoe.parallel.topology import destroy_distributed, init_distributed
     from megamoe.train.loop import BAD_INPUT, train
     from megamoe.train.resilience import AgreedStop, stop_together
-    from megamoe.train.stop_signals import STOP_REQUEST
 
-    STOP_REQUEST.install()  # a preemption signal during start-up stops the run after its first step
+    if STOP_REQUEST.requested:  # the last moment before waiting for the other ranks
+        stop_before_start_up(STOP_REQUEST.received, rank)
+    STOP_REQUEST.install()  # from here a preemption signal stops the run after its first step
 
     topology = init_distributed(cfg.parallel, resolve_device(cfg.train.device))
     lock = RunLock(cfg.train.output_dir)

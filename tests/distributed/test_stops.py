@@ -146,3 +146,32 @@ def test_sigterm_while_the_launcher_imports_does_not_kill_a_refusing_rank(tmp_pa
     )
     assert done.returncode == 2, (done.returncode, done.stderr[-3000:])  # not -15: the handler came first
     assert done.stderr.strip().splitlines()[-1].startswith("error: data.path"), done.stderr[-3000:]
+
+
+def test_sigterm_while_the_launcher_imports_ends_a_rank_with_good_input_before_start_up(tmp_path, data_cache):
+    """Nothing is trained yet, and the signal may be torchrun's after another rank died: the rank must
+    not go on to wait for the other ranks (a world of one here, which would train and save instead)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SIGTERM_DURING_IMPORTS,
+            "--config",
+            TINY,
+            f"train.output_dir={out}",
+            f"data.cache_dir={data_cache}",
+            "train.steps=2",
+            *SMALL,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == -15, (done.returncode, done.stdout[-2000:], done.stderr[-3000:])
+    assert "SIGTERM before start-up (rank 0): stopping, nothing to save" in done.stderr, done.stderr[-3000:]
+    assert not (out / "checkpoints").exists()
