@@ -4,7 +4,9 @@ the ranks agree on it.
 Apart from resilience.py, and free of heavy imports, so that launcher/pretrain.py installs the
 handlers first thing, before seconds of importing torch, DeepSpeed and megatron-core: a signal in
 that window would otherwise kill the rank with the default action. torchrun sends one to every
-other rank when a rank exits, e.g. after refusing bad input.
+other rank when a rank exits, e.g. after refusing bad input, and the others should refuse it too.
+A flag still raised when the launcher's input checks are done ends the rank there, before it waits
+for the other ranks (launcher/pretrain.py `stop_before_start_up`).
 """
 
 from __future__ import annotations
