@@ -1,6 +1,6 @@
 """Do a checkpoint's samples show what the caption says? Colour, one object, and its direction.
 
-    python benchmarks/sample_quality.py --checkpoint outputs/tiny/checkpoints/step_00001200 --check
+    python benchmarks/sample_quality.py --checkpoint outputs/tiny/checkpoints/step_00001800 --check
     python benchmarks/sample_quality.py --ground-truth --config configs/tiny.yaml   # check of the metric
 
 For a model trained on the embedded synthetic data (megamoe/tools/synthetic_data.py), it samples
@@ -22,6 +22,11 @@ each caption) the same way: it must score about 100% on all three, or the metric
 Apart from the caption, it also reports how the objects move (`motion`): the centroid's mean step
 between consecutive frames, and the mean cosine between consecutive steps (1 = a straight path). A
 model that learned motion but not the direction words shows straight paths and direction at chance.
+
+--word-use also asks whether the model reads each word at all: the held-out flow loss (as training's
+validation computes it: fixed noise levels, fixed noise) of the first --word-use-clips held-out clips
+with their captions, with the direction word reversed, with the colour word changed, and with the
+null caption. A word the model uses raises the loss when it is wrong; one it ignores leaves it equal.
 
 Prints a table (overall, and per colour, shape and direction) and then the figures as JSON
 (also written to --json). With --check the exit status is 1 when a target is missed.
@@ -206,6 +211,55 @@ def generated_clips(
     return clips
 
 
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def changed_captions(keys: list[tuple[str, str, str]]) -> dict[str, list[str]]:
+    """The captions of (shape, colour, direction) keys as they are, with the direction reversed, and
+    with the colour changed to the palette's next."""
+    colours = list(COLOURS)
+    return {
+        "caption": [caption_of(*k) for k in keys],
+        "direction reversed": [caption_of(shape, colour, OPPOSITE[d]) for shape, colour, d in keys],
+        "colour changed": [
+            caption_of(shape, colours[(colours.index(colour) + 1) % len(colours)], d) for shape, colour, d in keys
+        ],
+    }
+
+
+def word_use(model, cfg, clips: int = 256, batch: int = 64) -> dict[str, dict[str, float]]:
+    """{variant: validation_loss dict} for the captions as they are ("caption"), with the direction word
+    reversed ("direction reversed"), with the colour word changed to the palette's next ("colour changed")
+    and the null caption ("null"), on the first `clips` held-out clips, the same noise for every variant."""
+    import torch
+
+    from megamoe.tools.synthetic_data import embed_caption
+    from megamoe.train.validation import validation_loss
+
+    frames, size = cfg.data.synthetic_frames, cfg.data.synthetic_size
+    specs = [clip_spec(HELD_OUT_SEED, i, frames, size) for i in range(clips)]
+    latents = torch.from_numpy(np.stack([render_clip_rgb(s, frames, size) for s in specs]))
+    captions = changed_captions([(s.shape, s.colour, s.direction) for s in specs])
+    texts = {
+        k: torch.from_numpy(np.stack([embed_caption(c, cfg.data.text_len, cfg.model.text_dim) for c in v]))
+        for k, v in captions.items()
+    }
+    texts["null"] = torch.zeros_like(texts["caption"])
+    out = {}
+    for variant, text in texts.items():
+        batches = [(latents[i : i + batch], text[i : i + batch]) for i in range(0, clips, batch)]
+        out[variant] = validation_loss(model, batches)
+    return out
+
+
+def print_word_use(losses: dict[str, dict[str, float]]) -> None:
+    keys = [k for k in next(iter(losses.values())) if k != "loss"] + ["loss"]
+    print("held-out flow loss by noise level, caption words changed:")
+    print(f"{'':>20} " + " ".join(f"{k.replace('loss_', ''):>7}" for k in keys))
+    for variant, row in losses.items():
+        print(f"{variant:>20} " + " ".join(f"{row[k]:>7.4f}" for k in keys))
+
+
 def summarise(scores: dict[tuple[str, str, str], list[dict]]) -> dict:
     """Shares passing each question: overall and per shape, colour and direction."""
 
@@ -253,9 +307,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="Euler steps")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
     p.add_argument("--weights", choices=["auto", "model", "ema"], default="auto", help="auto: EMA if saved")
+    p.add_argument("--word-use", action="store_true", help="also the held-out loss with words changed (above)")
+    p.add_argument("--word-use-clips", type=int, default=256, help="held-out clips for --word-use")
     p.add_argument("--json", help="also write the figures to this file")
     p.add_argument("--check", action="store_true", help="exit status 1 when a target is missed")
     args = p.parse_args(argv)
+    if args.word_use and args.ground_truth:
+        p.error("--word-use scores a model: give --checkpoint, not --ground-truth")
 
     start = time.perf_counter()
     if args.ground_truth:
@@ -273,10 +331,14 @@ def main(argv=None) -> int:
         source = {"checkpoint": args.checkpoint, "weights": which, "steps": args.steps, "guidance": args.guidance}
     scores = {key: [score_clip(c, key[1], key[2]) for c in v] for key, v in clips.items()}
     summary = {**source, "seeds": args.seeds, **summarise(scores), "targets": TARGETS}
+    if args.word_use:
+        summary["word_use"] = word_use(model, cfg, args.word_use_clips)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     missed = [q for q in TARGETS if summary["overall"][q] < TARGETS[q]]
     summary["missed"] = missed
     print_table(summary)
+    if "word_use" in summary:
+        print_word_use(summary["word_use"])
     print(json.dumps(summary))
     if args.json:
         with open(args.json, "w") as f:

@@ -7,9 +7,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks import sample_quality as sq
-from megamoe.tools.synthetic_data import BACKGROUND, COLOURS, embed_caption, unknown_words
+from megamoe.tools.synthetic_data import BACKGROUND, COLOURS, DIRECTIONS, embed_caption, unknown_words
 
 
 def blank(frames=5, size=16):
@@ -159,3 +160,44 @@ def test_captions_with_unknown_words_warn_naming_them():
     cfg = SimpleNamespace(data=SimpleNamespace(text_len=8), model=SimpleNamespace(text_dim=4))
     with pytest.warns(UserWarning, match="never uses: purple;"):
         load_text_embedding(SimpleNamespace(text_embedding=None, caption="a purple circle moving up"), cfg)
+
+
+class ReadsOneWord(torch.nn.Module):
+    """Predicts a velocity of the mean of one caption row (the `row`-th word) everywhere: a model that
+    uses that word and no other."""
+
+    def __init__(self, row: int):
+        super().__init__()
+        self.row = row
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, latents, timestep, text):
+        return self.scale * text[:, self.row].mean(1).view(-1, 1, 1, 1, 1).expand_as(latents)
+
+
+@pytest.mark.parametrize("row, changed", [(1, "colour changed"), (4, "direction reversed")])
+def test_word_use_changes_one_word_per_variant(row, changed):
+    """Captions are "a <colour> <shape> moving <direction>": the colour is word 1, the direction word 4.
+    A model that reads only word `row` sees its loss move only under the variant that changes that word."""
+    cfg = SimpleNamespace(
+        data=SimpleNamespace(synthetic_frames=5, synthetic_size=16, text_len=8), model=SimpleNamespace(text_dim=32)
+    )
+    losses = sq.word_use(ReadsOneWord(row), cfg, clips=16, batch=8)
+    assert list(losses) == ["caption", "direction reversed", "colour changed", "null"]
+    for variant, loss in losses.items():
+        same = variant not in (changed, "null")
+        assert (loss == losses["caption"]) == same, (variant, loss["loss"], losses["caption"]["loss"])
+
+
+def test_changed_captions_reverse_the_direction_and_change_only_the_colour():
+    keys = sq.vocabulary()
+    captions = sq.changed_captions(keys)
+    for (shape, colour, direction), reversed_, recoloured in zip(
+        keys, captions["direction reversed"], captions["colour changed"]
+    ):
+        a, b = DIRECTIONS[direction], DIRECTIONS[reversed_.split()[-1]]
+        assert a[0] * b[0] + a[1] * b[1] == -1.0, (direction, reversed_)  # the same axis, the other way
+        assert reversed_.split()[:-1] == ["a", colour, shape, "moving"]
+        new_colour = recoloured.split()[1]
+        assert new_colour != colour and new_colour in COLOURS
+        assert recoloured.split() == ["a", new_colour, shape, "moving", direction]
