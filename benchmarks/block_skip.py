@@ -7,7 +7,7 @@ held-out batches compare the routed model with the plain one: block runs per sam
 routers' MLPs, and the stem and head counted once by FlopCounterMode) and the CPU time of one forward of a
 held-out batch at s=0.5 (median of --repeats, the two models interleaved, in this one process).
 
-    python benchmarks/block_skip.py --checkpoint outputs/tiny/checkpoints/step_00001200 --budgets 1.0 0.75 0.5
+    python benchmarks/block_skip.py --checkpoint outputs/tiny/checkpoints/step_00001800 --budgets 1.0 0.75 0.5
 """
 
 from __future__ import annotations

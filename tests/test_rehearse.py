@@ -70,7 +70,7 @@ def test_a_rank_of_an_8_gpu_layout_holds_its_shard_and_agrees_with_the_planner(t
         "--rank",
         rank,
         "--latent",
-        "3,16,16",
+        "5,16,16",
         *extra,
         "optim.zero_stage=2",
         "train.precision=bf16",

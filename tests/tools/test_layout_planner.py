@@ -259,7 +259,7 @@ def test_optimizer_groups_are_deepspeeds_for_the_5b_moe():
     [
         ("configs/tiny.yaml", [], None),
         ("configs/tiny_moe.yaml", [], None),
-        ("configs/tiny_moe.yaml", ["train.precision=bf16", "data.micro_batch_size=2", "model.moe.top_k=3"], (3, 8, 24)),
+        ("configs/tiny_moe.yaml", ["train.precision=bf16", "data.micro_batch_size=2", "model.moe.top_k=3"], (5, 8, 24)),
     ],
 )
 @pytest.mark.parametrize("spec", ["none", "every_2", "all"])
