@@ -45,8 +45,8 @@ def main(argv=None) -> int:
     try:
         if args.nodes < 1 or args.gpus_per_node < 1:
             raise ConfigError("--nodes and --gpus-per-node must be >= 1")
-        latent = parse_latent(args.latent) if args.latent is not None else None
         cfg = load_config(args.config, args.overrides)
+        latent = parse_latent(args.latent, cfg.model.patch_size) if args.latent is not None else None
         code, report, verdict = run(cfg, args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.reserve_gb, latent)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

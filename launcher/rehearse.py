@@ -45,7 +45,12 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=0, help="global rank to play (default 0)")
     p.add_argument("--init-from", default=None, help="weights to load R's slices of (train.init_from)")
     p.add_argument("--num-layers", type=int, default=None, help="build fewer blocks than the config (memory)")
-    p.add_argument("--latent", default="1,8,8", help="latent F,H,W of the one training step (default 1,8,8)")
+    p.add_argument(
+        "--latent",
+        default=None,
+        help="latent F,H,W of the one training step (default: one patch deep, four high and wide: 1,8,8 for "
+        "Wan's 1x2x2 patch)",
+    )
     p.add_argument(
         "--text-len",
         type=int,
@@ -192,8 +197,9 @@ def main(argv=None) -> int:
     try:
         if args.nodes < 1 or args.gpus_per_node < 1 or not 0 <= args.rank < world:
             raise ConfigError(f"--rank must be in 0..{world - 1} and --nodes, --gpus-per-node >= 1")
-        latent = parse_latent(args.latent)
         cfg = load_config(args.config, args.overrides)
+        pt, ph, pw = cfg.model.patch_size
+        latent = parse_latent(args.latent or f"{pt},{4 * ph},{4 * pw}", cfg.model.patch_size)
         validate(cfg, world_size=world)
         cfg, full_plan = choose_layout(cfg, world, args.gpus_per_node, args.gpu_memory_gb)
         if args.num_layers is not None:

@@ -107,6 +107,10 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         (["--rank", 8], "--rank"),
         (["--init-from", tmp_path / "broken"], "safetensors"),
         (["--latent", "1,8"], "--latent"),
+        (
+            ["--latent", "3,8,8"],
+            "--latent 3,8,8 is not a whole number of model.patch_size=[5, 2, 2] patches; e.g. --latent 5,8,8",
+        ),
         (["--num-layers", 9], "--num-layers"),
         (["parallel.expert_parallel_size=3"], "expert"),
     ]:

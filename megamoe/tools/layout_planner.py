@@ -263,14 +263,20 @@ def planned_latent(cfg: Config) -> tuple:
     return (d.synthetic_frames, d.synthetic_size, d.synthetic_size)
 
 
-def parse_latent(text: str) -> tuple:
-    """'F,H,W' (latent units, as --latent takes it) -> (F, H, W); ConfigError naming the option otherwise."""
+def parse_latent(text: str, patch_size) -> tuple:
+    """'F,H,W' (latent units, as --latent takes it) -> (F, H, W), a whole number of patches
+    (`model.patch_size`) in every axis; ConfigError naming the option otherwise."""
     try:
         latent = tuple(int(x) for x in text.split(","))
     except ValueError:
         latent = ()
     if len(latent) != 3 or min(latent) < 1:
         raise ConfigError(f"--latent '{text}' must be three positive ints F,H,W (latent units)")
+    if any(n % p for n, p in zip(latent, patch_size)):
+        fits = ",".join(str(-(-n // p) * p) for n, p in zip(latent, patch_size))
+        raise ConfigError(
+            f"--latent {text} is not a whole number of model.patch_size={list(patch_size)} patches; e.g. --latent {fits}"
+        )
     return latent
 
 

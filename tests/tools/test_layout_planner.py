@@ -346,6 +346,10 @@ def test_bad_input_is_one_line(capsys):
     assert "parallel.expert_parallel_size=8" in capsys.readouterr().err
     assert main(["--config", path, "--nodes", "4", "--latent", "31,44"]) == 2
     assert "--latent" in capsys.readouterr().err
+    # tiny.yaml's tubelets span 5 frames: a 3-frame latent would be planned as 0 tokens.
+    assert main(["--config", os.path.join(ROOT, "configs/tiny.yaml"), "--nodes", "1", "--latent", "3,16,17"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "e.g. --latent 5,16,18" in err, err
     assert main(["--config", path, "--nodes", "4", "data.path=/shards", "data.buckets=[]"]) == 2  # size unknown
     assert "data.buckets" in capsys.readouterr().err
     assert main(["--config", path, "--nodes", "4", "data.path=/shards", "data.buckets=[]", "--latent", "21,30,52"]) == 0
