@@ -211,6 +211,8 @@ def generated_clips(
     return clips
 
 
+MAX_WORD_USE_CLIPS = 4096
+"""--word-use renders its clips in memory (3 x 5 x 16 x 16 floats each) and runs 4 x 9 forwards of them."""
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
@@ -308,12 +310,19 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
     p.add_argument("--weights", choices=["auto", "model", "ema"], default="auto", help="auto: EMA if saved")
     p.add_argument("--word-use", action="store_true", help="also the held-out loss with words changed (above)")
-    p.add_argument("--word-use-clips", type=int, default=256, help="held-out clips for --word-use")
+    p.add_argument(
+        "--word-use-clips", type=int, default=256, help=f"held-out clips for --word-use (1..{MAX_WORD_USE_CLIPS})"
+    )
     p.add_argument("--json", help="also write the figures to this file")
     p.add_argument("--check", action="store_true", help="exit status 1 when a target is missed")
     args = p.parse_args(argv)
     if args.word_use and args.ground_truth:
         p.error("--word-use scores a model: give --checkpoint, not --ground-truth")
+    for name in ("seeds", "steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)} must be at least 1")
+    if not 1 <= args.word_use_clips <= MAX_WORD_USE_CLIPS:
+        p.error(f"--word-use-clips {args.word_use_clips} must be in 1..{MAX_WORD_USE_CLIPS}")
 
     start = time.perf_counter()
     if args.ground_truth:

@@ -201,3 +201,19 @@ def test_changed_captions_reverse_the_direction_and_change_only_the_colour():
         new_colour = recoloured.split()[1]
         assert new_colour != colour and new_colour in COLOURS
         assert recoloured.split() == ["a", new_colour, shape, "moving", direction]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--ground-truth", "--word-use"], "--word-use scores a model"),
+        (["--ground-truth", "--seeds", "0"], "--seeds 0 must be at least 1"),
+        (["--ground-truth", "--steps", "0"], "--steps 0 must be at least 1"),
+        (["--ground-truth", "--word-use-clips", "0"], "--word-use-clips 0 must be in 1..4096"),
+        (["--ground-truth", "--word-use-clips", "4097"], "--word-use-clips 4097 must be in 1..4096"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_work(args, needle, capsys):
+    with pytest.raises(SystemExit) as stop:
+        sq.main(args)
+    assert stop.value.code == 2 and needle in capsys.readouterr().err
