@@ -40,13 +40,17 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from megamoe.config_checks import validate
     from megamoe.tools.layout_planner import parse_latent, run
 
     try:
         if args.nodes < 1 or args.gpus_per_node < 1:
             raise ConfigError("--nodes and --gpus-per-node must be >= 1")
         cfg = load_config(args.config, args.overrides)
-        latent = parse_latent(args.latent, cfg.model.patch_size) if args.latent is not None else None
+        validate(
+            cfg, world_size=args.nodes * args.gpus_per_node
+        )  # model.patch_size first: --latent is read in its units
+        latent = parse_latent(args.latent, cfg.model) if args.latent is not None else None
         code, report, verdict = run(cfg, args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.reserve_gb, latent)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

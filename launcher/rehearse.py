@@ -198,9 +198,9 @@ def main(argv=None) -> int:
         if args.nodes < 1 or args.gpus_per_node < 1 or not 0 <= args.rank < world:
             raise ConfigError(f"--rank must be in 0..{world - 1} and --nodes, --gpus-per-node >= 1")
         cfg = load_config(args.config, args.overrides)
+        validate(cfg, world_size=world)  # model.patch_size first: --latent is read in its units
         pt, ph, pw = cfg.model.patch_size
-        latent = parse_latent(args.latent or f"{pt},{4 * ph},{4 * pw}", cfg.model.patch_size)
-        validate(cfg, world_size=world)
+        latent = parse_latent(args.latent if args.latent is not None else f"{pt},{4 * ph},{4 * pw}", cfg.model)
         cfg, full_plan = choose_layout(cfg, world, args.gpus_per_node, args.gpu_memory_gb)
         if args.num_layers is not None:
             if not 1 <= args.num_layers <= cfg.model.num_layers:

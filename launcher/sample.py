@@ -100,6 +100,7 @@ def main(argv=None) -> int:
         print(f"error: CFG scales must be finite numbers, got {scales}; e.g. --guidance 4", file=sys.stderr)
         return 2
 
+    from megamoe.data.buckets import shape_problem
     from megamoe.diffusion.sampler import check_guidance_per_band, euler_sample
     from megamoe.model.dit import build_model
     from megamoe.model.weights import load_diffusers_weights
@@ -117,6 +118,22 @@ def main(argv=None) -> int:
         )
     except (CheckpointError, PostTrainError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    frames = cfg.data.synthetic_frames if args.frames is None else args.frames
+    size = cfg.data.synthetic_size if args.size is None else args.size
+    m = cfg.model
+    problem = (
+        "must be at least 1"
+        if min(frames, size) < 1
+        else shape_problem((frames, size, size), False, (1, 1), m.patch_size, 1, m.rope_max_seq_len)
+    )
+    if problem:
+        pt, ph = m.patch_size[:2]
+        print(
+            f"error: a latent of --frames {frames} and --size {size} {problem}; e.g. --frames {pt * max(1, frames // pt)} "
+            f"--size {ph * max(1, min(size // ph, m.rope_max_seq_len))}",
+            file=sys.stderr,
+        )
         return 2
     if cfg.model.out_channels != 3:
         print(
@@ -157,8 +174,6 @@ def main(argv=None) -> int:
         bands, guidance = {}, args.guidance
 
     text = load_text_embedding(args, cfg).unsqueeze(0).expand(args.num_samples, -1, -1)
-    frames = args.frames or cfg.data.synthetic_frames
-    size = args.size or cfg.data.synthetic_size
     shape = (args.num_samples, cfg.model.in_channels, frames, size, size)
     generator = torch.Generator().manual_seed(args.seed)
     clips = euler_sample(model, shape, text, args.steps, args.guidance, cfg.diffusion.shift, generator, **bands)

@@ -109,8 +109,12 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         (["--latent", "1,8"], "--latent"),
         (
             ["--latent", "3,8,8"],
-            "--latent 3,8,8 is not a whole number of model.patch_size=[5, 2, 2] patches; e.g. --latent 5,8,8",
+            "--latent '3,8,8' is not a whole number of model.patch_size=[5, 2, 2] patches; e.g. --latent 5,8,8",
         ),
+        (["--latent", ""], "--latent '' must be three positive ints"),
+        (["--latent", "5,160,160"], "patch grid (1, 80, 80), beyond model.rope_max_seq_len=64"),
+        (["model.patch_size=[5,2]"], "model.patch_size must be three positive ints"),  # before --latent's default
+        (["model.patch_size=[0,2,2]"], "model.patch_size must be three positive ints"),
         (["--num-layers", 9], "--num-layers"),
         (["parallel.expert_parallel_size=3"], "expert"),
     ]:

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 from megamoe.config import Config, ConfigError, ModelConfig
 from megamoe.config_checks import validate
+from megamoe.data.buckets import shape_problem
 from megamoe.model.activation_checkpointing import checkpointed_blocks
 from megamoe.moe.layer import moe_layer_indices
 from megamoe.tools.parameter_counts import ParameterCounts, config_parameter_counts
@@ -263,20 +264,25 @@ def planned_latent(cfg: Config) -> tuple:
     return (d.synthetic_frames, d.synthetic_size, d.synthetic_size)
 
 
-def parse_latent(text: str, patch_size) -> tuple:
-    """'F,H,W' (latent units, as --latent takes it) -> (F, H, W), a whole number of patches
-    (`model.patch_size`) in every axis; ConfigError naming the option otherwise."""
+def parse_latent(text: str, m: ModelConfig) -> tuple:
+    """'F,H,W' (latent units, as --latent takes it) -> (F, H, W): a whole number of patches
+    (`model.patch_size`) in every axis, within `model.rope_max_seq_len` patches on each; ConfigError
+    naming the option otherwise. `m` must have passed config_checks.validate."""
     try:
         latent = tuple(int(x) for x in text.split(","))
     except ValueError:
         latent = ()
     if len(latent) != 3 or min(latent) < 1:
         raise ConfigError(f"--latent '{text}' must be three positive ints F,H,W (latent units)")
-    if any(n % p for n, p in zip(latent, patch_size)):
-        fits = ",".join(str(-(-n // p) * p) for n, p in zip(latent, patch_size))
+    if any(n % p for n, p in zip(latent, m.patch_size)):
+        fits = ",".join(str(-(-n // p) * p) for n, p in zip(latent, m.patch_size))
         raise ConfigError(
-            f"--latent {text} is not a whole number of model.patch_size={list(patch_size)} patches; e.g. --latent {fits}"
+            f"--latent '{text}' is not a whole number of model.patch_size={list(m.patch_size)} patches; "
+            f"e.g. --latent {fits}"
         )
+    problem = shape_problem(latent, False, (1, 1), m.patch_size, 1, m.rope_max_seq_len)
+    if problem:
+        raise ConfigError(f"--latent '{text}' {problem}; give a smaller --latent")
     return latent
 
 

@@ -350,6 +350,11 @@ def test_bad_input_is_one_line(capsys):
     assert main(["--config", os.path.join(ROOT, "configs/tiny.yaml"), "--nodes", "1", "--latent", "3,16,17"]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "e.g. --latent 5,16,18" in err, err
+    tiny = os.path.join(ROOT, "configs/tiny.yaml")
+    assert main(["--config", tiny, "--nodes", "1", "--latent", "5,640,640"]) == 2  # 320 patches a side
+    assert "beyond model.rope_max_seq_len=64" in capsys.readouterr().err
+    assert main(["--config", tiny, "--nodes", "1", "--latent", "5,16,16", "model.patch_size=[0,2,2]"]) == 2
+    assert "model.patch_size must be three positive ints" in capsys.readouterr().err  # not a ZeroDivisionError
     assert main(["--config", path, "--nodes", "4", "data.path=/shards", "data.buckets=[]"]) == 2  # size unknown
     assert "data.buckets" in capsys.readouterr().err
     assert main(["--config", path, "--nodes", "4", "data.path=/shards", "data.buckets=[]", "--latent", "21,30,52"]) == 0

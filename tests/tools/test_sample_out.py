@@ -32,3 +32,26 @@ def test_write_video_accepts_an_upper_case_extension(tmp_path):
     write_video(str(out), np.zeros((2, 16, 16, 3), np.uint8), fps=8)
     with av.open(str(out)) as container:
         assert sum(1 for _ in container.decode(video=0)) == 2
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (
+            ["--frames", "3"],
+            "gives the latent (3, 16, 16), not divisible by model.patch_size=[5, 2, 2]; e.g. --frames 5",
+        ),
+        (["--frames", "0"], "--frames 0 and --size 16 must be at least 1"),
+        (["--size", "15"], "not divisible by model.patch_size=[5, 2, 2]; e.g. --frames 5 --size 14"),
+        (["--size", "200"], "beyond model.rope_max_seq_len=64 on one axis; e.g. --frames 5 --size 128"),
+    ],
+)
+def test_a_latent_the_model_cannot_take_is_refused_before_loading_weights(tmp_path, capsys, args, needle):
+    """tiny.yaml's tubelets are 5 frames deep: --frames 3 was a traceback from inside the model."""
+    from megamoe.config import load_config
+    from tests.train.test_checkpoint_checks import fake_checkpoint
+
+    checkpoint = fake_checkpoint(tmp_path, 4, load_config("configs/tiny.yaml"))  # no weights: never loaded
+    code = sample(["--checkpoint", str(checkpoint), "--caption", "a red circle", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
