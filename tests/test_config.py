@@ -12,7 +12,7 @@ from megamoe.config_checks import validate
 
 TINY = "configs/tiny.yaml"
 WAN_PATCH = "model.patch_size=[1,2,2]"
-"""Wan's patch, in place of tiny.yaml's 4x4: the token-count cases below are written for it."""
+"""Wan's patch, in place of tiny.yaml's 5x2x2 tubelets: the token-count cases below are written for it."""
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -34,7 +34,7 @@ ARGS = [
     "train.steps=10",
     "checkpoint.every_steps=10",
     "optim.grad_clip=1.0",
-    "model.patch_size=[1,2,2]",  # Wan's patch: its first steps' gradient norms pass the clip (4x4's stay under 1)
+    "model.patch_size=[1,2,2]",  # Wan's patch: its first steps' gradient norms pass the clip (4x4 patches' stayed under 1)
     "logging.val_every=10",  # the held-out forward dispatches tokens to the other rank's experts too
     "logging.val_batches=3",  # odd: one rank runs a batch again, uncounted, to keep the all-to-alls in step
 ]
