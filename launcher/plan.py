@@ -47,9 +47,8 @@ def main(argv=None) -> int:
         if args.nodes < 1 or args.gpus_per_node < 1:
             raise ConfigError("--nodes and --gpus-per-node must be >= 1")
         cfg = load_config(args.config, args.overrides)
-        validate(
-            cfg, world_size=args.nodes * args.gpus_per_node
-        )  # model.patch_size first: --latent is read in its units
+        # model.patch_size first: --latent is read in its units
+        validate(cfg, world_size=args.nodes * args.gpus_per_node)
         latent = parse_latent(args.latent, cfg.model) if args.latent is not None else None
         code, report, verdict = run(cfg, args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.reserve_gb, latent)
     except ConfigError as exc:
