@@ -213,7 +213,8 @@ def generated_clips(
 
 MAX_WORD_USE_CLIPS = 4096
 """--word-use renders its clips in memory (3 x 5 x 16 x 16 floats each) and runs 4 x 9 forwards of them."""
-OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+OPPOSITE = {d: e for d, (x, y) in DIRECTIONS.items() for e, v in DIRECTIONS.items() if v == (-x, -y)}
+"""Each direction word's reverse, from the generator's own direction vectors."""
 
 
 def changed_captions(keys: list[tuple[str, str, str]]) -> dict[str, list[str]]:
